@@ -1,0 +1,42 @@
+"""moe-ops: fast Mixture-of-Experts kernels (CUDA, Triton, CPU) behind one op contract.
+
+Pipeline: router (:func:`topk_gating`) -> dispatch (:func:`permute` / :func:`capacity_dispatch`)
+-> experts (:func:`grouped_gemm`) -> combine (:func:`unpermute` / :func:`capacity_combine`);
+:func:`moe_forward` runs them all. Every op has a pure-PyTorch oracle in
+:mod:`moe_ops.reference` and kernels in several backends (:func:`available_backends`).
+"""
+from .backend import available_backends, load_errors
+from .ops import (
+    DispatchResult,
+    PermuteResult,
+    capacity_combine,
+    capacity_dispatch,
+    expert_capacity,
+    grouped_gemm,
+    grouped_gemm_wgrad,
+    moe_forward,
+    permute,
+    topk_gating,
+    unpermute,
+)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What the native extension was built with: version, torch, CUDA archs, kernels present."""
+    try:
+        from . import _C
+    except ImportError as e:
+        return {"version": __version__, "native": False, "error": str(e), "backends": available_backends()}
+    info = dict(_C.build_info())
+    info["native"] = True
+    info["backends"] = available_backends()
+    return info
+
+
+__all__ = [
+    "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
+    "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "topk_gating",
+    "unpermute", "PermuteResult", "DispatchResult",
+]

@@ -1,0 +1,21 @@
+"""Registers the compiled extension's kernels: ``cpu`` (CPU dispatch key) and ``cuda`` (CUDA key).
+
+Both call ``torch.ops.moe_ops.<op>``; the dispatcher picks the kernel from the tensors' device.
+Only ops that really have a kernel for a key are registered, so the automatic choice falls back
+to the next backend for the rest.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and the kernels)
+from . import backend
+
+
+def _ops_with_kernel(key: str):
+    return {op: getattr(torch.ops.moe_ops, op) for op in backend.OP_NAMES
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ops::{op}", key)}
+
+
+if _ops_with_kernel("CPU"):
+    backend.register("cpu", ("cpu",), _ops_with_kernel("CPU"))
+if torch.cuda.is_available() and _ops_with_kernel("CUDA"):
+    backend.register("cuda", ("cuda",), _ops_with_kernel("CUDA"))

@@ -1,0 +1,175 @@
+"""The one backend switch.
+
+A *backend* is a named set of op implementations for some device types:
+
+=============  ===========  ===============================================================
+name           devices      where the implementations come from
+=============  ===========  ===============================================================
+``reference``  cpu, cuda    ``moe_ops.reference`` (pure PyTorch, the correctness oracle)
+``cpu``        cpu          C++ kernels, ``torch.ops.moe_ops.*`` dispatched on CPU tensors
+``cuda``       cuda         CUDA kernels, ``torch.ops.moe_ops.*`` dispatched on CUDA tensors
+``cuda_sim``   cpu          the *same* CUDA kernel sources run by the SIMT host emulator
+                            (``torch.ops.moe_ops_sim.*``, test build)
+``triton``     cuda, cpu*   Triton kernels (``torch.ops.moe_ops_triton.*``); cpu only under
+                            ``TRITON_INTERPRET=1``
+=============  ===========  ===============================================================
+
+Choice: the ``backend=`` argument > env ``MOE_OPS_BACKEND`` > automatic by device
+(:data:`AUTO_ORDER`). An explicitly chosen backend that lacks an op is an error for a direct op
+call; composite functions (``moe_forward``) ask with ``strict=False`` and fall back along the
+automatic order for the ops that backend does not have.
+
+Backends register lazily: a *loader* imports whatever module provides them and calls
+:func:`register`. Loaders that fail (extension not built, triton not installed) leave the
+backend unavailable; :func:`load_errors` says why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+OP_NAMES = (
+    "topk_gating",
+    "permute",
+    "unpermute",
+    "capacity_dispatch",
+    "capacity_combine",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+)
+
+# Automatic preference per device type. The first available backend that implements the op wins.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: frozenset
+    ops: Dict[str, Callable] = field(default_factory=dict)
+    fused_moe: Optional[Callable] = None  # a whole-layer path with moe_forward's signature
+
+
+_BACKENDS: Dict[str, Backend] = {}
+_LOAD_ERRORS: Dict[str, str] = {}
+
+# name -> module that registers it on import (its import calls `register`).
+_LOADERS = {
+    "reference": "moe_ops._register_reference",
+    "cpu": "moe_ops._register_native",
+    "cuda": "moe_ops._register_native",
+    "cuda_sim": "moe_ops._register_sim",
+    "triton": "moe_ops.triton_kernels",
+}
+_LOADED: set = set()
+
+
+def register(name: str, devices: Iterable[str], ops: Dict[str, Callable]) -> None:
+    """Register (or extend) backend ``name`` with op implementations.
+
+    Each callable takes the op's schema arguments positionally, in schema order
+    (see ``csrc/schemas.h``), and returns what the schema returns.
+    """
+    unknown = set(ops) - set(OP_NAMES)
+    if unknown:
+        raise ValueError(f"moe_ops: unknown op names {sorted(unknown)} for backend {name!r}")
+    b = _BACKENDS.get(name)
+    if b is None:
+        b = _BACKENDS[name] = Backend(name, frozenset(devices))
+    else:
+        b.devices = b.devices | frozenset(devices)
+    b.ops.update(ops)
+
+
+def register_fused_moe(name: str, fn: Callable) -> None:
+    """Give backend ``name`` a fused whole-layer path, used by ``moe_forward`` (dropless)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"moe_ops: register backend {name!r} before its fused path")
+    _BACKENDS[name].fused_moe = fn
+
+
+def resolve_fused_moe(device_type: str, backend: Optional[str] = None) -> Optional[Callable]:
+    """The fused layer path of the chosen backend, or of the first automatic one that has one."""
+    name = backend if backend is not None else os.environ.get("MOE_OPS_BACKEND") or None
+    names = (name,) if name is not None else AUTO_ORDER.get(device_type, ())
+    for n in names:
+        b = _load(n) if n in _LOADERS else None
+        if b is not None and b.fused_moe is not None and device_type in b.devices:
+            return b.fused_moe
+    return None
+
+
+def _load(name: str) -> Optional[Backend]:
+    if name not in _LOADED:
+        _LOADED.add(name)
+        module = _LOADERS.get(name)
+        if module is not None:
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # an unbuilt extension or missing triton is not fatal
+                _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+    return _BACKENDS.get(name)
+
+
+def load_errors() -> Dict[str, str]:
+    """Why each unavailable backend failed to load (name -> message)."""
+    for name in _LOADERS:
+        _load(name)
+    return dict(_LOAD_ERRORS)
+
+
+def available_backends(op: Optional[str] = None, device: Optional[str] = None) -> List[str]:
+    """Names of the backends that can run here, optionally restricted to those that implement
+    ``op`` for tensors on device type ``device`` ("cpu" / "cuda")."""
+    out = []
+    for name in _LOADERS:
+        b = _load(name)
+        if b is None or not b.ops:
+            continue
+        if op is not None and op not in b.ops:
+            continue
+        if device is not None and device not in b.devices:
+            continue
+        out.append(name)
+    return out
+
+
+def resolve(op: str, device_type: str, backend: Optional[str] = None, *, strict: bool = True) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device_type``."""
+    if op not in OP_NAMES:
+        raise ValueError(f"moe_ops: unknown op {op!r}")
+    name = backend if backend is not None else os.environ.get("MOE_OPS_BACKEND") or None
+    if name is not None:
+        if name not in _LOADERS:
+            raise ValueError(f"moe_ops: unknown backend {name!r}; known: {sorted(_LOADERS)}")
+        b = _load(name)
+        if b is None:
+            raise RuntimeError(f"moe_ops: backend {name!r} is not available here: "
+                               f"{_LOAD_ERRORS.get(name, 'not registered')}")
+        if device_type not in b.devices:
+            raise ValueError(f"moe_ops: backend {name!r} runs on {sorted(b.devices)} tensors, "
+                             f"got {device_type} tensors")
+        if op in b.ops:
+            return b.ops[op]
+        if strict:
+            raise NotImplementedError(f"moe_ops: backend {name!r} has no {op!r} kernel; "
+                                      f"backends with one: {available_backends(op, device_type)}")
+    for auto in AUTO_ORDER.get(device_type, ("reference",)):
+        b = _load(auto)
+        if b is not None and op in b.ops and device_type in b.devices:
+            return b.ops[op]
+    raise NotImplementedError(f"moe_ops: no backend implements {op!r} for {device_type} tensors")
+
+
+def resolved_name(op: str, device_type: str, backend: Optional[str] = None, *, strict: bool = True) -> str:
+    """Name of the backend :func:`resolve` picks (for logs and benchmarks)."""
+    fn = resolve(op, device_type, backend, strict=strict)
+    for name, b in _BACKENDS.items():
+        if b.ops.get(op) is fn and device_type in b.devices:
+            return name
+    return "?"

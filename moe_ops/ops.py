@@ -1,0 +1,389 @@
+"""Public op API: argument checks, then the backend chosen by ``moe_ops.backend``.
+
+Every function validates its arguments *before* any kernel runs and raises ``TypeError`` (wrong
+dtype/device/kind) or ``ValueError`` (wrong shape/value). Checks that need tensor *values*
+(expert ids in range, monotone offsets) would be a host sync on a GPU, so they run only where
+that is free: see :func:`value_checks_enabled`. Kernels never read out of bounds on bad values:
+an out-of-range expert id is dropped by every backend.
+
+Pipeline names follow vLLM's fused_moe: router (``topk_gating``) -> dispatch/permute -> experts
+(``grouped_gemm``) -> combine (``unpermute`` / ``capacity_combine``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from . import backend as _backend
+
+INT32_MAX = 2**31 - 1
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+SCORINGS = ("softmax", "sigmoid")
+PRIORITIES = ("kmajor", "token_major")
+ACTIVATIONS = ("swiglu", "geglu")
+MAX_K = 32
+
+
+class PermuteResult(NamedTuple):
+    x_sorted: torch.Tensor        # [P, H]
+    sorted_slots: torch.Tensor    # [P] int32, -1 on padding rows
+    expert_offsets: torch.Tensor  # [E+1] int32
+    slot_rows: torch.Tensor       # [T*k] int32, -1 for dropped (invalid-id) slots
+
+
+class DispatchResult(NamedTuple):
+    buf: torch.Tensor        # [E, C, H]
+    slot_pos: torch.Tensor   # [T, k] int32, -1 = dropped
+    demand: torch.Tensor     # [E] int32, before drops
+    kept: torch.Tensor       # [E] int32
+
+
+# ----------------------------------------------------------------------------------- checks
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether checks that read tensor values may run for ``t``.
+
+    ``MOE_OPS_VALUE_CHECKS``: ``auto`` (default) checks CPU tensors only, ``1`` checks CUDA
+    tensors too (a device sync per op: debugging only), ``0`` never. Never while tracing for
+    ``torch.compile`` or capturing a CUDA graph.
+    """
+    mode = os.environ.get("MOE_OPS_VALUE_CHECKS", "auto")
+    if mode == "0" or torch.compiler.is_compiling():
+        return False
+    if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+        return False
+    if t.device.type == "cuda":
+        return mode == "1" and not torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def _check_tensor(name, t, dtypes=None, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"moe_ops: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"moe_ops: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"moe_ops: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(**tensors):
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"moe_ops: tensors must be on one device, got {devs}")
+
+
+def _check_int(name, v, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"moe_ops: {name} must be an int, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"moe_ops: {name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"moe_ops: {name} must be <= {hi}, got {v}")
+
+
+def _check_rows(what, n):
+    if n > INT32_MAX:
+        raise ValueError(f"moe_ops: {what} = {n} overflows int32 row indexing (max {INT32_MAX})")
+
+
+def _as_ids(ids, num_experts, name="ids", allow_invalid=False):
+    _check_tensor(name, ids, INDEX_DTYPES, 2)
+    if not allow_invalid and ids.numel() and value_checks_enabled(ids):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"moe_ops: {name} must lie in [0, {num_experts}), found values in "
+                             f"[{lo}, {hi}] (pass allow_invalid_ids=True to drop such slots)")
+    return ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+
+
+def _as_weights(weights, shape, name="weights"):
+    if weights is None:
+        return None
+    _check_tensor(name, weights, FLOAT_DTYPES, 2)
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"moe_ops: {name} must have shape {tuple(shape)}, got {tuple(weights.shape)}")
+    return weights if weights.dtype in (torch.float32, torch.float64) else weights.float()
+
+
+def _check_offsets(offsets, num_experts, m):
+    _check_tensor("expert_offsets", offsets, (torch.int32,), 1)
+    if offsets.numel() != num_experts + 1:
+        raise ValueError(f"moe_ops: expert_offsets must have E+1 = {num_experts + 1} entries, "
+                         f"got {offsets.numel()}")
+    if value_checks_enabled(offsets):
+        o = offsets.to(torch.int64)
+        if bool((o[1:] < o[:-1]).any()) or int(o[0]) < 0:
+            raise ValueError("moe_ops: expert_offsets must be non-negative and non-decreasing")
+        if int(o[-1]) > m:
+            raise ValueError(f"moe_ops: expert_offsets ends at {int(o[-1])}, past the {m} rows of a")
+
+
+# --------------------------------------------------------------------------------------- ops
+
+def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = False,
+                n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
+                backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router: score ``logits[T, E]`` and pick ``k`` experts per token.
+
+    Returns ``(weights[T, k] float32, ids[T, k] int32)``, each row ordered by descending
+    selection score (ties to the lower expert index, NaN lowest; ids distinct and in range).
+
+    * ``scoring="softmax"``: weights are softmax probabilities over all E (Mixtral/Qwen); the
+      selection score is the logit (same order as the probability).
+    * ``scoring="sigmoid"``: scores ``sigmoid(logits)``; selection on ``score + correction_bias``.
+    * ``n_group``/``topk_group`` (DeepSeek-V3 group-limited routing): E experts in ``n_group``
+      equal groups; a group's score is the sum of its top-2 selection scores; only experts in the
+      ``topk_group`` best groups are eligible.
+    * weights are the unbiased scores of the chosen experts, divided by their sum (+1e-20) when
+      ``renormalize``, times ``scaling_factor``.
+    """
+    _check_tensor("logits", logits, FLOAT_DTYPES, 2)
+    T, E = logits.shape
+    if E < 1:
+        raise ValueError("moe_ops: logits must have at least one expert column")
+    _check_int("k", k, 1, min(E, MAX_K))
+    if scoring not in SCORINGS:
+        raise ValueError(f"moe_ops: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if (n_group is None) != (topk_group is None):
+        raise ValueError("moe_ops: n_group and topk_group must be given together")
+    if n_group is not None:
+        _check_int("n_group", n_group, 1, E)
+        if E % n_group:
+            raise ValueError(f"moe_ops: num_experts {E} is not divisible by n_group {n_group}")
+        _check_int("topk_group", topk_group, 1, n_group)
+        if k > topk_group * (E // n_group):
+            raise ValueError(f"moe_ops: k={k} exceeds the {topk_group * (E // n_group)} experts in "
+                             f"topk_group={topk_group} groups of {E // n_group}")
+    if correction_bias is not None:
+        _check_tensor("correction_bias", correction_bias, FLOAT_DTYPES, 1)
+        if correction_bias.numel() != E:
+            raise ValueError(f"moe_ops: correction_bias must have {E} entries, got {correction_bias.numel()}")
+        _check_same_device(logits=logits, correction_bias=correction_bias)
+    if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool):
+        raise TypeError("moe_ops: scaling_factor must be a float")
+    _check_rows("T*k", T * k)
+    fn = _backend.resolve("topk_gating", logits.device.type, backend)
+    return fn(logits, k, scoring, bool(renormalize), n_group or 0, topk_group or 0,
+              correction_bias, float(scaling_factor))
+
+
+def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *, block_m: int = 1,
+            allow_invalid_ids: bool = False, backend: Optional[str] = None) -> PermuteResult:
+    """Dispatch: group the T*k token copies by expert (stable in slot order ``s = t*k + j``).
+
+    ``x[T, H]``, ``ids[T, k]`` -> :class:`PermuteResult` with ``x_sorted[P, H]``,
+    ``sorted_slots[P]``, ``expert_offsets[E+1]``, ``slot_rows[T*k]``;
+    ``P = T*k + E*(block_m-1)``: with ``block_m > 1`` each expert's segment starts at a multiple
+    of ``block_m`` and padding rows are zero with ``sorted_slots == -1``.
+    """
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    _check_int("num_experts", num_experts, 1)
+    _check_int("block_m", block_m, 1, 4096)
+    ids = _as_ids(ids, num_experts, allow_invalid=allow_invalid_ids)
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ops: ids has {ids.shape[0]} rows but x has {x.shape[0]}")
+    _check_same_device(x=x, ids=ids)
+    T, k = ids.shape
+    _check_rows("P = T*k + E*(block_m-1)", T * k + num_experts * (block_m - 1))
+    fn = _backend.resolve("permute", x.device.type, backend)
+    return PermuteResult(*fn(x, ids, num_experts, block_m))
+
+
+def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor] = None,
+              *, k: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Combine: ``out[t] = sum_j w[t,j] * y_sorted[slot_rows[t*k+j]]`` (float32 accumulation in
+    j order; rows of -1 contribute nothing). ``k`` is taken from ``weights`` when given.
+    Returns ``out[T, H]`` in ``y_sorted``'s dtype."""
+    _check_tensor("y_sorted", y_sorted, FLOAT_DTYPES, 2)
+    _check_tensor("slot_rows", slot_rows, INDEX_DTYPES)
+    slot_rows = slot_rows.reshape(-1)
+    if weights is not None:
+        _check_tensor("weights", weights, FLOAT_DTYPES, 2)
+        wk = weights.shape[1]
+        if k is not None and k != wk:
+            raise ValueError(f"moe_ops: k={k} disagrees with weights' {wk} columns")
+        k = wk
+    if k is None:
+        raise ValueError("moe_ops: unpermute needs k when weights is None")
+    _check_int("k", k, 1, MAX_K)
+    if slot_rows.numel() % k:
+        raise ValueError(f"moe_ops: slot_rows has {slot_rows.numel()} entries, not a multiple of k={k}")
+    T = slot_rows.numel() // k
+    weights = _as_weights(weights, (T, k))
+    if slot_rows.numel() and value_checks_enabled(slot_rows):
+        lo, hi = int(slot_rows.min()), int(slot_rows.max())
+        if lo < -1 or hi >= y_sorted.shape[0]:
+            raise ValueError(f"moe_ops: slot_rows must lie in [-1, {y_sorted.shape[0]}), found [{lo}, {hi}]")
+    slot_rows = slot_rows if slot_rows.dtype == torch.int32 else slot_rows.to(torch.int32)
+    _check_same_device(y_sorted=y_sorted, slot_rows=slot_rows, weights=weights)
+    fn = _backend.resolve("unpermute", y_sorted.device.type, backend)
+    return fn(y_sorted, slot_rows, weights, k)
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float, *,
+                    min_capacity: int = 0, multiple_of: int = 1) -> int:
+    """Slots per expert: ``max(min_capacity, ceil(capacity_factor * k * num_tokens / num_experts))``
+    rounded up to ``multiple_of``. See docs/capacity.md for how GShard, Switch, DeepSpeed, Tutel
+    and MegaBlocks map onto these arguments."""
+    for n, v, lo in (("num_tokens", num_tokens, 0), ("k", k, 1), ("num_experts", num_experts, 1),
+                     ("min_capacity", min_capacity, 0), ("multiple_of", multiple_of, 1)):
+        _check_int(n, v, lo)
+    if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool):
+        raise TypeError("moe_ops: capacity_factor must be a number")
+    if not capacity_factor >= 0 or math.isinf(capacity_factor):
+        raise ValueError(f"moe_ops: capacity_factor must be finite and >= 0, got {capacity_factor}")
+    cap = max(min_capacity, math.ceil(capacity_factor * k * num_tokens / num_experts))
+    return -(-cap // multiple_of) * multiple_of
+
+
+def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capacity: int, *,
+                      priority: str = "kmajor", allow_invalid_ids: bool = False,
+                      backend: Optional[str] = None) -> DispatchResult:
+    """Capacity-limited dispatch into a padded ``buf[E, C, H]`` (zero where unused).
+
+    A slot's position is the number of earlier slots routed to the same expert in priority
+    order: ``kmajor`` orders (j, t) so every first choice beats every second choice
+    (GShard/Tutel); ``token_major`` orders (t, j) (MegaBlocks). Kept when position < capacity;
+    ``slot_pos`` is -1 for dropped slots. ``demand``/``kept`` count slots per expert before/after
+    drops."""
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    _check_int("num_experts", num_experts, 1)
+    _check_int("capacity", capacity, 0)
+    if priority not in PRIORITIES:
+        raise ValueError(f"moe_ops: priority must be one of {PRIORITIES}, got {priority!r}")
+    ids = _as_ids(ids, num_experts, allow_invalid=allow_invalid_ids)
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ops: ids has {ids.shape[0]} rows but x has {x.shape[0]}")
+    _check_same_device(x=x, ids=ids)
+    _check_rows("E*C", num_experts * capacity)
+    _check_rows("T*k", ids.numel())
+    fn = _backend.resolve("capacity_dispatch", x.device.type, backend)
+    return DispatchResult(*fn(x, ids, num_experts, capacity, priority))
+
+
+def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor,
+                     weights: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``out[t] = sum_j w[t,j] * buf_out[ids[t,j], slot_pos[t,j]]`` over kept slots (float32
+    accumulation in j order; dropped slots contribute 0, no renormalisation)."""
+    _check_tensor("buf_out", buf_out, FLOAT_DTYPES, 3)
+    E, C, _ = buf_out.shape
+    _check_tensor("slot_pos", slot_pos, INDEX_DTYPES, 2)
+    ids = _as_ids(ids, E, allow_invalid=True)  # slots with invalid ids have slot_pos == -1
+    if tuple(slot_pos.shape) != tuple(ids.shape):
+        raise ValueError(f"moe_ops: slot_pos shape {tuple(slot_pos.shape)} != ids shape {tuple(ids.shape)}")
+    if slot_pos.numel() and value_checks_enabled(slot_pos):
+        bad = (slot_pos >= C) | (slot_pos < -1) | ((slot_pos >= 0) & ((ids < 0) | (ids >= E)))
+        if bool(bad.any()):
+            raise ValueError(f"moe_ops: slot_pos must lie in [-1, {C}) and kept slots need ids in [0, {E})")
+    slot_pos = slot_pos if slot_pos.dtype == torch.int32 else slot_pos.to(torch.int32)
+    weights = _as_weights(weights, ids.shape)
+    _check_same_device(buf_out=buf_out, ids=ids, slot_pos=slot_pos, weights=weights)
+    fn = _backend.resolve("capacity_combine", buf_out.device.type, backend)
+    return fn(buf_out, ids, slot_pos, weights)
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, trans_b: bool = False,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """Experts: ``c[M, N]``; rows ``offs[e]:offs[e+1]`` of ``a[M, K]`` multiply ``b[e]``
+    (``b[E, K, N]``, or ``b[E, N, K]`` with ``trans_b``); rows outside ``[offs[0], offs[E])`` are 0.
+    float32 accumulation; output in ``a``'s dtype."""
+    _check_tensor("a", a, FLOAT_DTYPES, 2)
+    _check_tensor("b", b, FLOAT_DTYPES, 3)
+    if a.dtype != b.dtype:
+        raise TypeError(f"moe_ops: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    E = b.shape[0]
+    K = b.shape[2] if trans_b else b.shape[1]
+    if a.shape[1] != K:
+        raise ValueError(f"moe_ops: a has K={a.shape[1]} but b{' (trans_b)' if trans_b else ''} "
+                         f"shape {tuple(b.shape)} needs K={K}")
+    _check_offsets(expert_offsets, E, a.shape[0])
+    _check_same_device(a=a, b=b, expert_offsets=expert_offsets)
+    _check_rows("M", a.shape[0])
+    fn = _backend.resolve("grouped_gemm", a.device.type, backend)
+    return fn(a, b, expert_offsets, bool(trans_b))
+
+
+def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int, *,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Weight gradient of :func:`grouped_gemm`: ``db[e] = a[offs[e]:offs[e+1]]^T @ dc[same rows]``,
+    ``db[E, K, N]`` in ``a``'s dtype (zero for experts with no rows)."""
+    _check_tensor("a", a, FLOAT_DTYPES, 2)
+    _check_tensor("dc", dc, FLOAT_DTYPES, 2)
+    if a.dtype != dc.dtype or a.shape[0] != dc.shape[0]:
+        raise ValueError(f"moe_ops: a {tuple(a.shape)} {a.dtype} and dc {tuple(dc.shape)} {dc.dtype} "
+                         "must share rows and dtype")
+    _check_int("num_experts", num_experts, 1)
+    _check_offsets(expert_offsets, num_experts, a.shape[0])
+    _check_same_device(a=a, dc=dc, expert_offsets=expert_offsets)
+    fn = _backend.resolve("grouped_gemm_wgrad", a.device.type, backend)
+    return fn(a, dc, expert_offsets, num_experts)
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """Gated activation on ``h = [gate | up]`` (HF's ``gate_up_proj`` layout), in float32."""
+    gate, up = h.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
+    return (act * up).to(h.dtype)
+
+
+def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
+                n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
+                capacity_factor: Optional[float] = None, min_capacity: int = 0, priority: str = "kmajor",
+                backend: Optional[str] = None) -> torch.Tensor:
+    """A whole MoE layer: router -> dispatch -> experts -> combine.
+
+    ``x[T, H]``, ``router_logits[T, E]``, ``w_gate_up[E, 2I, H]`` (rows ``[gate; up]``),
+    ``w_down[E, H, I]`` -> ``out[T, H]`` in ``x``'s dtype. Expert ``e`` computes
+    ``w_down[e] @ act(w_gate_up[e] @ x)`` with ``act`` = SwiGLU (``silu(gate) * up``) or GeGLU.
+    Dropless when ``capacity_factor`` is None, else GShard capacity
+    (:func:`expert_capacity` with ``min_capacity``) and ``priority``.
+    ``backend`` picks every stage's kernel; stages that backend lacks use the automatic choice.
+    """
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    _check_tensor("w_gate_up", w_gate_up, FLOAT_DTYPES, 3)
+    _check_tensor("w_down", w_down, FLOAT_DTYPES, 3)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_ops: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    T, H = x.shape
+    E, two_i, h2 = w_gate_up.shape
+    if h2 != H or two_i % 2:
+        raise ValueError(f"moe_ops: w_gate_up must be [E, 2I, H={H}], got {tuple(w_gate_up.shape)}")
+    if tuple(w_down.shape) != (E, H, two_i // 2):
+        raise ValueError(f"moe_ops: w_down must be [E={E}, H={H}, I={two_i // 2}], got {tuple(w_down.shape)}")
+    if tuple(router_logits.shape) != (T, E):
+        raise ValueError(f"moe_ops: router_logits must be [T={T}, E={E}], got {tuple(router_logits.shape)}")
+    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
+        raise TypeError("moe_ops: x, w_gate_up and w_down must share a dtype")
+
+    fused = _backend.resolve_fused_moe(x.device.type, backend)
+    if fused is not None and capacity_factor is None:
+        return fused(x, router_logits, w_gate_up, w_down, k, activation=activation, scoring=scoring,
+                     renormalize=renormalize, n_group=n_group, topk_group=topk_group,
+                     correction_bias=correction_bias, scaling_factor=scaling_factor)
+
+    def stage(op):
+        return _backend.resolve(op, x.device.type, backend, strict=False)
+
+    # Router: validated by topk_gating, then run through the chosen backend's kernel.
+    weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,
+                               topk_group=topk_group, correction_bias=correction_bias,
+                               scaling_factor=scaling_factor,
+                               backend=_backend.resolved_name("topk_gating", x.device.type, backend, strict=False))
+    if capacity_factor is None:
+        x_sorted, _, offsets, slot_rows = stage("permute")(x, ids, E, 1)
+        h = stage("grouped_gemm")(x_sorted, w_gate_up, offsets, True)
+        y = stage("grouped_gemm")(_activate(h, activation), w_down, offsets, True)
+        return stage("unpermute")(y, slot_rows, weights, k)
+    C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
+    buf, slot_pos, _, _ = stage("capacity_dispatch")(x, ids, E, C, priority)
+    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+    h = stage("grouped_gemm")(buf.reshape(E * C, H), w_gate_up, offsets, True)
+    y = stage("grouped_gemm")(_activate(h, activation), w_down, offsets, True)
+    return stage("capacity_combine")(y.reshape(E, C, H), ids, slot_pos, weights)
