@@ -78,25 +78,50 @@ struct Launch {
   void fail(std::exception_ptr e);
 };
 
-// Common waiting logic: block until `released()` or abort; keeps Launch::blocked exact
-// (a completer decrements it for the waiters it releases).
-template <typename Released>
-void wait_released(Launch& L, std::condition_variable& cv, std::unique_lock<std::mutex>& lk, bool abortable,
-                   Released released) {
-  L.blocked.fetch_add(1);
-  cv.wait(lk, [&] { return released() || (abortable && L.abort.load()); });
-  if (!released()) {  // woken by abort: nobody released us, undo our own count
-    L.blocked.fetch_sub(1);
-    throw Aborted{};
+// The release side of a barrier. Completions happen under the barrier's mutex; waiters sleep on
+// a futex word (std::atomic::wait) instead of re-taking the mutex, so a barrier of n threads
+// costs n wake-ups, not n serialised mutex hand-offs. `gen` carries the happens-before (release
+// by the completer, acquire by each waiter): that is the edge ThreadSanitizer sees.
+struct Gate {
+  std::atomic<uint32_t> gen{0};  // completions
+  std::atomic<uint32_t> seq{0};  // futex word: bumped on every completion and on abort
+
+  // With `lk` held and this thread arrived: completer side.
+  void release(Launch& L, int waiters) {
+    L.blocked.fetch_sub(waiters);
+    gen.fetch_add(1, std::memory_order_release);
+    seq.fetch_add(1, std::memory_order_release);
+    seq.notify_all();
   }
-}
+  void poke() {
+    seq.fetch_add(1, std::memory_order_seq_cst);
+    seq.notify_all();
+  }
+  // With `lk` held and this thread arrived: waits (lock released) until a completion after this
+  // arrival, or throws Aborted when `abortable` and the launch aborts. Launch::blocked stays exact:
+  // the completer decrements it for the waiters it releases.
+  void wait(Launch& L, std::unique_lock<std::mutex>& lk, bool abortable) {
+    const uint32_t g = gen.load(std::memory_order_relaxed);
+    uint32_t s = seq.load(std::memory_order_acquire);
+    L.blocked.fetch_add(1);
+    lk.unlock();
+    for (;;) {
+      if (gen.load(std::memory_order_acquire) != g) return;
+      if (abortable && L.abort.load()) {
+        L.blocked.fetch_sub(1);
+        throw Aborted{};
+      }
+      seq.wait(s, std::memory_order_acquire);
+      s = seq.load(std::memory_order_acquire);
+    }
+  }
+};
 
 // __syncthreads: a block barrier that threads leave when they return from the kernel.
 struct BlockBarrier {
   std::mutex m;
-  std::condition_variable cv;
+  Gate gate;
   int expected = 0, arrived = 0, pred_count = 0;
-  uint64_t gen = 0;
   int result_count = 0;  // valid until this thread's next arrival (which the next gen needs)
   int result_arrivals = 0;
 
@@ -104,9 +129,7 @@ struct BlockBarrier {
     result_count = pred_count;
     result_arrivals = arrived;
     arrived = pred_count = 0;
-    ++gen;
-    L.blocked.fetch_sub(waiters);
-    cv.notify_all();
+    gate.release(L, waiters);
   }
   int arrive(Launch& L, int tid, int pred, int* arrivals) {
     std::unique_lock<std::mutex> lk(m);
@@ -116,9 +139,8 @@ struct BlockBarrier {
     if (arrived >= expected) {
       complete_locked(L, arrived - 1);
     } else {
-      const uint64_t g = gen;
       L.states[tid].site.store(kAtSyncthreads);
-      wait_released(L, cv, lk, true, [&] { return gen != g; });
+      gate.wait(L, lk, true);
       L.states[tid].site.store(kRunning);
     }
     if (arrivals) *arrivals = result_arrivals;
@@ -134,10 +156,7 @@ struct BlockBarrier {
     expected = n;
     arrived = pred_count = 0;
   }
-  void wake() {
-    { std::lock_guard<std::mutex> lk(m); }
-    cv.notify_all();
-  }
+  void wake() { gate.poke(); }
 };
 
 const char* op_name(WarpOp op) {
@@ -156,12 +175,11 @@ const char* op_name(WarpOp op) {
 // value, and the last arriver computes every lane's result.
 struct WarpBarrier {
   std::mutex m;
-  std::condition_variable cv;
+  Gate gate;
   unsigned exists = 0;  // lanes of this warp that exist in the block (a partial last warp has fewer)
   unsigned live = 0;    // lanes that have not returned from the kernel in this block
   unsigned arrived = 0, gen_mask = 0;
   WarpOp op = WarpOp::kSync;
-  uint64_t gen = 0;
   uint64_t val[32];
   int src[32];
   uint64_t result[32];
@@ -228,9 +246,7 @@ struct WarpBarrier {
       }
     }
     arrived = 0;
-    ++gen;
-    L.blocked.fetch_sub(waiters);
-    cv.notify_all();
+    gate.release(L, waiters);
   }
 
   uint64_t arrive(Launch& L, int tid, int lane, unsigned mask, WarpOp o, uint64_t v, int s) {
@@ -266,10 +282,9 @@ struct WarpBarrier {
     if (arrived == (gen_mask & live)) {
       complete_locked(L, __builtin_popcount(arrived) - 1);
     } else {
-      const uint64_t g = gen;
       L.states[tid].site.store(kAtWarp);
       L.states[tid].mask.store(mask);
-      wait_released(L, cv, lk, true, [&] { return gen != g; });
+      gate.wait(L, lk, true);
       L.states[tid].site.store(kRunning);
     }
     if (!error[lane].empty()) throw std::runtime_error(error[lane]);
@@ -289,19 +304,15 @@ struct WarpBarrier {
     std::lock_guard<std::mutex> lk(m);
     return live;
   }
-  void wake() {
-    { std::lock_guard<std::mutex> lk(m); }
-    cv.notify_all();
-  }
+  void wake() { gate.poke(); }
 };
 
 // The end of a block: every thread of the launch (returned or not) meets here; the last one
 // prepares the next block. Not abortable: it is how an aborted block winds down.
 struct EndBarrier {
   std::mutex m;
-  std::condition_variable cv;
+  Gate gate;
   int arrived = 0;
-  uint64_t gen = 0;
   bool stop = false;
 
   bool arrive(Launch& L, int tid) {
@@ -313,13 +324,10 @@ struct EndBarrier {
       if (L.smem_bytes) std::memset(L.smem, 0xff, L.smem_bytes);
       stop = L.abort.load();
       arrived = 0;
-      ++gen;
-      L.blocked.fetch_sub(L.nthreads - 1);
-      cv.notify_all();
+      gate.release(L, L.nthreads - 1);
     } else {
-      const uint64_t g = gen;
       L.states[tid].site.store(kAtBlockEnd);
-      wait_released(L, cv, lk, false, [&] { return gen != g; });
+      gate.wait(L, lk, false);
       L.states[tid].site.store(kRunning);
     }
     return stop;
