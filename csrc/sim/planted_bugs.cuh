@@ -32,7 +32,8 @@ __global__ void planted_oob_kernel(float* __restrict__ out, int n) {
 
 __global__ void planted_smem_oob_kernel(const float* __restrict__ x, float* __restrict__ out) {
   __shared__ float tile[64];
-  tile[threadIdx.x + 1] = x[threadIdx.x];  // PLANTED BUG: thread 63 writes tile[64]
+  float* row = tile;  // through a pointer, as kernels index shared buffers (UBSan's bounds check can't see it)
+  row[threadIdx.x + 1] = x[threadIdx.x];  // PLANTED BUG: thread 63 writes tile[64]
   __syncthreads();
   out[threadIdx.x] = tile[threadIdx.x];
 }

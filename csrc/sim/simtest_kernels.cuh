@@ -72,19 +72,20 @@ __global__ void warp_ops_kernel(const int* __restrict__ x, int* __restrict__ out
   o[11] = static_cast<int>(seg);
 }
 
-// Threads whose x is negative return at once. The survivors: (a) count themselves with
-// __syncthreads_count, (b) sum their x through shared memory over several __syncthreads,
-// (c) take a warp sum over __activemask(). out[3*block + {0,1}] and out_lane[tid] get the results.
+// Threads whose x is negative return after the first barrier. The survivors: (a) count
+// themselves with __syncthreads_count, (b) sum their x through shared memory over several
+// __syncthreads, (c) take a warp sum over __activemask(). Results: out[2*block + {0,1}] (written
+// by thread 0 if it survives) and out_lane[tid] = warp sum * 64 + surviving lanes.
 template <int kThreads>
 __global__ void early_exit_kernel(const int* __restrict__ x, int* __restrict__ out, int* __restrict__ out_lane) {
   __shared__ int vals[kThreads];
   const int t = threadIdx.x;
   const int tid = blockIdx.x * kThreads + t;
   const int v = x[tid];
-  if (v < 0) return;
-  const int alive = __syncthreads_count(1);
   vals[t] = 0;
   __syncthreads();
+  if (v < 0) return;
+  const int alive = __syncthreads_count(1);
   vals[t] = v;
   __syncthreads();
   if (t == 0) {
@@ -93,15 +94,12 @@ __global__ void early_exit_kernel(const int* __restrict__ x, int* __restrict__ o
     out[2 * blockIdx.x] = alive;
     out[2 * blockIdx.x + 1] = s;
   }
+  // Sum over the lanes still running, by a shuffle from each (the mask leaves out the returned ones).
   const unsigned active = __activemask();
-  int ws = v;
-  const int lane = t & 31;
-  // Sum over the active lanes by repeated shuffles from each active lane (the mask excludes the
-  // lanes that returned).
   int total = 0;
   for (int l = 0; l < 32; ++l)
-    if (active >> l & 1u) total += __shfl_sync(active, ws, l);
-  out_lane[tid] = total * 64 + __popc(active) + 0 * lane;
+    if (active >> l & 1u) total += __shfl_sync(active, v, l);
+  out_lane[tid] = total * 64 + __popc(active);
 }
 
 // Block-local histogram in shared memory with atomics, merged into the global one with atomics.
