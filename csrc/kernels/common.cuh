@@ -124,6 +124,35 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
   return v;
 }
 
+// 16 bytes <-> N elements. On the GPU one 128-bit access; in the emulator memcpy, because
+// reading a uint4 through a T* breaks C++ aliasing rules (GCC then drops the load at -O2).
+template <typename T, int N>
+__device__ __forceinline__ void load16(const T* src, T (&dst)[N]) {
+  static_assert(N * sizeof(T) == 16, "load16 moves exactly 16 bytes");
+#if defined(__CUDACC__)
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const T* e = reinterpret_cast<const T*>(&raw);
+  MOE_UNROLL
+  for (int v = 0; v < N; ++v) dst[v] = e[v];
+#else
+  memcpy(dst, src, 16);
+#endif
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store16(T* dst, const T (&src)[N]) {
+  static_assert(N * sizeof(T) == 16, "store16 moves exactly 16 bytes");
+#if defined(__CUDACC__)
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+  MOE_UNROLL
+  for (int v = 0; v < N; ++v) e[v] = src[v];
+  *reinterpret_cast<uint4*>(dst) = raw;
+#else
+  memcpy(dst, src, 16);
+#endif
+}
+
 __device__ __forceinline__ bool is_aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }

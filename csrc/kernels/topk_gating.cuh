@@ -120,8 +120,8 @@ __device__ __forceinline__ void gating_row(const GatingParams& p, long long row,
   for (int c = 0; c < CH; ++c) {
     const int base = (c * nthr + tid) * VEC;
     if (vec_ok && base + VEC <= E) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(rowp + base);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      T e[VEC];
+      load16(rowp + base, e);
       MOE_UNROLL
       for (int v = 0; v < VEC; ++v) x[c * VEC + v] = to_f32(e[v]);
     } else {

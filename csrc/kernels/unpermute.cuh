@@ -42,6 +42,7 @@ struct CombineSource {
 template <typename T, int VEC>
 __global__ void combine_kernel(const T* y, long long H, CombineSource src, const float* weights,
                                long long num_tokens, int k, T* out) {
+  constexpr bool kVec16 = VEC * sizeof(T) == 16;
   MOE_DYNAMIC_SMEM(unsigned char, smem);
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int lane = static_cast<int>(threadIdx.x) & 31;
@@ -65,9 +66,9 @@ __global__ void combine_kernel(const T* y, long long H, CombineSource src, const
       if (r < 0) continue;
       const float w = s_w[j];
       const T* yr = y + r * H + c;
-      if (VEC * sizeof(T) == 16) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(yr);
-        const T* e = reinterpret_cast<const T*>(&raw);
+      if constexpr (kVec16) {
+        T e[VEC];
+        load16(yr, e);
         MOE_UNROLL
         for (int v = 0; v < VEC; ++v) acc[v] += w * to_f32(e[v]);
       } else {
@@ -75,12 +76,11 @@ __global__ void combine_kernel(const T* y, long long H, CombineSource src, const
         for (int v = 0; v < VEC; ++v) acc[v] += w * to_f32(yr[v]);
       }
     }
-    if (VEC * sizeof(T) == 16) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
+    if constexpr (kVec16) {
+      T e[VEC];
       MOE_UNROLL
       for (int v = 0; v < VEC; ++v) e[v] = from_f32<T>(acc[v]);
-      *reinterpret_cast<uint4*>(o + c) = raw;
+      store16(o + c, e);
     } else {
       MOE_UNROLL
       for (int v = 0; v < VEC; ++v) o[c + v] = from_f32<T>(acc[v]);
