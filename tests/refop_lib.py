@@ -35,15 +35,16 @@ def op_schemas():
 
 
 def _functional(fn):
-    """Custom ops must not return (views of) their inputs: clone any output that aliases one."""
+    """Custom ops must not return (views of) their inputs: clone any output that aliases one.
+    Outputs are made contiguous, as the compiled kernels (and the fakes) produce them."""
     def run(*args):
         out = fn(*args)
         ins = [a for a in args if isinstance(a, torch.Tensor)]
 
         def fresh(t):
             if any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for a in ins):
-                return t.clone()
-            return t
+                return t.clone(memory_format=torch.contiguous_format)
+            return t.contiguous()
         return tuple(fresh(t) for t in out) if isinstance(out, tuple) else fresh(out)
     return run
 
