@@ -10,7 +10,8 @@
 #   3. runs tests/test_sanitizers.py: the planted-bug kernels must be reported (a missing
 #      __syncthreads by TSan, out-of-bounds writes by ASan).
 # Exits non-zero on any failure. Knobs: PY (python), MAX_JOBS, SANITIZERS ("address thread"),
-# SAN_PYTEST_ARGS (extra pytest args, e.g. "-x"), SKIP_BUILD=1 (reuse the builds).
+# SAN_OPS_K (the -k selection of tests/test_ops.py), SAN_PYTEST_ARGS (extra pytest args, e.g.
+# "-x"), SKIP_BUILD=1 (reuse the builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +19,7 @@ PY=${PY:-.venv/bin/python}
 PY=$(command -v "$PY" || echo "$PY")
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
+SAN_OPS_K=${SAN_OPS_K:-cuda_sim}
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
 CMAKE=$(dirname "$PY")/cmake; [ -x "$CMAKE" ] || CMAKE=cmake
 NINJA=$(dirname "$PY")/ninja; [ -x "$NINJA" ] || NINJA=$(command -v ninja || true)
@@ -80,9 +82,9 @@ for san in $SANITIZERS; do
   log "$san: emulator tests (tests/test_sim_emulator.py)"
   run_under "$san" tests/test_sim_emulator.py || status=1
   if [ -f tests/test_ops.py ]; then
-    log "$san: cuda_sim op tests (tests/test_ops.py -k cuda_sim)"
+    log "$san: cuda_sim op tests (tests/test_ops.py -k \"$SAN_OPS_K\")"
     # pytest exits 5 when nothing is selected (no cuda_sim kernels registered yet): not a failure.
-    rc=0; run_under "$san" tests/test_ops.py -k cuda_sim || rc=$?
+    rc=0; run_under "$san" tests/test_ops.py -k "$SAN_OPS_K" || rc=$?
     if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=1; fi
   fi
 done

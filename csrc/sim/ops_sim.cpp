@@ -9,13 +9,11 @@
 #include <torch/library.h>
 
 #include "../schemas.h"
+#include "../cuda/ops_binding.h"
 
 TORCH_LIBRARY(moe_ops_sim, m) {
   for (const char* schema : moe_ops::kOpSchemas) m.def(schema);
 }
-
-#if __has_include("../cuda/ops_binding.h")
-#include "../cuda/ops_binding.h"
 
 namespace {
 
@@ -31,4 +29,3 @@ struct SimBackend {
 }  // namespace
 
 MOE_OPS_REGISTER_KERNELS(moe_ops_sim, CPU, SimBackend)
-#endif
