@@ -24,9 +24,8 @@ moe_forward           ``hf_eager`` / ``hf_grouped_mm`` (transformers' MixtralExp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
