@@ -77,6 +77,7 @@ class Case:
     fn: Callable[[], object]
     check: Optional[Callable[[object], str]] = None   # -> "ok" / "mismatch ..."
     note: str = ""
+    skip: str = ""                 # non-empty: not run, reported as "skip: <why>"
 
 
 @dataclass
@@ -220,9 +221,31 @@ def _hf_experts(inp: Inputs, impl: str):
     return ex
 
 
-def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool) -> OpBench:
-    """The timed callables for ``op`` at ``inp``'s point: one per backend, then baselines."""
+def reference_gflop(op: str, pt: Point) -> float:
+    """Work the reference does for a GEMM op: one full-M matmul per expert (it selects each
+    expert's rows with ``where``), i.e. E times the useful FLOPs."""
+    M = pt.T * pt.k
+    if op == "grouped_gemm":
+        return pt.E * 2 * M * pt.H * 2 * pt.I / 1e9
+    if op == "moe_forward":
+        return pt.E * (2 * M * pt.H * 2 * pt.I + 2 * M * pt.I * pt.H) / 1e9
+    return 0.0
+
+
+def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
+             reference_max_gflop: Optional[float] = None) -> OpBench:
+    """The timed callables for ``op`` at ``inp``'s point: one per backend, then baselines.
+
+    When the reference would do more than ``reference_max_gflop`` GFLOP it is neither timed
+    nor used for checks (its row says ``skip``)."""
     pt = inp.pt
+    ref_work = reference_gflop(op, pt)
+    if reference_max_gflop is not None and ref_work > reference_max_gflop:
+        ob = op_cases(op, inp, [b for b in backends if b != "reference"], baselines, False)
+        if "reference" in backends:
+            ob.cases.insert(0, Case("reference", "backend", None,
+                                    skip=f"reference would do {ref_work:.0f} GFLOP > --reference-max-gflop"))
+        return ob
     T, E, k, H, I, dt, dev = pt.T, pt.E, pt.k, pt.H, pt.I, pt.dtype, pt.device
     e = _elem(dt)
     s = pt.shape

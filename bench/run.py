@@ -85,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, help="stop starting new points after this many seconds")
     p.add_argument("--max-gb", type=float, help="skip points needing more memory (default: a share of the device's)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against reference")
+    p.add_argument("--reference-max-gflop", type=float,
+                   help="do not run the reference GEMMs (a full-M matmul per expert) above this much work "
+                        "(default: 100 on CPU, 5000 on CUDA); their checks are skipped too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -234,6 +237,9 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
         for op in ops:
             row(op, "(setup)", "setup", _status(err))
         return rows
+    ref_limit = args.reference_max_gflop
+    if ref_limit is None:
+        ref_limit = 5000.0 if pt.device == "cuda" else 100.0
     timing = dict(warmup=args.warmup if args.warmup is not None else cfg["warmup"],
                   reps=args.reps if args.reps is not None else cfg["reps"],
                   budget_s=args.budget_s if args.budget_s is not None else cfg["budget_s"])
@@ -242,15 +248,15 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
         group: List[dict] = []
         try:
             ob = op_cases(op, inp, backends_for(op, pt.device, only_backends, args.include_interpreted),
-                          baselines, check=not args.no_check)
+                          baselines, check=not args.no_check, reference_max_gflop=ref_limit)
         except Exception as err:
-            rows.append(row(op, "(setup)", "setup", _status(err)))
+            row(op, "(setup)", "setup", _status(err))
             continue
         for case in ob.cases:
             r = dict(base, op=op, impl=case.impl, kind=case.kind, C=ob.C, bytes=ob.bytes or "",
                      flops=ob.flops or "", note=case.note, check="")
-            if deadline is not None and time.perf_counter() > deadline:
-                r["status"] = "skip: time limit"
+            if case.skip or (deadline is not None and time.perf_counter() > deadline):
+                r["status"] = "skip: " + (case.skip or "time limit")
                 group.append(r)
                 continue
             try:
