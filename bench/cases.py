@@ -199,7 +199,8 @@ def _weight_read_case(inp: Inputs, tensors) -> Case:
     """Read the touched experts' weights once: amax over an int32 view (pure reads, no FP work).
     The first n_hit experts stand in for the touched ones (same bytes, contiguous)."""
     n = max(inp.n_hit, 1)
-    views = [w[:n].reshape(-1).view(torch.int32) for w in tensors]
+    flat = [w[:n].reshape(-1) for w in tensors]
+    views = [f.view(torch.int32) if f.numel() * f.element_size() % 4 == 0 else f.view(torch.uint8) for f in flat]
 
     def fn():
         return [torch.amax(v) for v in views]
