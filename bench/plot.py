@@ -55,12 +55,12 @@ def plot(rows, out_dir: str, ops=None, models=None) -> list:
     written = []
     for (op, model, k, T, dtype, dev, H, I), rs in sorted(groups.items()):
         lines = OrderedDict()
-        for r in sorted(rs, key=lambda r: (r["kind"] != "backend", r["impl"])):
-            lines.setdefault(r["impl"], {})
+        for r in sorted(rs, key=lambda r: (r["kind"] != "backend", r["backend"])):
+            lines.setdefault(r["backend"], {})
             # several runs at one E (--run all): keep the fastest median
             e = int(r["E"])
             t = float(r["median_ms"])
-            lines[r["impl"]][e] = min(t, lines[r["impl"]].get(e, t))
+            lines[r["backend"]][e] = min(t, lines[r["backend"]].get(e, t))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for impl, pts in lines.items():
             xs = sorted(pts)

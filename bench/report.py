@@ -15,7 +15,7 @@ from .cases import BASELINES, OPS
 
 FIELDS = [
     "run_id", "timestamp", "commit", "device", "device_name", "torch", "transformers", "moe_ops", "threads", "load",
-    "preset", "model", "op", "impl", "kind", "E", "k", "T", "H", "I", "C", "dtype", "status", "median_ms",
+    "preset", "model", "op", "backend", "kind", "E", "k", "T", "H", "I", "C", "dtype", "status", "median_ms",
     "min_ms", "reps", "gbps", "tflops", "bytes", "flops", "check", "note",
 ] + [f"speedup_vs_{b}" for b in BASELINES]
 
@@ -24,7 +24,7 @@ GROUP_KEY = ("model", "op", "E", "k", "T", "H", "I", "dtype")
 
 def add_ratios(rows: List[dict]) -> None:
     """Fill ``speedup_vs_*`` within each (point, op) group, for every row with a time."""
-    by = {b: r["median_ms"] for r in rows if r["status"] == "ok" for b in (r["impl"],)}
+    by = {r["backend"]: r["median_ms"] for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -94,6 +94,18 @@ HEADLINE = {
 }
 
 
+def _load_warning(meta) -> List[str]:
+    """A line (and a blank) when the CPU was busier than its cores: timings are then noisy."""
+    try:
+        load, cores = float(meta.get("load") or 0), int(meta.get("cores") or 0)
+    except ValueError:
+        return []
+    if meta.get("device") == "cpu" and cores and load > cores:
+        return [f"**Noisy:** load average {load:.1f} on {cores} usable cores when the run started "
+                "(other processes compete; OpenMP threads stall when descheduled).", ""]
+    return []
+
+
 def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
     """One pivot table per op: median ms of every implementation at each point, then the best
     moe_ops backend (excluding ``reference``) with its throughput and speedups."""
@@ -101,6 +113,7 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
            f"device: **{meta['device_name']}** ({meta['device']}, {meta['threads']} threads) · "
            f"load avg {meta['load']} · torch {meta['torch']} · transformers {meta['transformers']} · commit {meta['commit']} · "
            f"{meta['timestamp']} · dtype {meta['dtype']}", "",
+           *_load_warning(meta),
            "Cells: median ms. `best` = fastest moe_ops backend other than `reference`; "
            "`x<baseline>` = that baseline's time / best's time (> 1 = moe_ops faster).", ""]
     for op in OPS:
@@ -108,8 +121,8 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
         if not op_rows:
             continue
         impls = list(OrderedDict.fromkeys(
-            [r["impl"] for r in op_rows if r["kind"] == "backend"]
-            + [r["impl"] for r in op_rows if r["kind"] != "backend"]))
+            [r["backend"] for r in op_rows if r["kind"] == "backend"]
+            + [r["backend"] for r in op_rows if r["kind"] != "backend"]))
         groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
         for r in op_rows:
             groups.setdefault(tuple(r[k] for k in GROUP_KEY), []).append(r)
@@ -118,7 +131,7 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
         out += [f"## {op}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for key, rs in groups.items():
             g = dict(zip(GROUP_KEY, key))
-            by = {r["impl"]: r for r in rs}
+            by = {r["backend"]: r for r in rs}
             cells = [g["model"], str(g["E"]), str(g["k"]), str(g["T"]), f"{g['H']}x{g['I']}"]
             for i in impls:
                 r = by.get(i)
@@ -129,12 +142,12 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
                 else:
                     bad = r.get("check", "").startswith("mismatch")
                     cells.append(_ms(r["median_ms"]) + (" (!)" if bad else ""))
-            cand = [r for r in rs if r["kind"] == "backend" and r["impl"] != "reference" and r["status"] == "ok"]
+            cand = [r for r in rs if r["kind"] == "backend" and r["backend"] != "reference" and r["status"] == "ok"]
             best = min(cand, key=lambda r: r["median_ms"]) if cand else None
             if best is None:
                 ref = by.get("reference")
                 best = ref if ref is not None and ref["status"] == "ok" else None
-            cells += [best["impl"] if best else "-", _rate(best) if best else "-"]
+            cells += [best["backend"] if best else "-", _rate(best) if best else "-"]
             cells += [_x(best.get(f"speedup_vs_{h}")) if best else "-" for h in heads]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
@@ -143,7 +156,7 @@ def markdown(rows: List[dict], meta: Dict[str, str]) -> str:
     if errs or mism:
         out += ["## errors and mismatches", ""]
         for r in errs + mism:
-            out.append(f"- {r['op']} {r['impl']} {r['model']} E={r['E']} k={r['k']} T={r['T']}: "
+            out.append(f"- {r['op']} {r['backend']} {r['model']} E={r['E']} k={r['k']} T={r['T']}: "
                        f"{r['status'] if r in errs else r['check']}")
         out.append("")
     return "\n".join(out)
@@ -154,15 +167,15 @@ def hf_summary(rows: List[dict]) -> str:
     layer = [r for r in rows if r["op"] == "moe_forward"]
     if not layer:
         return ""
-    backends = list(OrderedDict.fromkeys(r["impl"] for r in layer if r["kind"] == "backend"))
-    base = [b for b in ("hf_eager", "hf_grouped_mm", "floor") if any(r["impl"] == b for r in layer)]
+    backends = list(OrderedDict.fromkeys(r["backend"] for r in layer if r["kind"] == "backend"))
+    base = [b for b in ("hf_eager", "hf_grouped_mm", "floor") if any(r["backend"] == b for r in layer)]
     cols = ["model", "E", "k", "T"] + [f"{b} ms" for b in base] + [f"{b} ms" for b in backends] + \
         [f"{b} vs hf_eager" for b in backends]
     out = ["## moe_forward vs transformers' eager experts loop", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
     for r in layer:
-        groups.setdefault(tuple(r[k] for k in GROUP_KEY), {})[r["impl"]] = r
+        groups.setdefault(tuple(r[k] for k in GROUP_KEY), {})[r["backend"]] = r
     for key, by in groups.items():
         g = dict(zip(GROUP_KEY, key))
         cells = [g["model"], str(g["E"]), str(g["k"]), str(g["T"])]

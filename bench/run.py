@@ -226,7 +226,7 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
     rows: List[dict] = []
 
     def row(op, impl, kind, status, **kw):
-        r = dict(base, op=op, impl=impl, kind=kind, status=status, check=kw.pop("check", "") or "")
+        r = dict(base, op=op, backend=impl, kind=kind, status=status, check=kw.pop("check", "") or "")
         r.update(kw)
         rows.append(r)
         return r
@@ -253,7 +253,7 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
             row(op, "(setup)", "setup", _status(err))
             continue
         for case in ob.cases:
-            r = dict(base, op=op, impl=case.impl, kind=case.kind, C=ob.C, bytes=ob.bytes or "",
+            r = dict(base, op=op, backend=case.impl, kind=case.kind, C=ob.C, bytes=ob.bytes or "",
                      flops=ob.flops or "", note=case.note, check="")
             if case.skip or (deadline is not None and time.perf_counter() > deadline):
                 r["status"] = "skip: " + (case.skip or "time limit")
@@ -279,10 +279,10 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
                         pass
             group.append(r)
         if ob.derived_floor:
-            t = {r["impl"]: r.get("median_ms") for r in group if r["status"] == "ok"}
+            t = {r["backend"]: r.get("median_ms") for r in group if r["status"] == "ok"}
             if t.get("dense") is not None and t.get("weight_read") is not None:
                 fl = max(t["dense"], t["weight_read"])
-                group.append(dict(base, op=op, impl="floor", kind="derived", C=ob.C, status="ok", median_ms=fl,
+                group.append(dict(base, op=op, backend="floor", kind="derived", C=ob.C, status="ok", median_ms=fl,
                                   min_ms=fl, reps=0, check="", flops=ob.flops or "", bytes=ob.bytes or "",
                                   tflops=ob.flops / (fl * 1e-3) / 1e12 if ob.flops else None,
                                   note="max(dense, weight_read)"))
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                 f"{len(prow)} rows in {time.perf_counter() - t0:.1f}s (total {time.perf_counter() - _T_START:.0f}s)")
     if device == "cpu":
         torch.set_num_threads(old_threads)
-    md = report.markdown(rows, dict(meta, dtype=str(dtype).replace("torch.", "")))
+    md = report.markdown(rows, dict(meta, dtype=str(dtype).replace("torch.", ""), cores=usable_cores()))
     summary = report.hf_summary(rows)
     tail = f"\n{len(rows)} rows appended to {csv_path}"
     if skipped:

@@ -35,25 +35,25 @@ def test_smoke_preset_writes_csv_and_markdown(tmp_path, capsys):
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(float(r["median_ms"]) > 0 for r in ok)
     # kernels' own failures are test_ops' business; the harness and its baselines must be clean
-    mine = [r for r in rows if r["kind"] != "backend" or r["impl"] == "reference"]
-    errors = [(r["op"], r["impl"], r["status"]) for r in mine if r["status"] != "ok"]
+    mine = [r for r in rows if r["kind"] != "backend" or r["backend"] == "reference"]
+    errors = [(r["op"], r["backend"], r["status"]) for r in mine if r["status"] != "ok"]
     assert not errors, errors
     # every op ran on the reference backend, checked against itself, and against baselines
     for op in OPS:
-        ref = [r for r in rows if r["op"] == op and r["impl"] == "reference"]
+        ref = [r for r in rows if r["op"] == op and r["backend"] == "reference"]
         assert len(ref) == 1 and ref[0]["check"] == "ok", (op, ref)
-    mism = [(r["op"], r["impl"], r["check"]) for r in mine if r["check"].startswith("mismatch")]
+    mism = [(r["op"], r["backend"], r["check"]) for r in mine if r["check"].startswith("mismatch")]
     assert not mism, mism
-    layer = {r["impl"]: r for r in rows if r["op"] == "moe_forward"}
+    layer = {r["backend"]: r for r in rows if r["op"] == "moe_forward"}
     assert {"hf_eager", "hf_grouped_mm", "dense", "weight_read", "floor"} <= set(layer)
     assert layer["hf_eager"]["check"] == "ok"  # the HF baseline computes the same layer
     assert float(layer["reference"]["speedup_vs_hf_eager"]) > 0
     assert float(layer["floor"]["median_ms"]) == max(float(layer["dense"]["median_ms"]),
                                                      float(layer["weight_read"]["median_ms"]))
-    gg = {r["impl"] for r in rows if r["op"] == "grouped_gemm"}
+    gg = {r["backend"] for r in rows if r["op"] == "grouped_gemm"}
     assert {"reference", "hf_mm_loop", "dense"} <= gg
     assert all(r["gbps"] for r in ok if r["op"] in ("permute", "unpermute", "capacity_dispatch")
-               and r["impl"] != "dense")
+               and r["backend"] != "dense")
     md = open(os.path.join(tmp_path, "latest.md")).read()
     assert "## moe_forward vs transformers' eager experts loop" in md
     for op in OPS:
@@ -75,7 +75,7 @@ def test_raising_backend_is_an_error_row(tmp_path, monkeypatch):
     monkeypatch.setitem(backend._BACKENDS["reference"].ops, "unpermute", boom)
     bench_run.main(["--preset", "smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--quiet", "--threads", "1",
                     "--ops", "unpermute,permute", "--no-check"])
-    rows = {(r["op"], r["impl"]): r for r in _rows(tmp_path)}
+    rows = {(r["op"], r["backend"]): r for r in _rows(tmp_path)}
     assert rows[("unpermute", "reference")]["status"].startswith("error: RuntimeError: kernel exploded")
     assert rows[("unpermute", "hf_combine")]["status"] == "ok"
     assert rows[("permute", "reference")]["status"] == "ok"
