@@ -41,12 +41,15 @@ NOT_TIMED = {"cuda_sim"}  # an emulator, not a performance path
 # H/I scale per device type, timing settings, and a wall-clock limit (s, since process start).
 PRESETS: Dict[str, dict] = {
     "smoke": dict(models=["tiny"], experts=[8], tokens={"cpu": [16], "cuda": [16]}, topk="native",
-                  scale={"cpu": 1, "cuda": 1}, warmup=2, reps=3, budget_s=0.05, time_limit=None),
+                  scale={"cpu": 1, "cuda": 1}, warmup=2, reps=3, budget_s=0.05, time_limit=None,
+                  reference_max_gflop={"cpu": 100.0, "cuda": 5000.0}),
     "quick": dict(models=list(MODELS), experts=[8, 64], tokens={"cpu": [64], "cuda": [64, 512]}, topk="native",
-                  scale={"cpu": 8, "cuda": 1}, warmup=1, reps=10, budget_s=0.25, time_limit=270),
+                  scale={"cpu": 8, "cuda": 1}, warmup=1, reps=10, budget_s=0.25, time_limit=270,
+                  reference_max_gflop={"cpu": 5.0, "cuda": 2000.0}),
     "full": dict(models=list(MODELS), experts=list(EXPERTS), tokens={"cpu": [1, 8, 64, 512],
                  "cuda": [1, 8, 64, 512, 4096]}, topk="sweep", scale={"cpu": 8, "cuda": 1},
-                 warmup=3, reps=30, budget_s=0.5, time_limit=None),
+                 warmup=3, reps=30, budget_s=0.5, time_limit=None,
+                 reference_max_gflop={"cpu": 100.0, "cuda": 5000.0}),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -86,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--max-gb", type=float, help="skip points needing more memory (default: a share of the device's)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against reference")
     p.add_argument("--reference-max-gflop", type=float,
-                   help="do not run the reference GEMMs (a full-M matmul per expert) above this much work "
-                        "(default: 100 on CPU, 5000 on CUDA); their checks are skipped too")
+                   help="do not time the reference GEMM ops (a full-M matmul per expert) above this much work "
+                        "(default: the preset's); it still checks the others up to 10x that")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -239,7 +242,7 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
         return rows
     ref_limit = args.reference_max_gflop
     if ref_limit is None:
-        ref_limit = 5000.0 if pt.device == "cuda" else 100.0
+        ref_limit = cfg["reference_max_gflop"][pt.device]
     timing = dict(warmup=args.warmup if args.warmup is not None else cfg["warmup"],
                   reps=args.reps if args.reps is not None else cfg["reps"],
                   budget_s=args.budget_s if args.budget_s is not None else cfg["budget_s"])
