@@ -45,7 +45,7 @@ PRESETS: Dict[str, dict] = {
                   reference_max_gflop={"cpu": 100.0, "cuda": 5000.0}),
     "quick": dict(models=list(MODELS), experts=[8, 64], tokens={"cpu": [64], "cuda": [64, 512]}, topk="native",
                   scale={"cpu": 8, "cuda": 1}, warmup=1, reps=10, budget_s=0.25, time_limit=270,
-                  reference_max_gflop={"cpu": 5.0, "cuda": 2000.0}),
+                  reference_max_gflop={"cpu": 8.0, "cuda": 2000.0}),
     "full": dict(models=list(MODELS), experts=list(EXPERTS), tokens={"cpu": [1, 8, 64, 512],
                  "cuda": [1, 8, 64, 512, 4096]}, topk="sweep", scale={"cpu": 8, "cuda": 1},
                  warmup=3, reps=30, budget_s=0.5, time_limit=None,
