@@ -315,7 +315,8 @@ def main(argv=None) -> int:
         tf_version = transformers.__version__
     except Exception:
         tf_version = "missing"
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    now = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
     meta = dict(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 commit=commit_hash(), device=device, device_name=device_name(device), torch=torch.__version__,
                 transformers=tf_version, moe_ops=moe_ops.__version__, threads=threads if device == "cpu" else "",

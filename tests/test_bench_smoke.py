@@ -62,8 +62,10 @@ def test_smoke_preset_writes_csv_and_markdown(tmp_path, capsys):
     # a second run appends to the same CSV
     bench_run.main(["--preset", "smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--quiet", "--threads", "1",
                     "--ops", "permute", "--baselines", "none"])
-    rows2 = _rows(tmp_path)
-    assert len(rows2) == len(rows) + 1 and rows2[-1]["op"] == "permute"
+    new = _rows(tmp_path)[len(rows):]
+    assert new and {(r["op"], r["kind"]) for r in new} == {("permute", "backend")}
+    assert "reference" in {r["backend"] for r in new} and len({r["run_id"] for r in new}) == 1
+    assert new[0]["run_id"] != rows[0]["run_id"]
 
 
 def test_raising_backend_is_an_error_row(tmp_path, monkeypatch):
