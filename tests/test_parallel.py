@@ -13,6 +13,8 @@ nothing.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -128,13 +130,69 @@ def _single_process(name, world):
     return per_rank, a.grad, b.grad
 
 
-def _close(actual, expected, what):
+def _close(actual, expected, what, equal_nan=False):
     if expected.dtype == torch.bfloat16:
         scale = expected.float().abs().max().item() if expected.numel() else 0.0
         torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2 * max(scale, 1.0),
                                    msg=lambda m: f"{what}: {m}")
     else:
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, equal_nan=equal_nan,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------- the nn.Module
+
+HAVE_LAYER = importlib.util.find_spec("moe_ops.layer") is not None
+needs_layer = pytest.mark.skipif(not HAVE_LAYER, reason="moe_ops.layer (moe_ops.MoE) not in this tree yet")
+
+# name -> (MoE kwargs, ExpertParallelMoE dispatch, token shape per rank for world 2 / 4)
+LAYER_SCENARIOS = {
+    "layer_dropless_shared_aux": (dict(shared_intermediate_size=8, shared_expert_gate=True, z_loss_coef=1e-3),
+                                  "alltoall", ([(2, 5, H), (3, H)], [(2, 5, H), (3, H), (0, H), (7, H)])),
+    "layer_capacity_deepseek": (dict(scoring="sigmoid", n_group=4, topk_group=2, correction_bias=True,
+                                     routed_scaling_factor=2.0, capacity_factor=1.0, min_capacity=1),
+                                "alltoall", ([(2, 4, H), (8, H)], [(8, H)] * 4)),
+    "layer_allgather": (dict(shared_intermediate_size=4), "allgather", ([(6, H)] * 2, [(6, H)] * 4)),
+}
+
+
+def _layer_inputs(name, world):
+    from moe_ops.layer import MoE
+
+    cfg, dispatch, shapes = LAYER_SCENARIOS[name]
+    g = torch.Generator().manual_seed(SEED + 7 * world + sorted(LAYER_SCENARIOS).index(name))
+    torch.manual_seed(SEED + sorted(LAYER_SCENARIOS).index(name))
+    moe = MoE(H, I, E, K, **cfg)
+    if moe.e_score_correction_bias is not None:
+        moe.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
+    xs = [torch.randn(sh, generator=g) for sh in shapes[0 if world == 2 else 1]]
+    douts = [torch.randn(sh, generator=g) for sh in shapes[0 if world == 2 else 1]]
+    return moe, dispatch, xs, douts
+
+
+def _layer_worker(rank, world, names):
+    from moe_ops.parallel import ExpertParallelMoE
+
+    results = {}
+    for name in names:
+        moe, dispatch, xs, douts = _layer_inputs(name, world)
+        ep = ExpertParallelMoE.from_moe(moe, dispatch=dispatch)
+        x = xs[rank].clone().requires_grad_()
+        out, aux = ep(x, return_aux=True)
+        ((out * douts[rank]).sum() + aux.loss).backward()
+        ep.all_reduce_replicated_grads()
+        results[name] = dict(out=out.detach(), dx=x.grad, lb=aux.load_balancing_loss.detach(),
+                             z=aux.z_loss.detach(), counts=aux.tokens_per_expert,
+                             grads={n: p.grad for n, p in ep.named_parameters()})
+    # Fresh construction: replicated parameters broadcast from rank 0, experts sharded.
+    torch.manual_seed(rank)
+    ep = ExpertParallelMoE(H, I, E, K, shared_intermediate_size=4, correction_bias=True)
+    results["fresh"] = {n: t.detach() for n, t in ep.state_dict().items()}
+    return results
+
+
+def _worker(rank, world, names, layer_names):
+    return dict(_ep_worker(rank, world, names), **(_layer_worker(rank, world, layer_names) if layer_names else {}))
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -142,7 +200,50 @@ def ep_run(request):
     from moe_ops.parallel.launch import run_local
 
     world = request.param
-    return world, run_local(_ep_worker, world, (sorted(SCENARIOS),), timeout=150)
+    return world, run_local(_worker, world, (sorted(SCENARIOS), sorted(LAYER_SCENARIOS) if HAVE_LAYER else []),
+                            timeout=150)
+
+
+@needs_layer
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", sorted(LAYER_SCENARIOS))
+def test_expert_parallel_moe_equals_moe(ep_run, name):
+    """ExpertParallelMoE.from_moe(moe) on each rank == moe on that rank's tokens: output, aux
+    losses, d x, and parameter gradients (experts: the rank's slice; replicated: all-reduced)."""
+    world, results = ep_run
+    moe, _, xs, douts = _layer_inputs(name, world)
+    E_l = E // world
+    for rank in range(world):
+        got = results[rank][name]
+        x = xs[rank].clone().requires_grad_()
+        out, aux = moe(x, return_aux=True)
+        ((out * douts[rank]).sum() + aux.loss).backward()
+        _close(got["out"], out.detach(), f"{name} rank {rank} out")
+        _close(got["dx"], x.grad, f"{name} rank {rank} dx")
+        # A rank with no tokens gets MoE's own empty-batch losses (NaN: means over zero tokens).
+        empty = x.numel() == 0
+        _close(got["lb"], aux.load_balancing_loss.detach(), f"{name} rank {rank} load_balancing_loss", empty)
+        _close(got["z"], aux.z_loss.detach(), f"{name} rank {rank} z_loss", empty)
+        assert torch.equal(got["counts"], aux.tokens_per_expert), f"{name} rank {rank} tokens_per_expert"
+    for n, p in moe.named_parameters():  # moe's grads now sum every rank's loss
+        for rank in range(world):
+            want = p.grad[rank * E_l:(rank + 1) * E_l] if n in ("w_gate_up", "w_down") else p.grad
+            _close(results[rank][name]["grads"][n], want, f"{name} rank {rank} grad {n}")
+
+
+@needs_layer
+@pytest.mark.timeout(200)
+def test_expert_parallel_moe_construction(ep_run):
+    """Fresh ExpertParallelMoE: replicated tensors equal on every rank, experts [E/world, ...]."""
+    world, results = ep_run
+    states = [r["fresh"] for r in results]
+    for n, t in states[0].items():
+        if n in ("w_gate_up", "w_down"):
+            assert t.shape[0] == E // world, n
+            assert not torch.equal(t, states[1][n]), f"{n}: ranks hold different experts"
+        else:
+            for r in range(1, world):
+                assert torch.equal(t, states[r][n]), f"{n} differs between rank 0 and rank {r}"
 
 
 @pytest.mark.timeout(200)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import backend as _backend
-from ..ops import _activate, capacity_combine, capacity_dispatch, expert_capacity, grouped_gemm, permute, \
+from ..ops import capacity_combine, capacity_dispatch, expert_capacity, grouped_gemm, permute, \
     topk_gating, unpermute
 from . import exchange as _x
 
@@ -44,24 +44,28 @@ Tensor = torch.Tensor
 DISPATCHES = ("alltoall", "allgather")
 
 
-def _shard_shapes(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor, world: int):
-    if x.dim() != 2 or router_logits.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
-        raise ValueError("moe_ops.parallel: need x[T, H], router_logits[T, E], w_gate_up[E_l, 2I, H], "
-                         "w_down[E_l, H, I]")
+def _shard_shapes(x: Tensor, num_experts: int, w_gate_up: Tensor, w_down: Tensor, world: int):
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError("moe_ops.parallel: need x[T, H], w_gate_up[E_l, 2I, H], w_down[E_l, H, I]")
     T, H = x.shape
-    E = router_logits.shape[1]
     E_l, two_i, h2 = w_gate_up.shape
-    if router_logits.shape[0] != T:
-        raise ValueError(f"moe_ops.parallel: router_logits has {router_logits.shape[0]} rows, x has {T}")
-    if E != E_l * world:
-        raise ValueError(f"moe_ops.parallel: router has {E} experts but {world} ranks x {E_l} local experts "
-                         f"= {E_l * world}")
+    if num_experts != E_l * world:
+        raise ValueError(f"moe_ops.parallel: router has {num_experts} experts but {world} ranks x {E_l} local "
+                         f"experts = {E_l * world}")
     if h2 != H or two_i % 2 or tuple(w_down.shape) != (E_l, H, two_i // 2):
         raise ValueError(f"moe_ops.parallel: local experts must be w_gate_up[E_l, 2I, H={H}], "
                          f"w_down[E_l, H, I]; got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise TypeError("moe_ops.parallel: x, w_gate_up and w_down must share a dtype")
-    return T, H, E, E_l
+    return T, H, num_experts, E_l
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` in float32 (float64 stays), as the MoE layer does."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
+    return (act * up).to(h.dtype)
 
 
 def _experts(x_local: Tensor, w_gate_up: Tensor, w_down: Tensor, offsets: Tensor, activation: str, bk) -> Tensor:
@@ -84,18 +88,39 @@ def expert_parallel_forward(x: Tensor, router_logits: Tensor, w_gate_up: Tensor,
     w.r.t. ``x``, ``router_logits`` and the local weights (the exchange's backward is the reverse
     exchange). ``stats`` (a dict), if given, receives the rows/bytes this rank sent and received.
     """
-    if dispatch not in DISPATCHES:
-        raise ValueError(f"moe_ops.parallel: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-    world, rank = _x.group_size(group), _x.group_rank(group)
-    T, H, E, E_l = _shard_shapes(x, router_logits, w_gate_up, w_down, world)
-    dev = x.device
-
-    def bk(op):
-        return _backend.resolved_name(op, dev.type, backend, strict=False)
-
+    if router_logits.dim() != 2 or x.dim() != 2 or router_logits.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ops.parallel: need x[T, H] and router_logits[T, E], got {tuple(x.shape)} and "
+                         f"{tuple(router_logits.shape)}")
+    _shard_shapes(x, router_logits.shape[1], w_gate_up, w_down, _x.group_size(group))
     weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,
                                topk_group=topk_group, correction_bias=correction_bias,
-                               scaling_factor=scaling_factor, backend=bk("topk_gating"))
+                               scaling_factor=scaling_factor,
+                               backend=_backend.resolved_name("topk_gating", x.device.type, backend, strict=False))
+    return expert_parallel_experts(x, weights, ids, w_gate_up, w_down, group=group, dispatch=dispatch,
+                                   activation=activation, capacity_factor=capacity_factor,
+                                   min_capacity=min_capacity, priority=priority, backend=backend, stats=stats)
+
+
+def expert_parallel_experts(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
+                            group=None, dispatch: str = "alltoall", activation: str = "swiglu",
+                            capacity_factor: Optional[float] = None, min_capacity: int = 0,
+                            priority: str = "kmajor", backend: Optional[str] = None,
+                            stats: Optional[dict] = None) -> Tensor:
+    """The routed half of the layer for given router output (the expert-parallel
+    ``moe_ops.layer.experts_forward``): ``weights[T, k]``, *global* ``ids[T, k]`` in
+    ``[0, world*E_l)``, this rank's ``w_gate_up[E_l, 2I, H]`` / ``w_down[E_l, H, I]``."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"moe_ops.parallel: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    if ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ops.parallel: need weights and ids [T={x.shape[0]}, k], got "
+                         f"{tuple(weights.shape)} and {tuple(ids.shape)}")
+    world, rank = _x.group_size(group), _x.group_rank(group)
+    T, H, E, E_l = _shard_shapes(x, w_gate_up.shape[0] * world, w_gate_up, w_down, world)
+    k = ids.shape[1]
+
+    def bk(op):
+        return _backend.resolved_name(op, x.device.type, backend, strict=False)
+
     if dispatch == "allgather":
         return _allgather(x, weights, ids, w_gate_up, w_down, k, E, E_l, world, rank, group, activation,
                           capacity_factor, bk, stats)
