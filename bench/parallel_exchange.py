@@ -103,7 +103,7 @@ def _worker(rank, world, cfg):
     rows = []
     for shape in cfg["shapes"]:
         T, H = (int(v) for v in shape.split("x"))
-        E, k, I = cfg["experts"], cfg["top_k"], cfg["intermediate"] or 2 * H
+        E, k, I = cfg["experts"], cfg["top_k"], cfg["intermediate"] or max(1, H // 2)
         E_l = E // world
         for routing in ROUTINGS:
             g = torch.Generator().manual_seed(1000 * rank + T)
@@ -138,12 +138,12 @@ def main(argv=None):
     p.add_argument("--backend", default="gloo", help="torch.distributed backend (gloo, nccl)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--shapes", nargs="+", default=["256x256", "1024x256", "1024x1024"],
+    p.add_argument("--shapes", nargs="+", default=["256x256", "2048x256", "512x1024"],
                    help="TOKENSxHIDDEN per rank")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=0, help="expert width I (default 2*H)")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--intermediate", type=int, default=0, help="expert width I (default H/2)")
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     cfg = dict(device=args.device, dtype=args.dtype, shapes=args.shapes, experts=args.experts, top_k=args.top_k,

@@ -54,6 +54,67 @@ def test_expert_major_order_and_row_map_validation():
         apply_row_map(torch.zeros(4, 1), rm)
 
 
+# ------------------------------------------------- a one-process group in the pytest process
+
+
+@pytest.fixture
+def group1():
+    """A world-size-1 Gloo group in this process (no spawn): argument checks and the trivial
+    sharding. Torn down afterwards so other tests see no default group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_argument_checks(group1):
+    from moe_ops.parallel import all_to_all, exchange_counts, expert_parallel_forward
+
+    x, logits = torch.randn(4, 8), torch.randn(4, 4)
+    a, b = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    with pytest.raises(ValueError, match="both output_splits and input_splits"):
+        all_to_all(x, [4], None)
+    with pytest.raises(ValueError, match="1 entries"):
+        all_to_all(x, [2, 2], [2, 2])
+    with pytest.raises(ValueError, match="sum to 3"):
+        all_to_all(x, [4], [3])
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        expert_parallel_forward(x, logits, a, b, 2, dispatch="ring")
+    with pytest.raises(ValueError, match="router has 5 experts"):
+        expert_parallel_forward(x, torch.randn(4, 5), a, b, 2)
+    with pytest.raises(ValueError, match="local experts must be"):
+        expert_parallel_forward(x, logits, a, b[:, :, :5], 2)
+    with pytest.raises(ValueError, match="router_logits"):
+        expert_parallel_forward(x, logits[:3], a, b, 2)
+    with pytest.raises(TypeError, match="share a dtype"):
+        expert_parallel_forward(x.double(), logits, a, b, 2)
+    with pytest.raises(ValueError, match="is dropless"):
+        expert_parallel_forward(x, logits, a, b, 2, dispatch="allgather", capacity_factor=1.0)
+    splits = exchange_counts(torch.tensor([3, 0, 2, 1]))
+    assert splits.send_splits == [6] and splits.recv_splits == [6]
+    assert splits.recv_counts.tolist() == [[3, 0, 2, 1]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kwargs", [dict(), dict(capacity_factor=0.75), dict(dispatch="allgather")],
+                         ids=["dropless", "capacity", "allgather"])
+def test_world_of_one_equals_moe_forward(group1, kwargs):
+    from moe_ops.parallel import expert_parallel_forward
+
+    g = torch.Generator().manual_seed(5)
+    x, logits = torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+    a, b = torch.randn(4, 12, 8, generator=g), torch.randn(4, 8, 6, generator=g)
+    out = expert_parallel_forward(x, logits, a, b, 2, **kwargs)
+    ref = moe_ops.moe_forward(x, logits, a, b, 2, capacity_factor=kwargs.get("capacity_factor"))
+    _close(out, ref, "world 1")
+
+
 # ------------------------------------------------------------------------ multi-process runs
 
 H, I, E, K = 16, 12, 8, 2
