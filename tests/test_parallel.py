@@ -172,6 +172,12 @@ def _ep_worker(rank, world, names):
         out.backward(mine["dout"])
         results[name] = dict(out=out.detach(), dx=x.grad, dlogits=logits.grad, dw_gate_up=a.grad,
                              dw_down=b.grad, stats=stats)
+        if name == "dropless":  # control: the next rank's experts must give a different answer
+            other = (rank + 1) % world
+            with torch.no_grad():
+                results[name]["control"] = expert_parallel_forward(
+                    mine["x"], mine["logits"], w_gate_up[other * E_l:(other + 1) * E_l],
+                    w_down[other * E_l:(other + 1) * E_l], K, **kwargs)
     return results
 
 
@@ -320,6 +326,9 @@ def test_expert_parallel_equals_single_process(ep_run, name):
             _close(got[key], ref[rank][key], f"{name} rank {rank} {key}")
         _close(got["dw_gate_up"], dw_gate_up[rank * E_l:(rank + 1) * E_l], f"{name} rank {rank} dw_gate_up")
         _close(got["dw_down"], dw_down[rank * E_l:(rank + 1) * E_l], f"{name} rank {rank} dw_down")
+        if "control" in got and got["out"].numel():
+            with pytest.raises(AssertionError):
+                _close(got["control"], ref[rank]["out"], "control")
 
 
 @pytest.mark.timeout(200)
