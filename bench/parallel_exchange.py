@@ -6,6 +6,8 @@ per rank), for a few shapes and routings, and prints one row per (shape, routing
 
 * ``MB sent/rank``: remote bytes one rank sends in a forward (dispatch + combine; the backward
   moves the same again), mean over ranks; from the layer's own accounting (``stats``);
+* ``max MB recv``: the busiest receiver (load imbalance: with skewed routing dropless mode
+  delivers everything to the hot rank, capacity mode drops instead and stays fixed);
 * ``exchange ms``: the collectives alone (the same all-to-alls / all-gather + reduce-scatter
   with the sizes that forward used), median over ranks' medians;
 * ``fwd ms`` / ``fwd+bwd ms``: the whole layer (router top-k, dispatch, grouped GEMMs, combine).
@@ -109,8 +111,8 @@ def _worker(rank, world, cfg):
             g = torch.Generator().manual_seed(1000 * rank + T)
             x = torch.randn(T, H, generator=g).to(device, dtype)
             logits = torch.randn(T, E, generator=g)
-            if routing == "skewed":  # half of the first choices go to rank 0's first expert
-                logits[: T // 2, 0] += 10.0
+            if routing == "skewed":  # 3/4 of every rank's tokens pick expert 0 (rank 0's) first
+                logits[: 3 * T // 4, 0] += 10.0
             logits = logits.to(device)
             wg = torch.Generator().manual_seed(7 + rank)
             w_gate_up = (torch.randn(E_l, 2 * I, H, generator=wg) / H ** 0.5).to(device, dtype)
@@ -128,6 +130,7 @@ def _worker(rank, world, cfg):
                 train = _time(fwd_bwd, device, cfg["reps"])
                 exch = _time(_exchange_only(kw, stats, x, E, k, device), device, cfg["reps"])
                 rows.append(dict(shape=shape, E=E, k=k, routing=routing, mode=mode, bytes_sent=stats["bytes_sent"],
+                                 bytes_recv=stats["bytes_recv"],
                                  rows_sent=stats["rows_sent"], exchange_ms=exch, fwd_ms=fwd, fwd_bwd_ms=train))
     return rows
 
@@ -153,15 +156,19 @@ def main(argv=None):
     for i, row in enumerate(per_rank[0]):
         mine = [r[i] for r in per_rank]
         rows.append(dict(row, bytes_sent=statistics.mean(r["bytes_sent"] for r in mine),
+                         max_bytes_recv=max(r["bytes_recv"] for r in mine),
                          exchange_ms=statistics.median(r["exchange_ms"] for r in mine),
                          fwd_ms=statistics.median(r["fwd_ms"] for r in mine),
                          fwd_bwd_ms=statistics.median(r["fwd_bwd_ms"] for r in mine)))
-    print(f"world={args.world} backend={args.backend} device={args.device} dtype={args.dtype} "
-          f"E={args.experts} k={args.top_k}")
-    print("| T/rank x H | routing | mode | MB sent/rank | exchange ms | fwd ms | fwd+bwd ms |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    from moe_ops.backend import resolved_name
+    gemm = resolved_name("grouped_gemm", args.device, None, strict=False)
+    print(f"world={args.world} dist={args.backend} device={args.device} dtype={args.dtype} "
+          f"E={args.experts} k={args.top_k} I={args.intermediate or 'H/2'} grouped_gemm backend={gemm}")
+    print("| T/rank x H | routing | mode | MB sent/rank | max MB recv | exchange ms | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['shape']} | {r['routing']} | {r['mode']} | {r['bytes_sent'] / 1e6:.3f} | "
+              f"{r['max_bytes_recv'] / 1e6:.3f} | "
               f"{r['exchange_ms']:.2f} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

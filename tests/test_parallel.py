@@ -340,6 +340,8 @@ def test_exchange_volume_accounting(ep_run):
         sent = [r[name]["stats"]["rows_sent"] for r in results]
         recv = [r[name]["stats"]["rows_recv"] for r in results]
         assert sum(sent) == sum(recv), name
+    for name in ("capacity_drops", "capacity_one_rank"):  # these must exercise dropping
+        assert sum(int(r[name]["stats"]["dropped_slots"]) for r in results) > 0, name
     tokens = SCENARIOS["dropless_one_rank"][3][0 if world == 2 else 1]
     for rank in range(world):
         st = results[rank]["dropless_one_rank"]["stats"]

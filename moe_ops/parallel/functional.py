@@ -162,7 +162,8 @@ def _dropless(x, weights, ids, w_gate_up, w_down, k, E, E_l, world, rank, group,
 
 def _capacity(x, weights, ids, w_gate_up, w_down, k, E, E_l, world, rank, group, activation, C, priority, bk, stats):
     H = x.shape[1]
-    buf, slot_pos, _, _ = capacity_dispatch(x, ids, E, C, priority=priority, backend=bk("capacity_dispatch"))
+    buf, slot_pos, demand, kept = capacity_dispatch(x, ids, E, C, priority=priority,
+                                                    backend=bk("capacity_dispatch"))
     recv = _x.all_to_all(buf.reshape(E * C, H), group=group)                   # [src, E_l, C, H]
     # Uniform chunks: sorting (src, e) -> (e, src) is a transpose (its backward is one too).
     x_local = recv.reshape(world, E_l, C, H).transpose(0, 1).reshape(E_l * world * C, H)
@@ -171,7 +172,9 @@ def _capacity(x, weights, ids, w_gate_up, w_down, k, E, E_l, world, rank, group,
     y_recv = y_local.reshape(E_l, world, C, H).transpose(0, 1).reshape(E * C, H)
     y_buf = _x.all_to_all(y_recv, group=group).reshape(E, C, H)
     row = H * x.element_size()
-    _record(stats, (E - E_l) * C, (E - E_l) * C, row, row, capacity=C)
+    # dropped_slots stays a device tensor: reading it is the caller's choice (and sync).
+    _record(stats, (E - E_l) * C, (E - E_l) * C, row, row, capacity=C,
+            dropped_slots=(demand.sum() - kept.sum()).detach())
     return capacity_combine(y_buf, ids, slot_pos, weights, backend=bk("capacity_combine"))
 
 
