@@ -6,8 +6,9 @@ per rank), for a few shapes and routings, and prints one row per (shape, routing
 
 * ``MB sent/rank``: remote bytes one rank sends in a forward (dispatch + combine; the backward
   moves the same again), mean over ranks; from the layer's own accounting (``stats``);
-* ``max MB recv``: the busiest receiver (load imbalance: with skewed routing dropless mode
-  delivers everything to the hot rank, capacity mode drops instead and stays fixed);
+* ``max MB recv``: the busiest expert host: bytes of the rows it receives in the dispatch and
+  returns in the combine (load imbalance: with skewed routing dropless mode delivers every row
+  to the hot rank, capacity mode drops instead and stays fixed);
 * ``exchange ms``: the collectives alone (the same all-to-alls / all-gather + reduce-scatter
   with the sizes that forward used), median over ranks' medians;
 * ``fwd ms`` / ``fwd+bwd ms``: the whole layer (router top-k, dispatch, grouped GEMMs, combine).
@@ -120,14 +121,16 @@ def _worker(rank, world, cfg):
             for mode, kw in MODES.items():
                 stats = {}
                 expert_parallel_forward(x, logits, w_gate_up, w_down, k, stats=stats, **kw)
-                fwd = _time(lambda: expert_parallel_forward(x, logits, w_gate_up, w_down, k, **kw),
-                            device, cfg["reps"])
-                xg = x.clone().requires_grad_()
-                a, b = w_gate_up.clone().requires_grad_(), w_down.clone().requires_grad_()
+                fwd = train = float("nan")
+                if cfg["layer"]:
+                    fwd = _time(lambda: expert_parallel_forward(x, logits, w_gate_up, w_down, k, **kw),
+                                device, cfg["reps"])
+                    xg = x.clone().requires_grad_()
+                    a, b = w_gate_up.clone().requires_grad_(), w_down.clone().requires_grad_()
 
-                def fwd_bwd():
-                    expert_parallel_forward(xg, logits, a, b, k, **kw).sum().backward()
-                train = _time(fwd_bwd, device, cfg["reps"])
+                    def fwd_bwd():
+                        expert_parallel_forward(xg, logits, a, b, k, **kw).sum().backward()
+                    train = _time(fwd_bwd, device, cfg["reps"])
                 exch = _time(_exchange_only(kw, stats, x, E, k, device), device, cfg["reps"])
                 rows.append(dict(shape=shape, E=E, k=k, routing=routing, mode=mode, bytes_sent=stats["bytes_sent"],
                                  bytes_recv=stats["bytes_recv"],
@@ -147,10 +150,11 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=0, help="expert width I (default H/2)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--exchange-only", action="store_true", help="skip the whole-layer fwd / fwd+bwd timings")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     cfg = dict(device=args.device, dtype=args.dtype, shapes=args.shapes, experts=args.experts, top_k=args.top_k,
-               intermediate=args.intermediate, reps=args.reps)
+               intermediate=args.intermediate, reps=args.reps, layer=not args.exchange_only)
     per_rank = run_local(_worker, args.world, (cfg,), backend=args.backend, timeout=580)
     rows = []
     for i, row in enumerate(per_rank[0]):
@@ -164,12 +168,14 @@ def main(argv=None):
     gemm = resolved_name("grouped_gemm", args.device, None, strict=False)
     print(f"world={args.world} dist={args.backend} device={args.device} dtype={args.dtype} "
           f"E={args.experts} k={args.top_k} I={args.intermediate or 'H/2'} grouped_gemm backend={gemm}")
-    print("| T/rank x H | routing | mode | MB sent/rank | max MB recv | exchange ms | fwd ms | fwd+bwd ms |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    layer = not args.exchange_only
+    head = "| T/rank x H | routing | mode | MB sent/rank | max MB recv | exchange ms |"
+    print(head + (" fwd ms | fwd+bwd ms |" if layer else ""))
+    print("|---|---|---|---:|---:|---:|" + ("---:|---:|" if layer else ""))
     for r in rows:
-        print(f"| {r['shape']} | {r['routing']} | {r['mode']} | {r['bytes_sent'] / 1e6:.3f} | "
-              f"{r['max_bytes_recv'] / 1e6:.3f} | "
-              f"{r['exchange_ms']:.2f} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
+        line = (f"| {r['shape']} | {r['routing']} | {r['mode']} | {r['bytes_sent'] / 1e6:.3f} | "
+                f"{r['max_bytes_recv'] / 1e6:.3f} | {r['exchange_ms']:.2f} |")
+        print(line + (f" {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |" if layer else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
