@@ -155,8 +155,9 @@ def _inputs(name, world):
     return ranks, w_gate_up, w_down, kwargs
 
 
-def _ep_worker(rank, world, names):
-    """Runs in each spawned process: the expert-parallel layer on this rank's share."""
+def _ep_worker(rank, world, names, group=None):
+    """Runs in each spawned process: the expert-parallel layer on this rank's share (``rank`` and
+    ``world`` within ``group``)."""
     from moe_ops.parallel import expert_parallel_forward
 
     results = {}
@@ -168,7 +169,7 @@ def _ep_worker(rank, world, names):
         a = w_gate_up[rank * E_l:(rank + 1) * E_l].clone().requires_grad_()
         b = w_down[rank * E_l:(rank + 1) * E_l].clone().requires_grad_()
         stats = {}
-        out = expert_parallel_forward(x, logits, a, b, K, stats=stats, **kwargs)
+        out = expert_parallel_forward(x, logits, a, b, K, group=group, stats=stats, **kwargs)
         out.backward(mine["dout"])
         results[name] = dict(out=out.detach(), dx=x.grad, dlogits=logits.grad, dw_gate_up=a.grad,
                              dw_down=b.grad, stats=stats)
@@ -177,7 +178,7 @@ def _ep_worker(rank, world, names):
             with torch.no_grad():
                 results[name]["control"] = expert_parallel_forward(
                     mine["x"], mine["logits"], w_gate_up[other * E_l:(other + 1) * E_l],
-                    w_down[other * E_l:(other + 1) * E_l], K, **kwargs)
+                    w_down[other * E_l:(other + 1) * E_l], K, group=group, **kwargs)
     return results
 
 
@@ -258,8 +259,34 @@ def _layer_worker(rank, world, names):
     return results
 
 
+SUBGROUP_SCENARIOS = ("capacity", "dropless", "dropless_one_rank")
+
+
+def _subgroup_worker(rank, world):
+    """World 4 as two expert-parallel groups {0, 1} and {2, 3}: each pair runs the world-2
+    scenarios on its own; the fresh layer broadcasts within its group only."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
+    group = groups[rank // 2]
+    out = {"sub/" + n: r for n, r in _ep_worker(rank % 2, 2, SUBGROUP_SCENARIOS, group=group).items()}
+    if HAVE_LAYER:
+        from moe_ops.parallel import ExpertParallelMoE
+
+        torch.manual_seed(rank)
+        ep = ExpertParallelMoE(H, I, E, K, group=group)
+        out["sub/fresh"] = {n: t.detach() for n, t in ep.state_dict().items()}
+        out["sub/expert_range"] = ep.expert_range
+    return out
+
+
 def _worker(rank, world, names, layer_names):
-    return dict(_ep_worker(rank, world, names), **(_layer_worker(rank, world, layer_names) if layer_names else {}))
+    out = _ep_worker(rank, world, names)
+    if layer_names:
+        out.update(_layer_worker(rank, world, layer_names))
+    if world == 4:
+        out.update(_subgroup_worker(rank, world))
+    return out
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -346,3 +373,34 @@ def test_exchange_volume_accounting(ep_run):
     for rank in range(world):
         st = results[rank]["dropless_one_rank"]["stats"]
         assert st["recv_splits"] == ([t * K for t in tokens] if rank == 0 else [0] * world)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", SUBGROUP_SCENARIOS)
+def test_expert_parallel_subgroups(ep_run, name):
+    """Two independent expert-parallel groups inside one world of 4 (``group=`` argument): each
+    pair equals the single-process layer on the world-2 inputs."""
+    world, results = ep_run
+    if world != 4:
+        pytest.skip("subgroups are run in the 4-process world")
+    ref, dw_gate_up, dw_down = _single_process(name, 2)
+    for rank in range(4):
+        got, sub = results[rank]["sub/" + name], rank % 2
+        for key in ("out", "dx", "dlogits"):
+            _close(got[key], ref[sub][key], f"subgroup {name} rank {rank} {key}")
+        _close(got["dw_gate_up"], dw_gate_up[sub * E // 2:(sub + 1) * E // 2], f"subgroup {name} rank {rank} dw")
+        _close(got["dw_down"], dw_down[sub * E // 2:(sub + 1) * E // 2], f"subgroup {name} rank {rank} dw_down")
+
+
+@needs_layer
+@pytest.mark.timeout(200)
+def test_expert_parallel_moe_subgroup_broadcast(ep_run):
+    """The fresh layer's replicated tensors come from the group's own rank 0 (global 0 or 2)."""
+    world, results = ep_run
+    if world != 4:
+        pytest.skip("subgroups are run in the 4-process world")
+    st = [r["sub/fresh"] for r in results]
+    assert [r["sub/expert_range"] for r in results] == [(0, 4), (4, 4), (0, 4), (4, 4)]
+    gate = "gate.weight"
+    assert torch.equal(st[0][gate], st[1][gate]) and torch.equal(st[2][gate], st[3][gate])
+    assert not torch.equal(st[0][gate], st[2][gate]), "groups must not share the broadcast"
