@@ -295,11 +295,11 @@ def ep_run(request):
 
     world = request.param
     return world, run_local(_worker, world, (sorted(SCENARIOS), sorted(LAYER_SCENARIOS) if HAVE_LAYER else []),
-                            timeout=150)
+                            timeout=240)
 
 
 @needs_layer
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(LAYER_SCENARIOS))
 def test_expert_parallel_moe_equals_moe(ep_run, name):
     """ExpertParallelMoE.from_moe(moe) on each rank == moe on that rank's tokens: output, aux
@@ -326,7 +326,7 @@ def test_expert_parallel_moe_equals_moe(ep_run, name):
 
 
 @needs_layer
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_expert_parallel_moe_construction(ep_run):
     """Fresh ExpertParallelMoE: replicated tensors equal on every rank, experts [E/world, ...]."""
     world, results = ep_run
@@ -340,7 +340,7 @@ def test_expert_parallel_moe_construction(ep_run):
                 assert torch.equal(t, states[r][n]), f"{n} differs between rank 0 and rank {r}"
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_expert_parallel_equals_single_process(ep_run, name):
     world, results = ep_run
@@ -358,7 +358,7 @@ def test_expert_parallel_equals_single_process(ep_run, name):
                 _close(got["control"], ref[rank]["out"], "control")
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_exchange_volume_accounting(ep_run):
     """Rows each rank sends are rows some other rank receives; routing everything to rank 0's
     experts leaves every other rank with nothing to receive (dropless)."""
@@ -375,7 +375,7 @@ def test_exchange_volume_accounting(ep_run):
         assert st["recv_splits"] == ([t * K for t in tokens] if rank == 0 else [0] * world)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", SUBGROUP_SCENARIOS)
 def test_expert_parallel_subgroups(ep_run, name):
     """Two independent expert-parallel groups inside one world of 4 (``group=`` argument): each
@@ -393,7 +393,7 @@ def test_expert_parallel_subgroups(ep_run, name):
 
 
 @needs_layer
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_expert_parallel_moe_subgroup_broadcast(ep_run):
     """The fresh layer's replicated tensors come from the group's own rank 0 (global 0 or 2)."""
     world, results = ep_run
