@@ -454,3 +454,23 @@ def test_public_api_defaults_to_reference_here():
     x = make_x(4, 3, seed=0)
     ids = make_ids(4, 2, 5, seed=1)
     assert_exact(moe_ops.permute(x, ids, 5).x_sorted, R.permute(x, ids, 5, 1)[0])
+
+
+def test_expert_range_is_local_ids_then_drop():
+    """Expert parallelism: a rank holding experts [start, start+count) sees global ids made
+    local (id - start, others -1 and dropped)."""
+    T, k, E, H = 17, 3, 12, 4
+    x, ids = make_x(T, H, seed=1), make_ids(T, k, E, seed=2)
+    start, count = 4, 5
+    local = moe_ops.to_local_ids(ids, (start, count))
+    want = torch.where((ids >= start) & (ids < start + count), ids - start, torch.full_like(ids, -1))
+    assert_exact(local, want)
+    got = moe_ops.permute(x, ids, E, block_m=2, expert_range=(start, count), backend="reference")
+    ref = loop_permute(x, want, count, 2)
+    for name, o, w in zip(("x_sorted", "sorted_slots", "expert_offsets", "slot_rows"), got, ref):
+        assert_exact(o, w, name)
+    logits = make_logits(T, E, seed=3)
+    w, lids = moe_ops.topk_gating(logits, k, expert_range=(start, count), backend="reference")
+    w0, gids = moe_ops.topk_gating(logits, k, backend="reference")
+    assert_exact(w, w0)
+    assert_exact(lids, moe_ops.to_local_ids(gids, (start, count)))
