@@ -474,3 +474,42 @@ def test_expert_range_is_local_ids_then_drop():
     w0, gids = moe_ops.topk_gating(logits, k, backend="reference")
     assert_exact(w, w0)
     assert_exact(lids, moe_ops.to_local_ids(gids, (start, count)))
+
+
+# ----------------------------------------------------------------- the helpers themselves
+
+def test_assert_close_to_reference_judges_against_reference_error():
+    from tests.utils import assert_close_to_reference as close
+    hi = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    lo = hi.to(torch.bfloat16)
+    close(lo.clone(), lo, hi)                                    # the oracle passes itself
+    close((hi + 1e-3).to(torch.bfloat16), lo, hi)                # within bf16 rounding
+    with pytest.raises(AssertionError, match="exceeds"):
+        close((hi + 0.05).to(torch.bfloat16), lo, hi)            # a real error
+    with pytest.raises(AssertionError, match="non-finite"):
+        bad = lo.clone()
+        bad[3] = float("nan")
+        close(bad, lo, hi)                                       # NaN where the reference has none
+    with pytest.raises(AssertionError, match="dtype"):
+        close(lo.float(), lo, hi)
+
+
+def test_assert_gating_equal_near_ties_only():
+    from tests.utils import assert_gating_equal
+    logits = torch.tensor([[0.0, 1.0, 1.0 + 1e-6, -1.0], [2.0, 2.0, 0.0, 1.0]])
+    w, ids = R.topk_gating(logits, 2, "softmax", False, 0, 0, None, 1.0)
+    assert_gating_equal(w, ids, logits, 2)
+    # row 0: 1.0 vs 1.0+1e-6 is a near-tie, a kernel may order them either way
+    swapped = ids.clone()
+    swapped[0] = swapped[0].flip(0)
+    w_sw = R.gating_weights(R.gating_scores(logits, "softmax"), swapped, False, 1.0)
+    assert_gating_equal(w_sw, swapped, logits, 2)
+    # row 1: an exact tie must go to the lower index
+    swapped = ids.clone()
+    swapped[1] = swapped[1].flip(0)
+    w_sw = R.gating_weights(R.gating_scores(logits, "softmax"), swapped, False, 1.0)
+    with pytest.raises(AssertionError, match="ids differ"):
+        assert_gating_equal(w_sw, swapped, logits, 2)
+    # wrong weights fail even when ids are right
+    with pytest.raises(AssertionError):
+        assert_gating_equal(w * 1.001, ids, logits, 2)
