@@ -19,8 +19,8 @@ Shapes: E in {1, 2, 7, 8, 64, 257, 1024, 4096}, k up to 32, T in {0, 1, ~13, ~10
 thread per CUDA thread) keeps the file within a few minutes.
 
 A backend that cannot run a dtype for an op declares it in the module that registers it:
-``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}`` (e.g. Triton's interpreter and bf16
-``tl.dot``); those combinations are skipped with the reason. ``tests.utils.UNSUPPORTED`` is the
+``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}`` or ``supported(op, dtype, device_type)``
+(e.g. Triton's interpreter and bf16 ``tl.dot``); those combinations are skipped with the reason. ``tests.utils.UNSUPPORTED`` is the
 test-side equivalent keyed ``(backend, op, dtype)``.
 
 ``test_machinery_catches_broken_backend`` registers deliberately broken backends under a
@@ -225,7 +225,7 @@ PARAMS = _params()
 
 @pytest.mark.parametrize("op,device,name,dtype,case,idx", PARAMS)
 def test_op_matches_reference(op, device, name, dtype, case, idx):
-    reason = unsupported_reason(name, op, dtype)
+    reason = unsupported_reason(name, op, dtype, device)
     if reason:
         pytest.skip(f"{name} does not support {op} in {dtype}: {reason}")
     # salt the case index with the dtype so each dtype sees a different variant of the case
