@@ -163,6 +163,54 @@ def case_moe_forward(dtype, variant, g):
     return fn, (x, logits, wgu, wd)
 
 
+def fused_backends(op="fused_experts"):
+    """Backends whose namespace has a CPU kernel for extension op ``op`` (fused_experts: CPU
+    backend; fused_moe: Triton under the interpreter)."""
+    moe_autograd.register_all()
+    out = ["testref"]
+    for b in moe_ops.available_backends(device="cpu"):
+        ns = NAMESPACE.get(b)
+        if ns and b != "reference" and any(torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)
+                                           for key in ("CPU", "CompositeExplicitAutograd")):
+            out.append(b)
+    return out
+
+
+def case_fused_experts(dtype, variant, g):
+    T, H, I, E, k = 7, 8, 4, 4, 2
+    x = _rand(T, H, dtype=dtype, g=g)
+    ids = _ids(T, k, E, g, invalid=variant == "sentinels")
+    wgu = (_rand(E, 2 * I, H, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    wd = (_rand(E, H, I, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    w = _rand(T, k, dtype=dtype if dtype == torch.float64 else torch.float32, g=g)
+    act = "geglu" if variant == "geglu" else "swiglu"
+
+    def fn(x, w, wgu, wd, backend):
+        if backend == "reference":
+            return refop_lib.reference_fused_experts(x, ids, w, wgu, wd, act)
+        return getattr(torch.ops, NAMESPACE[backend]).fused_experts(x, ids, w, wgu, wd, act)
+    return fn, (x, w, wgu, wd)
+
+
+def case_fused_moe(dtype, variant, g):
+    T, H, I, E, k = 7, 8, 4, 8, 2
+    x = _rand(T, H, dtype=dtype, g=g)
+    logits = _rand(T, E, dtype=dtype, g=g)
+    wgu = (_rand(E, 2 * I, H, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    wd = (_rand(E, H, I, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    if variant == "deepseek":
+        bias = torch.randn(E, generator=g, dtype=torch.float64).to(dtype) * 0.1
+        args = (k, "swiglu", "sigmoid", True, 4, 2, bias, 2.5)
+    else:
+        args = (k, "swiglu", "softmax", True, 0, 0, None, 1.0)
+
+    def fn(x, logits, wgu, wd, backend):
+        if backend == "reference":
+            return refop_lib.reference_fused_moe(x, logits, wgu, wd, *args)
+        return getattr(torch.ops, NAMESPACE[backend]).fused_moe(x, logits, wgu, wd, *args)
+    return fn, (x, logits, wgu, wd)
+
+
 CASES = {
     "topk_gating": (case_gating, ["softmax", "softmax_renorm", "sigmoid", "sigmoid_group"]),
     "permute": (case_permute, ["plain", "block"]),
@@ -311,4 +359,50 @@ def test_registration_is_idempotent_and_complete():
         q = f"{ns}::{op}"
         assert _fake.has_fake(q), q
         assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "Autograd"), q
-    assert set(_fake.op_names(ns)) == set(moe_ops.backend.OP_NAMES)
+    assert set(_fake.op_names(ns)) == set(moe_ops.backend.OP_NAMES) | {"fused_experts", "fused_moe"}
+
+
+FUSED_VARIANTS = ["swiglu", "geglu", "sentinels"]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_gradcheck_fused_experts(variant, backend):
+    refop_lib.define()
+    fn, inputs = case_fused_experts(torch.float64, variant, _gen(9))
+    if not _accepts_float64(fn, inputs, backend):
+        pytest.skip(f"backend {backend}'s fused_experts does not accept float64: gradcheck needs it")
+    assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_experts_grads_match_reference(variant, backend, dtype):
+    refop_lib.define()
+    fn, inputs = case_fused_experts(dtype, variant, _gen(10))
+    ref_out, ref_grads = _grads(fn, inputs, "reference", 11)
+    out, grads = _grads(fn, inputs, backend, 11)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, ref_out, atol=atol * 4, rtol=rtol * 4)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == rg.dtype and g.shape == rg.shape
+        scale = max(1.0, float(rg.double().abs().max()))
+        torch.testing.assert_close(g.double(), rg.double(), atol=atol * scale * 8, rtol=rtol * 8,
+                                   msg=lambda m: f"grad of input {i} (fused_experts/{variant}, {backend}): {m}")
+
+
+@pytest.mark.parametrize("backend", fused_backends("fused_moe"))
+@pytest.mark.parametrize("variant", ["softmax", "deepseek"])
+def test_fused_moe_gradients(variant, backend):
+    """The whole-layer extension op: gradcheck (float64, where accepted) and float32 vs reference."""
+    refop_lib.define()
+    fn, inputs = case_fused_moe(torch.float64, variant, _gen(12))
+    if _accepts_float64(fn, inputs, backend):
+        assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+    fn, inputs = case_fused_moe(torch.float32, variant, _gen(13))
+    ref_out, ref_grads = _grads(fn, inputs, "reference", 14)
+    out, grads = _grads(fn, inputs, backend, 14)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)

@@ -108,6 +108,27 @@ def samples(op, dtype=torch.float32):
             (_x(11, 4, dtype=dtype), _x(11, 6, dtype=dtype, seed=1), offs, 3),
             (_x(0, 4, dtype=dtype), _x(0, 6, dtype=dtype, seed=1), empty, 3),
         ]
+    if op == "fused_experts":
+        ids = _ids(7, 2, 4, invalid=True)
+        return [
+            (_x(7, 8, dtype=dtype), ids, _x(7, 2, dtype=wdt, seed=1), _x(4, 6, 8, dtype=dtype, seed=2) * 0.3,
+             _x(4, 8, 3, dtype=dtype, seed=3) * 0.3, "swiglu"),
+            (_x(7, 8, dtype=dtype), _ids(7, 2, 4), None, _x(4, 6, 8, dtype=dtype, seed=2) * 0.3,
+             _x(4, 8, 3, dtype=dtype, seed=3) * 0.3, "geglu"),
+            (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, _x(4, 6, 8, dtype=dtype, seed=2),
+             _x(4, 8, 3, dtype=dtype, seed=3), "swiglu"),
+        ]
+    if op == "fused_moe":
+        wgu, wd = _x(8, 6, 8, dtype=dtype, seed=2) * 0.3, _x(8, 8, 3, dtype=dtype, seed=3) * 0.3
+        bias = torch.randn(8, generator=_g(4)).to(dtype) * 0.1
+        return [
+            (_x(7, 8, dtype=dtype), _x(7, 8, dtype=dtype, seed=1), wgu, wd, 2, "swiglu", "softmax", True, 0, 0,
+             None, 1.0),
+            (_x(7, 8, dtype=dtype), _x(7, 8, dtype=dtype, seed=1), wgu, wd, 3, "swiglu", "sigmoid", True, 4, 2,
+             bias, 2.5),
+            (_x(0, 8, dtype=dtype), _x(0, 8, dtype=dtype, seed=1), wgu, wd, 2, "geglu", "softmax", False, 0, 0,
+             None, 1.0),
+        ]
     return []
 
 
