@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_ops
 from moe_ops import autograd as moe_autograd
-import refop_lib
+from tests import refop_lib
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3),
        torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -224,6 +224,30 @@ PARAMS = [(op, v) for op, (_, vs) in CASES.items() for v in vs]
 ALL_BACKENDS = sorted({b for op in CASES for b in op_backends(op)})
 
 
+# Ops whose kernels run in an op's forward + backward (for per-backend dtype support declarations).
+CHAIN = {"topk_gating": ["topk_gating"], "permute": ["permute", "unpermute"], "unpermute": ["unpermute"],
+         "capacity_dispatch": ["capacity_dispatch", "capacity_combine"], "capacity_combine": ["capacity_combine"],
+         "grouped_gemm": ["grouped_gemm", "grouped_gemm_wgrad"],
+         "grouped_gemm_wgrad": ["grouped_gemm_wgrad", "grouped_gemm"],
+         "moe_forward": list(moe_ops.backend.OP_NAMES) + ["moe_forward"]}
+CHAIN["fused_experts"] = CHAIN["fused_moe"] = CHAIN["moe_forward"]
+
+
+def _skip_unsupported(backend, op, dtype):
+    from tests.utils import unsupported_reason
+    for o in CHAIN[op]:
+        why = unsupported_reason(backend, o, dtype)
+        if why:
+            pytest.skip(f"{backend} does not support {o} in {dtype}: {why}")
+
+
+def _gradcheck(fn, inputs, backend, **kw):
+    """Full gradcheck for the cheap test namespace; fast mode (random projections, a handful of
+    evaluations) for real kernels, which may be slow (the Triton interpreter)."""
+    return torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6,
+                                    fast_mode=backend not in ("testref", "reference"), **kw)
+
+
 def _call(fn, inputs, backend):
     return fn(*inputs, backend)
 
@@ -248,7 +272,8 @@ def test_gradcheck(op, variant, backend, monkeypatch):
     fn, inputs = CASES[op][0](torch.float64, variant, _gen(1))
     if not _accepts_float64(fn, inputs, backend):
         pytest.skip(f"backend {backend}'s {op} does not accept float64: gradcheck needs it")
-    assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+    _skip_unsupported(backend, op, torch.float64)
+    assert _gradcheck(fn, inputs, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + ALL_BACKENDS)
@@ -258,7 +283,7 @@ def test_gradcheck_moe_forward(backend, monkeypatch):
         fn, inputs = case_moe_forward(torch.float64, variant, _gen(2))
         if not _accepts_float64(fn, inputs, backend):
             pytest.skip(f"backend {backend} does not accept float64")
-        assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+        assert _gradcheck(fn, inputs, backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -270,7 +295,8 @@ def test_gradgradcheck_grouped_gemm(backend, monkeypatch):
     fn, inputs = case_grouped_gemm(torch.float64, "plain", _gen(3))
     if not _accepts_float64(fn, inputs, backend):
         pytest.skip(f"backend {backend} does not accept float64")
-    assert torch.autograd.gradgradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6,
+                                        fast_mode=backend != "testref")
 
 
 def _grads(fn, inputs, backend, gout_seed):
@@ -288,6 +314,7 @@ def test_grads_match_reference(op, variant, backend, dtype, monkeypatch):
     if op != "moe_forward" and backend not in op_backends(op):
         pytest.skip(f"backend {backend} has no {op} kernel")
     _use(backend, monkeypatch)
+    _skip_unsupported(backend, op, dtype)
     builder = case_moe_forward if op == "moe_forward" else CASES[op][0]
     fn, inputs = builder(dtype, variant, _gen(4))
     ref_out, ref_grads = _grads(fn, inputs, "reference", 5)
@@ -322,7 +349,7 @@ def test_backward_uses_same_backend_ops(backend, monkeypatch):
     expect = {"permute": ["unpermute"], "capacity_dispatch": ["capacity_combine"],
               "grouped_gemm": ["grouped_gemm", "grouped_gemm_wgrad"]}
     for op, used in expect.items():
-        if op not in op_backends(op) and backend != "testref":
+        if backend not in op_backends(op):
             continue
         fn, inputs = CASES[op][0](torch.float32, CASES[op][1][0], _gen(6))
         out = _call(fn, inputs, backend)
@@ -372,7 +399,7 @@ def test_gradcheck_fused_experts(variant, backend):
     fn, inputs = case_fused_experts(torch.float64, variant, _gen(9))
     if not _accepts_float64(fn, inputs, backend):
         pytest.skip(f"backend {backend}'s fused_experts does not accept float64: gradcheck needs it")
-    assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+    assert _gradcheck(fn, inputs, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -380,6 +407,7 @@ def test_gradcheck_fused_experts(variant, backend):
 @pytest.mark.parametrize("variant", FUSED_VARIANTS)
 def test_fused_experts_grads_match_reference(variant, backend, dtype):
     refop_lib.define()
+    _skip_unsupported(backend, "fused_experts", dtype)
     fn, inputs = case_fused_experts(dtype, variant, _gen(10))
     ref_out, ref_grads = _grads(fn, inputs, "reference", 11)
     out, grads = _grads(fn, inputs, backend, 11)
@@ -399,7 +427,7 @@ def test_fused_moe_gradients(variant, backend):
     refop_lib.define()
     fn, inputs = case_fused_moe(torch.float64, variant, _gen(12))
     if _accepts_float64(fn, inputs, backend):
-        assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+        assert _gradcheck(fn, inputs, backend)
     fn, inputs = case_fused_moe(torch.float32, variant, _gen(13))
     ref_out, ref_grads = _grads(fn, inputs, "reference", 14)
     out, grads = _grads(fn, inputs, backend, 14)

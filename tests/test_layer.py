@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import moe_ops
 from moe_ops import autograd as moe_autograd
 from moe_ops.layer import MoE
-import refop_lib
+from tests import refop_lib
 
 CONFIGS = {
     "softmax": dict(scoring="softmax"),

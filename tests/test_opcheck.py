@@ -15,7 +15,7 @@ import torch
 import moe_ops
 from moe_ops import _fake
 from moe_ops import autograd as moe_autograd
-import refop_lib
+from tests import refop_lib
 
 SKIP_NS = {"moe_ops_selftest"}  # defined by test_autograd to test the machinery itself
 
