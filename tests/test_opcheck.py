@@ -17,7 +17,9 @@ from moe_ops import _fake
 from moe_ops import autograd as moe_autograd
 from tests import refop_lib
 
-SKIP_NS = {"moe_ops_selftest"}  # defined by test_autograd to test the machinery itself
+# Not package ops: test_autograd / this file define moe_ops_selftest* to test the machinery; the
+# SIMT emulator's moe_ops_simtest holds its self-test kernels (planted bugs, thread-id probes).
+SKIP_NS = {"moe_ops_selftest", "moe_ops_selftest2", "moe_ops_simtest"}
 
 
 def namespaces():
@@ -132,7 +134,14 @@ def samples(op, dtype=torch.float32):
     return []
 
 
+# namespace -> backend whose CPU availability says whether its ops can run here (the Triton ops
+# exist on any machine with triton, but run on CPU only under TRITON_INTERPRET=1).
+NS_BACKEND = {"moe_ops": "cpu", "moe_ops_sim": "cuda_sim", "moe_ops_triton": "triton"}
+
+
 def _has_cpu_kernel(ns, op):
+    if ns in NS_BACKEND and NS_BACKEND[ns] not in moe_ops.available_backends(device="cpu"):
+        return False
     q = f"{ns}::{op}"
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k)
                for k in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd"))
