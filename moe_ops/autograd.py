@@ -49,12 +49,20 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _op_exists(qualname: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def same_backend_op(ns: str, name: str, device_type: str):
     """``torch.ops.<ns>.<name>`` when namespace ``ns`` has a kernel for ``device_type``; else the
     automatic backend's implementation (same positional schema signature)."""
     q = f"{ns}::{name}"
     keys = (_DEVICE_KEYS.get(device_type, "CPU"), "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-    if any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k) for k in keys):
+    if _op_exists(q) and any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k) for k in keys):
         return getattr(getattr(torch.ops, ns), name).default
     return _backend.resolve(name, device_type, None, strict=False)
 
