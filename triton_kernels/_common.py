@@ -1,0 +1,62 @@
+"""Shared plumbing for the Triton kernels: the launch helper (every launch goes through it, so
+the fused layer can report how many kernels it ran), interpreter detection and the persistent
+grid size.
+
+Launches use ``torch.library.wrap_triton`` so ``torch.compile`` sees the kernels inside the
+``triton_op`` bodies; in eager mode that is a plain launch on the current stream.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch.library import wrap_triton
+
+_LAUNCHES = [0]
+
+
+def interpreted() -> bool:
+    """Whether Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_count() -> int:
+    """Kernels launched so far by this package (eager calls only; fake/meta calls launch nothing)."""
+    return _LAUNCHES[0]
+
+
+def launch(kernel, grid, *args, **meta):
+    """Launch ``kernel[grid](*args, **meta)`` through ``wrap_triton`` and count it."""
+    if not any(isinstance(a, torch._subclasses.FakeTensor) for a in args if isinstance(a, torch.Tensor)):
+        _LAUNCHES[0] += 1
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """Static persistent grid: one program per SM on a GPU, a small fixed count otherwise
+    (the interpreter runs programs one after another, so more would only cost time)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+TL_DTYPES = {}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full IEEE fp32 (no TF32): the contract is float32 math."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"

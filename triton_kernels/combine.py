@@ -1,0 +1,75 @@
+"""Combine: ``unpermute``, ``capacity_combine`` and the fused layer's k-sum, one kernel.
+
+One program per (token, H block): for j = 0..k-1 in order, look up the row holding slot
+``t*k+j`` (``slot_rows`` / ``ids*C + slot_pos`` / the slot itself for the fused layer's
+slot-ordered buffer), and ``acc += w * row`` in float32; rows of -1 contribute nothing (not even
+a NaN weight). A fixed j order and no atomics make the sum bitwise deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, launch, next_pow2
+
+MODE_ROWS = 0      # y_sorted[slot_rows[s]]           (unpermute)
+MODE_CAPACITY = 1  # buf_out[ids[s] * C + slot_pos[s]] (capacity_combine)
+MODE_SLOT = 2      # y[s]                              (fused layer: already weighted, slot order)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, H, E, C, stride_y,
+                    K: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(K):
+        s = t * K + j
+        if MODE == 2:
+            row = s
+            ok = s >= 0
+        else:
+            r = tl.load(map_ptr + s)
+            if MODE == 1:
+                e = tl.load(ids_ptr + s)
+                ok = (r >= 0) & (e >= 0) & (e < E)
+                row = e.to(tl.int64) * C + r
+            else:
+                ok = r >= 0
+                row = r.to(tl.int64)
+        y = tl.load(y_ptr + row * stride_y + h, mask=hm & ok, other=0.0).to(tl.float32)
+        if HAS_W:
+            y = tl.load(w_ptr + s).to(tl.float32) * y
+        acc = tl.where(ok, acc + y, acc)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+
+def combine(y: torch.Tensor, T: int, k: int, mode: int, slot_map=None, ids=None, weights=None,
+            E: int = 1, C: int = 1) -> torch.Tensor:
+    H = y.shape[-1]
+    y2 = y.reshape(-1, H)
+    out = torch.empty((T, H), device=y.device, dtype=y.dtype)
+    if T == 0 or H == 0:
+        return out
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    dummy = out
+    block_h = min(256, next_pow2(H))
+    launch(_combine_kernel, (T, cdiv(H, block_h)), y2,
+           slot_map.contiguous() if slot_map is not None else dummy,
+           ids.contiguous() if ids is not None else dummy,
+           weights.contiguous() if weights is not None else dummy,
+           out, H, E, C, y2.stride(0), K=k, MODE=mode, HAS_W=weights is not None, BLOCK_H=block_h)
+    return out
+
+
+def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights, k: int) -> torch.Tensor:
+    T = slot_rows.numel() // k
+    return combine(y_sorted, T, k, MODE_ROWS, slot_map=slot_rows, weights=weights)
+
+
+def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor, weights) -> torch.Tensor:
+    E, C, _ = buf_out.shape
+    T, k = ids.shape
+    return combine(buf_out, T, k, MODE_CAPACITY, slot_map=slot_pos, ids=ids, weights=weights, E=E, C=C)
