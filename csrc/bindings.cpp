@@ -2,8 +2,11 @@
 //
 // Kernels register themselves in their own translation units with TORCH_LIBRARY_IMPL
 // (csrc/cpu for CPU, csrc/cuda for CUDA), so this file never changes when a kernel lands.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
-#include <torch/extension.h>
+
+#include <string>
 
 #include "schemas.h"
 
@@ -42,8 +45,8 @@ pybind11::dict build_info() {
 #endif
   pybind11::list archs;
   std::string s = MOE_OPS_CUDA_ARCHS, cur;
-  for (char c : s + ";") {
-    if (c == ';') { if (!cur.empty()) archs.append(cur); cur.clear(); } else cur += c;
+  for (char c : s + ",") {
+    if (c == ',') { if (!cur.empty()) archs.append(cur); cur.clear(); } else cur += c;
   }
   info["cuda_archs"] = archs;
   pybind11::dict kernels;

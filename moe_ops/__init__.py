@@ -16,6 +16,7 @@ from .ops import (
     grouped_gemm_wgrad,
     moe_forward,
     permute,
+    to_local_ids,
     topk_gating,
     unpermute,
 )
@@ -37,6 +38,6 @@ def build_info() -> dict:
 
 __all__ = [
     "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
-    "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "topk_gating",
+    "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
     "unpermute", "PermuteResult", "DispatchResult",
 ]

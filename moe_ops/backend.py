@@ -64,7 +64,7 @@ _LOADERS = {
     "cpu": "moe_ops._register_native",
     "cuda": "moe_ops._register_native",
     "cuda_sim": "moe_ops._register_sim",
-    "triton": "moe_ops.triton_kernels",
+    "triton": "moe_ops._register_triton",
 }
 _LOADED: set = set()
 

@@ -122,11 +122,34 @@ def _check_offsets(offsets, num_experts, m):
             raise ValueError(f"moe_ops: expert_offsets ends at {int(o[-1])}, past the {m} rows of a")
 
 
+def _check_expert_range(expert_range, num_experts_global=None):
+    if expert_range is None:
+        return None
+    if not (isinstance(expert_range, (tuple, list)) and len(expert_range) == 2):
+        raise TypeError("moe_ops: expert_range must be a (start, count) pair")
+    start, count = expert_range
+    _check_int("expert_range start", start, 0)
+    _check_int("expert_range count", count, 1)
+    if num_experts_global is not None and start + count > num_experts_global:
+        raise ValueError(f"moe_ops: expert_range {tuple(expert_range)} exceeds the {num_experts_global} experts")
+    return int(start), int(count)
+
+
+def to_local_ids(ids: torch.Tensor, expert_range: Tuple[int, int]) -> torch.Tensor:
+    """Map global expert ids to the local range ``[start, start+count)`` the way vLLM's
+    ``expert_map`` does: local id ``id - start``, or -1 for experts held elsewhere (every op
+    drops such slots). Device-side, no host sync."""
+    start, count = _check_expert_range(expert_range)
+    local = ids.to(torch.int32) - start
+    return torch.where((local >= 0) & (local < count), local, torch.full_like(local, -1))
+
+
 # --------------------------------------------------------------------------------------- ops
 
 def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
                 correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
+                expert_range: Optional[Tuple[int, int]] = None,
                 backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Router: score ``logits[T, E]`` and pick ``k`` experts per token.
 
@@ -141,6 +164,8 @@ def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renor
       ``topk_group`` best groups are eligible.
     * weights are the unbiased scores of the chosen experts, divided by their sum (+1e-20) when
       ``renormalize``, times ``scaling_factor``.
+    * ``expert_range=(start, count)`` (expert parallelism): routing is over all E experts, then
+      ids are made local (:func:`to_local_ids`): ``id - start``, or -1 for experts of other ranks.
     """
     _check_tensor("logits", logits, FLOAT_DTYPES, 2)
     T, E = logits.shape
@@ -167,24 +192,34 @@ def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renor
     if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool):
         raise TypeError("moe_ops: scaling_factor must be a float")
     _check_rows("T*k", T * k)
+    expert_range = _check_expert_range(expert_range, E)
     fn = _backend.resolve("topk_gating", logits.device.type, backend)
-    return fn(logits, k, scoring, bool(renormalize), n_group or 0, topk_group or 0,
-              correction_bias, float(scaling_factor))
+    weights, ids = fn(logits, k, scoring, bool(renormalize), n_group or 0, topk_group or 0,
+                      correction_bias, float(scaling_factor))
+    return (weights, ids) if expert_range is None else (weights, to_local_ids(ids, expert_range))
 
 
 def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *, block_m: int = 1,
-            allow_invalid_ids: bool = False, backend: Optional[str] = None) -> PermuteResult:
+            allow_invalid_ids: bool = False, expert_range: Optional[Tuple[int, int]] = None,
+            backend: Optional[str] = None) -> PermuteResult:
     """Dispatch: group the T*k token copies by expert (stable in slot order ``s = t*k + j``).
 
     ``x[T, H]``, ``ids[T, k]`` -> :class:`PermuteResult` with ``x_sorted[P, H]``,
     ``sorted_slots[P]``, ``expert_offsets[E+1]``, ``slot_rows[T*k]``;
     ``P = T*k + E*(block_m-1)``: with ``block_m > 1`` each expert's segment starts at a multiple
     of ``block_m`` and padding rows are zero with ``sorted_slots == -1``.
+
+    ``expert_range=(start, count)``: ``ids`` are global ids in ``[0, num_experts)``; only the
+    local experts ``[start, start+count)`` are kept (as experts ``0..count-1`` of the result),
+    slots of other experts are dropped (``slot_rows == -1``), as with vLLM's expert map.
     """
     _check_tensor("x", x, FLOAT_DTYPES, 2)
     _check_int("num_experts", num_experts, 1)
     _check_int("block_m", block_m, 1, 4096)
     ids = _as_ids(ids, num_experts, allow_invalid=allow_invalid_ids)
+    if expert_range is not None:
+        expert_range = _check_expert_range(expert_range, num_experts)
+        ids, num_experts = to_local_ids(ids, expert_range), expert_range[1]
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ops: ids has {ids.shape[0]} rows but x has {x.shape[0]}")
     _check_same_device(x=x, ids=ids)

@@ -1,0 +1,50 @@
+# moe-ops: the two entry points are `make bench` and `make test` (each sets up what it needs).
+#   make bench   venv + build + the quick benchmark matrix on the device present
+#   make test    venv + build (extension, emulator, sanitizer builds) + the whole test suite
+# Knobs: PYTHON (interpreter used to create the venv), VENV, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
+# MOE_OPS_CUDA=auto|0|1, BENCH_ARGS, PYTEST_ARGS.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
+
+.PHONY: setup install build sim-sanitizers test test-py bench plots ptxas clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+# Editable install: builds moe_ops._C (CPU + CUDA kernels when nvcc is present) and _C_sim.
+install: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+# In-place rebuild for development (what install runs, without pip).
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+sim-sanitizers: install
+	PY=$(PY) bash scripts/sanitizers.sh
+
+test-py: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@if [ -f scripts/sanitizers.sh ]; then PY=$(PY) bash scripts/sanitizers.sh; fi
+
+bench: install
+	$(PY) -m bench --preset quick $(BENCH_ARGS)
+
+plots: setup
+	$(PY) bench/plot.py
+
+ptxas:
+	bash scripts/ptxas_report.sh
+
+clean:
+	rm -rf build build-asan build-tsan moe_ops/_C*.so *.egg-info
