@@ -122,8 +122,8 @@ def _grouped_gemm_kernel(
             slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
             smask = rmask & (slot >= 0)
             sslot = tl.where(smask, slot, 0)
-            w = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(tl.float32)
-            res = res.to(out_ty).to(tl.float32) * w[:, None]
+            w = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(ACC_DTYPE)
+            res = res.to(out_ty).to(ACC_DTYPE) * w[:, None]
             crow = sslot.to(tl.int64)
         else:
             smask = rmask
