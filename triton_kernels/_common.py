@@ -26,10 +26,20 @@ def launch_count() -> int:
     return _LAUNCHES[0]
 
 
+def _is_fake(t) -> bool:
+    return isinstance(t, torch.Tensor) and (isinstance(t, torch._subclasses.FakeTensor) or t.is_meta)
+
+
 def launch(kernel, grid, *args, **meta):
-    """Launch ``kernel[grid](*args, **meta)`` through ``wrap_triton`` and count it."""
-    if not any(isinstance(a, torch._subclasses.FakeTensor) for a in args if isinstance(a, torch.Tensor)):
-        _LAUNCHES[0] += 1
+    """Launch ``kernel[grid](*args, **meta)`` through ``wrap_triton`` and count it.
+
+    On fake/meta tensors (the op body run as its own shape function) nothing is launched: only
+    the output shapes matter there. Under torch.compile's decomposition the arguments are
+    functional wrappers, so the launch is traced as a triton_kernel_wrapper HOP as usual.
+    """
+    if any(_is_fake(a) for a in args):
+        return
+    _LAUNCHES[0] += 1
     wrap_triton(kernel)[grid](*args, **meta)
 
 
@@ -53,8 +63,6 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
-
-TL_DTYPES = {}
 
 
 def dot_precision(dtype: torch.dtype) -> str:

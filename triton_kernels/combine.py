@@ -27,7 +27,7 @@ def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, T, H, E, C, stride_
     t = t.to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h[None, :] < H
-    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
+    acc = tl.full([BLOCK_T, BLOCK_H], 0, ACC)
     for j in tl.static_range(K):
         s = t * K + j
         if MODE == 2:

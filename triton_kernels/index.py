@@ -25,21 +25,12 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, launch, next_pow2
+from .grouped_gemm import fill_tile_experts, max_row_tiles, schedule_size, search_steps
 
 BLOCK_S = 128      # slots per rank/place program (the in-block compare is BLOCK_S^2)
 BLOCK_E = 64       # experts per step in the count and scan loops
 BLOCK_B = 64       # blocks per step of the scan
 FILL_BLOCK = 1024
-
-
-@triton.jit
-def _slot_of(q, T, K: tl.constexpr, KMAJOR: tl.constexpr):
-    """Slot index of priority position q: (j, t) order for kmajor, (t, j) = slot order else."""
-    if KMAJOR:
-        j = q // T
-        return (q - j * T) * K + j
-    else:
-        return q
 
 
 @triton.jit
@@ -50,7 +41,10 @@ def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_pr
     lane = tl.arange(0, BLOCK)
     q = pid * BLOCK + lane
     inb = q < S
-    s = _slot_of(q, T, K, KMAJOR)
+    if KMAJOR:  # priority position q -> slot: (j, t) order
+        s = (q % T) * K + q // T
+    else:       # (t, j) order = slot order
+        s = q
     e = tl.load(ids_ptr + s, mask=inb, other=-1)
     valid = inb & (e >= 0) & (e < E)
     e = tl.where(valid, e, -1)
@@ -68,15 +62,16 @@ def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_pr
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, block_m, sched_bm,
-                 CAPACITY: tl.constexpr, SCHED: tl.constexpr, BLOCK_EXP: tl.constexpr, BLOCK_BLK: tl.constexpr):
+def _scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, block_m, sched_bm, max_tiles,
+                 CAPACITY: tl.constexpr, SCHED: tl.constexpr, BLOCK_EXP: tl.constexpr, BLOCK_BLK: tl.constexpr,
+                 SEARCH_STEPS: tl.constexpr):
     """out0/out1: expert_offsets[E+1] (permute) or demand[E]/kept[E] (capacity)."""
     carry = 0
     carry_mt = 0
     for e0 in range(0, E, BLOCK_EXP):
         ex = e0 + tl.arange(0, BLOCK_EXP)
         em = ex < E
-        run = tl.zeros([BLOCK_EXP], dtype=tl.int32)
+        run = tl.full([BLOCK_EXP], 0, tl.int32)
         for b0 in range(0, nb, BLOCK_BLK):
             bb = b0 + tl.arange(0, BLOCK_BLK)
             m2 = (bb[:, None] < nb) & em[None, :]
@@ -99,6 +94,7 @@ def _scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, 
         tl.store(out0_ptr + E, carry)
         if SCHED:
             tl.store(sched_ptr + E, carry_mt)
+            fill_tile_experts(sched_ptr, E, max_tiles, SEARCH_STEPS, 1024)
 
 
 @triton.jit
@@ -107,7 +103,10 @@ def _place_kernel(ids_ptr, rank_ptr, base_ptr, offs_ptr, slotmap_ptr, inv_ptr, S
     pid = tl.program_id(0)
     q = pid * BLOCK + tl.arange(0, BLOCK)
     inb = q < S
-    s = _slot_of(q, T, K, KMAJOR)
+    if KMAJOR:  # priority position q -> slot: (j, t) order
+        s = (q % T) * K + q // T
+    else:       # (t, j) order = slot order
+        s = q
     e = tl.load(ids_ptr + s, mask=inb, other=-1)
     valid = inb & (e >= 0) & (e < E)
     rank = tl.load(rank_ptr + q, mask=valid, other=0) + tl.load(base_ptr + pid * E + e, mask=valid, other=0)
@@ -138,7 +137,7 @@ def build_index(ids: torch.Tensor, E: int, *, block_m: int = 1, capacity: int = 
     """Run kernels 1-3. Returns (slot_map[T*k], inv[R], out0, out1, sched).
 
     permute (capacity < 0): out0 = expert_offsets[E+1], R = T*k + E*(block_m-1);
-    sched = per-expert M-tile prefix [E+1] for tiles of ``sched_bm`` rows when sched_bm > 0.
+    sched = the grouped GEMM's tile schedule for tiles of ``sched_bm`` rows when sched_bm > 0.
     capacity: out0 = demand[E], out1 = kept[E], R = E*C, slot_map = slot_pos.
     """
     dev = ids.device
@@ -159,12 +158,14 @@ def build_index(ids: torch.Tensor, E: int, *, block_m: int = 1, capacity: int = 
     else:
         out0 = torch.empty(E + 1, device=dev, dtype=torch.int32)
         out1 = out0
-    sched = torch.empty(E + 1, device=dev, dtype=torch.int32) if sched_bm > 0 else out0
+    sched = (torch.empty(schedule_size(S, E, sched_bm), device=dev, dtype=torch.int32)
+             if sched_bm > 0 else out0)
     Tq = max(T, 1)
     launch(_rank_kernel, (nb,), ids, rank, counts, inv, S, Tq, E, R, cdiv(R, nb),
            K=k, KMAJOR=kmajor, BLOCK=BLOCK_S, BLOCK_EXP=BLOCK_E, FILL=FILL_BLOCK)
     launch(_scan_kernel, (1,), counts, base, out0, out1, sched, nb, E, max(capacity, 0), block_m,
-           max(sched_bm, 1), CAPACITY=cap, SCHED=sched_bm > 0, BLOCK_EXP=BLOCK_E, BLOCK_BLK=BLOCK_B)
+           max(sched_bm, 1), max_row_tiles(S, E, max(sched_bm, 1)), CAPACITY=cap, SCHED=sched_bm > 0,
+           BLOCK_EXP=BLOCK_E, BLOCK_BLK=BLOCK_B, SEARCH_STEPS=search_steps(E))
     launch(_place_kernel, (nb,), ids, rank, base, out0, slot_map, inv, S, Tq, E, max(capacity, 0),
            K=k, KMAJOR=kmajor, CAPACITY=cap, BLOCK=BLOCK_S)
     return slot_map, inv, out0, out1, sched

@@ -110,8 +110,8 @@ def _topk_gating_kernel(
         key = tl.where(keep[:, :, None], key, float("-inf"))
         ordv = _order(key, valid)
     col = tl.arange(0, K_PAD)[None, :]
-    wv = tl.zeros([BLOCK_T, K_PAD], dtype=COMPUTE)
-    iv = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    wv = tl.full([BLOCK_T, K_PAD], 0, COMPUTE)
+    iv = tl.full([BLOCK_T, K_PAD], 0, tl.int32)
     for j in tl.static_range(K):
         best = _max2(ordv)
         pick = _min2(tl.where(ordv == best[:, None, None], lane, lanes))
