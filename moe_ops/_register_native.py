@@ -7,7 +7,7 @@ to the next backend for the rest.
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
-from . import backend
+from . import autograd, backend
 
 
 def _ops_with_kernel(key: str):
@@ -19,3 +19,6 @@ if _ops_with_kernel("CPU"):
     backend.register("cpu", ("cpu",), _ops_with_kernel("CPU"))
 if torch.cuda.is_available() and _ops_with_kernel("CUDA"):
     backend.register("cuda", ("cuda",), _ops_with_kernel("CUDA"))
+
+# Fakes (torch.compile, meta) and autograd formulas for every moe_ops op.
+autograd.register_for_namespace("moe_ops")

@@ -92,6 +92,8 @@ def _check_rows(what, n):
 
 def _as_ids(ids, num_experts, name="ids", allow_invalid=False):
     _check_tensor(name, ids, INDEX_DTYPES, 2)
+    if not 1 <= ids.shape[1] <= MAX_K:
+        raise ValueError(f"moe_ops: {name} must have k in [1, {MAX_K}] columns, got shape {tuple(ids.shape)}")
     if not allow_invalid and ids.numel() and value_checks_enabled(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_experts:
@@ -249,6 +251,7 @@ def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional
     if slot_rows.numel() % k:
         raise ValueError(f"moe_ops: slot_rows has {slot_rows.numel()} entries, not a multiple of k={k}")
     T = slot_rows.numel() // k
+    _check_rows("T*k", slot_rows.numel())
     weights = _as_weights(weights, (T, k))
     if slot_rows.numel() and value_checks_enabled(slot_rows):
         lo, hi = int(slot_rows.min()), int(slot_rows.max())
@@ -311,6 +314,9 @@ def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.T
     ids = _as_ids(ids, E, allow_invalid=True)  # slots with invalid ids have slot_pos == -1
     if tuple(slot_pos.shape) != tuple(ids.shape):
         raise ValueError(f"moe_ops: slot_pos shape {tuple(slot_pos.shape)} != ids shape {tuple(ids.shape)}")
+    _check_same_device(buf_out=buf_out, ids=ids, slot_pos=slot_pos)
+    _check_rows("T*k", ids.numel())
+    _check_rows("E*C", E * C)
     if slot_pos.numel() and value_checks_enabled(slot_pos):
         bad = (slot_pos >= C) | (slot_pos < -1) | ((slot_pos >= 0) & ((ids < 0) | (ids >= E)))
         if bool(bad.any()):
@@ -355,13 +361,14 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
     _check_int("num_experts", num_experts, 1)
     _check_offsets(expert_offsets, num_experts, a.shape[0])
     _check_same_device(a=a, dc=dc, expert_offsets=expert_offsets)
+    _check_rows("M", a.shape[0])
     fn = _backend.resolve("grouped_gemm_wgrad", a.device.type, backend)
     return fn(a, dc, expert_offsets, num_experts)
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     """Gated activation on ``h = [gate | up]`` (HF's ``gate_up_proj`` layout), in float32."""
-    gate, up = h.float().chunk(2, dim=-1)
+    gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
     return (act * up).to(h.dtype)
 
@@ -382,8 +389,12 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     ``backend`` picks every stage's kernel; stages that backend lacks use the automatic choice.
     """
     _check_tensor("x", x, FLOAT_DTYPES, 2)
+    _check_tensor("router_logits", router_logits, FLOAT_DTYPES, 2)
     _check_tensor("w_gate_up", w_gate_up, FLOAT_DTYPES, 3)
     _check_tensor("w_down", w_down, FLOAT_DTYPES, 3)
+    _check_same_device(x=x, router_logits=router_logits, w_gate_up=w_gate_up, w_down=w_down)
+    if priority not in PRIORITIES:
+        raise ValueError(f"moe_ops: priority must be one of {PRIORITIES}, got {priority!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe_ops: activation must be one of {ACTIVATIONS}, got {activation!r}")
     T, H = x.shape
