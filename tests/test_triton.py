@@ -175,7 +175,8 @@ GEMM = [
 ]
 
 
-GEMM_PARAMS = ([(c, tb, dt) for c in GEMM for tb in (False, True) for dt in DOT_DTYPES]
+GEMM_PARAMS = ([(c, tb, dt) for c in GEMM for tb in (False, True) for dt in DOT_DTYPES
+                if tb or c[0] != "e257-empty"]  # E=257: the layer's layout only (interpreter time)
                + [(GEMM[0], True, torch.float64), (GEMM[4], False, torch.float64)])
 
 
@@ -354,7 +355,7 @@ def test_torch_compile_fullgraph():
 
     def f(a, b, offs, x, logits, w1, w2):
         c = torch.ops.moe_ops_triton.grouped_gemm(a, b, offs, True)
-        y = torch.ops.moe_ops_triton.fused_moe(x, logits, w1, w2, 2, "swiglu", "softmax", False, 0, 0, None, 1.0)
+        y = TK.fused_moe_forward(x, logits, w1, w2, 2)
         return c, y
 
     eager = f(a, b, offs, x, logits, w1, w2)

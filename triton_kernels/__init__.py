@@ -55,12 +55,6 @@ _IMPLS = {
     "grouped_gemm_wgrad": grouped_gemm.grouped_gemm_wgrad,
 }
 
-# The fused layer is this backend's own op (not part of the shared contract).
-FUSED_SCHEMA = ("(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int k, str activation, "
-                "str scoring, bool renormalize, int n_group, int topk_group, Tensor? correction_bias, "
-                "float scaling_factor) -> Tensor")
-
-
 def _op_schemas():
     from .. import _C  # the one definition of the schemas (csrc/schemas.h)
     return list(_C.op_schemas())
@@ -75,7 +69,6 @@ def _define():
             raise RuntimeError(f"moe_ops.triton_kernels: no Triton implementation for op {name!r}")
         triton_op(f"{NAMESPACE}::{name}", _IMPLS[name], mutates_args=(), schema="(" + rest)
         defined[name] = getattr(torch.ops.moe_ops_triton, name)
-    triton_op(f"{NAMESPACE}::fused_moe", fused_moe.fused_moe_impl, mutates_args=(), schema=FUSED_SCHEMA)
     return defined
 
 

@@ -11,12 +11,16 @@ No permuted copy of x and no separate permute/unpermute passes. The scatter writ
 weighted row (in x's dtype, as vLLM's fused_moe) and a fixed-order k-sum adds them in float32:
 deterministic, no float atomics. When autograd needs the graph (inputs requiring grad), the
 layer runs the unfused op chain instead, whose ops have registered derivatives.
+
+The fused layer is a plain Python function, not a registered op (the op contract has no such
+op); under torch.compile dynamo traces its ``wrap_triton`` launches like any user kernel.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from . import _common, combine, index, routing
 from .configs import get_config
@@ -84,7 +88,19 @@ def fused_moe_forward(x, router_logits, w_gate_up, w_down, k, *, activation="swi
             n_group or 0, topk_group or 0, correction_bias, float(scaling_factor))
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    if needs_grad:
+        fn = _unfused
+    elif torch.compiler.is_compiling():
+        fn = fused_moe_impl  # dynamo traces the wrap_triton launches into the graph
+    else:
+        fn = _eager_fused
     before = _common.launch_count()
-    out = _unfused(*args) if needs_grad else torch.ops.moe_ops_triton.fused_moe(*args)
+    out = fn(*args)
     _LAST[0] = _common.launch_count() - before
     return out
+
+
+def _eager_fused(*args):
+    # Plain launches in eager mode (as triton_op's eager path does), not the tracing HOP.
+    with set_wrap_triton_enabled(False):
+        return fused_moe_impl(*args)
