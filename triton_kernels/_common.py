@@ -39,6 +39,12 @@ def launch(kernel, grid, *args, **meta):
     """
     if any(_is_fake(a) for a in args):
         return
+    if interpreted() and any(isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+                             and type(a) is not torch.Tensor for a in args):
+        # wrap_triton hands interpreted kernels back unwrapped: nothing can trace them.
+        raise RuntimeError("moe_ops.triton_kernels: tracing Triton kernels (torch.compile / AOT "
+                           "dispatch, functional tensors) is not supported under TRITON_INTERPRET=1; "
+                           "call the ops eagerly, or trace on a GPU")
     _LAUNCHES[0] += 1
     wrap_triton(kernel)[grid](*args, **meta)
 
