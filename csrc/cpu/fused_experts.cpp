@@ -97,13 +97,11 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
       const char* we = wgup + t.e * 2 * I * H * es;
       gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols);
       gemm_nt_block(A1 + t.m0 * Hp, Hp, we + (I + t.n0) * H * es, dt, H, H, u.data(), cols, rows, cols);
+      gated_act_rows(g.data(), u.data(), g.data(), rows * cols, dt, swiglu);
       for (int64_t i = 0; i < rows; ++i) {
         float* dst = A2 + (t.m0 + i) * Ip;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float gv = round_through(g[i * cols + j], dt), uv = round_through(u[i * cols + j], dt);
-          const float a = (swiglu ? silu_f32(gv) : gelu_f32(gv)) * uv;
-          dst[pack_index(t.n0 + j, dt)] = round_through(a, dt);
-        }
+        if (dt != DType::BF16) std::memcpy(dst + t.n0, g.data() + i * cols, cols * sizeof(float));
+        else for (int64_t j = 0; j < cols; ++j) dst[pack_index(t.n0 + j, dt)] = g[i * cols + j];
       }
     });
 
@@ -116,8 +114,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
       const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
       c.resize(static_cast<size_t>(rows * cols));
       gemm_nt_block(A2 + t.m0 * Ip, Ip, wdp + (t.e * H + t.n0) * I * es, dt, I, I, c.data(), cols, rows, cols);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < cols; ++j) Y[(t.m0 + i) * H + t.n0 + j] = round_through(c[i * cols + j], dt);
+      for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, dt);
     });
   } else if (Sv > 0) {
     ybuf.zero_();  // I == 0: every expert outputs zeros

@@ -324,6 +324,90 @@ void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
   }
 }
 
+// x rounded through dt (bf16: round to nearest even on the bit pattern; f16: F16C).
+template <DType DT>
+inline __m256 round8(__m256 x) {
+  if constexpr (DT == DType::F32) {
+    return x;
+  } else if constexpr (DT == DType::F16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    __m256i b = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, nan);
+  }
+}
+
+// exp(x), Cephes-style range reduction + degree-5 polynomial (~1-2 ulp); NaN propagates.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // NaN in x is kept (2nd operand)
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+template <DType DT>
+inline void swiglu8(const float* gp, const float* up, float* op) {
+  __m256 gv = round8<DT>(_mm256_loadu_ps(gp)), uv = round8<DT>(_mm256_loadu_ps(up));
+  __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+  _mm256_storeu_ps(op, round8<DT>(_mm256_mul_ps(s, uv)));
+}
+
+template <DType DT>
+void swiglu_avx(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) swiglu8<DT>(g + i, u + i, out + i);
+  if (i < n) {
+    alignas(32) float gt[8] = {0}, ut[8] = {0}, ot[8];
+    std::memcpy(gt, g + i, (n - i) * sizeof(float));
+    std::memcpy(ut, u + i, (n - i) * sizeof(float));
+    swiglu8<DT>(gt, ut, ot);
+    std::memcpy(out + i, ot, (n - i) * sizeof(float));
+  }
+}
+
+template <DType DT>
+void round_avx(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, round8<DT>(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) {
+    alignas(32) float t[8] = {src[i]};
+    _mm256_store_ps(t, round8<DT>(_mm256_load_ps(t)));
+    dst[i] = t[0];
+  }
+}
+
+// bf16 row -> packed [even | odd] float32 chunks of 16: the same shift/mask as the NT kernel.
+void pack_bf16_avx(const void* src, int64_t K, float* dst) {
+  const char* s = static_cast<const char*>(src);
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i v;
+    if (k + 16 <= K) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k * 2));
+    } else {
+      alignas(32) char t[32] = {0};
+      std::memcpy(t, s + k * 2, (K - k) * 2);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+    }
+    _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    _mm256_storeu_ps(dst + k + 8, _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)));
+  }
+}
+
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -408,6 +492,13 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
     for (int64_t k = K; k < Kp; ++k) dst[k] = 0.f;
     return;
   }
+#ifdef MOE_CPU_X86
+  if (src_dt == DType::BF16 && have_avx2()) {
+    pack_bf16_avx(src, K, dst);
+    for (int64_t k = (K + 15) / 16 * 16; k < Kp; ++k) dst[k] = 0.f;
+    return;
+  }
+#endif
   alignas(32) float chunk[16];
   for (int64_t k0 = 0; k0 < Kp; k0 += 16) {
     const int64_t n = K - k0 < 16 ? (K - k0 > 0 ? K - k0 : 0) : 16;
@@ -439,6 +530,23 @@ void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t
 }
 
 float silu_f32(float x) { return x / (1.f + std::exp(-x)); }
+
+void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu) {
+#ifdef MOE_CPU_X86
+  if (swiglu && have_avx2()) { MOE_CPU_DISPATCH(dt, swiglu_avx, gate, up, out, n); return; }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = round_through(gate[i], dt), u = round_through(up[i], dt);
+    out[i] = round_through((swiglu ? silu_f32(g) : gelu_f32(g)) * u, dt);
+  }
+}
+
+void round_rows(const float* src, float* dst, int64_t n, DType dt) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, round_avx, src, dst, n); return; }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
+}
 float gelu_f32(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f)); }
 
 }  // namespace moe_cpu

@@ -64,4 +64,10 @@ void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t
 float silu_f32(float x);
 float gelu_f32(float x);
 
+// out[i] = round_dt(act(round_dt(gate[i])) * round_dt(up[i])), act = silu (swiglu) or exact gelu:
+// the unfused pipeline's rounding (h stored in dt, activation in float32, result stored in dt).
+void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu);
+// dst[i] = round_dt(src[i]) kept as float32.
+void round_rows(const float* src, float* dst, int64_t n, DType dt);
+
 }  // namespace moe_cpu
