@@ -124,8 +124,8 @@ void run_tiles(const std::vector<Tile>& tiles, Fn&& fn) {
 }
 
 // Column block so that one block of weights (ncols x K in its dtype) stays in L2 (~96 KiB),
-// a multiple of the micro-kernel's 3 columns.
-inline int64_t weight_col_block(int64_t K, int64_t elem_size, int64_t N, int64_t mult = 3) {
+// a multiple of the micro-kernel column groups.
+inline int64_t weight_col_block(int64_t K, int64_t elem_size, int64_t N, int64_t mult = 4) {
   int64_t nb = (96 * 1024) / std::max<int64_t>(1, K * elem_size);
   nb = std::max<int64_t>(mult, nb / mult * mult);
   return std::min<int64_t>(nb, std::max<int64_t>(N, 1));

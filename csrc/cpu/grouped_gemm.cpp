@@ -34,11 +34,11 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_
 // Column block for the NT kernel: weight block in L2, but small enough that there are a few
 // tiles per thread even for a single token.
 int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es) {
-  int64_t nb = weight_col_block(K, es, N, 3);
+  int64_t nb = weight_col_block(K, es, N, 4);
   int64_t active = 0;
   for (size_t e = 0; e + 1 < offs.size(); ++e) active += offs[e + 1] > offs[e];
   const int64_t want = 4 * at::get_num_threads();
-  while (nb > 3 && active * ((N + nb - 1) / nb) < want) nb = std::max<int64_t>(3, nb / 2 / 3 * 3);
+  while (nb > 4 && active * ((N + nb - 1) / nb) < want) nb = std::max<int64_t>(4, nb / 2 / 4 * 4);
   return nb;
 }
 

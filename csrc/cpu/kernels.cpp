@@ -195,63 +195,82 @@ void row_from_f32_avx(const float* src, void* dst, int64_t n) {
 
 // ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
 // f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves.
+// One reduction chunk (16 for bf16, else 8) of the NT micro-kernel.
+template <DType DT, int MR, int NR>
+inline void nt_step(const float* A, int64_t lda, int64_t k, const char* const* bp, __m256 (&acc)[MR][NR]) {
+  if constexpr (DT == DType::BF16) {
+    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m256 b[NR];
+    for (int j = 0; j < NR; ++j)
+      b[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), 16));
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+    for (int j = 0; j < NR; ++j)
+      b[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k + 8);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  } else {
+    __m256 b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = load8<DT>(bp[j]);
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+}
+
+// ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
+// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves. The partial
+// last chunk is copied to zero-filled scratch *before* the loop, so the loop has no calls and the
+// accumulators stay in registers.
 template <DType DT, int MR, int NR>
 void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
               int64_t ldc) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
+  const int64_t kfull = K / CH * CH;
+  alignas(32) char tail[NR][32];
+  if (kfull < K) {
+    for (int j = 0; j < NR; ++j) {
+      std::memset(tail[j], 0, sizeof(tail[j]));
+      std::memcpy(tail[j], B + j * ldb_bytes + kfull * es, (K - kfull) * es);
+    }
+  }
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
-  alignas(32) char tail[NR][64];
-  for (int64_t k = 0; k < K; k += CH) {
-    const char* bp[NR];
-    int64_t bstride = ldb_bytes;
-    const char* b0 = B + k * es;
-    if (k + CH > K) {  // partial last chunk: zero-filled copies (A is zero-padded there too)
-      for (int j = 0; j < NR; ++j) {
-        std::memset(tail[j], 0, sizeof(tail[j]));
-        std::memcpy(tail[j], b0 + j * ldb_bytes, (K - k) * es);
-      }
-      b0 = tail[0];
-      bstride = 64;
-    }
-    for (int j = 0; j < NR; ++j) bp[j] = b0 + j * bstride;
-    if constexpr (DT == DType::BF16) {
-      const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-      __m256 b[NR];
-      for (int j = 0; j < NR; ++j)
-        b[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), 16));
-      for (int i = 0; i < MR; ++i) {
-        __m256 a = _mm256_loadu_ps(A + i * lda + k);
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-      }
-      for (int j = 0; j < NR; ++j)
-        b[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
-      for (int i = 0; i < MR; ++i) {
-        __m256 a = _mm256_loadu_ps(A + i * lda + k + 8);
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-      }
-    } else {
-      __m256 b[NR];
-      for (int j = 0; j < NR; ++j) b[j] = load8<DT>(bp[j]);
-      for (int i = 0; i < MR; ++i) {
-        __m256 a = _mm256_loadu_ps(A + i * lda + k);
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-      }
-    }
+  const char* bp[NR];
+  for (int64_t k = 0; k < kfull; k += CH) {
+    for (int j = 0; j < NR; ++j) bp[j] = B + j * ldb_bytes + k * es;
+    nt_step<DT, MR, NR>(A, lda, k, bp, acc);
+  }
+  if (kfull < K) {
+    for (int j = 0; j < NR; ++j) bp[j] = tail[j];
+    nt_step<DT, MR, NR>(A, lda, kfull, bp, acc);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
 }
 
+// Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
+// one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
+// chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
 template <DType DT, int MR>
 void nt_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
              int64_t ldc, int64_t N) {
+  constexpr int NR = MR <= 2 ? 4 : 2;
   int64_t j = 0;
-  for (; j + 3 <= N; j += 3) micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
-  if (N - j == 2) micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
-  if (N - j == 1) micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
+  for (; j + NR <= N; j += NR) micro_nt<DT, MR, NR>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
+  switch (N - j) {
+    case 3: micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    case 2: micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    case 1: micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    default: break;
+  }
 }
 
 template <DType DT>
@@ -261,8 +280,10 @@ void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
   const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
   int64_t i = 0;
   // Row blocks outer: the MR rows of A stay in L1 while the weight block streams from L2.
-  for (; i + 4 <= M; i += 4) nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N);
+  for (; i + 6 <= M; i += 6) nt_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N);
   switch (M - i) {
+    case 5: nt_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 4: nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
     case 3: nt_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
     case 2: nt_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
     case 1: nt_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
