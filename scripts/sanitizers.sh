@@ -51,11 +51,12 @@ build() {  # $1 = address|thread, $2 = build dir
   log "building _C_sim with MOE_OPS_SANITIZER=$san into $dir/"
   local gen=()
   [ -n "$NINJA" ] && gen=(-G Ninja "-DCMAKE_MAKE_PROGRAM=$NINJA")
+  mkdir -p "$dir"
   "$CMAKE" -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     "-DPython_EXECUTABLE=$PY" -DMOE_OPS_MAIN=OFF -DMOE_OPS_SIM=ON -DMOE_OPS_CUDA=OFF \
     "-DMOE_OPS_SANITIZER=$san" "-DMOE_OPS_SIM_OUTPUT_DIR=$ROOT/$dir" "-DMOE_OPS_CUDA_HOME=$CUDA_ROOT" \
-    "-DMOE_OPS_TORCH_INCLUDE_DIRS=$TORCH_INC" "-DMOE_OPS_TORCH_LIBRARY_DIR=$TORCH_LIB" >"$dir.configure.log" 2>&1 \
-    || { cat "$dir.configure.log"; return 1; }
+    "-DMOE_OPS_TORCH_INCLUDE_DIRS=$TORCH_INC" "-DMOE_OPS_TORCH_LIBRARY_DIR=$TORCH_LIB" >"$dir/configure.log" 2>&1 \
+    || { cat "$dir/configure.log"; return 1; }
   "$CMAKE" --build "$dir" --parallel "$JOBS" --target _C_sim
 }
 
@@ -68,6 +69,9 @@ run_under() {
   [ "$san" = thread ] && dir=build-tsan rt=libtsan.so
   local lib; lib=$(sim_lib "$dir")
   local preload; preload=$(gcc -print-file-name=$rt)
+  # ASan intercepts __cxa_throw; python does not link libstdc++, so without it preloaded too the
+  # interceptor finds no real __cxa_throw and the first C++ exception (a TORCH_CHECK) aborts.
+  [ "$san" = address ] && preload="$preload $(readlink -f "$(gcc -print-file-name=libstdc++.so)")"
   # One torch/OpenMP thread: torch's own pool synchronises through uninstrumented libgomp, which
   # TSan cannot see; the emulator's threads are what is under test.
   env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MOE_OPS_SIM_LIB="$ROOT/$lib" LD_PRELOAD="$preload" \
