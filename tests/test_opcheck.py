@@ -9,6 +9,8 @@ whose kernels are the reference, always exists); an op without samples here fail
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -175,8 +177,12 @@ def test_opcheck(ns, op):
     if not _has_cpu_kernel(ns, op):
         pytest.skip(f"{ns}::{op} has no CPU kernel here")
     fn = getattr(getattr(torch.ops, ns), op).default
+    utils = None  # all of opcheck's checks
+    if ns == "moe_ops_triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter cannot be traced (AOT dispatch); a GPU run covers that check.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in samples(op):
-        torch.library.opcheck(fn, args)
+        torch.library.opcheck(fn, args, test_utils=utils) if utils else torch.library.opcheck(fn, args)
 
 
 @pytest.mark.parametrize("ns,op", OPCHECK_PARAMS, ids=[f"{n}::{o}" for n, o in OPCHECK_PARAMS])
