@@ -23,7 +23,6 @@ from .ops import (
 )
 
 from . import integrations  # noqa: F401  (light: moe_ops.integrations.transformers imports transformers)
-from .layer import MoE, MoEAux
 
 __version__ = "0.1.0"
 
@@ -43,5 +42,5 @@ def build_info() -> dict:
 __all__ = [
     "MoE", "MoEAux", "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
     "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
-    "unpermute", "PermuteResult", "DispatchResult", "MoE", "MoEAux",
+    "unpermute", "PermuteResult", "DispatchResult",
 ]

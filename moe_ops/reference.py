@@ -184,7 +184,7 @@ def capacity_positions(ids: Tensor, num_experts: int, priority: str) -> Tensor:
     before = torch.cumsum(mask, dim=0) - mask                         # exclusive prefix count
     pos = before.gather(1, expert.unsqueeze(1)).squeeze(1)
     pos = torch.where(valid, pos, torch.full_like(pos, -1))
-    return pos.reshape(k, T).t() if priority == "kmajor" else pos.reshape(T, k)
+    return pos.reshape(k, T).t().contiguous() if priority == "kmajor" else pos.reshape(T, k)
 
 
 def capacity_dispatch(x: Tensor, ids: Tensor, num_experts: int, capacity: int,
