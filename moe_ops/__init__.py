@@ -22,6 +22,8 @@ from .ops import (
     unpermute,
 )
 
+from . import integrations  # noqa: F401  (light: moe_ops.integrations.transformers imports transformers)
+
 __version__ = "0.1.0"
 
 

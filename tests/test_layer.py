@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import moe_ops
 from moe_ops import autograd as moe_autograd
 from moe_ops.layer import MoE
-import refop_lib
+from tests import refop_lib
 
 CONFIGS = {
     "softmax": dict(scoring="softmax"),
@@ -85,7 +85,7 @@ def test_matches_oracle(cfg, dtype):
         got = m(x, return_aux=aux)
         got = got[0] if aux else got
         assert got.dtype == dtype and got.shape == x.shape
-        scale = float(want.abs().max())
+        scale = float(want.detach().abs().max())
         torch.testing.assert_close(got.double(), want, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
@@ -135,10 +135,12 @@ def test_bad_input():
         MoE(H, I, E, E + 1)
 
 
-def _layer_backends():
+def _layer_backends(compiled=False):
     moe_autograd.register_all()
-    return ["reference", "testref"] + [b for b in moe_ops.available_backends("permute", "cpu")
-                                       if b != "reference"]
+    out = ["reference", "testref"] + [b for b in moe_ops.available_backends("permute", "cpu") if b != "reference"]
+    if compiled:  # Triton's CPU interpreter cannot be traced by torch.compile (a GPU run covers it)
+        out = [b for b in out if b != "triton"]
+    return out
 
 
 @pytest.mark.parametrize("backend", [b for b in _layer_backends() if b != "reference"])
@@ -159,7 +161,7 @@ def test_grads_match_reference(cfg, backend, monkeypatch):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", _layer_backends())
+@pytest.mark.parametrize("backend", _layer_backends(compiled=True))
 def test_compile_fullgraph_dynamic(backend, monkeypatch):
     """No graph breaks (fullgraph raises on one), equal output and gradients, two token counts."""
     if backend == "testref":
@@ -184,7 +186,7 @@ def test_compile_fullgraph_dynamic(backend, monkeypatch):
         torch.testing.assert_close(gx, gx_want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in _layer_backends() if b != "testref"])
+@pytest.mark.parametrize("backend", [b for b in _layer_backends(compiled=True) if b != "testref"])
 def test_compile_inductor_aux(backend, monkeypatch):
     """Inductor (the default compile backend), inference graph, with the aux losses (their
     gradients are covered by the aot_eager test above: inductor's C++ codegen is slow on CPU)."""
