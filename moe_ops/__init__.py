@@ -22,6 +22,9 @@ from .ops import (
     unpermute,
 )
 
+from . import integrations  # noqa: F401  (light: moe_ops.integrations.transformers imports transformers)
+from .layer import MoE, MoEAux
+
 __version__ = "0.1.0"
 
 
@@ -40,5 +43,5 @@ def build_info() -> dict:
 __all__ = [
     "MoE", "MoEAux", "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
     "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
-    "unpermute", "PermuteResult", "DispatchResult",
+    "unpermute", "PermuteResult", "DispatchResult", "MoE", "MoEAux",
 ]

@@ -63,6 +63,17 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, expert_offsets: Tensor, num_expert
     return a.new_empty((num_experts, a.shape[1], dc.shape[1]))
 
 
+def fused_experts(x: Tensor, ids: Tensor, weights: Optional[Tensor], w_gate_up: Tensor, w_down: Tensor,
+                  activation: str):
+    return x.new_empty(x.shape)
+
+
+def fused_moe(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor, k: int, activation: str,
+              scoring: str, renormalize: bool, n_group: int, topk_group: int, correction_bias: Optional[Tensor],
+              scaling_factor: float):
+    return x.new_empty(x.shape)
+
+
 FAKES = {
     "topk_gating": topk_gating,
     "permute": permute,
@@ -71,6 +82,10 @@ FAKES = {
     "capacity_combine": capacity_combine,
     "grouped_gemm": grouped_gemm,
     "grouped_gemm_wgrad": grouped_gemm_wgrad,
+    # A backend-specific extension op (CPU): the dropless expert half of a layer in one op.
+    "fused_experts": fused_experts,
+    # The Triton backend's whole dropless layer (router logits in, output out).
+    "fused_moe": fused_moe,
 }
 
 # Libraries that hold our registrations: kept alive (a dropped Library deregisters its kernels).

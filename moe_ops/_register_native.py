@@ -20,5 +20,32 @@ if _ops_with_kernel("CPU"):
 if torch.cuda.is_available() and _ops_with_kernel("CUDA"):
     backend.register("cuda", ("cuda",), _ops_with_kernel("CUDA"))
 
+
+def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
+                   renormalize=False, n_group=None, topk_group=None, correction_bias=None,
+                   scaling_factor=1.0):
+    """``moe_forward``'s dropless layer on the ``cpu`` backend: router kernel, then the fused
+    expert op ``moe_ops::fused_experts`` (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated
+    activation -> GEMM2 -> weighted combine, no intermediate permuted tensors). The fused op has no
+    autograd formula and no float64 kernel: those calls run the unfused ``cpu`` ops instead."""
+    from . import ops
+
+    weights, ids = ops.topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
+                                   n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
+                                   scaling_factor=scaling_factor, backend="cpu")
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
+    if x.dtype == torch.float64 or needs_grad:
+        E = w_gate_up.shape[0]
+        x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, backend="cpu")
+        h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend="cpu")
+        y = ops.grouped_gemm(ops._activate(h, activation), w_down, offsets, trans_b=True, backend="cpu")
+        return ops.unpermute(y, slot_rows, weights, k=k, backend="cpu")
+    return torch.ops.moe_ops.fused_experts(x, ids, weights, w_gate_up, w_down, activation)
+
+
+if "cpu" in backend._BACKENDS and hasattr(torch.ops.moe_ops, "fused_experts"):
+    backend.register_fused_moe("cpu", _cpu_fused_moe)
+
 # Fakes (torch.compile, meta) and autograd formulas for every moe_ops op.
 autograd.register_for_namespace("moe_ops")

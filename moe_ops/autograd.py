@@ -16,6 +16,10 @@ capacity_dispatch    dx = capacity_combine(dbuf, ids, slot_pos, None)
 capacity_combine     dbuf[e, pos(s)] = w[s] * dout[t(s)]; dw[s] = <dout, buf[e, pos(s)]>
 grouped_gemm         da = grouped_gemm(dc, b, trans_b=not trans_b); db = grouped_gemm_wgrad
 grouped_gemm_wgrad   da = grouped_gemm(dc, ddb, trans_b=True); ddc = grouped_gemm(a, ddb)
+fused_experts        (CPU extension op) recompute permute/GEMM/act with the unfused ops, then
+                     chain the formulas above (activation backward in plain torch)
+fused_moe            (Triton extension op, whole layer) re-route with topk_gating, the
+                     fused_experts backward, then the router's d logits
 ===================  ========================================================================
 
 Integer outputs (ids, offsets, slot maps) are non-differentiable. Row scatters write each kept
@@ -45,12 +49,20 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _op_exists(qualname: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def same_backend_op(ns: str, name: str, device_type: str):
     """``torch.ops.<ns>.<name>`` when namespace ``ns`` has a kernel for ``device_type``; else the
     automatic backend's implementation (same positional schema signature)."""
     q = f"{ns}::{name}"
     keys = (_DEVICE_KEYS.get(device_type, "CPU"), "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-    if any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k) for k in keys):
+    if _op_exists(q) and any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k) for k in keys):
         return getattr(getattr(torch.ops, ns), name).default
     return _backend.resolve(name, device_type, None, strict=False)
 
@@ -242,6 +254,93 @@ def _make_wgrad_backward(ns):
     return backward
 
 
+def _fused_setup(ctx, inputs, output):
+    x, ids, weights, w_gate_up, w_down, activation = inputs
+    ctx.activation = activation
+    ctx.has_weights = weights is not None
+    ctx.save_for_backward(x, ids, weights, w_gate_up, w_down)
+
+
+def _gated_act_and_grad(h: Tensor, activation: str):
+    """``(act(gate)*up, d/dgate act(gate), act(gate), up)`` in the accumulation dtype."""
+    g, u = h.to(_acc(h)).chunk(2, dim=-1)
+    if activation == "swiglu":
+        s = torch.sigmoid(g)
+        act, dact = g * s, s * (1 + g * (1 - s))
+    else:  # exact (erf) GELU, as torch.nn.functional.gelu
+        act = torch.nn.functional.gelu(g)
+        dact = 0.5 * (1 + torch.erf(g * 0.7071067811865476)) + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
+    return act * u, dact, act, u
+
+
+def experts_backward(ns, dout, x, ids, weights, w_gate_up, w_down, activation, needs):
+    """Gradients ``(dx, dweights, dw_gate_up, dw_down)`` of the dropless expert half
+    ``unpermute(gemm(act(gemm(permute(x), w_gate_up)), w_down), weights)``: the intermediates
+    are recomputed with namespace ``ns``'s unfused ops, then the per-op formulas are chained.
+    ``needs`` = which of the four are wanted."""
+    dev = x.device.type
+
+    def op(name):
+        return same_backend_op(ns, name, dev)
+    E, k = w_gate_up.shape[0], ids.shape[1]
+    xs, _, offsets, slot_rows = op("permute")(x, ids, E, 1)
+    h = op("grouped_gemm")(xs, w_gate_up, offsets, True)
+    a, dact, act, up = _gated_act_and_grad(h, activation)
+    a = a.to(x.dtype)
+    rows = slot_rows.reshape(-1).long()
+    valid = (rows >= 0) & (rows < xs.shape[0])
+    dy = _scatter_rows(_slot_grads(dout, weights, k), rows, valid, xs.shape[0]).to(x.dtype)
+    dx = dw = dwgu = dwd = None
+    if weights is not None and needs[1]:
+        y = op("grouped_gemm")(a, w_down, offsets, True)
+        dw = _weight_grads(y, rows, valid, dout, k).to(weights.dtype)
+    if needs[3]:
+        dwd = op("grouped_gemm_wgrad")(dy, a, offsets, E)
+    if needs[0] or needs[2]:
+        da = op("grouped_gemm")(dy, w_down, offsets, False).to(act.dtype)
+        dh = torch.cat([da * up * dact, da * act], dim=-1).to(x.dtype)
+        if needs[2]:
+            dwgu = op("grouped_gemm_wgrad")(dh, xs, offsets, E)
+        if needs[0]:
+            dx = op("unpermute")(op("grouped_gemm")(dh, w_gate_up, offsets, False), slot_rows, None, k)
+    return dx, dw, dwgu, dwd
+
+
+def _make_fused_backward(ns):
+    """fused_experts(x, ids, weights?, w_gate_up, w_down, activation)."""
+    def backward(ctx, dout):
+        x, ids, weights, w_gate_up, w_down = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        dx, dw, dwgu, dwd = experts_backward(ns, dout, x, ids, weights, w_gate_up, w_down, ctx.activation,
+                                             (n[0], n[2] and ctx.has_weights, n[3], n[4]))
+        return dx, None, dw, dwgu, dwd, None
+    return backward
+
+
+def _fused_moe_setup(ctx, inputs, output):
+    (x, logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group, bias,
+     scaling) = inputs
+    ctx.args = (k, activation, scoring, renormalize, n_group, topk_group, scaling)
+    ctx.save_for_backward(x, logits, w_gate_up, w_down, bias)
+
+
+def _make_fused_moe_backward(ns):
+    """fused_moe(x, router_logits, w_gate_up, w_down, k, activation, scoring, ...): the whole
+    dropless layer. Re-route with the namespace's topk_gating, chain the experts backward, then
+    the router weights' gradient into the logits."""
+    def backward(ctx, dout):
+        x, logits, w_gate_up, w_down, bias = ctx.saved_tensors
+        k, activation, scoring, renormalize, n_group, topk_group, scaling = ctx.args
+        n = ctx.needs_input_grad
+        gating = same_backend_op(ns, "topk_gating", x.device.type)
+        weights, ids = gating(logits, k, scoring, renormalize, n_group, topk_group, bias, scaling)
+        dx, dw, dwgu, dwd = experts_backward(ns, dout, x, ids, weights, w_gate_up, w_down, activation,
+                                             (n[0], n[1], n[2], n[3]))
+        dlogits = gating_logits_grad(logits, ids, dw, scoring, renormalize, scaling) if n[1] else None
+        return (dx, dlogits, dwgu, dwd) + (None,) * 8
+    return backward
+
+
 def formulas(ns: str):
     """``{op: (backward, setup_context)}`` for namespace ``ns``."""
     return {
@@ -252,6 +351,8 @@ def formulas(ns: str):
         "capacity_combine": (_combine_backward, _combine_setup),
         "grouped_gemm": (_make_gemm_backward(ns), _gemm_setup),
         "grouped_gemm_wgrad": (_make_wgrad_backward(ns), _wgrad_setup),
+        "fused_experts": (_make_fused_backward(ns), _fused_setup),
+        "fused_moe": (_make_fused_moe_backward(ns), _fused_moe_setup),
     }
 
 

@@ -49,6 +49,35 @@ def _functional(fn):
     return run
 
 
+FUSED_EXPERTS_SCHEMA = ("fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
+                        "str activation) -> Tensor")
+
+
+def reference_fused_experts(x, ids, weights, w_gate_up, w_down, activation):
+    """The CPU extension op ``fused_experts`` composed from the reference (differentiable)."""
+    from moe_ops import reference
+    from moe_ops.layer import gated_activation
+    E, k = w_gate_up.shape[0], ids.shape[1]
+    xs, _, offsets, slot_rows = reference.permute(x, ids, E, 1)
+    h = reference.grouped_gemm(xs, w_gate_up, offsets, True)
+    y = reference.grouped_gemm(gated_activation(h, activation), w_down, offsets, True)
+    return reference.unpermute(y, slot_rows, weights, k)
+
+
+FUSED_MOE_SCHEMA = ("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int k, "
+                    "str activation, str scoring, bool renormalize, int n_group, int topk_group, "
+                    "Tensor? correction_bias, float scaling_factor) -> Tensor")
+
+
+def reference_fused_moe(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group,
+                        topk_group, correction_bias, scaling_factor):
+    """The Triton extension op ``fused_moe`` (whole dropless layer) composed from the reference."""
+    from moe_ops import reference
+    weights, ids = reference.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                         correction_bias, scaling_factor)
+    return reference_fused_experts(x, ids, weights, w_gate_up, w_down, activation)
+
+
 def define():
     """Define and implement the namespace (once), then register fakes + autograd for it."""
     global _LIB
@@ -60,6 +89,11 @@ def define():
         name = schema.split("(")[0]
         lib.define(schema)
         lib.impl(name, _functional(getattr(reference, name)), "CPU")
+    if not any(sc.startswith("fused_experts(") for sc in op_schemas()):
+        lib.define(FUSED_EXPERTS_SCHEMA)
+    lib.impl("fused_experts", _functional(reference_fused_experts), "CPU")
+    lib.define(FUSED_MOE_SCHEMA)
+    lib.impl("fused_moe", _functional(reference_fused_moe), "CPU")
     _LIB = lib
     autograd.register_for_namespace(NS)
     return NS

@@ -15,8 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_ops
+from moe_ops import _fake
 from moe_ops import autograd as moe_autograd
-import refop_lib
+from tests import refop_lib
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3),
        torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -163,6 +164,54 @@ def case_moe_forward(dtype, variant, g):
     return fn, (x, logits, wgu, wd)
 
 
+def fused_backends(op="fused_experts"):
+    """Backends whose namespace has a CPU kernel for extension op ``op`` (fused_experts: CPU
+    backend; fused_moe: Triton under the interpreter)."""
+    moe_autograd.register_all()
+    out = ["testref"]
+    for b in moe_ops.available_backends(device="cpu"):
+        ns = NAMESPACE.get(b)
+        if ns and b != "reference" and op in _fake.op_names(ns) and any(torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)
+                                           for key in ("CPU", "CompositeExplicitAutograd")):
+            out.append(b)
+    return out
+
+
+def case_fused_experts(dtype, variant, g):
+    T, H, I, E, k = 7, 8, 4, 4, 2
+    x = _rand(T, H, dtype=dtype, g=g)
+    ids = _ids(T, k, E, g, invalid=variant == "sentinels")
+    wgu = (_rand(E, 2 * I, H, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    wd = (_rand(E, H, I, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    w = _rand(T, k, dtype=dtype if dtype == torch.float64 else torch.float32, g=g)
+    act = "geglu" if variant == "geglu" else "swiglu"
+
+    def fn(x, w, wgu, wd, backend):
+        if backend == "reference":
+            return refop_lib.reference_fused_experts(x, ids, w, wgu, wd, act)
+        return getattr(torch.ops, NAMESPACE[backend]).fused_experts(x, ids, w, wgu, wd, act)
+    return fn, (x, w, wgu, wd)
+
+
+def case_fused_moe(dtype, variant, g):
+    T, H, I, E, k = 7, 8, 4, 8, 2
+    x = _rand(T, H, dtype=dtype, g=g)
+    logits = _rand(T, E, dtype=dtype, g=g)
+    wgu = (_rand(E, 2 * I, H, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    wd = (_rand(E, H, I, g=g, requires_grad=False) * 0.5).to(dtype).requires_grad_()
+    if variant == "deepseek":
+        bias = torch.randn(E, generator=g, dtype=torch.float64).to(dtype) * 0.1
+        args = (k, "swiglu", "sigmoid", True, 4, 2, bias, 2.5)
+    else:
+        args = (k, "swiglu", "softmax", True, 0, 0, None, 1.0)
+
+    def fn(x, logits, wgu, wd, backend):
+        if backend == "reference":
+            return refop_lib.reference_fused_moe(x, logits, wgu, wd, *args)
+        return getattr(torch.ops, NAMESPACE[backend]).fused_moe(x, logits, wgu, wd, *args)
+    return fn, (x, logits, wgu, wd)
+
+
 CASES = {
     "topk_gating": (case_gating, ["softmax", "softmax_renorm", "sigmoid", "sigmoid_group"]),
     "permute": (case_permute, ["plain", "block"]),
@@ -176,19 +225,51 @@ PARAMS = [(op, v) for op, (_, vs) in CASES.items() for v in vs]
 ALL_BACKENDS = sorted({b for op in CASES for b in op_backends(op)})
 
 
+# Ops whose kernels run in an op's forward + backward (for per-backend dtype support declarations).
+CHAIN = {"topk_gating": ["topk_gating"], "permute": ["permute", "unpermute"], "unpermute": ["unpermute"],
+         "capacity_dispatch": ["capacity_dispatch", "capacity_combine"], "capacity_combine": ["capacity_combine"],
+         "grouped_gemm": ["grouped_gemm", "grouped_gemm_wgrad"],
+         "grouped_gemm_wgrad": ["grouped_gemm_wgrad", "grouped_gemm"],
+         "moe_forward": list(moe_ops.backend.OP_NAMES) + ["moe_forward"]}
+CHAIN["fused_experts"] = CHAIN["fused_moe"] = CHAIN["moe_forward"]
+
+
+def _skip_unsupported(backend, op, dtype):
+    from tests.utils import unsupported_reason
+    for o in CHAIN[op]:
+        why = unsupported_reason(backend, o, dtype)
+        if why:
+            pytest.skip(f"{backend} does not support {o} in {dtype}: {why}")
+
+
+def _gradcheck(fn, inputs, backend, **kw):
+    """Full gradcheck for the cheap test namespace; fast mode (random projections, a handful of
+    evaluations) for real kernels, which may be slow (the Triton interpreter)."""
+    return torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6,
+                                    fast_mode=backend not in ("testref", "reference"), **kw)
+
+
 def _call(fn, inputs, backend):
     return fn(*inputs, backend)
 
 
 def _accepts_float64(fn, inputs, backend):
+    """Whether ``backend`` computes this float64 case in float64 precision (gradcheck's finite
+    differences need it). A backend that rejects float64, or accepts it but computes at float32
+    precision, is skipped by the callers with that reason."""
+    args = [t.detach() for t in inputs]
     try:
         with torch.no_grad():
-            _call(fn, [t.detach() for t in inputs], backend)
-        return True
+            out = _call(fn, args, backend)
     except (TypeError, RuntimeError, NotImplementedError) as e:
         if "float64" in str(e) or "Double" in str(e) or "dtype" in str(e):
             return False
         raise
+    if backend in ("reference", "testref"):
+        return True
+    with torch.no_grad():
+        ref = _call(fn, args, "reference")
+    return out.dtype == torch.float64 and bool(((out - ref).abs() <= 1e-11 * (1 + ref.abs())).all())
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -199,8 +280,9 @@ def test_gradcheck(op, variant, backend, monkeypatch):
     _use(backend, monkeypatch)
     fn, inputs = CASES[op][0](torch.float64, variant, _gen(1))
     if not _accepts_float64(fn, inputs, backend):
-        pytest.skip(f"backend {backend}'s {op} does not accept float64: gradcheck needs it")
-    assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+        pytest.skip(f"backend {backend}'s {op} does not compute float64 in float64 precision: gradcheck needs it")
+    _skip_unsupported(backend, op, torch.float64)
+    assert _gradcheck(fn, inputs, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + ALL_BACKENDS)
@@ -209,8 +291,8 @@ def test_gradcheck_moe_forward(backend, monkeypatch):
     for variant in ("dropless", "capacity"):
         fn, inputs = case_moe_forward(torch.float64, variant, _gen(2))
         if not _accepts_float64(fn, inputs, backend):
-            pytest.skip(f"backend {backend} does not accept float64")
-        assert torch.autograd.gradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+            pytest.skip(f"backend {backend} does not compute float64 in float64 precision")
+        assert _gradcheck(fn, inputs, backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -221,8 +303,9 @@ def test_gradgradcheck_grouped_gemm(backend, monkeypatch):
     _use(backend, monkeypatch)
     fn, inputs = case_grouped_gemm(torch.float64, "plain", _gen(3))
     if not _accepts_float64(fn, inputs, backend):
-        pytest.skip(f"backend {backend} does not accept float64")
-    assert torch.autograd.gradgradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6)
+        pytest.skip(f"backend {backend} does not compute float64 in float64 precision")
+    assert torch.autograd.gradgradcheck(lambda *t: _call(fn, t, backend), inputs, eps=1e-6, atol=1e-6,
+                                        fast_mode=backend != "testref")
 
 
 def _grads(fn, inputs, backend, gout_seed):
@@ -240,6 +323,7 @@ def test_grads_match_reference(op, variant, backend, dtype, monkeypatch):
     if op != "moe_forward" and backend not in op_backends(op):
         pytest.skip(f"backend {backend} has no {op} kernel")
     _use(backend, monkeypatch)
+    _skip_unsupported(backend, op, dtype)
     builder = case_moe_forward if op == "moe_forward" else CASES[op][0]
     fn, inputs = builder(dtype, variant, _gen(4))
     ref_out, ref_grads = _grads(fn, inputs, "reference", 5)
@@ -274,7 +358,7 @@ def test_backward_uses_same_backend_ops(backend, monkeypatch):
     expect = {"permute": ["unpermute"], "capacity_dispatch": ["capacity_combine"],
               "grouped_gemm": ["grouped_gemm", "grouped_gemm_wgrad"]}
     for op, used in expect.items():
-        if op not in op_backends(op) and backend != "testref":
+        if backend not in op_backends(op):
             continue
         fn, inputs = CASES[op][0](torch.float32, CASES[op][1][0], _gen(6))
         out = _call(fn, inputs, backend)
@@ -311,4 +395,51 @@ def test_registration_is_idempotent_and_complete():
         q = f"{ns}::{op}"
         assert _fake.has_fake(q), q
         assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "Autograd"), q
-    assert set(_fake.op_names(ns)) == set(moe_ops.backend.OP_NAMES)
+    assert set(_fake.op_names(ns)) == set(moe_ops.backend.OP_NAMES) | {"fused_experts", "fused_moe"}
+
+
+FUSED_VARIANTS = ["swiglu", "geglu", "sentinels"]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_gradcheck_fused_experts(variant, backend):
+    refop_lib.define()
+    fn, inputs = case_fused_experts(torch.float64, variant, _gen(9))
+    if not _accepts_float64(fn, inputs, backend):
+        pytest.skip(f"backend {backend}'s fused_experts does not compute float64 in float64 precision: gradcheck needs it")
+    assert _gradcheck(fn, inputs, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_fused_experts_grads_match_reference(variant, backend, dtype):
+    refop_lib.define()
+    _skip_unsupported(backend, "fused_experts", dtype)
+    fn, inputs = case_fused_experts(dtype, variant, _gen(10))
+    ref_out, ref_grads = _grads(fn, inputs, "reference", 11)
+    out, grads = _grads(fn, inputs, backend, 11)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, ref_out, atol=atol * 4, rtol=rtol * 4)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == rg.dtype and g.shape == rg.shape
+        scale = max(1.0, float(rg.double().abs().max()))
+        torch.testing.assert_close(g.double(), rg.double(), atol=atol * scale * 8, rtol=rtol * 8,
+                                   msg=lambda m: f"grad of input {i} (fused_experts/{variant}, {backend}): {m}")
+
+
+@pytest.mark.parametrize("backend", fused_backends("fused_moe"))
+@pytest.mark.parametrize("variant", ["softmax", "deepseek"])
+def test_fused_moe_gradients(variant, backend):
+    """The whole-layer extension op: gradcheck (float64, where accepted) and float32 vs reference."""
+    refop_lib.define()
+    fn, inputs = case_fused_moe(torch.float64, variant, _gen(12))
+    if _accepts_float64(fn, inputs, backend):
+        assert _gradcheck(fn, inputs, backend)
+    fn, inputs = case_fused_moe(torch.float32, variant, _gen(13))
+    ref_out, ref_grads = _grads(fn, inputs, "reference", 14)
+    out, grads = _grads(fn, inputs, backend, 14)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)

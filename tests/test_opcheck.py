@@ -15,9 +15,11 @@ import torch
 import moe_ops
 from moe_ops import _fake
 from moe_ops import autograd as moe_autograd
-import refop_lib
+from tests import refop_lib
 
-SKIP_NS = {"moe_ops_selftest"}  # defined by test_autograd to test the machinery itself
+# Not package ops: test_autograd / this file define moe_ops_selftest* to test the machinery; the
+# SIMT emulator's moe_ops_simtest holds its self-test kernels (planted bugs, thread-id probes).
+SKIP_NS = {"moe_ops_selftest", "moe_ops_selftest2", "moe_ops_simtest"}
 
 
 def namespaces():
@@ -108,10 +110,38 @@ def samples(op, dtype=torch.float32):
             (_x(11, 4, dtype=dtype), _x(11, 6, dtype=dtype, seed=1), offs, 3),
             (_x(0, 4, dtype=dtype), _x(0, 6, dtype=dtype, seed=1), empty, 3),
         ]
+    if op == "fused_experts":
+        ids = _ids(7, 2, 4, invalid=True)
+        return [
+            (_x(7, 8, dtype=dtype), ids, _x(7, 2, dtype=wdt, seed=1), _x(4, 6, 8, dtype=dtype, seed=2) * 0.3,
+             _x(4, 8, 3, dtype=dtype, seed=3) * 0.3, "swiglu"),
+            (_x(7, 8, dtype=dtype), _ids(7, 2, 4), None, _x(4, 6, 8, dtype=dtype, seed=2) * 0.3,
+             _x(4, 8, 3, dtype=dtype, seed=3) * 0.3, "geglu"),
+            (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, _x(4, 6, 8, dtype=dtype, seed=2),
+             _x(4, 8, 3, dtype=dtype, seed=3), "swiglu"),
+        ]
+    if op == "fused_moe":
+        wgu, wd = _x(8, 6, 8, dtype=dtype, seed=2) * 0.3, _x(8, 8, 3, dtype=dtype, seed=3) * 0.3
+        bias = torch.randn(8, generator=_g(4)).to(dtype) * 0.1
+        return [
+            (_x(7, 8, dtype=dtype), _x(7, 8, dtype=dtype, seed=1), wgu, wd, 2, "swiglu", "softmax", True, 0, 0,
+             None, 1.0),
+            (_x(7, 8, dtype=dtype), _x(7, 8, dtype=dtype, seed=1), wgu, wd, 3, "swiglu", "sigmoid", True, 4, 2,
+             bias, 2.5),
+            (_x(0, 8, dtype=dtype), _x(0, 8, dtype=dtype, seed=1), wgu, wd, 2, "geglu", "softmax", False, 0, 0,
+             None, 1.0),
+        ]
     return []
 
 
+# namespace -> backend whose CPU availability says whether its ops can run here (the Triton ops
+# exist on any machine with triton, but run on CPU only under TRITON_INTERPRET=1).
+NS_BACKEND = {"moe_ops": "cpu", "moe_ops_sim": "cuda_sim", "moe_ops_triton": "triton"}
+
+
 def _has_cpu_kernel(ns, op):
+    if ns in NS_BACKEND and NS_BACKEND[ns] not in moe_ops.available_backends(device="cpu"):
+        return False
     q = f"{ns}::{op}"
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(q, k)
                for k in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd"))

@@ -19,8 +19,8 @@ Shapes: E in {1, 2, 7, 8, 64, 257, 1024, 4096}, k up to 32, T in {0, 1, ~13, ~10
 thread per CUDA thread) keeps the file within a few minutes.
 
 A backend that cannot run a dtype for an op declares it in the module that registers it:
-``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}`` (e.g. Triton's interpreter and bf16
-``tl.dot``); those combinations are skipped with the reason. ``tests.utils.UNSUPPORTED`` is the
+``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}`` or ``supported(op, dtype, device_type)``
+(e.g. Triton's interpreter and bf16 ``tl.dot``); those combinations are skipped with the reason. ``tests.utils.UNSUPPORTED`` is the
 test-side equivalent keyed ``(backend, op, dtype)``.
 
 ``test_machinery_catches_broken_backend`` registers deliberately broken backends under a
@@ -225,7 +225,7 @@ PARAMS = _params()
 
 @pytest.mark.parametrize("op,device,name,dtype,case,idx", PARAMS)
 def test_op_matches_reference(op, device, name, dtype, case, idx):
-    reason = unsupported_reason(name, op, dtype)
+    reason = unsupported_reason(name, op, dtype, device)
     if reason:
         pytest.skip(f"{name} does not support {op} in {dtype}: {reason}")
     # salt the case index with the dtype so each dtype sees a different variant of the case
@@ -281,8 +281,22 @@ def _broken_ops(kind):
         hi = R.grouped_gemm(a[:, h:].float(), bb[:, h:].float(), offs, False)
         return (lo + hi).to(a.dtype)
 
+    def gating_own_sigmoid(logits, k, scoring, renorm, ng, tg, bias, scale):
+        # a kernel-like router: sigmoid as 1/(1+exp(-x)) (other rounding), sum of weights in
+        # reverse order -- legitimately different in the last bits
+        if scoring != "sigmoid" or ng:
+            return R.topk_gating(logits, k, scoring, renorm, ng, tg, bias, scale)
+        x = logits.float()
+        keys = 1.0 / (1.0 + torch.exp(-x)) + (0.0 if bias is None else bias.float())
+        ids = R.rank_order(keys)[:, :k]
+        w = (1.0 / (1.0 + torch.exp(-x))).gather(1, ids)
+        if renorm:
+            w = w / (w.flip(1).cumsum(1)[:, -1:] + 1e-20)
+        return w * scale, ids.to(torch.int32)
+
     table = {
         "correct": ("permute", R.permute, (64, 8, 100, 8), 1),
+        "correct_gating_other_rounding": ("topk_gating", gating_own_sigmoid, (257, 32, 13, 8), 2),
         "correct_gemm_split_k": ("grouped_gemm", gemm_split_k, (7, 3, 13, 200), 0),
         "permute_garbage_padding": ("permute", permute_garbage_padding, (8, 2, 100, 64), 1),
         "permute_unstable": ("permute", permute_unstable, (8, 2, 100, 64), 0),
@@ -309,7 +323,7 @@ def fake_backend(monkeypatch):
     _backend._BACKENDS.pop(FAKE, None)
 
 
-@pytest.mark.parametrize("kind", ["correct", "correct_gemm_split_k", "permute_garbage_padding", "permute_unstable",
+@pytest.mark.parametrize("kind", ["correct", "correct_gemm_split_k", "correct_gating_other_rounding", "permute_garbage_padding", "permute_unstable",
                                   "gating_ties_to_higher_index", "gemm_bf16_accumulation",
                                   "gemm_nondeterministic", "unpermute_reads_padding",
                                   "combine_renormalizes", "dispatch_wrong_priority"])

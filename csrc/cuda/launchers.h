@@ -35,7 +35,8 @@ constexpr size_t kGatingMaxGroupSmem = 48 * 1024;
 // Whether (E, n_group) fits the group-limited path's shared memory.
 bool topk_gating_supported(int E, int n_group);
 
-// logits[T,E] (dtype), bias[E] float32 or nullptr -> weights[T,k] f32, ids[T,k] i32.
+// logits[T,E] (float32/float16/bfloat16; computed in float32), bias[E] float32 or nullptr
+// -> weights[T,k] f32, ids[T,k] i32.
 // scoring: 0 = softmax, 1 = sigmoid. n_group = 0: not group-limited.
 void topk_gating(const void* logits, DType dtype, const float* bias, int64_t T, int E, int k, int scoring,
                  bool renormalize, int n_group, int topk_group, float scaling_factor, float* weights, int* ids,
@@ -49,8 +50,9 @@ void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* 
              void* x_sorted, int* sorted_slots, int* expert_offsets, int* slot_rows, void* workspace,
              StreamHandle stream);
 
-// y[P,H] (dtype), slot_rows[T*k], weights[T,k] f32 or nullptr -> out[T,H] (dtype).
-void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const float* weights,
+// y[P,H] (dtype), slot_rows[T*k], weights[T,k] or nullptr -> out[T,H] (dtype). weights (and the
+// accumulator) are float32, float64 when dtype is float64.
+void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights,
                int64_t T, int k, void* out, StreamHandle stream);
 
 size_t capacity_workspace_bytes(int64_t T, int k, int E, int C);
@@ -59,9 +61,9 @@ void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, c
                        int C, bool kmajor, void* buf, int* slot_pos, int* demand, int* kept, void* workspace,
                        StreamHandle stream);
 
-// buf[E,C,H] (dtype), ids[T,k], slot_pos[T,k], weights[T,k] f32 or nullptr -> out[T,H] (dtype).
+// buf[E,C,H] (dtype), ids[T,k], slot_pos[T,k], weights[T,k] or nullptr (as unpermute) -> out[T,H].
 void capacity_combine(const void* buf, DType dtype, int E, int C, int64_t H, const int* ids, const int* slot_pos,
-                      const float* weights, int64_t T, int k, void* out, StreamHandle stream);
+                      const void* weights, int64_t T, int k, void* out, StreamHandle stream);
 
 }  // namespace launchers
 }  // namespace moe_ops

@@ -67,7 +67,8 @@ struct Ops {
     to_dtype(*w, "weights");
     TORCH_CHECK(w->dim() == 2 && w->size(0) == T && w->size(1) == k, "moe_ops::", op, ": weights must be [", T, ", ",
                 k, "], got ", w->sizes());
-    return w->to(at::kFloat).contiguous();
+    // the kernels' accumulator type: float32, float64 when the data is float64
+    return w->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   }
 
   static std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits_in, int64_t k,
@@ -78,6 +79,8 @@ struct Ops {
     const char* op = "topk_gating";
     check_device(logits_in, op, "logits");
     const auto dtype = to_dtype(logits_in, "logits");
+    TORCH_CHECK(dtype != launchers::DType::kFloat64, "moe_ops::topk_gating (", B::kName,
+                "): float64 logits are not supported (the kernel computes in float32); pass float32");
     TORCH_CHECK(logits_in.dim() == 2, "moe_ops::topk_gating: logits must be 2-D [T, E], got ", logits_in.sizes());
     const int64_t T = logits_in.size(0), E = logits_in.size(1);
     TORCH_CHECK(E >= 1 && E <= launchers::kGatingMaxExperts, "moe_ops::topk_gating (", B::kName,
@@ -171,7 +174,7 @@ struct Ops {
     const at::Tensor slot_rows = slot_rows_in.contiguous();
     at::Tensor out = at::empty({T, H}, y.options());
     launchers::unpermute(y.data_ptr(), dtype, y.size(0), H, slot_rows.data_ptr<int>(),
-                         weights ? weights->data_ptr<float>() : nullptr, T, static_cast<int>(k), out.data_ptr(),
+                         weights ? weights->data_ptr() : nullptr, T, static_cast<int>(k), out.data_ptr(),
                          B::stream(y));
     return out;
   }
@@ -235,7 +238,7 @@ struct Ops {
     at::Tensor out = at::empty({T, H}, buf.options());
     launchers::capacity_combine(buf.data_ptr(), dtype, static_cast<int>(E), static_cast<int>(C), H,
                                 ids.data_ptr<int>(), slot_pos.data_ptr<int>(),
-                                weights ? weights->data_ptr<float>() : nullptr, T, static_cast<int>(k),
+                                weights ? weights->data_ptr() : nullptr, T, static_cast<int>(k),
                                 out.data_ptr(), B::stream(buf));
     return out;
   }

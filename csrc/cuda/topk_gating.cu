@@ -65,7 +65,13 @@ void topk_gating(const void* logits, DType dtype, const float* bias, int64_t T, 
   p.n_group = n_group > 0 ? n_group : 0;
   p.topk_group = topk_group;
   p.scaling = scaling_factor;
-  detail::dispatch_dtype(dtype, [&](auto tag) { launch_gating<decltype(tag)>(p, detail::to_stream(stream)); });
+  const Stream st = detail::to_stream(stream);
+  switch (dtype) {  // float64 is rejected by the binding (DESIGN.md: the router works in float32)
+    case DType::kFloat32: launch_gating<float>(p, st); break;
+    case DType::kFloat16: launch_gating<__half>(p, st); break;
+    case DType::kBFloat16: launch_gating<__nv_bfloat16>(p, st); break;
+    default: throw std::invalid_argument("moe_ops: topk_gating supports float32/float16/bfloat16 logits");
+  }
 }
 
 }  // namespace launchers

@@ -273,9 +273,11 @@ __global__ void topk_gating_warp_kernel(GatingParams p) {
   gating_row<T, VPT>(p, row, team, grp);
 }
 
-// Block per row (blockDim.x a multiple of 32, >= 32). Dynamic smem: one group region.
+// Block per row (blockDim.x a multiple of 32, >= 32, <= 1024). Dynamic smem: one group region.
+// The launch bound keeps ptxas at <= 64 registers so a 1024-thread block (E > 14336) fits the
+// 64K-register file of an SM.
 template <typename T, int VPT>
-__global__ void topk_gating_block_kernel(GatingParams p) {
+__global__ void __launch_bounds__(1024) topk_gating_block_kernel(GatingParams p) {
   __shared__ unsigned long long s_u[2][32];
   __shared__ float s_f[2][32];
   MOE_DYNAMIC_SMEM(unsigned char, smem);

@@ -1,0 +1,133 @@
+"""CPU layer forward vs transformers and the roofline, robust to a shared machine.
+
+    PYTHONPATH=. python bench/cpu_layer.py --E 64 --T 512 --H 1024 --I 2048 --k 2 --dtype bf16
+
+Implementations are timed round-robin (rep 1 of every implementation, then rep 2, ...) so
+background load hits all of them alike; reported are medians of wall time and of process CPU
+time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Implementations:
+
+* ``cpu``: ``moe_forward(..., backend="cpu")`` (router kernel + fused_experts);
+* ``cpu_experts``: ``moe_ops::fused_experts`` alone (routing given);
+* ``hf_grouped_mm`` / ``hf_eager``: transformers' MixtralExperts (default grouped_mm path /
+  eager per-expert loop) behind transformers' router math;
+* ``dense``: matmuls with the layer's FLOPs in the layer dtype; ``dense_fp32``: the same in
+  float32 (MKL sgemm: this CPU has no native bf16 GEMM, so this is its real compute ceiling);
+* ``weight_read``: one read of the touched experts' weights (amax over an int32 view).
+
+floor = max(min(dense, dense_fp32), weight_read).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import moe_ops
+
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def hf_experts(E, H, I, k, wgu, wd, impl):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k,
+                        hidden_act="silu")
+    cfg._experts_implementation = impl
+    with torch.device("meta"):
+        ex = MixtralExperts(cfg)
+    ex.gate_up_proj = torch.nn.Parameter(wgu, requires_grad=False)
+    ex.down_proj = torch.nn.Parameter(wd, requires_grad=False)
+    return ex
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--E", type=int, default=64)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--H", type=int, default=1024)
+    p.add_argument("--I", type=int, default=2048)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DT))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--impls", default="cpu,cpu_experts,hf_grouped_mm,hf_eager,dense,dense_fp32,weight_read")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dt = DT[a.dtype]
+    E, T, H, I, k = a.E, a.T, a.H, a.I, a.k
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(dt)
+    logits = torch.randn(T, E, generator=g)
+    wgu = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dt)
+    wd = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dt)
+    weights, ids = moe_ops.topk_gating(logits, k)
+    hit = int((torch.bincount(ids.reshape(-1).long(), minlength=E) > 0).sum())
+    flops = 2 * T * k * 3 * H * I
+
+    impls = {}
+    want = a.impls.split(",")
+    if "cpu" in want:
+        impls["cpu"] = lambda: moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu")
+    if "cpu_experts" in want:
+        impls["cpu_experts"] = lambda: torch.ops.moe_ops.fused_experts(x, ids, weights, wgu, wd, "swiglu")
+    for impl in ("grouped_mm", "eager"):
+        if f"hf_{impl}" in want:
+            ex = hf_experts(E, H, I, k, wgu, wd, impl)
+
+            def hf(ex=ex):
+                w, i = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+                return ex(x, i, w)
+            impls[f"hf_{impl}"] = hf
+    M = T * k
+    for name, ddt in (("dense", dt), ("dense_fp32", torch.float32)):
+        if name in want:
+            mats = [(torch.randn(M, H).to(ddt), torch.randn(H, 2 * I).to(ddt)),
+                    (torch.randn(M, I).to(ddt), torch.randn(I, H).to(ddt))]
+            impls[name] = lambda mats=mats: [u @ v for u, v in mats]
+    if "weight_read" in want:
+        views = [w[:hit].reshape(-1).view(torch.int32) for w in (wgu, wd)]
+        impls["weight_read"] = lambda: [torch.amax(v) for v in views]
+
+    with torch.inference_mode():
+        ref = moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu") if "cpu" in impls else None
+        wall = {n: [] for n in impls}
+        cpu = {n: [] for n in impls}
+        for n, f in impls.items():  # warm-up
+            f()
+        for _ in range(a.reps):
+            for n, f in impls.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                f()
+                t1, c1 = time.perf_counter(), time.process_time()
+                wall[n].append((t1 - t0) * 1e3)
+                cpu[n].append((c1 - c0) * 1e3)
+        if ref is not None and "hf_grouped_mm" in impls:
+            out = impls["hf_grouped_mm"]()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        else:
+            err = float("nan")
+    try:
+        load = open("/proc/loadavg").read().split()[0]
+    except OSError:
+        load = "?"
+    med = {n: statistics.median(v) for n, v in wall.items()}
+    medc = {n: statistics.median(v) for n, v in cpu.items()}
+    floor_n = [med[n] for n in ("dense", "dense_fp32") if n in med]
+    floor = max(min(floor_n) if floor_n else 0.0, med.get("weight_read", 0.0))
+    print(f"E={E} T={T} H={H} I={I} k={k} {a.dtype} threads={torch.get_num_threads()} touched={hit} "
+          f"reps={a.reps} load={load} rel_err(cpu vs hf)={err:.2e}")
+    print(f"{'impl':14s} {'wall ms':>9s} {'(min..max)':>19s} {'cpu ms':>9s} {'GFLOP/s':>8s} {'vs cpu':>7s}")
+    for n in impls:
+        v = wall[n]
+        rel = med[n] / med["cpu"] if "cpu" in med else float("nan")
+        print(f"{n:14s} {med[n]:9.2f} ({min(v):8.2f}..{max(v):8.2f}) {medc[n]:9.2f} "
+              f"{flops / med[n] / 1e6:8.1f} {rel:7.2f}")
+    if "cpu" in med:
+        print(f"floor {floor:.2f} ms; cpu / floor = {med['cpu'] / floor:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+// Row combine shared by unpermute, capacity_combine and the fused experts path:
+// out[t] = sum_j w[t,j] * src[row(t,j)] with a float32 (float64 for float64) row accumulator,
+// j ascending, multiply-then-add like the reference, one rounded store per token. Tokens run in
+// parallel; each output row is written by exactly one task.
+#pragma once
+
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace moe_cpu {
+
+// Grain (rows per task) so a task moves ~64 KiB.
+inline int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(row_bytes, 1));
+}
+
+// out[t] = sum_j w[t,j] * src[row(t,j)] over rows in [0, R); shared by unpermute and
+// capacity_combine. `row_of(t, j)` returns the source row or -1.
+template <class RowOf>
+void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
+                  const c10::optional<at::Tensor>& weights, RowOf row_of, at::Tensor& out) {
+  const int64_t H = src.size(-1);
+  if (src.scalar_type() == at::kDouble) {
+    at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
+    const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
+    const double* s = src.data_ptr<double>();
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, T_, row_grain(H * 8), [&](int64_t t0, int64_t t1) {
+      std::vector<double> acc(H);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = row_of(t, j);
+          if (r < 0 || r >= R) continue;
+          const double* y = s + r * H;
+          if (wp) { const double wj = wp[t * k + j]; for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + wj * y[h]; }
+          else for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + y[h];
+        }
+        std::memcpy(o + t * H, acc.data(), H * sizeof(double));
+      }
+    });
+    return;
+  }
+  const DType dt = to_dtype(src.scalar_type());
+  const DType odt = to_dtype(out.scalar_type());  // may differ (fused path: f32 rows -> x dtype)
+  const int64_t es = dtype_size(dt), oes = dtype_size(odt);
+  at::Tensor w = weights.has_value() ? weights->to(at::kFloat).contiguous() : at::Tensor();
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, T_, row_grain(H * es), [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = row_of(t, j);
+        if (r < 0 || r >= R) continue;
+        if (wp) row_axpy_f32(acc.data(), wp[t * k + j], s + r * H * es, dt, H);
+        else row_add_f32(acc.data(), s + r * H * es, dt, H);
+      }
+      row_from_f32(acc.data(), o + t * H * oes, odt, H);
+    }
+  });
+}
+
+}  // namespace moe_cpu

@@ -1,0 +1,138 @@
+// fused_experts on CPU: the dropless expert half of an MoE layer in one op.
+//
+//   x[T,H], ids[T,k], weights[T,k]?, w_gate_up[E,2I,H], w_down[E,H,I] -> out[T,H]
+//
+// Dataflow: stable placement of the T*k slots by expert (as permute, block_m=1) -> gather the
+// routed token rows straight into the packed float32 A operand (no x_sorted tensor) ->
+// GEMM1 tiles (expert, I-column block, row chunk) compute the gate and up columns of the same
+// block together and apply the gated activation in the epilogue, writing the packed A operand
+// of GEMM2 -> GEMM2 tiles write each slot's expert output -> weighted combine per token in j
+// order. Intermediates are rounded through the model dtype exactly where the unfused pipeline
+// stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
+// -> unpermute up to the activation's libm rounding. Thread-count independent (see kernels.h).
+//
+// The schema is defined here as a fragment of the moe_ops library (it is a CPU-only extension op,
+// not part of the cross-backend contract in csrc/schemas.h); a Meta kernel gives its shape.
+#include <string>
+
+#include "combine.h"
+
+namespace moe_cpu {
+namespace {
+
+at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
+                             const c10::optional<at::Tensor>& weights, const at::Tensor& wgu_in,
+                             const at::Tensor& wd_in, c10::string_view activation) {
+  const char* op = "fused_experts";
+  check_cpu(x_in, op, "x");
+  check_cpu(ids_in, op, "ids");
+  check_cpu(wgu_in, op, "w_gate_up");
+  check_cpu(wd_in, op, "w_down");
+  check_int32(ids_in, op, "ids");
+  TORCH_CHECK(is_kernel_dtype(x_in.scalar_type()), "moe_ops::fused_experts (cpu): x must be float16/bfloat16/float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(wgu_in.scalar_type() == x_in.scalar_type() && wd_in.scalar_type() == x_in.scalar_type(),
+              "moe_ops::fused_experts (cpu): x, w_gate_up and w_down must share a dtype");
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0),
+              "moe_ops::fused_experts (cpu): need x[T,H] and ids[T,k], got ", x_in.sizes(), " and ", ids_in.sizes());
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), S = T_ * k;
+  TORCH_CHECK(wgu_in.dim() == 3 && wgu_in.size(1) % 2 == 0 && wgu_in.size(2) == H,
+              "moe_ops::fused_experts (cpu): w_gate_up must be [E, 2I, H=", H, "], got ", wgu_in.sizes());
+  const int64_t E = wgu_in.size(0), I = wgu_in.size(1) / 2;
+  TORCH_CHECK(wd_in.dim() == 3 && wd_in.size(0) == E && wd_in.size(1) == H && wd_in.size(2) == I,
+              "moe_ops::fused_experts (cpu): w_down must be [E=", E, ", H=", H, ", I=", I, "], got ", wd_in.sizes());
+  const std::string act(activation.data(), activation.size());
+  TORCH_CHECK(act == "swiglu" || act == "geglu", "moe_ops::fused_experts (cpu): unknown activation ", act);
+  if (weights.has_value()) {
+    check_cpu(*weights, op, "weights");
+    check_float(*weights, op, "weights");
+    TORCH_CHECK(weights->sizes() == ids_in.sizes(), "moe_ops::fused_experts (cpu): weights must be ",
+                ids_in.sizes(), ", got ", weights->sizes());
+  }
+  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
+  const at::Tensor wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
+  at::Tensor out = at::empty({T_, H}, x.options());
+  if (T_ == 0 || H == 0) return out;
+
+  const DType dt = to_dtype(x.scalar_type());
+  const int64_t es = dtype_size(dt);
+  const bool swiglu = act == "swiglu";
+
+  // 1. placement: row of every slot, grouped by expert, slots ascending within an expert.
+  const int32_t* id = ids.data_ptr<int32_t>();
+  std::vector<int32_t> slot_rows(static_cast<size_t>(S));
+  std::vector<int64_t> counts(E), offs(E + 1);
+  stable_ranks(S, E, [&](int64_t s) { return static_cast<int64_t>(id[s]); }, slot_rows.data(), counts.data());
+  offs[0] = 0;
+  for (int64_t e = 0; e < E; ++e) offs[e + 1] = offs[e] + counts[e];
+  const int64_t Sv = offs[E];
+  std::vector<int64_t> row_slot(static_cast<size_t>(Sv));
+  for (int64_t s = 0; s < S; ++s)
+    if (slot_rows[s] >= 0) {
+      slot_rows[s] = static_cast<int32_t>(offs[id[s]] + slot_rows[s]);
+      row_slot[slot_rows[s]] = s;
+    }
+
+  at::Tensor ybuf = at::empty({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
+  if (Sv > 0 && I > 0) {
+    // 2. gather + pack the routed rows (GEMM1's A operand).
+    const int64_t Hp = padded_k(H), Ip = padded_k(I);
+    at::Tensor a1 = at::empty({Sv, Hp}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = at::zeros({Sv, Ip}, x.options().dtype(at::kFloat));
+    float* A1 = a1.data_ptr<float>();
+    float* A2 = a2.data_ptr<float>();
+    const char* xp = static_cast<const char*>(x.data_ptr());
+    at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) pack_row_nt(xp + (row_slot[r] / k) * H * es, dt, H, dt, A1 + r * Hp);
+    });
+
+    // 3. GEMM1 + gated activation: gate and up columns of one block in the same tile.
+    const char* wgup = static_cast<const char*>(wgu.data_ptr());
+    const int64_t nb1 = nt_col_block(offs, I, H, 2 * es);
+    run_tiles(make_tiles(offs, I, H, nb1, 256, 8.0 * es), [&](const Tile& t) {
+      thread_local std::vector<float> g, u;
+      const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+      g.resize(static_cast<size_t>(rows * cols));
+      u.resize(static_cast<size_t>(rows * cols));
+      const char* we = wgup + t.e * 2 * I * H * es;
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols);
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + (I + t.n0) * H * es, dt, H, H, u.data(), cols, rows, cols);
+      gated_act_rows(g.data(), u.data(), g.data(), rows * cols, dt, swiglu);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* dst = A2 + (t.m0 + i) * Ip;
+        if (dt != DType::BF16) std::memcpy(dst + t.n0, g.data() + i * cols, cols * sizeof(float));
+        else for (int64_t j = 0; j < cols; ++j) dst[pack_index(t.n0 + j, dt)] = g[i * cols + j];
+      }
+    });
+
+    // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
+    const char* wdp = static_cast<const char*>(wd.data_ptr());
+    float* Y = ybuf.data_ptr<float>();
+    const int64_t nb2 = nt_col_block(offs, H, I, es);
+    run_tiles(make_tiles(offs, H, I, nb2, 256, 4.0 * es), [&](const Tile& t) {
+      thread_local std::vector<float> c;
+      const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+      c.resize(static_cast<size_t>(rows * cols));
+      gemm_nt_block(A2 + t.m0 * Ip, Ip, wdp + (t.e * H + t.n0) * I * es, dt, I, I, c.data(), cols, rows, cols);
+      for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, dt);
+    });
+  } else if (Sv > 0) {
+    ybuf.zero_();  // I == 0: every expert outputs zeros
+  }
+
+  // 5. weighted combine in j order.
+  combine_rows(ybuf, Sv, T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(slot_rows[t * k + j]); }, out);
+  return out;
+}
+
+at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor& ids, const c10::optional<at::Tensor>& weights,
+                              const at::Tensor& w_gate_up, const at::Tensor& w_down, c10::string_view activation) {
+  return at::empty(x.sizes(), x.options());
+}
+
+}  // namespace
+}  // namespace moe_cpu
+
+// Schema: csrc/schemas.h (kNativeOnlySchemas).
+TORCH_LIBRARY_IMPL(moe_ops, CPU, m) { m.impl("fused_experts", &moe_cpu::fused_experts_cpu); }
+TORCH_LIBRARY_IMPL(moe_ops, Meta, m) { m.impl("fused_experts", &moe_cpu::fused_experts_meta); }

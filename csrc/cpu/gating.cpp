@@ -1,0 +1,139 @@
+// topk_gating on CPU: logits[T,E] -> (weights[T,k], ids[T,k] int32).
+//
+// Dataflow per token row (rows in parallel): widen the logits to the accumulation type
+// (float32; float64 stays float64), scores = softmax/sigmoid, selection keys (the logit itself
+// for unbiased softmax, else score + bias), optional group limiting (keys outside the
+// topk_group best groups -> -inf), then a stable insertion top-k under the ranking rule
+// (descending, NaN lowest, ties to the lower index), weights = unbiased scores of the winners,
+// renormalised and scaled. Any E; O(E*k) worst case per row, O(E) typical.
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace moe_cpu {
+namespace {
+
+// Ranking rule: x strictly above y (NaN below everything, -0.0 == +0.0).
+template <class T>
+inline bool ranks_above(T x, T y) {
+  if (std::isnan(x)) return false;
+  if (std::isnan(y)) return true;
+  return x > y;
+}
+
+// Top-n indices of key[0..len) by the ranking rule into out[0..n); stable (ties -> lower index).
+template <class T>
+void top_n(const T* key, int64_t len, int64_t n, int32_t* out) {
+  int64_t size = 0;
+  for (int64_t e = 0; e < len; ++e) {
+    const T v = key[e];
+    if (size == n && !ranks_above(v, key[out[n - 1]])) continue;
+    int64_t p = size < n ? size++ : n - 1;
+    while (p > 0 && ranks_above(v, key[out[p - 1]])) {
+      out[p] = out[p - 1];
+      --p;
+    }
+    out[p] = static_cast<int32_t>(e);
+  }
+}
+
+template <class T>
+void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, bool renorm,
+               int64_t n_group, int64_t topk_group, const T* bias, T scale, T* w_out,
+               int32_t* id_out) {
+  const bool key_is_logit = !sigmoid && bias == nullptr;
+  const int64_t G = n_group > 0 ? E / n_group : E;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1));
+  at::parallel_for(0, T_, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<T> scores(E), keys(E), gscore(std::max<int64_t>(n_group, 1));
+    std::vector<int32_t> top(std::max<int64_t>({k, n_group, int64_t(2)}));
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* x = logits + t * E;
+      if (sigmoid) {
+        for (int64_t e = 0; e < E; ++e) scores[e] = T(1) / (T(1) + std::exp(-x[e]));
+      } else {
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t e = 0; e < E; ++e) m = (std::isnan(x[e]) || x[e] > m) && !std::isnan(m) ? x[e] : m;
+        T sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(x[e] - m));
+        for (int64_t e = 0; e < E; ++e) scores[e] = scores[e] / sum;
+      }
+      for (int64_t e = 0; e < E; ++e)
+        keys[e] = key_is_logit ? x[e] : scores[e] + (bias ? bias[e] : T(0));
+      if (n_group > 0) {
+        const int64_t two = std::min<int64_t>(2, G);
+        for (int64_t g = 0; g < n_group; ++g) {
+          top_n(keys.data() + g * G, G, two, top.data());
+          gscore[g] = two == 2 ? keys[g * G + top[0]] + keys[g * G + top[1]] : keys[g * G + top[0]];
+        }
+        top_n(gscore.data(), n_group, topk_group, top.data());
+        std::vector<char> keep(n_group, 0);
+        for (int64_t i = 0; i < topk_group; ++i) keep[top[i]] = 1;
+        for (int64_t g = 0; g < n_group; ++g)
+          if (!keep[g])
+            for (int64_t e = g * G; e < (g + 1) * G; ++e) keys[e] = -std::numeric_limits<T>::infinity();
+      }
+      int32_t* ids = id_out + t * k;
+      T* w = w_out + t * k;
+      top_n(keys.data(), E, k, ids);
+      for (int64_t j = 0; j < k; ++j) w[j] = scores[ids[j]];
+      if (renorm) {
+        T s = 0;
+        for (int64_t j = 0; j < k; ++j) s += w[j];
+        const T d = s + T(1e-20);
+        for (int64_t j = 0; j < k; ++j) w[j] = w[j] / d;
+      }
+      for (int64_t j = 0; j < k; ++j) w[j] = w[j] * scale;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int64_t k,
+                                                   c10::string_view scoring, bool renormalize,
+                                                   int64_t n_group, int64_t topk_group,
+                                                   const c10::optional<at::Tensor>& correction_bias,
+                                                   double scaling_factor) {
+  const char* op = "topk_gating";
+  check_cpu(logits, op, "logits");
+  check_float(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2, "moe_ops::topk_gating (cpu): logits must be 2-D, got ", logits.sizes());
+  const int64_t T_ = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E >= 1 && k >= 1 && k <= E, "moe_ops::topk_gating (cpu): need 1 <= k <= E, got k=", k, " E=", E);
+  const std::string sc(scoring.data(), scoring.size());
+  TORCH_CHECK(sc == "softmax" || sc == "sigmoid", "moe_ops::topk_gating (cpu): unknown scoring ", sc);
+  if (n_group > 0) {
+    TORCH_CHECK(E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                    k <= topk_group * (E / n_group),
+                "moe_ops::topk_gating (cpu): bad group routing n_group=", n_group,
+                " topk_group=", topk_group, " for E=", E, " k=", k);
+  }
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor x = logits.to(acc).contiguous();
+  at::Tensor bias;
+  if (correction_bias.has_value()) {
+    check_cpu(*correction_bias, op, "correction_bias");
+    check_float(*correction_bias, op, "correction_bias");
+    TORCH_CHECK(correction_bias->numel() == E, "moe_ops::topk_gating (cpu): correction_bias needs ", E, " entries");
+    bias = correction_bias->to(acc).contiguous();
+  }
+  at::Tensor w = at::empty({T_, k}, x.options());
+  at::Tensor ids = at::empty({T_, k}, x.options().dtype(at::kInt));
+  AT_DISPATCH_SWITCH(acc, "topk_gating_cpu", AT_DISPATCH_CASE(at::kFloat, [&] {
+    gate_rows<float>(x.data_ptr<float>(), T_, E, k, sc == "sigmoid", renormalize, n_group, topk_group,
+                     bias.defined() ? bias.data_ptr<float>() : nullptr, static_cast<float>(scaling_factor),
+                     w.data_ptr<float>(), ids.data_ptr<int32_t>());
+  }) AT_DISPATCH_CASE(at::kDouble, [&] {
+    gate_rows<double>(x.data_ptr<double>(), T_, E, k, sc == "sigmoid", renormalize, n_group, topk_group,
+                      bias.defined() ? bias.data_ptr<double>() : nullptr, scaling_factor,
+                      w.data_ptr<double>(), ids.data_ptr<int32_t>());
+  }));
+  return {w, ids};
+}
+
+}  // namespace
+}  // namespace moe_cpu
+
+TORCH_LIBRARY_IMPL(moe_ops, CPU, m) { m.impl("topk_gating", &moe_cpu::topk_gating_cpu); }

@@ -1,0 +1,573 @@
+// Torch-free CPU kernels: dtype row helpers and the two block GEMMs (see kernels.h).
+//
+// Dataflow of a block GEMM call: A (float32, packed by the op) x B (weights, read in place in
+// their dtype) -> C (float32 scratch tile; the op rounds/stores it). Two register-blocked
+// micro-kernels:
+//   * NT ("dot"): C[i,j] = <A_i, B_j> with B rows contiguous along the reduction -- the layout of
+//     HF/moe_ops weights (w_gate_up[E,2I,H], w_down[E,H,I], trans_b). 4x3 tiles of 8-lane
+//     accumulators, one horizontal sum per output; bf16 weights widen with shift/mask only.
+//   * NN ("broadcast"): C[i,j..j+16] += A[i,r] * B[r,j..j+16] for B rows contiguous along the
+//     output dim (trans_b=False and weight gradients); 6x16 tiles.
+// The AVX2 code is compiled with a function-level target (no global -mavx2), and chosen at run
+// time, so the extension still loads on CPUs without AVX2.
+#include "kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace moe_cpu {
+namespace {
+
+inline float load_scalar(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  }
+}
+
+inline void store_scalar(void* p, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
+    default: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+  }
+}
+
+// ------------------------------------------------------------------------ portable fallback
+void row_to_f32_scalar(const void* src, DType dt, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_scalar(src, dt, i);
+}
+void row_axpy_scalar(float* acc, float w, const void* src, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    volatile float p = w * load_scalar(src, dt, i);  // no FMA contraction: mul, then add
+    acc[i] = acc[i] + p;
+  }
+}
+void row_add_scalar(float* acc, const void* src, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + load_scalar(src, dt, i);
+}
+void row_from_f32_scalar(const float* src, void* dst, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store_scalar(dst, dt, i, src[i]);
+}
+void gemm_nt_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
+                    float* C, int64_t ldc, int64_t M, int64_t N) {
+  const int64_t es = dtype_size(dt);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      const void* b = static_cast<const char*>(B) + j * ldb * es;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(A[i * lda + pack_index(k, dt)], load_scalar(b, dt, k), acc);
+      C[i * ldc + j] = acc;
+    }
+}
+void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
+                    float* C, int64_t ldc, int64_t M, int64_t N) {
+  const int64_t es = dtype_size(dt);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.f;
+      for (int64_t r = 0; r < R; ++r)
+        acc = std::fma(A[i * lda + r], load_scalar(static_cast<const char*>(B) + r * ldb * es, dt, j), acc);
+      C[i * ldc + j] = acc;
+    }
+}
+
+}  // namespace
+}  // namespace moe_cpu
+
+// ------------------------------------------------------------------------------------ AVX2
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_CPU_X86 1
+#include <immintrin.h>
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace moe_cpu {
+namespace {
+
+// 8 consecutive values of dtype DT at p, widened to float32.
+template <DType DT>
+inline __m256 load8(const void* p) {
+  if constexpr (DT == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p));
+  } else if constexpr (DT == DType::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  } else {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+}
+
+template <DType DT>
+inline void store8(void* p, __m256 x) {
+  if constexpr (DT == DType::F32) {
+    _mm256_storeu_ps(static_cast<float*>(p), x);
+  } else if constexpr (DT == DType::F16) {
+    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    // Round to nearest even (c10::BFloat16's rule), NaN -> 0x7FC0.
+    __m256i b = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(static_cast<__m128i*>(p), packed);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Row helpers: 8 at a time; the tail goes through an 8-wide scratch so it rounds exactly like
+// the body (no scalar FMA contraction differences).
+template <DType DT>
+void row_to_f32_avx(const void* src, float* dst, int64_t n) {
+  const char* s = static_cast<const char*>(src);
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<DT>(s + i * es));
+  if (i < n) {
+    alignas(32) char tmp[32] = {0};
+    std::memcpy(tmp, s + i * es, (n - i) * es);
+    alignas(32) float out[8];
+    _mm256_store_ps(out, load8<DT>(tmp));
+    std::memcpy(dst + i, out, (n - i) * sizeof(float));
+  }
+}
+
+template <DType DT, bool kWeighted>
+void row_axpy_avx(float* acc, float w, const void* src, int64_t n) {
+  const char* s = static_cast<const char*>(src);
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 y = load8<DT>(s + i * es);
+    if constexpr (kWeighted) {
+      y = _mm256_mul_ps(wv, y);
+      __asm__("" : "+x"(y));  // keep mul and add separate (GCC would contract them into an FMA)
+    }
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), y));
+  }
+  if (i < n) {
+    alignas(32) char tmp[32] = {0};
+    alignas(32) float a[8] = {0};
+    std::memcpy(tmp, s + i * es, (n - i) * es);
+    std::memcpy(a, acc + i, (n - i) * sizeof(float));
+    __m256 y = load8<DT>(tmp);
+    if constexpr (kWeighted) {
+      y = _mm256_mul_ps(wv, y);
+      __asm__("" : "+x"(y));
+    }
+    _mm256_store_ps(a, _mm256_add_ps(_mm256_load_ps(a), y));
+    std::memcpy(acc + i, a, (n - i) * sizeof(float));
+  }
+}
+
+template <DType DT>
+void row_from_f32_avx(const float* src, void* dst, int64_t n) {
+  char* d = static_cast<char*>(dst);
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8<DT>(d + i * es, _mm256_loadu_ps(src + i));
+  if (i < n) {
+    alignas(32) float in[8] = {0};
+    alignas(32) char out[32];
+    std::memcpy(in, src + i, (n - i) * sizeof(float));
+    store8<DT>(out, _mm256_load_ps(in));
+    std::memcpy(d + i * es, out, (n - i) * es);
+  }
+}
+
+// ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
+// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves.
+// One reduction chunk (16 for bf16, else 8) of the NT micro-kernel.
+template <DType DT, int MR, int NR>
+inline void nt_step(const float* A, int64_t lda, int64_t k, const char* const* bp, __m256 (&acc)[MR][NR]) {
+  if constexpr (DT == DType::BF16) {
+    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m256 b[NR];
+    for (int j = 0; j < NR; ++j)
+      b[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), 16));
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+    for (int j = 0; j < NR; ++j)
+      b[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k + 8);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  } else {
+    __m256 b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = load8<DT>(bp[j]);
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_loadu_ps(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+}
+
+// ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
+// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves. The partial
+// last chunk is copied to zero-filled scratch *before* the loop, so the loop has no calls and the
+// accumulators stay in registers.
+template <DType DT, int MR, int NR>
+void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
+              int64_t ldc) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
+  const int64_t kfull = K / CH * CH;
+  alignas(32) char tail[NR][32];
+  if (kfull < K) {
+    for (int j = 0; j < NR; ++j) {
+      std::memset(tail[j], 0, sizeof(tail[j]));
+      std::memcpy(tail[j], B + j * ldb_bytes + kfull * es, (K - kfull) * es);
+    }
+  }
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const char* bp[NR];
+  for (int64_t k = 0; k < kfull; k += CH) {
+    for (int j = 0; j < NR; ++j) bp[j] = B + j * ldb_bytes + k * es;
+    nt_step<DT, MR, NR>(A, lda, k, bp, acc);
+  }
+  if (kfull < K) {
+    for (int j = 0; j < NR; ++j) bp[j] = tail[j];
+    nt_step<DT, MR, NR>(A, lda, kfull, bp, acc);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
+}
+
+// Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
+// one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
+// chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
+template <DType DT, int MR>
+void nt_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
+             int64_t ldc, int64_t N) {
+  constexpr int NR = MR <= 2 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + NR <= N; j += NR) micro_nt<DT, MR, NR>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
+  switch (N - j) {
+    case 3: micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    case 2: micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    case 1: micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    default: break;
+  }
+}
+
+template <DType DT>
+void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
+                 int64_t ldc, int64_t M, int64_t N) {
+  const char* B = static_cast<const char*>(Bv);
+  const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
+  int64_t i = 0;
+  // Row blocks outer: the MR rows of A stay in L1 while the weight block streams from L2.
+  for (; i + 6 <= M; i += 6) nt_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N);
+  switch (M - i) {
+    case 5: nt_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 4: nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 3: nt_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 2: nt_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 1: nt_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    default: break;
+  }
+}
+
+// ---- NN micro-kernel: MR rows x (NV*8) columns, r ascending, one FMA chain per element.
+template <DType DT, int MR, int NV>
+void micro_nn(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C,
+              int64_t ldc) {
+  __m256 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  for (int64_t r = 0; r < R; ++r) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load8<DT>(B + r * ldb_bytes + v * 8 * es);
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_broadcast_ss(A + i * lda + r);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + v * 8, acc[i][v]);
+}
+
+template <DType DT, int MR>
+void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C,
+             int64_t ldc, int64_t N) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + 16 <= N; j += 16) micro_nn<DT, MR, 2>(A, lda, B + j * es, ldb_bytes, R, C + j, ldc);
+  for (; j + 8 <= N; j += 8) micro_nn<DT, MR, 1>(A, lda, B + j * es, ldb_bytes, R, C + j, ldc);
+  // Remaining columns: scalar std::fma in the same r order == the vector lanes' result.
+  for (; j < N; ++j)
+    for (int i = 0; i < MR; ++i) {
+      float acc = 0.f;
+      for (int64_t r = 0; r < R; ++r)
+        acc = std::fma(A[i * lda + r], load_scalar(B + r * ldb_bytes, DT, j), acc);
+      C[i * ldc + j] = acc;
+    }
+}
+
+template <DType DT>
+void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t R, float* C,
+                 int64_t ldc, int64_t M, int64_t N) {
+  const char* B = static_cast<const char*>(Bv);
+  const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) nn_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N);
+  switch (M - i) {
+    case 5: nn_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    case 4: nn_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    case 3: nn_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    case 2: nn_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    case 1: nn_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    default: break;
+  }
+}
+
+// x rounded through dt (bf16: round to nearest even on the bit pattern; f16: F16C).
+template <DType DT>
+inline __m256 round8(__m256 x) {
+  if constexpr (DT == DType::F32) {
+    return x;
+  } else if constexpr (DT == DType::F16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    __m256i b = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, nan);
+  }
+}
+
+// exp(x), Cephes-style range reduction + degree-5 polynomial (~1-2 ulp); NaN propagates.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // NaN in x is kept (2nd operand)
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+template <DType DT>
+inline void swiglu8(const float* gp, const float* up, float* op) {
+  __m256 gv = round8<DT>(_mm256_loadu_ps(gp)), uv = round8<DT>(_mm256_loadu_ps(up));
+  __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+  _mm256_storeu_ps(op, round8<DT>(_mm256_mul_ps(s, uv)));
+}
+
+template <DType DT>
+void swiglu_avx(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) swiglu8<DT>(g + i, u + i, out + i);
+  if (i < n) {
+    alignas(32) float gt[8] = {0}, ut[8] = {0}, ot[8];
+    std::memcpy(gt, g + i, (n - i) * sizeof(float));
+    std::memcpy(ut, u + i, (n - i) * sizeof(float));
+    swiglu8<DT>(gt, ut, ot);
+    std::memcpy(out + i, ot, (n - i) * sizeof(float));
+  }
+}
+
+template <DType DT>
+void round_avx(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, round8<DT>(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) {
+    alignas(32) float t[8] = {src[i]};
+    _mm256_store_ps(t, round8<DT>(_mm256_load_ps(t)));
+    dst[i] = t[0];
+  }
+}
+
+// bf16 row -> packed [even | odd] float32 chunks of 16: the same shift/mask as the NT kernel.
+void pack_bf16_avx(const void* src, int64_t K, float* dst) {
+  const char* s = static_cast<const char*>(src);
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i v;
+    if (k + 16 <= K) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k * 2));
+    } else {
+      alignas(32) char t[32] = {0};
+      std::memcpy(t, s + k * 2, (K - k) * 2);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+    }
+    _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    _mm256_storeu_ps(dst + k + 8, _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)));
+  }
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+}  // namespace
+}  // namespace moe_cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // x86
+
+// --------------------------------------------------------------------------------- dispatch
+namespace moe_cpu {
+
+bool have_avx2() {
+#ifdef MOE_CPU_X86
+  static const bool ok = cpu_has_avx2() && std::getenv("MOE_OPS_CPU_NO_AVX2") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef MOE_CPU_X86
+#define MOE_CPU_DISPATCH(dt, FN, ...)                         \
+  switch (dt) {                                               \
+    case DType::F32: FN<DType::F32>(__VA_ARGS__); break;      \
+    case DType::F16: FN<DType::F16>(__VA_ARGS__); break;      \
+    default: FN<DType::BF16>(__VA_ARGS__); break;             \
+  }
+#endif
+
+void row_to_f32(const void* src, DType dt, float* dst, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, row_to_f32_avx, src, dst, n); return; }
+#endif
+  row_to_f32_scalar(src, dt, dst, n);
+}
+
+#ifdef MOE_CPU_X86
+template <DType DT> void axpy_w(float* a, float w, const void* s, int64_t n) { row_axpy_avx<DT, true>(a, w, s, n); }
+template <DType DT> void axpy_1(float* a, const void* s, int64_t n) { row_axpy_avx<DT, false>(a, 1.f, s, n); }
+#endif
+
+void row_axpy_f32(float* acc, float w, const void* src, DType dt, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, axpy_w, acc, w, src, n); return; }
+#endif
+  row_axpy_scalar(acc, w, src, dt, n);
+}
+
+void row_add_f32(float* acc, const void* src, DType dt, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, axpy_1, acc, src, n); return; }
+#endif
+  row_add_scalar(acc, src, dt, n);
+}
+
+void row_from_f32(const float* src, void* dst, DType dt, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, row_from_f32_avx, src, dst, n); return; }
+#endif
+  row_from_f32_scalar(src, dst, dt, n);
+}
+
+float round_through(float x, DType dt) {
+  switch (dt) {
+    case DType::F32: return x;
+    case DType::F16: return static_cast<float>(c10::Half(x));
+    default: return static_cast<float>(c10::BFloat16(x));
+  }
+}
+
+void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* dst) {
+  const int64_t Kp = padded_k(K);
+  if (b_dt != DType::BF16) {
+    row_to_f32(src, src_dt, dst, K);
+    for (int64_t k = K; k < Kp; ++k) dst[k] = 0.f;
+    return;
+  }
+#ifdef MOE_CPU_X86
+  if (src_dt == DType::BF16 && have_avx2()) {
+    pack_bf16_avx(src, K, dst);
+    for (int64_t k = (K + 15) / 16 * 16; k < Kp; ++k) dst[k] = 0.f;
+    return;
+  }
+#endif
+  alignas(32) float chunk[16];
+  for (int64_t k0 = 0; k0 < Kp; k0 += 16) {
+    const int64_t n = K - k0 < 16 ? (K - k0 > 0 ? K - k0 : 0) : 16;
+    for (int64_t l = n; l < 16; ++l) chunk[l] = 0.f;
+    if (n > 0) row_to_f32(static_cast<const char*>(src) + k0 * dtype_size(src_dt), src_dt, chunk, n);
+    for (int l = 0; l < 8; ++l) {
+      dst[k0 + l] = chunk[2 * l];
+      dst[k0 + 8 + l] = chunk[2 * l + 1];
+    }
+  }
+}
+
+void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
+                   float* C, int64_t ldc, int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return;
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N); return; }
+#endif
+  gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
+}
+
+void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
+                   float* C, int64_t ldc, int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return;
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nn_avx, A, lda, B, ldb, R, C, ldc, M, N); return; }
+#endif
+  gemm_nn_scalar(A, lda, B, dt, ldb, R, C, ldc, M, N);
+}
+
+float silu_f32(float x) { return x / (1.f + std::exp(-x)); }
+
+void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu) {
+#ifdef MOE_CPU_X86
+  if (swiglu && have_avx2()) { MOE_CPU_DISPATCH(dt, swiglu_avx, gate, up, out, n); return; }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = round_through(gate[i], dt), u = round_through(up[i], dt);
+    out[i] = round_through((swiglu ? silu_f32(g) : gelu_f32(g)) * u, dt);
+  }
+}
+
+void round_rows(const float* src, float* dst, int64_t n, DType dt) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, round_avx, src, dst, n); return; }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
+}
+float gelu_f32(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f)); }
+
+}  // namespace moe_cpu

@@ -1,0 +1,73 @@
+// Torch-free CPU compute kernels shared by the moe_ops CPU ops (see kernels.cpp).
+//
+// Dataflow: the ops pack their left-hand operand ("A": activations) into float32 rows once,
+// then call the block GEMMs below on (expert, row-block, column-block) tiles; the right-hand
+// operand ("B": expert weights) is read in its storage dtype and widened to float32 in registers,
+// so weights are never copied. Row helpers move/accumulate rows between dtypes for
+// permute/unpermute/combine.
+//
+// Determinism: every output element's float32 reduction order depends only on the reduction
+// length and dtype -- never on the block shape, tile boundaries or thread count -- so results
+// are bitwise identical for any scheduling.
+#pragma once
+
+#include <cstdint>
+
+namespace moe_cpu {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline int64_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// Whether the AVX2+FMA+F16C kernels run on this CPU (else portable scalar code, same results
+// up to FMA contraction).
+bool have_avx2();
+
+// ------------------------------------------------------------------------------ row helpers
+// dst[i] = float(src[i])
+void row_to_f32(const void* src, DType dt, float* dst, int64_t n);
+// acc[i] = acc[i] + w * float(src[i])   (multiply, then add: the reference's rounding)
+void row_axpy_f32(float* acc, float w, const void* src, DType dt, int64_t n);
+// acc[i] = acc[i] + src[i]              (weights == None)
+void row_add_f32(float* acc, const void* src, DType dt, int64_t n);
+// dst[i] = round_to_dt(src[i])  (round to nearest even)
+void row_from_f32(const float* src, void* dst, DType dt, int64_t n);
+// x rounded through dt and back to float (models storing an intermediate in dt)
+float round_through(float x, DType dt);
+
+// --------------------------------------------------------------------------- GEMM packing
+// The "NT" kernel reads A rows packed as float32 with the reduction dim padded to a multiple of
+// kKPad and zero-filled. For a bf16 B, each 16-chunk of A is stored as [8 even k | 8 odd k] so
+// that one 256-bit load of 16 bf16 weights widens into two float vectors with one shift and one
+// mask (no cross-lane shuffles). pack_index maps logical column k to its packed position.
+constexpr int64_t kKPad = 16;
+inline int64_t padded_k(int64_t K) { return (K + kKPad - 1) / kKPad * kKPad; }
+inline int64_t pack_index(int64_t k, DType b_dt) {
+  if (b_dt != DType::BF16) return k;
+  const int64_t r = k & 15;
+  return (k & ~int64_t(15)) + ((r & 1) << 3) + (r >> 1);
+}
+// Pack one row of K values (dtype src_dt) into dst[padded_k(K)] for a B of dtype b_dt.
+void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* dst);
+
+// C[i*ldc + j] = sum_k A[i*lda + pk(k)] * B[j*ldb + k]   for i < M, j < N, k < K
+// A: packed float32 rows (pack_row_nt layout for B's dtype), B: N rows of K values in dt.
+void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
+                   float* C, int64_t ldc, int64_t M, int64_t N);
+
+// C[i*ldc + j] = sum_r A[i*lda + r] * B[r*ldb + j]   for i < M, j < N, r < R (r ascending)
+// A: float32 rows (any lda), B: R rows of N contiguous values in dt.
+void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
+                   float* C, int64_t ldc, int64_t M, int64_t N);
+
+// Gated activations on float32 (values already rounded through the model dtype by the caller).
+float silu_f32(float x);
+float gelu_f32(float x);
+
+// out[i] = round_dt(act(round_dt(gate[i])) * round_dt(up[i])), act = silu (swiglu) or exact gelu:
+// the unfused pipeline's rounding (h stored in dt, activation in float32, result stored in dt).
+void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu);
+// dst[i] = round_dt(src[i]) kept as float32.
+void round_rows(const float* src, float* dst, int64_t n, DType dt);
+
+}  // namespace moe_cpu

@@ -1,0 +1,207 @@
+"""CPU-backend specific tests (the generic per-op comparison lives in tests/test_ops.py).
+
+* ``moe_ops::fused_experts`` (the fused CPU expert path: gather -> GEMM1 + gated activation ->
+  GEMM2 -> weighted combine) against the reference pipeline, in float64 and in the dtype;
+* thread-count independence: every CPU op gives bitwise the same result with 1 and 2 threads
+  (the tile scheduler changes the split, never an element's arithmetic);
+* the portable (non-AVX2) kernels, run in a subprocess with ``MOE_OPS_CPU_NO_AVX2=1``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import reference as R
+from tests.utils import (assert_bitwise_equal, assert_close_to_reference, make_ids, make_logits,
+                         make_offsets, make_x, poison, seed_for)
+
+pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
+                                reason="moe_ops._C CPU kernels not built")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_fused() -> bool:
+    return hasattr(torch.ops.moe_ops, "fused_experts")
+
+
+def _ref_experts(x, ids, weights, w_gate_up, w_down, activation):
+    """The unfused reference pipeline: permute -> grouped_gemm -> act -> grouped_gemm -> unpermute."""
+    E = w_gate_up.shape[0]
+    k = ids.shape[1]
+    x_sorted, _, offs, slot_rows = R.permute(x, ids, E, 1)
+    h = R.grouped_gemm(x_sorted, w_gate_up, offs, True)
+    gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
+    y = R.grouped_gemm((act * up).to(h.dtype), w_down, offs, True)
+    return R.unpermute(y, slot_rows, weights, k)
+
+
+def _layer_inputs(T, E, k, H, I, dtype, seed, mode="uniform"):
+    x = make_x(T, H, seed=seed, dtype=dtype)
+    empty = 2 if mode == "empty_experts" else 0
+    ids = make_ids(T, k, E, seed=seed + 1, mode="uniform" if empty else mode, empty=empty)
+    w = torch.rand(T, k, generator=torch.Generator().manual_seed(seed + 2))
+    wgu = make_x(E * 2 * I, H, seed=seed + 3, dtype=dtype, scale=H ** -0.5).reshape(E, 2 * I, H)
+    wd = make_x(E * H, I, seed=seed + 4, dtype=dtype, scale=I ** -0.5).reshape(E, H, I)
+    return x, ids, w, wgu, wd
+
+
+FUSED_CASES = [
+    # T, E, k, H, I, ids mode
+    (1, 8, 2, 64, 96, "uniform"),
+    (7, 4, 1, 40, 24, "uniform"),        # H, I not multiples of the 16-wide packing
+    (33, 16, 4, 72, 50, "skew"),
+    (64, 8, 2, 128, 256, "uniform"),
+    (20, 8, 3, 48, 32, "empty_experts"),
+    (0, 8, 2, 32, 32, "uniform"),
+]
+
+
+@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "T{}-E{}-k{}-H{}-I{}-{}".format(*c))
+def test_fused_experts_matches_reference(case, activation, dtype):
+    T, E, k, H, I, mode = case
+    seed = seed_for("fused", case, activation, str(dtype))
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed, mode)
+    out = torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd, activation)
+    lowp = _ref_experts(x, ids, w, wgu, wd, activation)
+    hi = _ref_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), activation)
+    assert_close_to_reference(out, lowp, hi, name="fused_experts")
+
+
+@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_experts_drops_invalid_ids_and_handles_no_weights(dtype):
+    T, E, k, H, I = 16, 6, 2, 40, 24
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed_for("drop", str(dtype)))
+    ids[0, 1] = -1
+    ids[5, 0] = E + 3
+    w[0, 1] = float("nan")  # a dropped slot's weight never reaches the output
+    for weights in (w, None):
+        out = torch.ops.moe_ops.fused_experts(x, ids, weights, wgu, wd, "swiglu")
+        lowp = _ref_experts(x, ids, weights, wgu, wd, "swiglu")
+        hi = _ref_experts(x.double(), ids, None if weights is None else weights.double(), wgu.double(),
+                          wd.double(), "swiglu")
+        assert_close_to_reference(out, lowp, hi, name="fused_experts")
+
+
+@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
+def test_fused_experts_meta_shape():
+    x = torch.empty(5, 32, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(5, 2, device="meta", dtype=torch.int32)
+    wgu = torch.empty(4, 48, 32, device="meta", dtype=torch.bfloat16)
+    wd = torch.empty(4, 32, 24, device="meta", dtype=torch.bfloat16)
+    out = torch.ops.moe_ops.fused_experts(x, ids, None, wgu, wd, "swiglu")
+    assert out.shape == (5, 32) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
+def test_fused_experts_rejects_bad_input():
+    x, ids, w, wgu, wd = _layer_inputs(4, 4, 2, 32, 16, torch.float32, 1)
+    with pytest.raises(RuntimeError, match="w_down"):
+        torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd[:, :, :8], "swiglu")
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd, "relu")
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.moe_ops.fused_experts(x, ids.long(), w, wgu, wd, "swiglu")
+
+
+# ------------------------------------------------------------------- thread independence
+
+def _run_all_ops(dtype):
+    """Every CPU op on inputs big enough to be split into many tiles/chunks."""
+    ops = torch.ops.moe_ops
+    T, E, k, H, I = 96, 8, 2, 80, 72
+    seed = seed_for("threads", str(dtype))
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed, "skew")
+    outs = {}
+    logits = make_logits(T, 64, seed=seed)
+    outs["gating"] = ops.topk_gating(logits, 6, "sigmoid", True, 8, 3, make_x(1, 64, seed=seed + 9).reshape(64), 2.5)
+    p = ops.permute(x, ids, E, 4)
+    outs["permute"] = p
+    outs["unpermute"] = ops.unpermute(p[0], p[3], w, k)
+    d = ops.capacity_dispatch(x, ids, E, 20, "kmajor")
+    outs["dispatch"] = d
+    outs["combine"] = ops.capacity_combine(d[0], ids, d[1], w)
+    M = 300
+    offs = make_offsets(M, E, seed=seed, head=3, tail=5)
+    a = make_x(M, H, seed=seed + 7, dtype=dtype)
+    outs["gemm_nt"] = ops.grouped_gemm(a, wgu, offs, True)
+    outs["gemm_nn"] = ops.grouped_gemm(a, wgu.transpose(1, 2).contiguous(), offs, False)
+    dc = make_x(M, 2 * I, seed=seed + 8, dtype=dtype)
+    outs["wgrad"] = ops.grouped_gemm_wgrad(a, dc, offs, E)
+    if _has_fused():
+        outs["fused"] = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
+    return outs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitwise_independent_of_thread_count(dtype):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all_ops(dtype)
+        torch.set_num_threads(2)
+        two = _run_all_ops(dtype)
+        again = _run_all_ops(dtype)
+    finally:
+        torch.set_num_threads(before)
+    for name in one:
+        a, b, c = one[name], two[name], again[name]
+        a, b, c = ((a,), (b,), (c,)) if isinstance(a, torch.Tensor) else (a, b, c)
+        for i, (u, v, w) in enumerate(zip(a, b, c)):
+            assert_bitwise_equal(u, v, name=f"{name}[{i}] 1 vs 2 threads")
+            assert_bitwise_equal(v, w, name=f"{name}[{i}] run to run")
+
+
+def test_gemm_ignores_rows_outside_offsets():
+    """Rows of a outside [offs[0], offs[E]) are never read (NaN there must not leak)."""
+    E, M, K, N = 4, 40, 24, 20
+    offs = make_offsets(M, E, seed=3, head=4, tail=6)
+    a = make_x(M, K, seed=4, dtype=torch.bfloat16)
+    lo, hi = int(offs[0]), int(offs[-1])
+    poison(a[:lo])
+    poison(a[hi:])
+    b = make_x(E * N, K, seed=5, dtype=torch.bfloat16).reshape(E, N, K)
+    c = torch.ops.moe_ops.grouped_gemm(a, b, offs, True)
+    assert not c.isnan().any()
+    assert (c[:lo] == 0).all() and (c[hi:] == 0).all()
+
+
+_SCALAR_SCRIPT = r"""
+import torch, moe_ops
+from moe_ops import reference as R
+from moe_ops import _C  # noqa
+g = torch.Generator().manual_seed(0)
+E, M, K, N = 3, 30, 37, 19
+offs = torch.tensor([2, 10, 10, 27], dtype=torch.int32)
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    a = torch.randn(M, K, generator=g).to(dt)
+    for tb in (True, False):
+        b = (torch.randn(E, N, K, generator=g) if tb else torch.randn(E, K, N, generator=g)).to(dt)
+        c = torch.ops.moe_ops.grouped_gemm(a, b, offs, tb).double()
+        r = R.grouped_gemm(a.double(), b.double(), offs, tb)
+        assert (c - r).abs().max() < (1e-4 if dt == torch.float32 else 0.1), (dt, tb)
+    y = torch.randn(M, N, generator=g).to(dt)
+    rows = torch.randint(-1, M, (20,), generator=g, dtype=torch.int32)
+    w = torch.rand(10, 2, generator=g)
+    assert torch.equal(torch.ops.moe_ops.unpermute(y, rows, w, 2), R.unpermute(y, rows, w, 2))
+print("ok")
+"""
+
+
+def test_portable_kernels_without_avx2():
+    env = dict(os.environ, MOE_OPS_CPU_NO_AVX2="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
