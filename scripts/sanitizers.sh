@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-.venv/bin/python}
 PY=$(command -v "$PY" || echo "$PY")
+case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a venv's python is one)
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
 # Default: every kernel path once -- E=7 (small-E warp path) in fp32, E=257 (16-per-lane warp
