@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-.venv/bin/python}
 PY=$(command -v "$PY" || echo "$PY")
+case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a venv's python is one)
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
 # Default: every kernel path once -- E=7 (small-E warp path) in fp32, E=257 (16-per-lane warp
@@ -62,7 +63,9 @@ build() {  # $1 = address|thread, $2 = build dir
 
 sim_lib() { ls "$1"/_C_sim*.so 2>/dev/null | head -1; }
 
-# Runs pytest under a sanitizer: $1 = address|thread, rest = pytest arguments.
+# Runs pytest under a sanitizer: $1 = address|thread, rest = pytest arguments. --capture=sys:
+# pytest must not capture file descriptor 2, or a report written just before the sanitizer
+# exits the process is lost with pytest's capture file.
 run_under() {
   local san=$1; shift
   local dir=build-asan rt=libasan.so
@@ -79,7 +82,7 @@ run_under() {
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:suppressions=$ROOT/scripts/tsan.supp" \
     MOE_SIM_DEADLOCK_SECONDS=20 \
-    "$PY" -m pytest -q -p no:cacheprovider "${EXTRA[@]}" "$@"
+    "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${EXTRA[@]}" "$@"
 }
 
 status=0

@@ -147,8 +147,11 @@ inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warp
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
   const int lane = static_cast<int>(moe_sim::lane_id());
+  // PTX shfl.bfly: a source past the end of this width-segment gives the own value; one in an
+  // earlier segment is read (CUDA documents this).
+  const int max_lane = (lane & ~(width - 1)) | (width - 1);
   int src = lane ^ lane_mask;
-  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;  // outside the segment: own value
+  if (src > max_lane) src = lane;
   return moe_sim::from_bits<T>(
       moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
 }
