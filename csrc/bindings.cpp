@@ -22,6 +22,7 @@
 
 TORCH_LIBRARY(moe_ops, m) {
   for (const char* schema : moe_ops::kOpSchemas) m.def(schema);
+  for (const char* schema : moe_ops::kNativeOnlySchemas) m.def(schema);
 }
 
 namespace {

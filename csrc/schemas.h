@@ -35,6 +35,15 @@ inline constexpr const char* kOpSchemas[] = {
     "grouped_gemm_wgrad(Tensor a, Tensor dc, Tensor expert_offsets, int num_experts) -> Tensor",
 };
 
+// Ops only the native (moe_ops) namespace defines: fused paths of one backend, not part of the
+// cross-backend contract (the emulator and Triton do not define them).
+inline constexpr const char* kNativeOnlySchemas[] = {
+    // The CPU backend's whole expert stage (csrc/cpu/fused_experts.cpp): gather -> GEMM1 +
+    // gated activation -> GEMM2 -> weighted combine. x[T,H], ids[T,k], weights[T,k]? -> out[T,H]
+    "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
+    "str activation) -> Tensor",
+};
+
 inline constexpr const char* kOpNames[] = {
     "topk_gating",       "permute",        "unpermute",          "capacity_dispatch",
     "capacity_combine",  "grouped_gemm",   "grouped_gemm_wgrad",

@@ -6,6 +6,7 @@ Pipeline: router (:func:`topk_gating`) -> dispatch (:func:`permute` / :func:`cap
 :mod:`moe_ops.reference` and kernels in several backends (:func:`available_backends`).
 """
 from .backend import available_backends, load_errors
+from .layer import MoE, MoEAux
 from .ops import (
     DispatchResult,
     PermuteResult,
@@ -20,6 +21,9 @@ from .ops import (
     topk_gating,
     unpermute,
 )
+
+from . import integrations  # noqa: F401  (light: moe_ops.integrations.transformers imports transformers)
+from .layer import MoE, MoEAux
 
 __version__ = "0.1.0"
 
@@ -37,7 +41,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
+    "MoE", "MoEAux", "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
     "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
-    "unpermute", "PermuteResult", "DispatchResult",
+    "unpermute", "PermuteResult", "DispatchResult", "MoE", "MoEAux",
 ]

@@ -7,7 +7,7 @@ to the next backend for the rest.
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
-from . import backend
+from . import autograd, backend
 
 
 def _ops_with_kernel(key: str):
@@ -46,3 +46,6 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
 
 if "cpu" in backend._BACKENDS and hasattr(torch.ops.moe_ops, "fused_experts"):
     backend.register_fused_moe("cpu", _cpu_fused_moe)
+
+# Fakes (torch.compile, meta) and autograd formulas for every moe_ops op.
+autograd.register_for_namespace("moe_ops")

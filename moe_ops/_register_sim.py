@@ -9,7 +9,7 @@ import os
 import torch
 
 from . import _C  # noqa: F401  (the sim library defines its own namespace, but shares schemas)
-from . import backend
+from . import autograd, backend
 
 _path = os.environ.get("MOE_OPS_SIM_LIB")
 if not _path:
@@ -22,3 +22,4 @@ torch.ops.load_library(_path)
 backend.register("cuda_sim", ("cpu",), {
     op: getattr(torch.ops.moe_ops_sim, op) for op in backend.OP_NAMES
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ops_sim::{op}", "CPU")})
+autograd.register_for_namespace("moe_ops_sim")

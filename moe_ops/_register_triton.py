@@ -10,6 +10,8 @@ import importlib.util
 import os
 import sys
 
+from . import autograd
+
 try:
     importlib.import_module("moe_ops.triton_kernels")
 except ModuleNotFoundError as e:
@@ -27,3 +29,11 @@ except ModuleNotFoundError as e:
     except BaseException:
         del sys.modules["moe_ops.triton_kernels"]
         raise
+
+# Fakes and autograd for the triton namespace (ops it already gave them to keep theirs).
+if autograd._fake.op_names("moe_ops_triton"):
+    autograd.register_for_namespace("moe_ops_triton")
+
+# What the Triton backend cannot compute here ({(op, dtype): reason}; bf16 tl.dot under the
+# Triton interpreter), re-exported for tests/utils.unsupported_reason, which reads the loader.
+UNSUPPORTED_DTYPES = dict(getattr(sys.modules["moe_ops.triton_kernels"], "UNSUPPORTED_DTYPES", {}))

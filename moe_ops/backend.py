@@ -113,6 +113,10 @@ def _load(name: str) -> Optional[Backend]:
                 importlib.import_module(module)
             except Exception as e:  # an unbuilt extension or missing triton is not fatal
                 _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+            else:
+                # fakes (torch.compile) + autograd for whatever op namespaces exist now; idempotent
+                from . import autograd
+                autograd.register_all()
     return _BACKENDS.get(name)
 
 

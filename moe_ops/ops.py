@@ -368,7 +368,7 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     """Gated activation on ``h = [gate | up]`` (HF's ``gate_up_proj`` layout), in float32."""
-    gate, up = h.float().chunk(2, dim=-1)
+    gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
     return (act * up).to(h.dtype)
 

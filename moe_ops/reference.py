@@ -218,11 +218,9 @@ def capacity_combine(buf_out: Tensor, ids: Tensor, slot_pos: Tensor, weights: Op
 
 # ----------------------------------------------------------------------------------- experts
 
-def _rows_of_expert(expert_offsets: Tensor, m: int) -> Tensor:
-    """``[E, M]`` bool: row r belongs to expert e iff ``offs[e] <= r < offs[e+1]``."""
-    offs = expert_offsets.long()
-    r = torch.arange(m, device=offs.device)
-    return (r.unsqueeze(0) >= offs[:-1].unsqueeze(1)) & (r.unsqueeze(0) < offs[1:].unsqueeze(1))
+def _rows_of_expert(offs: Tensor, r: Tensor, e: int) -> Tensor:
+    """``[M, 1]`` bool: row r belongs to expert e iff ``offs[e] <= r < offs[e+1]`` (O(M) memory)."""
+    return ((r >= offs[e]) & (r < offs[e + 1])).unsqueeze(1)
 
 
 def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool) -> Tensor:
@@ -233,13 +231,13 @@ def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool) ->
     E = b.shape[0]
     M = a.shape[0]
     N = b.shape[1] if trans_b else b.shape[2]
-    rows = _rows_of_expert(expert_offsets, M)
+    offs, r = expert_offsets.long(), torch.arange(M, device=a.device)
     af = a.to(acc)
     c = torch.zeros(M, N, dtype=acc, device=a.device)
     for e in range(E):
         be = b[e].to(acc)
         ce = af @ (be.t() if trans_b else be)
-        c = torch.where(rows[e].unsqueeze(1), ce, c)
+        c = torch.where(_rows_of_expert(offs, r, e), ce, c)
     return c.to(a.dtype)
 
 
@@ -247,11 +245,11 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, expert_offsets: Tensor, num_expert
     """``db[E, K, N]``: ``db[e] = a[rows e]^T @ dc[rows e]`` (zero for experts with no rows)."""
     acc = _acc_dtype(a)
     M = a.shape[0]
-    rows = _rows_of_expert(expert_offsets, M)
+    offs, r = expert_offsets.long(), torch.arange(M, device=a.device)
     af, dcf = a.to(acc), dc.to(acc)
     out = []
     for e in range(num_experts):
-        m = rows[e].unsqueeze(1)
+        m = _rows_of_expert(offs, r, e)
         ae = torch.where(m, af, torch.zeros_like(af))
         de = torch.where(m, dcf, torch.zeros_like(dcf))
         out.append(ae.t() @ de)

@@ -2,6 +2,10 @@
 
 * Puts the repository root on ``sys.path`` so tests import ``moe_ops`` from the working tree
   (in-place build) and helpers as ``from tests.utils import ...``.
+* ``MOE_OPS_TEST_THREADS=n`` sets ``torch.set_num_threads(n)`` for the run. On a small,
+  oversubscribed CI box ``1`` makes the many tiny matmuls of the tests ~1000x faster (an
+  OpenMP team of 2 spin-waits ~50 ms per GEMM under load); the default leaves torch alone so
+  CPU kernels still run multi-threaded.
 * Registers the markers the suite uses (mirrored in pyproject's ``[tool.pytest.ini_options]``):
   ``slow`` (long-running; deselect with ``-m "not slow"``), ``cuda`` (needs a GPU).
 """
@@ -11,6 +15,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+if os.environ.get("MOE_OPS_TEST_THREADS"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["MOE_OPS_TEST_THREADS"]))
 
 
 def pytest_configure(config):

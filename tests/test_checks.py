@@ -53,7 +53,13 @@ BAD = [
     ("gating bias device", lambda: moe_ops.topk_gating(z(4, 8), 2, correction_bias=z(8, device="meta")), ValueError, "one device"),
     ("gating scaling str", lambda: moe_ops.topk_gating(z(4, 8), 2, scaling_factor="2"), TypeError, "scaling_factor"),
     ("gating unknown backend", lambda: moe_ops.topk_gating(z(4, 8), 2, backend="nope"), ValueError, "unknown backend"),
+    ("gating expert_range type", lambda: moe_ops.topk_gating(z(4, 8), 2, expert_range=3), TypeError, "expert_range must be a"),
+    ("gating expert_range past E", lambda: moe_ops.topk_gating(z(4, 8), 2, expert_range=(6, 3)), ValueError, "exceeds the 8 experts"),
+    ("gating expert_range count 0", lambda: moe_ops.topk_gating(z(4, 8), 2, expert_range=(0, 0)), ValueError, "count must be >= 1"),
+    ("gating expert_range start<0", lambda: moe_ops.topk_gating(z(4, 8), 2, expert_range=(-1, 2)), ValueError, "start must be >= 0"),
     # --- permute
+    ("permute expert_range past E", lambda: moe_ops.permute(X, IDS, 4, expert_range=(2, 3)), ValueError, "exceeds the 4 experts"),
+    ("to_local_ids bad range", lambda: moe_ops.to_local_ids(IDS, (1,)), TypeError, "expert_range must be a"),
     ("permute x int", lambda: moe_ops.permute(z(6, 3, dtype=I32), IDS, 4), TypeError, "x must have dtype"),
     ("permute ids float", lambda: moe_ops.permute(X, IDS.float(), 4), TypeError, "ids must have dtype"),
     ("permute ids 1-D", lambda: moe_ops.permute(X, IDS.reshape(-1), 4), ValueError, "ids must be 2-D"),

@@ -454,3 +454,62 @@ def test_public_api_defaults_to_reference_here():
     x = make_x(4, 3, seed=0)
     ids = make_ids(4, 2, 5, seed=1)
     assert_exact(moe_ops.permute(x, ids, 5).x_sorted, R.permute(x, ids, 5, 1)[0])
+
+
+def test_expert_range_is_local_ids_then_drop():
+    """Expert parallelism: a rank holding experts [start, start+count) sees global ids made
+    local (id - start, others -1 and dropped)."""
+    T, k, E, H = 17, 3, 12, 4
+    x, ids = make_x(T, H, seed=1), make_ids(T, k, E, seed=2)
+    start, count = 4, 5
+    local = moe_ops.to_local_ids(ids, (start, count))
+    want = torch.where((ids >= start) & (ids < start + count), ids - start, torch.full_like(ids, -1))
+    assert_exact(local, want)
+    got = moe_ops.permute(x, ids, E, block_m=2, expert_range=(start, count), backend="reference")
+    ref = loop_permute(x, want, count, 2)
+    for name, o, w in zip(("x_sorted", "sorted_slots", "expert_offsets", "slot_rows"), got, ref):
+        assert_exact(o, w, name)
+    logits = make_logits(T, E, seed=3)
+    w, lids = moe_ops.topk_gating(logits, k, expert_range=(start, count), backend="reference")
+    w0, gids = moe_ops.topk_gating(logits, k, backend="reference")
+    assert_exact(w, w0)
+    assert_exact(lids, moe_ops.to_local_ids(gids, (start, count)))
+
+
+# ----------------------------------------------------------------- the helpers themselves
+
+def test_assert_close_to_reference_judges_against_reference_error():
+    from tests.utils import assert_close_to_reference as close
+    hi = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    lo = hi.to(torch.bfloat16)
+    close(lo.clone(), lo, hi)                                    # the oracle passes itself
+    close((hi + 1e-3).to(torch.bfloat16), lo, hi)                # within bf16 rounding
+    with pytest.raises(AssertionError, match="exceeds"):
+        close((hi + 0.05).to(torch.bfloat16), lo, hi)            # a real error
+    with pytest.raises(AssertionError, match="non-finite"):
+        bad = lo.clone()
+        bad[3] = float("nan")
+        close(bad, lo, hi)                                       # NaN where the reference has none
+    with pytest.raises(AssertionError, match="dtype"):
+        close(lo.float(), lo, hi)
+
+
+def test_assert_gating_equal_near_ties_only():
+    from tests.utils import assert_gating_equal
+    logits = torch.tensor([[0.0, 1.0, 1.0 + 1e-6, -1.0], [2.0, 2.0, 0.0, 1.0]])
+    w, ids = R.topk_gating(logits, 2, "softmax", False, 0, 0, None, 1.0)
+    assert_gating_equal(w, ids, logits, 2)
+    # row 0: 1.0 vs 1.0+1e-6 is a near-tie, a kernel may order them either way
+    swapped = ids.clone()
+    swapped[0] = swapped[0].flip(0)
+    w_sw = R.gating_weights(R.gating_scores(logits, "softmax"), swapped, False, 1.0)
+    assert_gating_equal(w_sw, swapped, logits, 2)
+    # row 1: an exact tie must go to the lower index
+    swapped = ids.clone()
+    swapped[1] = swapped[1].flip(0)
+    w_sw = R.gating_weights(R.gating_scores(logits, "softmax"), swapped, False, 1.0)
+    with pytest.raises(AssertionError, match="ids differ"):
+        assert_gating_equal(w_sw, swapped, logits, 2)
+    # wrong weights fail even when ids are right
+    with pytest.raises(AssertionError):
+        assert_gating_equal(w * 1.001, ids, logits, 2)

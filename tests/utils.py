@@ -33,16 +33,17 @@ Comparison:
 Backends:
     DEVICES                               ["cpu"] + ["cuda"] when available
     backends_for(op, device)              available backends for op/device, minus "reference"
-    unsupported_reason(backend, op, dtype)  why a backend skips a dtype for an op, or None. A
-                                          backend declares this with an optional module-level
-                                          dict ``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}``
-                                          in the module that registers it
-                                          (``moe_ops.backend._LOADERS[name]``); tests also read
-                                          ``UNSUPPORTED`` below, keyed ``(backend, op, dtype)``.
+    unsupported_reason(backend, op, dtype, device)  why a backend skips a dtype for an op, or
+                                          None. A backend declares this in the module that
+                                          registers it (or ``moe_ops.<name>_kernels``) with a
+                                          module-level ``UNSUPPORTED_DTYPES = {(op, dtype):
+                                          "reason"}`` or a ``supported(op, dtype, device_type)``
+                                          function; tests also read ``UNSUPPORTED`` below, keyed
+                                          ``(backend, op, dtype)``.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 import zlib
 from typing import Dict, Optional, Tuple
 
@@ -303,15 +304,26 @@ def backends_for(op: str, device: str) -> list:
     return [b for b in moe_ops.available_backends(op, device) if b != "reference"]
 
 
-def unsupported_reason(backend: str, op: str, dtype: torch.dtype) -> Optional[str]:
-    """Why ``backend`` does not support ``dtype`` for ``op`` (None if it does)."""
+def unsupported_reason(backend: str, op: str, dtype: torch.dtype, device: str = "cpu") -> Optional[str]:
+    """Why ``backend`` does not support ``dtype`` for ``op`` on ``device`` (None if it does).
+
+    Looked up, in order: ``UNSUPPORTED[(backend, op, dtype)]`` (test side); then in the module
+    that registers the backend (``moe_ops.backend._LOADERS[backend]``) and in
+    ``moe_ops.<backend>_kernels`` (e.g. ``moe_ops.triton_kernels``), whichever are imported:
+    a dict/set ``UNSUPPORTED_DTYPES`` of ``(op, dtype)`` (dict values are the reason), or a
+    function ``supported(op, dtype, device_type) -> bool``."""
     if (backend, op, dtype) in UNSUPPORTED:
         return UNSUPPORTED[(backend, op, dtype)]
-    module = _backend._LOADERS.get(backend)
-    if module is None:
+    if _backend._load(backend) is None:
         return None
-    try:
-        declared = getattr(importlib.import_module(module), "UNSUPPORTED_DTYPES", {}) or {}
-    except Exception:
-        return None
-    return declared.get((op, dtype))
+    for name in (_backend._LOADERS.get(backend), f"moe_ops.{backend}_kernels"):
+        module = sys.modules.get(name) if name else None
+        if module is None:
+            continue
+        declared = getattr(module, "UNSUPPORTED_DTYPES", None)
+        if declared and (op, dtype) in declared:
+            return declared[(op, dtype)] if isinstance(declared, dict) else f"declared by {name}"
+        supported = getattr(module, "supported", None)
+        if callable(supported) and not supported(op, dtype, device):
+            return f"{name}.supported() says no"
+    return None

@@ -141,10 +141,6 @@ at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor& ids, const 
 }  // namespace
 }  // namespace moe_cpu
 
-TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
-  m.def("fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
-        "str activation) -> Tensor");
-}
-
+// Schema: csrc/schemas.h (kNativeOnlySchemas).
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) { m.impl("fused_experts", &moe_cpu::fused_experts_cpu); }
 TORCH_LIBRARY_IMPL(moe_ops, Meta, m) { m.impl("fused_experts", &moe_cpu::fused_experts_meta); }

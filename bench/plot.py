@@ -1,0 +1,107 @@
+"""PNG plots from the benchmark CSV: median time vs number of experts E, one line per backend
+or baseline, one figure per (op, model, k, T, dtype, device).
+
+    python bench/plot.py                       # the latest run in bench/results/results.csv
+    python bench/plot.py --run all --ops moe_forward --models mixtral-8x7b
+
+Reads only the CSV that ``python -m bench`` appends to (bench/report.py's columns), so it can
+run on another machine than the benchmark. Uses matplotlib's Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from collections import OrderedDict, defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Fixed colours/styles so an implementation looks the same in every figure.
+STYLE = {
+    "cuda": ("tab:green", "-", "o"), "triton": ("tab:purple", "-", "s"), "cpu": ("tab:blue", "-", "o"),
+    "reference": ("black", "--", "x"), "hf_eager": ("tab:red", "-.", "v"), "hf_grouped_mm": ("tab:orange", "-.", "^"),
+    "torch_grouped_mm": ("tab:orange", ":", "^"), "hf_mm_loop": ("tab:red", ":", "v"),
+    "hf_router": ("tab:red", ":", "v"), "hf_sort_gather": ("tab:red", ":", "v"), "hf_combine": ("tab:red", ":", "v"),
+    "dense": ("tab:gray", ":", "."), "copy": ("tab:gray", ":", "."), "weight_read": ("tab:brown", ":", "."),
+    "floor": ("tab:gray", "-", ""),
+}
+
+
+def load(path: str, run: str):
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("median_ms")]
+    if not rows:
+        return []
+    if run == "latest":
+        run = max(r["run_id"] for r in rows)
+    if run != "all":
+        rows = [r for r in rows if r["run_id"] == run]
+    return rows
+
+
+def plot(rows, out_dir: str, ops=None, models=None) -> list:
+    groups = defaultdict(list)
+    for r in rows:
+        if (ops and r["op"] not in ops) or (models and r["model"] not in models):
+            continue
+        groups[(r["op"], r["model"], r["k"], r["T"], r["dtype"], r["device_name"], r["H"], r["I"])].append(r)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for (op, model, k, T, dtype, dev, H, I), rs in sorted(groups.items()):
+        lines = OrderedDict()
+        for r in sorted(rs, key=lambda r: (r["kind"] != "backend", r["backend"])):
+            lines.setdefault(r["backend"], {})
+            # several runs at one E (--run all): keep the fastest median
+            e = int(r["E"])
+            t = float(r["median_ms"])
+            lines[r["backend"]][e] = min(t, lines[r["backend"]].get(e, t))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for impl, pts in lines.items():
+            xs = sorted(pts)
+            color, ls, marker = STYLE.get(impl, (None, "-", "o"))
+            ax.plot(xs, [pts[x] for x in xs], linestyle=ls, marker=marker, color=color, label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        es = sorted({e for pts in lines.values() for e in pts})
+        ax.set_xticks(es)
+        ax.set_xticklabels([str(e) for e in es])
+        ax.set_xlabel("experts E")
+        ax.set_ylabel("median time (ms, log)")
+        ax.set_title(f"{op} · {model} (H={H}, I={I}) · k={k} T={T} · {dtype}\n{dev}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{op}__{model}__k{k}_T{T}_{dtype}_{dev}") + ".png"
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--csv", default=os.path.join(HERE, "results", "results.csv"))
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results", "plots"))
+    p.add_argument("--run", default="latest", help="run_id to plot, 'latest' (default) or 'all'")
+    p.add_argument("--ops", help="comma list of ops")
+    p.add_argument("--models", help="comma list of models")
+    a = p.parse_args(argv)
+    if not os.path.exists(a.csv):
+        print(f"no results at {a.csv}: run `python -m bench` first", file=sys.stderr)
+        return 1
+    rows = load(a.csv, a.run)
+    written = plot(rows, a.out_dir, a.ops.split(",") if a.ops else None,
+                   a.models.split(",") if a.models else None)
+    print(f"{len(written)} plots written to {a.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+// Test-only ops of the emulator build (namespace moe_ops_simtest): the emulator-semantics
+// kernels of simtest_kernels.cuh and the planted bugs of planted_bugs.cuh, bound to CPU tensors.
+// Used by tests/test_sim_emulator.py and tests/test_sanitizers.py only.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "../kernels/launch.cuh"
+#include "planted_bugs.cuh"
+#include "simtest_kernels.cuh"
+
+namespace moe_ops {
+namespace simtest {
+namespace {
+
+void check_cpu(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "moe_ops_simtest: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "moe_ops_simtest: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "moe_ops_simtest: ", name, " must be contiguous");
+}
+
+at::Tensor block_sum(const at::Tensor& x, int64_t threads, int64_t blocks) {
+  check_cpu(x, at::kFloat, "x");
+  auto out = at::empty({blocks}, x.options());
+  const dim3 grid(static_cast<unsigned>(blocks));
+  switch (threads) {
+    case 32: launch(block_sum_kernel<32>, grid, dim3(32), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
+    case 256: launch(block_sum_kernel<256>, grid, dim3(256), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
+    case 1024: launch(block_sum_kernel<1024>, grid, dim3(1024), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
+    default: TORCH_CHECK(false, "block_sum: threads must be 32, 256 or 1024");
+  }
+  return out;
+}
+
+at::Tensor warp_ops(const at::Tensor& x, int64_t threads) {
+  check_cpu(x, at::kInt, "x");
+  TORCH_CHECK(x.numel() % threads == 0 && threads % 32 == 0, "warp_ops: numel must be a multiple of threads (a multiple of 32)");
+  auto out = at::empty({x.numel(), kWarpOpsCols}, x.options());
+  launch(warp_ops_kernel, dim3(static_cast<unsigned>(x.numel() / threads)), dim3(static_cast<unsigned>(threads)), 0,
+         nullptr, x.data_ptr<int>(), out.data_ptr<int>());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> early_exit(const at::Tensor& x) {
+  constexpr int kThreads = 128;
+  check_cpu(x, at::kInt, "x");
+  TORCH_CHECK(x.numel() % kThreads == 0, "early_exit: numel must be a multiple of 128");
+  const int64_t blocks = x.numel() / kThreads;
+  auto out = at::full({blocks, 2}, -7, x.options());
+  auto out_lane = at::full({x.numel()}, -7, x.options());
+  launch(early_exit_kernel<kThreads>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, nullptr,
+         x.data_ptr<int>(), out.data_ptr<int>(), out_lane.data_ptr<int>());
+  return {out, out_lane};
+}
+
+at::Tensor histogram(const at::Tensor& ids, int64_t nbins, int64_t blocks, int64_t threads) {
+  check_cpu(ids, at::kInt, "ids");
+  auto hist = at::zeros({nbins}, ids.options());
+  launch(histogram_kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)),
+         static_cast<size_t>(nbins) * sizeof(int), nullptr, ids.data_ptr<int>(), static_cast<long long>(ids.numel()),
+         hist.data_ptr<int>(), static_cast<int>(nbins));
+  return hist;
+}
+
+at::Tensor block_reverse(const at::Tensor& x, int64_t n_per, int64_t threads) {
+  check_cpu(x, at::kFloat, "x");
+  TORCH_CHECK(n_per > 0 && x.numel() % n_per == 0, "block_reverse: numel must be a multiple of n_per");
+  auto out = at::full_like(x, std::nanf(""));
+  launch(block_reverse_kernel, dim3(static_cast<unsigned>(x.numel() / n_per)), dim3(static_cast<unsigned>(threads)),
+         static_cast<size_t>(n_per) * sizeof(float), nullptr, x.data_ptr<float>(), out.data_ptr<float>(),
+         static_cast<int>(n_per));
+  return out;
+}
+
+at::Tensor thread_coords(at::IntArrayRef grid, at::IntArrayRef block) {
+  TORCH_CHECK(grid.size() == 3 && block.size() == 3, "thread_coords: grid and block are 3 ints");
+  const int64_t n = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2];
+  auto out = at::full({n, 12}, -7, at::TensorOptions().dtype(at::kInt));
+  launch(thread_coords_kernel, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr,
+         out.data_ptr<int>());
+  return out;
+}
+
+at::Tensor misuse(const std::string& what, int64_t threads) {
+  auto out = at::zeros({threads}, at::TensorOptions().dtype(at::kInt));
+  const dim3 block(static_cast<unsigned>(threads));
+  if (what == "bad_shuffle") launch(bad_shuffle_kernel, dim3(1), block, 0, nullptr, out.data_ptr<int>());
+  else if (what == "deadlock") launch(deadlock_kernel, dim3(1), block, 0, nullptr, out.data_ptr<int>());
+  else if (what == "trap") launch(trap_kernel, dim3(2), block, 0, nullptr, out.data_ptr<int>(), static_cast<int>(threads / 2));
+  else if (what == "smem_too_big") launch(block_reverse_kernel, dim3(1), block, size_t{1} << 20, nullptr, static_cast<const float*>(nullptr),
+                  static_cast<float*>(nullptr), 0);
+  else if (what == "bad_block") launch(trap_kernel, dim3(1), dim3(2048), 0, nullptr, out.data_ptr<int>(), -1);
+  else TORCH_CHECK(false, "misuse: unknown case ", what);
+  return out;
+}
+
+at::Tensor planted_race(const at::Tensor& x) {
+  check_cpu(x, at::kFloat, "x");
+  TORCH_CHECK(x.numel() % kRaceThreads == 0, "planted_race: numel must be a multiple of 64");
+  auto out = at::empty_like(x);
+  launch(planted_race_kernel, dim3(static_cast<unsigned>(x.numel() / kRaceThreads)), dim3(kRaceThreads), 0, nullptr,
+         x.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor planted_oob(int64_t n) {
+  auto out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  launch(planted_oob_kernel, dim3(static_cast<unsigned>((n + 1 + 63) / 64)), dim3(64), 0, nullptr, out.data_ptr<float>(),
+         static_cast<int>(n));
+  return out;
+}
+
+at::Tensor planted_smem_oob(const at::Tensor& x) {
+  check_cpu(x, at::kFloat, "x");
+  TORCH_CHECK(x.numel() == 64, "planted_smem_oob: x has 64 elements");
+  auto out = at::empty_like(x);
+  launch(planted_smem_oob_kernel, dim3(1), dim3(64), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+}  // namespace simtest
+}  // namespace moe_ops
+
+TORCH_LIBRARY(moe_ops_simtest, m) {
+  m.def("block_sum(Tensor x, int threads, int blocks) -> Tensor");
+  m.def("warp_ops(Tensor x, int threads) -> Tensor");
+  m.def("early_exit(Tensor x) -> (Tensor, Tensor)");
+  m.def("histogram(Tensor ids, int nbins, int blocks, int threads) -> Tensor");
+  m.def("block_reverse(Tensor x, int n_per, int threads) -> Tensor");
+  m.def("thread_coords(int[] grid, int[] block) -> Tensor");
+  m.def("misuse(str what, int threads) -> Tensor");
+  m.def("planted_race(Tensor x) -> Tensor");
+  m.def("planted_oob(int n) -> Tensor");
+  m.def("planted_smem_oob(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_ops_simtest, CPU, m) {
+  using namespace moe_ops::simtest;
+  m.impl("block_sum", &block_sum);
+  m.impl("warp_ops", &warp_ops);
+  m.impl("early_exit", &early_exit);
+  m.impl("histogram", &histogram);
+  m.impl("block_reverse", &block_reverse);
+  m.impl("planted_race", &planted_race);
+  m.impl("planted_smem_oob", &planted_smem_oob);
+}
+
+// Ops without tensor inputs dispatch through CompositeExplicitAutograd (no device to key on).
+TORCH_LIBRARY_IMPL(moe_ops_simtest, CompositeExplicitAutograd, m) {
+  using namespace moe_ops::simtest;
+  m.impl("thread_coords", &thread_coords);
+  m.impl("misuse", &misuse);
+  m.impl("planted_oob", &planted_oob);
+}

@@ -1,0 +1,252 @@
+"""``moe_ops.MoE``: a drop-in Mixture-of-Experts feed-forward layer built on the moe_ops ops.
+
+Dataflow of :meth:`MoE.forward` (``x[..., H]`` flattened to ``[T, H]``)::
+
+    logits = gate(x)                                   [T, E]   (router, nn.Linear without bias)
+    weights, ids = topk_gating(logits, k, ...)         [T, k]   (softmax or DeepSeek sigmoid-group)
+    dropless:  permute -> grouped_gemm(w_gate_up) -> SwiGLU/GeGLU -> grouped_gemm(w_down) -> unpermute
+    capacity:  capacity_dispatch -> same GEMMs over [E, C] -> capacity_combine
+    out += shared experts(x) (optionally gated by sigmoid(shared_gate(x)))
+
+Expert weights are stored like Hugging Face's fused experts: ``w_gate_up[E, 2I, H]`` (rows
+``[gate; up]``) and ``w_down[E, H, I]``; both GEMMs run with ``trans_b``. Without auxiliary
+losses the routed part is one :func:`moe_ops.moe_forward` call (so a backend's fused path is
+used); with them the router runs once and its ids feed the losses and the experts.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from . import ops
+
+Tensor = torch.Tensor
+
+
+class MoEAux(NamedTuple):
+    """Auxiliary outputs of :meth:`MoE.forward` with ``return_aux=True``."""
+    loss: Tensor                 # aux_loss_coef * load_balancing_loss + z_loss_coef * z_loss
+    load_balancing_loss: Tensor  # Switch/HF: E * sum_e (count_e / T) * mean_t p[t, e]  (= k when balanced)
+    z_loss: Tensor               # ST-MoE: mean_t logsumexp(logits[t])^2
+    tokens_per_expert: Tensor    # [E] float32 routed slot counts (no gradient)
+    router_logits: Tensor        # [T, E]
+
+
+def gated_activation(h: Tensor, activation: str = "swiglu") -> Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` in float32 (float64 stays), cast back to h's dtype."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    act = nn.functional.silu(gate) if activation == "swiglu" else nn.functional.gelu(gate)
+    return (act * up).to(h.dtype)
+
+
+def load_balancing_loss(router_logits: Tensor, ids: Tensor, num_experts: int, scoring: str = "softmax") -> Tensor:
+    """Switch Transformer load-balancing loss as transformers computes it for top-k routers:
+    ``E * sum_e f_e * P_e`` with ``f_e`` = slots routed to e per token and ``P_e`` the mean router
+    probability (sigmoid scores are normalised per token first). Differentiable through ``P``."""
+    T = router_logits.shape[0]
+    x = router_logits.float()
+    if scoring == "softmax":
+        probs = torch.softmax(x, dim=-1)
+    else:
+        s = torch.sigmoid(x)
+        probs = s / (s.sum(-1, keepdim=True) + 1e-20)
+    valid = (ids >= 0) & (ids < num_experts)
+    onehot = nn.functional.one_hot(torch.where(valid, ids.long(), num_experts), num_experts + 1)[..., :num_experts]
+    f = onehot.float().sum(dim=(0, 1)) / T
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def z_loss(router_logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: ``mean_t logsumexp(logits[t])^2``."""
+    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+
+
+def experts_forward(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
+                    activation: str = "swiglu", capacity_factor: Optional[float] = None, min_capacity: int = 0,
+                    priority: str = "kmajor", allow_invalid_ids: bool = False,
+                    backend: Optional[str] = None) -> Tensor:
+    """The routed half of an MoE layer for given router output: ``out[t] = sum_j w[t,j] *
+    expert_{ids[t,j]}(x[t])`` (dropless), or GShard capacity with ``capacity_factor``. Every stage
+    uses ``backend`` where it has the op, else the automatic choice (as moe_forward does)."""
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    k = ids.shape[1]
+    dev = x.device.type
+
+    def be(op):
+        return _backend.resolved_name(op, dev, backend, strict=False)
+
+    if capacity_factor is None:
+        x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, allow_invalid_ids=allow_invalid_ids,
+                                                      backend=be("permute"))
+        h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+        y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True,
+                             backend=be("grouped_gemm"))
+        return ops.unpermute(y, slot_rows, weights, backend=be("unpermute"))
+    C = ops.expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
+    d = ops.capacity_dispatch(x, ids, E, C, priority=priority, allow_invalid_ids=allow_invalid_ids,
+                              backend=be("capacity_dispatch"))
+    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+    h = ops.grouped_gemm(d.buf.reshape(E * C, H), w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+    y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
+    return ops.capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
+
+
+class GatedMLP(nn.Module):
+    """A dense SwiGLU/GeGLU MLP (the shared experts): ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "swiglu",
+                 device=None, dtype=None):
+        super().__init__()
+        self.activation = activation
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(gated_activation(self.gate_up_proj(x), self.activation))
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward layer (dropless or GShard capacity), differentiable,
+    ``torch.compile(fullgraph=True)`` clean.
+
+    Args:
+        hidden_size, intermediate_size: H and the per-expert I.
+        num_experts, top_k: E and k.
+        scoring: ``"softmax"`` (Mixtral/Qwen) or ``"sigmoid"`` (DeepSeek-V3).
+        renormalize: divide the k weights by their sum (default: True for sigmoid, False for softmax).
+        n_group, topk_group: DeepSeek group-limited routing.
+        correction_bias: keep a selection-only bias buffer ``e_score_correction_bias[E]``
+            (DeepSeek-V3 aux-loss-free balancing; see :meth:`update_correction_bias`).
+        routed_scaling_factor: multiplies the routed weights.
+        shared_intermediate_size: width of the always-on shared experts (0: none).
+        shared_expert_gate: scale the shared output by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
+        capacity_factor: None for dropless; else C = max(min_capacity, ceil(cf * k * T / E)) slots
+            per expert, overflow dropped in ``priority`` order (``"kmajor"`` or ``"token_major"``).
+        activation: ``"swiglu"`` or ``"geglu"``.
+        router_dtype: dtype of the router GEMM (default float32: routing decisions in full precision).
+        aux_loss_coef, z_loss_coef: weights of the two losses in ``MoEAux.loss``.
+        backend: moe_ops backend name (None: ``MOE_OPS_BACKEND`` or automatic).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
+                 scoring: str = "softmax", renormalize: Optional[bool] = None,
+                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 correction_bias: bool = False, routed_scaling_factor: float = 1.0,
+                 shared_intermediate_size: int = 0, shared_expert_gate: bool = False,
+                 capacity_factor: Optional[float] = None, min_capacity: int = 0, priority: str = "kmajor",
+                 activation: str = "swiglu", router_dtype: Optional[torch.dtype] = torch.float32,
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, backend: Optional[str] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if scoring not in ops.SCORINGS:
+            raise ValueError(f"moe_ops.MoE: scoring must be one of {ops.SCORINGS}, got {scoring!r}")
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"moe_ops.MoE: activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+        if priority not in ops.PRIORITIES:
+            raise ValueError(f"moe_ops.MoE: priority must be one of {ops.PRIORITIES}, got {priority!r}")
+        if not 1 <= top_k <= min(num_experts, ops.MAX_K):
+            raise ValueError(f"moe_ops.MoE: top_k must be in [1, {min(num_experts, ops.MAX_K)}], got {top_k}")
+        if capacity_factor is not None and not capacity_factor >= 0:
+            raise ValueError(f"moe_ops.MoE: capacity_factor must be >= 0 or None, got {capacity_factor}")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.scoring = scoring
+        self.renormalize = (scoring == "sigmoid") if renormalize is None else bool(renormalize)
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.capacity_factor, self.min_capacity, self.priority = capacity_factor, min_capacity, priority
+        self.activation = activation
+        self.router_dtype = router_dtype
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.backend = backend
+
+        fk = dict(device=device, dtype=dtype)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device,
+                              dtype=router_dtype if router_dtype is not None else dtype)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **fk))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **fk))
+        if correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device,
+                                                                         dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.shared_experts = (GatedMLP(hidden_size, shared_intermediate_size, activation, **fk)
+                               if shared_intermediate_size else None)
+        self.shared_gate = (nn.Linear(hidden_size, 1, bias=False, **fk)
+                            if shared_intermediate_size and shared_expert_gate else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert (fan-in H for w_gate_up, I for w_down)."""
+        with torch.no_grad():
+            b1, b2 = 1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.intermediate_size)
+            self.w_gate_up.uniform_(-b1, b1)
+            self.w_down.uniform_(-b2, b2)
+
+    def extra_repr(self) -> str:
+        cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, scoring={self.scoring}, {cap}")
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """``[T, E]`` router logits for flattened ``x[T, H]``."""
+        w = self.gate.weight
+        return nn.functional.linear(x.to(w.dtype), w)
+
+    def route(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(weights[T, k] float32, ids[T, k] int32)`` from router logits."""
+        return ops.topk_gating(logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+                               n_group=self.n_group, topk_group=self.topk_group,
+                               correction_bias=self.e_score_correction_bias,
+                               scaling_factor=self.routed_scaling_factor,
+                               backend=_backend.resolved_name("topk_gating", logits.device.type, self.backend,
+                                                              strict=False))
+
+    def forward(self, x: Tensor, return_aux: bool = False):
+        """``x[..., H]`` -> ``out[..., H]`` (x's dtype), or ``(out, MoEAux)`` with ``return_aux``."""
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"moe_ops.MoE: expected hidden size {self.hidden_size}, got input {tuple(x.shape)}")
+        shape = x.shape
+        h = x.reshape(-1, self.hidden_size)
+        logits = self.router_logits(h)
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if not return_aux:
+            out = ops.moe_forward(h, logits, w_gate_up, w_down, self.top_k, activation=self.activation,
+                                  scoring=self.scoring, renormalize=self.renormalize, n_group=self.n_group,
+                                  topk_group=self.topk_group, correction_bias=self.e_score_correction_bias,
+                                  scaling_factor=self.routed_scaling_factor, capacity_factor=self.capacity_factor,
+                                  min_capacity=self.min_capacity, priority=self.priority, backend=self.backend)
+            aux = None
+        else:
+            weights, ids = self.route(logits)
+            out = experts_forward(h, weights, ids, w_gate_up, w_down, activation=self.activation,
+                                  capacity_factor=self.capacity_factor, min_capacity=self.min_capacity,
+                                  priority=self.priority, backend=self.backend)
+            lb = load_balancing_loss(logits, ids, self.num_experts, self.scoring)
+            zl = z_loss(logits)
+            with torch.no_grad():
+                valid = ids.long()
+                counts = nn.functional.one_hot(valid, self.num_experts).float().sum(dim=(0, 1))
+            aux = MoEAux(self.aux_loss_coef * lb + self.z_loss_coef * zl, lb, zl, counts, logits)
+        if self.shared_experts is not None:
+            s = self.shared_experts(h)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(h)) * s
+            out = out + s
+        out = out.reshape(shape)
+        return (out, aux) if return_aux else out
+
+    @torch.no_grad()
+    def update_correction_bias(self, tokens_per_expert: Tensor, rate: float = 1e-3) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: raise the selection bias of under-loaded experts
+        and lower it for over-loaded ones by ``rate`` (sign of the deviation from the mean load)."""
+        if self.e_score_correction_bias is None:
+            raise RuntimeError("moe_ops.MoE: built without correction_bias=True")
+        load = tokens_per_expert.float()
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)

@@ -1,0 +1,85 @@
+"""Triton backend of moe-ops (``torch.ops.moe_ops_triton``), imported lazily by
+``moe_ops.backend`` as ``moe_ops.triton_kernels``.
+
+The op schemas come from the compiled extension (``moe_ops._C.op_schemas()``, defined once in
+csrc/schemas.h). Each op is a ``torch.library.triton_op`` whose body launches its kernels through
+``wrap_triton``, so ``torch.compile`` traces into the kernels, and the body itself (run on fake
+tensors) is the shape function. Devices: cuda; cpu too under ``TRITON_INTERPRET=1`` (the Triton
+interpreter, for tests).
+
+Kernels: routing.py (topk_gating) · index.py (permute, capacity_dispatch) · combine.py
+(unpermute, capacity_combine, the fused layer's k-sum) · grouped_gemm.py (grouped_gemm,
+grouped_gemm_wgrad, the fused layer's GEMMs) · fused_moe.py (the whole layer).
+"""
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (a missing triton makes the backend unavailable, not the package)
+from torch.library import triton_op
+
+from .. import backend as _backend
+from . import combine, fused_moe, grouped_gemm, index, routing
+from ._common import interpreted, launch_count
+from .fused_moe import fused_moe_forward, last_launch_count
+
+NAMESPACE = "moe_ops_triton"
+
+# (op, dtype) pairs the Triton 3.8 *interpreter* computes wrongly: tl.dot on bfloat16 operands
+# returns garbage there (fp16/fp32 are right). The code path on a GPU is identical; tests skip
+# these pairs only when ``interpreted()``. "moe_forward" is the fused layer.
+UNSUPPORTED_UNDER_INTERPRETER = frozenset({
+    ("grouped_gemm", torch.bfloat16),
+    ("grouped_gemm_wgrad", torch.bfloat16),
+    ("moe_forward", torch.bfloat16),
+})
+
+
+# The form tests/utils.py reads (``unsupported_reason``): {(op, dtype): reason}, only where it applies.
+UNSUPPORTED_DTYPES = {
+    key: "Triton 3.8 interpreter computes tl.dot on bfloat16 wrongly (GPU path is identical and supported)"
+    for key in UNSUPPORTED_UNDER_INTERPRETER} if interpreted() else {}
+
+
+def supported(op: str, dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """False for the (op, dtype) pairs this backend cannot compute right here."""
+    return not (device_type == "cpu" and interpreted() and (op, dtype) in UNSUPPORTED_UNDER_INTERPRETER)
+
+
+_IMPLS = {
+    "topk_gating": routing.topk_gating,
+    "permute": index.permute,
+    "unpermute": combine.unpermute,
+    "capacity_dispatch": index.capacity_dispatch,
+    "capacity_combine": combine.capacity_combine,
+    "grouped_gemm": grouped_gemm.grouped_gemm,
+    "grouped_gemm_wgrad": grouped_gemm.grouped_gemm_wgrad,
+}
+
+def _op_schemas():
+    from .. import _C  # the one definition of the schemas (csrc/schemas.h)
+    return list(_C.op_schemas())
+
+
+def _define():
+    defined = {}
+    for schema in _op_schemas():
+        name, rest = schema.split("(", 1)
+        name = name.strip()
+        if name not in _IMPLS:
+            raise RuntimeError(f"moe_ops.triton_kernels: no Triton implementation for op {name!r}")
+        triton_op(f"{NAMESPACE}::{name}", _IMPLS[name], mutates_args=(), schema="(" + rest)
+        defined[name] = getattr(torch.ops.moe_ops_triton, name)
+    return defined
+
+
+if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "grouped_gemm"):
+    OPS = _define()
+else:  # module re-imported (e.g. importlib.reload): the ops exist already
+    OPS = {n: getattr(torch.ops.moe_ops_triton, n) for n in _IMPLS}
+
+_devices = ("cuda",) + (("cpu",) if interpreted() else ())
+_backend.register("triton", _devices, OPS)
+_backend.register_fused_moe("triton", fused_moe_forward)
+
+__all__ = ["OPS", "UNSUPPORTED_UNDER_INTERPRETER", "UNSUPPORTED_DTYPES", "supported", "fused_moe_forward", "last_launch_count",
+           "launch_count", "interpreted"]

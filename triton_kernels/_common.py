@@ -1,0 +1,76 @@
+"""Shared plumbing for the Triton kernels: the launch helper (every launch goes through it, so
+the fused layer can report how many kernels it ran), interpreter detection and the persistent
+grid size.
+
+Launches use ``torch.library.wrap_triton`` so ``torch.compile`` sees the kernels inside the
+``triton_op`` bodies; in eager mode that is a plain launch on the current stream.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch.library import wrap_triton
+
+_LAUNCHES = [0]
+
+
+def interpreted() -> bool:
+    """Whether Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_count() -> int:
+    """Kernels launched so far by this package (eager calls only; fake/meta calls launch nothing)."""
+    return _LAUNCHES[0]
+
+
+def _is_fake(t) -> bool:
+    return isinstance(t, torch.Tensor) and (isinstance(t, torch._subclasses.FakeTensor) or t.is_meta)
+
+
+def launch(kernel, grid, *args, **meta):
+    """Launch ``kernel[grid](*args, **meta)`` through ``wrap_triton`` and count it.
+
+    On fake/meta tensors (the op body run as its own shape function) nothing is launched: only
+    the output shapes matter there. Under torch.compile's decomposition the arguments are
+    functional wrappers, so the launch is traced as a triton_kernel_wrapper HOP as usual.
+    """
+    if any(_is_fake(a) for a in args):
+        return
+    if interpreted() and any(isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+                             and type(a) is not torch.Tensor for a in args):
+        # wrap_triton hands interpreted kernels back unwrapped: nothing can trace them.
+        raise RuntimeError("moe_ops.triton_kernels: tracing Triton kernels (torch.compile / AOT "
+                           "dispatch, functional tensors) is not supported under TRITON_INTERPRET=1; "
+                           "call the ops eagerly, or trace on a GPU")
+    _LAUNCHES[0] += 1
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device) -> int:
+    """Static persistent grid: one program per SM on a GPU, a small fixed count otherwise
+    (the interpreter runs programs one after another, so more would only cost time)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full IEEE fp32 (no TF32): the contract is float32 math."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"

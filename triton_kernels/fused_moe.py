@@ -1,0 +1,106 @@
+"""The whole dropless MoE layer on the Triton backend, with a launch count independent of E.
+
+    topk_gating                       1 launch   (routing.py)
+    index build (rank, scan, place)   3 launches (index.py; the scan also writes the GEMM tile
+                                                  schedule, so no separate schedule kernel)
+    GEMM1: gather x rows + SwiGLU     1 launch   -> h[T*k, I]  (rows in expert order)
+    GEMM2: * router weight, scatter   1 launch   -> y[T*k, H]  (rows in slot order; out[T, H] if k == 1)
+    k-sum                             1 launch   (combine.py; skipped when k == 1)
+
+No permuted copy of x and no separate permute/unpermute passes. The scatter writes each slot's
+weighted row (in x's dtype, as vLLM's fused_moe) and a fixed-order k-sum adds them in float32:
+deterministic, no float atomics. When autograd needs the graph (inputs requiring grad), the
+layer runs the unfused op chain instead, whose ops have registered derivatives.
+
+The fused layer is a plain Python function, not a registered op (the op contract has no such
+op); under torch.compile dynamo traces its ``wrap_triton`` launches like any user kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+from . import _common, combine, index, routing
+from .configs import get_config
+from .grouped_gemm import run_gemm
+
+ACT_CODES = {"swiglu": 1, "geglu": 2}
+_LAST = [0]
+
+
+def last_launch_count() -> int:
+    """Kernels launched by the most recent eager :func:`fused_moe_forward` call."""
+    return _LAST[0]
+
+
+def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                   k: int, activation: str, scoring: str, renormalize: bool, n_group: int, topk_group: int,
+                   correction_bias: Optional[torch.Tensor], scaling_factor: float) -> torch.Tensor:
+    T, H = x.shape
+    E, two_i, _ = w_gate_up.shape
+    I = two_i // 2
+    out = torch.empty((T, H), device=x.device, dtype=x.dtype)
+    if T == 0 or H == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weights, ids = routing.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                       correction_bias, scaling_factor)
+    M = T * k
+    cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
+    cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
+    slot_rows, sorted_slots, offsets, _, sched = index.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
+    h = torch.empty((M, I), device=x.device, dtype=x.dtype)
+    run_gemm(x, w_gate_up, h, offsets, sched, E, I, H, cfg1, rows=M, trans_b=True, slots=sorted_slots,
+             topk=k, act=ACT_CODES[activation])
+    y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
+    run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg2, rows=M, trans_b=True, slots=sorted_slots,
+             weights=weights.view(-1), scatter=True)
+    if k == 1:
+        return out
+    return combine.combine(y, T, k, combine.MODE_SLOT)
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = h.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
+    return (act * up).to(h.dtype)
+
+
+def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group,
+             correction_bias, scaling_factor):
+    ops = torch.ops.moe_ops_triton
+    E = w_gate_up.shape[0]
+    weights, ids = ops.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                   correction_bias, scaling_factor)
+    x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, 1)
+    h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, True)
+    y = ops.grouped_gemm(_activate(h, activation), w_down, offsets, True)
+    return ops.unpermute(y, slot_rows, weights, k)
+
+
+def fused_moe_forward(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
+                      renormalize=False, n_group=None, topk_group=None, correction_bias=None,
+                      scaling_factor=1.0):
+    """``moe_forward``'s dropless path (same keyword signature); arguments already validated."""
+    args = (x, router_logits, w_gate_up, w_down, int(k), activation, scoring, bool(renormalize),
+            n_group or 0, topk_group or 0, correction_bias, float(scaling_factor))
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    if needs_grad:
+        fn = _unfused
+    elif torch.compiler.is_compiling():
+        fn = fused_moe_impl  # dynamo traces the wrap_triton launches into the graph
+    else:
+        fn = _eager_fused
+    before = _common.launch_count()
+    out = fn(*args)
+    _LAST[0] = _common.launch_count() - before
+    return out
+
+
+def _eager_fused(*args):
+    # Plain launches in eager mode (as triton_op's eager path does), not the tracing HOP.
+    with set_wrap_triton_enabled(False):
+        return fused_moe_impl(*args)
