@@ -11,8 +11,8 @@
 // stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
 // -> unpermute up to the activation's libm rounding. Thread-count independent (see kernels.h).
 //
-// The schema is defined here as a fragment of the moe_ops library (it is a CPU-only extension op,
-// not part of the cross-backend contract in csrc/schemas.h); a Meta kernel gives its shape.
+// The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
+// cross-backend contract); a Meta kernel gives its shape for torch.compile.
 #include <string>
 
 #include "combine.h"
