@@ -96,7 +96,8 @@ struct Tile {
   double cost;
 };
 
-// Runs fn(tile) for every tile; each thread gets one contiguous range of roughly equal cost, so
+// Runs fn(tile, next) for every tile (next: the tile this thread runs after it, or nullptr -- for
+// prefetching its weights); each thread gets one contiguous range of roughly equal cost, so
 // consecutive tiles (same expert, same weight block) stay on one core's caches.
 template <class Fn>
 void run_tiles(const std::vector<Tile>& tiles, Fn&& fn) {
@@ -104,7 +105,7 @@ void run_tiles(const std::vector<Tile>& tiles, Fn&& fn) {
   if (n == 0) return;
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
   if (nt <= 1 || at::in_parallel_region()) {
-    for (const Tile& t : tiles) fn(t);
+    for (int64_t i = 0; i < n; ++i) fn(tiles[i], i + 1 < n ? &tiles[i + 1] : nullptr);
     return;
   }
   double total = 0;
@@ -119,7 +120,8 @@ void run_tiles(const std::vector<Tile>& tiles, Fn&& fn) {
   }
   at::parallel_for(0, nt, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t i = split[p]; i < split[p + 1]; ++i) fn(tiles[i]);
+      for (int64_t i = split[p]; i < split[p + 1]; ++i)
+        fn(tiles[i], i + 1 < split[p + 1] ? &tiles[i + 1] : nullptr);
   });
 }
 

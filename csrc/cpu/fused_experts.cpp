@@ -11,8 +11,8 @@
 // stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
 // -> unpermute up to the activation's libm rounding. Thread-count independent (see kernels.h).
 //
-// The schema is defined here as a fragment of the moe_ops library (it is a CPU-only extension op,
-// not part of the cross-backend contract in csrc/schemas.h); a Meta kernel gives its shape.
+// The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
+// cross-backend contract); a Meta kernel gives its shape for torch.compile.
 #include <string>
 
 #include "combine.h"
@@ -89,14 +89,20 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
     // 3. GEMM1 + gated activation: gate and up columns of one block in the same tile.
     const char* wgup = static_cast<const char*>(wgu.data_ptr());
     const int64_t nb1 = nt_col_block(offs, I, H, 2 * es);
-    run_tiles(make_tiles(offs, I, H, nb1, 256, 8.0 * es), [&](const Tile& t) {
+    run_tiles(make_tiles(offs, I, H, nb1, 256, 8.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> g, u;
       const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
       g.resize(static_cast<size_t>(rows * cols));
       u.resize(static_cast<size_t>(rows * cols));
       const char* we = wgup + t.e * 2 * I * H * es;
-      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols);
-      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + (I + t.n0) * H * es, dt, H, H, u.data(), cols, rows, cols);
+      // Prefetch the next tile's gate block during the gate GEMM, its up block during the up GEMM.
+      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+      const char* wn = pf ? wgup + nx->e * 2 * I * H * es : nullptr;
+      const int64_t pfb = pf ? (nx->n1 - nx->n0) * H * es : 0;
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols,
+                    pf ? wn + nx->n0 * H * es : nullptr, pfb);
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + (I + t.n0) * H * es, dt, H, H, u.data(), cols, rows, cols,
+                    pf ? wn + (I + nx->n0) * H * es : nullptr, pfb);
       gated_act_rows(g.data(), u.data(), g.data(), rows * cols, dt, swiglu);
       for (int64_t i = 0; i < rows; ++i) {
         float* dst = A2 + (t.m0 + i) * Ip;
@@ -109,11 +115,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
     const char* wdp = static_cast<const char*>(wd.data_ptr());
     float* Y = ybuf.data_ptr<float>();
     const int64_t nb2 = nt_col_block(offs, H, I, es);
-    run_tiles(make_tiles(offs, H, I, nb2, 256, 4.0 * es), [&](const Tile& t) {
+    run_tiles(make_tiles(offs, H, I, nb2, 256, 4.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
       c.resize(static_cast<size_t>(rows * cols));
-      gemm_nt_block(A2 + t.m0 * Ip, Ip, wdp + (t.e * H + t.n0) * I * es, dt, I, I, c.data(), cols, rows, cols);
+      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+      gemm_nt_block(A2 + t.m0 * Ip, Ip, wdp + (t.e * H + t.n0) * I * es, dt, I, I, c.data(), cols, rows, cols,
+                    pf ? wdp + (nx->e * H + nx->n0) * I * es : nullptr, pf ? (nx->n1 - nx->n0) * I * es : 0);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, dt);
     });
   } else if (Sv > 0) {

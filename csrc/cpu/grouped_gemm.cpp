@@ -112,12 +112,14 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, cons
     }
     const int64_t nb = nt_col_block(offs, N, K, es);
     const std::vector<Tile> tiles = make_tiles(offs, N, K, nb, kRowChunk, 4.0 * es);
-    run_tiles(tiles, [&](const Tile& t) {
+    run_tiles(tiles, [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> scratch;
       const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
       scratch.resize(static_cast<size_t>(rows * cols));
       const char* be = bp + (t.e * N + t.n0) * K * es;
-      gemm_nt_block(A + (t.m0 - o0) * lda, lda, be, dt, K, K, scratch.data(), cols, rows, cols);
+      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);  // next tile needs other weights
+      gemm_nt_block(A + (t.m0 - o0) * lda, lda, be, dt, K, K, scratch.data(), cols, rows, cols,
+                    pf ? bp + (nx->e * N + nx->n0) * K * es : nullptr, pf ? (nx->n1 - nx->n0) * K * es : 0);
       for (int64_t i = 0; i < rows; ++i)
         row_from_f32(scratch.data() + i * cols, cp + ((t.m0 + i) * N + t.n0) * es, dt, cols);
     });
@@ -139,7 +141,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, cons
   }
   const int64_t nb = weight_col_block(K, es, N, 16);
   const std::vector<Tile> tiles = make_tiles(offs, N, K, nb, 96, 4.0 * es);
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile*) {
     thread_local std::vector<float> scratch;
     const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
     scratch.resize(static_cast<size_t>(rows * cols));
@@ -205,7 +207,7 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& dc_i
         tiles.push_back({e, k0, std::min(K, k0 + 96), n0, std::min(N, n0 + nb),
                          double(std::min(N, n0 + nb) - n0) * Me * double(std::min(K, k0 + 96) - k0 + 4)});
   }
-  run_tiles(tiles, [&](const Tile& t) {
+  run_tiles(tiles, [&](const Tile& t, const Tile*) {
     thread_local std::vector<float> scratch;
     const int64_t Me = offs[t.e + 1] - offs[t.e];
     const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;

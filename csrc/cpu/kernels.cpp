@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 
 namespace moe_cpu {
@@ -229,7 +230,7 @@ inline void nt_step(const float* A, int64_t lda, int64_t k, const char* const* b
 // accumulators stay in registers.
 template <DType DT, int MR, int NR>
 void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
-              int64_t ldc) {
+              int64_t ldc, const char* pf, int64_t pf_lines) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
   const int64_t kfull = K / CH * CH;
@@ -244,7 +245,12 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   const char* bp[NR];
+  const int64_t steps = kfull / CH;
+  const int64_t per_step = steps > 0 ? (pf_lines + steps - 1) / steps : 0;
+  int64_t done = 0;
   for (int64_t k = 0; k < kfull; k += CH) {
+    for (int64_t q = 0; q < per_step && done < pf_lines; ++q, ++done)
+      _mm_prefetch(pf + done * 64, _MM_HINT_T1);
     for (int j = 0; j < NR; ++j) bp[j] = B + j * ldb_bytes + k * es;
     nt_step<DT, MR, NR>(A, lda, k, bp, acc);
   }
@@ -259,34 +265,60 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int
 // Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
 // one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
 // chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
+// Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
+// one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
+// chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
+// Prefetch lines [pf_line, pf_line + lines_per_call) go to each micro call in turn.
+struct Prefetch {
+  const char* base;
+  int64_t lines;          // total cache lines to prefetch
+  int64_t per_call;       // lines per micro-kernel call
+  int64_t next = 0;       // next line to hand out
+  inline void take(const char*& p, int64_t& n) {
+    n = std::max<int64_t>(0, std::min(per_call, lines - next));
+    p = base + next * 64;
+    next += n;
+  }
+};
+
 template <DType DT, int MR>
 void nt_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
-             int64_t ldc, int64_t N) {
+             int64_t ldc, int64_t N, Prefetch& pf) {
   constexpr int NR = MR <= 2 ? 4 : 2;
+  const char* p;
+  int64_t n;
   int64_t j = 0;
-  for (; j + NR <= N; j += NR) micro_nt<DT, MR, NR>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc);
+  for (; j + NR <= N; j += NR) {
+    pf.take(p, n);
+    micro_nt<DT, MR, NR>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n);
+  }
+  pf.take(p, n);
   switch (N - j) {
-    case 3: micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
-    case 2: micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
-    case 1: micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc); break;
+    case 3: micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
+    case 2: micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
+    case 1: micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
     default: break;
   }
 }
 
 template <DType DT>
 void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
-                 int64_t ldc, int64_t M, int64_t N) {
+                 int64_t ldc, int64_t M, int64_t N, const void* pfv, int64_t pf_bytes) {
   const char* B = static_cast<const char*>(Bv);
   const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
+  const int64_t row_blocks = (M + 5) / 6;
+  const int64_t calls = row_blocks * ((N + 1) / 2 + 1);
+  Prefetch pf{static_cast<const char*>(pfv), pfv ? (pf_bytes + 63) / 64 : 0, 0};
+  pf.per_call = (pf.lines + calls - 1) / std::max<int64_t>(calls, 1);
   int64_t i = 0;
   // Row blocks outer: the MR rows of A stay in L1 while the weight block streams from L2.
-  for (; i + 6 <= M; i += 6) nt_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N);
+  for (; i + 6 <= M; i += 6) nt_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf);
   switch (M - i) {
-    case 5: nt_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
-    case 4: nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
-    case 3: nt_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
-    case 2: nt_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
-    case 1: nt_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N); break;
+    case 5: nt_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
+    case 4: nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
+    case 3: nt_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
+    case 2: nt_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
+    case 1: nt_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
     default: break;
   }
 }
@@ -533,10 +565,10 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 }
 
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N) {
+                   float* C, int64_t ldc, int64_t M, int64_t N, const void* pf, int64_t pf_bytes) {
   if (M <= 0 || N <= 0) return;
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N); return; }
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, pf, pf_bytes); return; }
 #endif
   gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
 }

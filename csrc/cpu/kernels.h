@@ -52,8 +52,11 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 
 // C[i*ldc + j] = sum_k A[i*lda + pk(k)] * B[j*ldb + k]   for i < M, j < N, k < K
 // A: packed float32 rows (pack_row_nt layout for B's dtype), B: N rows of K values in dt.
+// pf/pf_bytes (optional): a region (the next tile's weight block) to prefetch into L2 while this
+// block computes, spread over the kernel's inner steps, so the weight stream overlaps the FMAs.
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N);
+                   float* C, int64_t ldc, int64_t M, int64_t N, const void* pf = nullptr,
+                   int64_t pf_bytes = 0);
 
 // C[i*ldc + j] = sum_r A[i*lda + r] * B[r*ldb + j]   for i < M, j < N, r < R (r ascending)
 // A: float32 rows (any lda), B: R rows of N contiguous values in dt.
