@@ -63,7 +63,8 @@ def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = h.float().chunk(2, dim=-1)
+    """As moe_ops.ops._activate: float32 math (float64 for float64 inputs)."""
+    gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
     return (act * up).to(h.dtype)
 

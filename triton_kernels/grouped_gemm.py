@@ -14,7 +14,7 @@ Options (constexpr, so each variant compiles to its own kernel):
 * ACT (1 SwiGLU, 2 GeGLU): B = w_gate_up[e] ([2I, H], rows [gate; up]); the tile computes the
   gate and the up columns of its block (two accumulators, one A load) and stores
   ``act(gate) * up`` -> [P, I]. gate/up are rounded to the input dtype first, as the unfused
-  path (GEMM output in x's dtype, then the activation in float32) does.
+  path (GEMM output in x's dtype, then the activation in float32, float64 for float64) does.
 * SCATTER: the row's result (rounded to the input dtype) times the router weight of its slot is
   stored at row ``slot`` of a [T*k, N] buffer (or of out[T, N] when k == 1): the k-sum that
   follows is a plain deterministic kernel, no float atomics.
@@ -122,8 +122,8 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if ACT != 0:
-            gate = acc.to(out_ty).to(tl.float32)
-            up = acc_up.to(out_ty).to(tl.float32)
+            gate = acc.to(out_ty).to(ACC_DTYPE)  # float32 (float64 for float64 inputs), as ops._activate
+            up = acc_up.to(out_ty).to(ACC_DTYPE)
             if ACT == 1:
                 act = gate / (1.0 + tl.exp(-gate))
             else:
