@@ -6,11 +6,21 @@
   oversubscribed CI box ``1`` makes the many tiny matmuls of the tests ~1000x faster (an
   OpenMP team of 2 spin-waits ~50 ms per GEMM under load); the default leaves torch alone so
   CPU kernels still run multi-threaded.
+* Sets ``TRITON_INTERPRET=1`` when there is no GPU (the Triton backend then runs on CPU).
 * Registers the markers the suite uses (mirrored in pyproject's ``[tool.pytest.ini_options]``):
   ``slow`` (long-running; deselect with ``-m "not slow"``), ``cuda`` (needs a GPU).
 """
 import os
 import sys
+
+# Triton kernels run on CPU through the interpreter, which must be chosen before triton is first
+# imported (any test module may import it through moe_ops). With no GPU, the `triton` backend is
+# then registered for CPU tensors and tested like every other backend.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
