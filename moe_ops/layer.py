@@ -228,19 +228,26 @@ class MoE(nn.Module):
             out = experts_forward(h, weights, ids, w_gate_up, w_down, activation=self.activation,
                                   capacity_factor=self.capacity_factor, min_capacity=self.min_capacity,
                                   priority=self.priority, backend=self.backend)
-            lb = load_balancing_loss(logits, ids, self.num_experts, self.scoring)
-            zl = z_loss(logits)
-            with torch.no_grad():
-                valid = ids.long()
-                counts = nn.functional.one_hot(valid, self.num_experts).float().sum(dim=(0, 1))
-            aux = MoEAux(self.aux_loss_coef * lb + self.z_loss_coef * zl, lb, zl, counts, logits)
-        if self.shared_experts is not None:
-            s = self.shared_experts(h)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(h)) * s
-            out = out + s
-        out = out.reshape(shape)
+            aux = self.aux_losses(logits, ids)
+        out = self.add_shared_experts(h, out).reshape(shape)
         return (out, aux) if return_aux else out
+
+    def aux_losses(self, logits: Tensor, ids: Tensor) -> MoEAux:
+        """Switch load-balancing loss, router z-loss and tokens per expert for one routing."""
+        lb = load_balancing_loss(logits, ids, self.num_experts, self.scoring)
+        zl = z_loss(logits)
+        with torch.no_grad():
+            counts = nn.functional.one_hot(ids.long(), self.num_experts).float().sum(dim=(0, 1))
+        return MoEAux(self.aux_loss_coef * lb + self.z_loss_coef * zl, lb, zl, counts, logits)
+
+    def add_shared_experts(self, h: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus the (optionally sigmoid-gated) shared experts' output on ``h``."""
+        if self.shared_experts is None:
+            return out
+        s = self.shared_experts(h)
+        if self.shared_gate is not None:
+            s = torch.sigmoid(self.shared_gate(h)) * s
+        return out + s
 
     @torch.no_grad()
     def update_correction_bias(self, tokens_per_expert: Tensor, rate: float = 1e-3) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layer import MoE, MoEAux, load_balancing_loss, z_loss
+from ..layer import MoE, MoEAux
 from . import exchange as _x
 from .functional import DISPATCHES, expert_parallel_experts
 
@@ -179,17 +179,6 @@ class ExpertParallelMoE(MoE):
                                       capacity_factor=self.capacity_factor, min_capacity=self.min_capacity,
                                       priority=self.priority, backend=self.backend, stats=stats)
         self.last_exchange = stats
-        aux = None
-        if return_aux:
-            lb = load_balancing_loss(logits, ids, self.num_experts, self.scoring)
-            zl = z_loss(logits)
-            with torch.no_grad():
-                counts = nn.functional.one_hot(ids.long(), self.num_experts).float().sum(dim=(0, 1))
-            aux = MoEAux(self.aux_loss_coef * lb + self.z_loss_coef * zl, lb, zl, counts, logits)
-        if self.shared_experts is not None:
-            s = self.shared_experts(h)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(h)) * s
-            out = out + s
-        out = out.reshape(shape)
+        aux = self.aux_losses(logits, ids) if return_aux else None
+        out = self.add_shared_experts(h, out).reshape(shape)
         return (out, aux) if return_aux else out
