@@ -35,7 +35,9 @@ test-py: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-	@if [ -f scripts/sanitizers.sh ]; then PY=$(PY) bash scripts/sanitizers.sh; fi
+	PY=$(PY) bash scripts/sanitizers.sh
+	@if command -v nvcc >/dev/null; then bash scripts/ptxas_report.sh && cat build/ptxas_report.txt; \
+	  else echo "nvcc not found: ptxas report skipped"; fi
 
 bench: install
 	$(PY) -m bench --preset quick $(BENCH_ARGS)
