@@ -20,10 +20,10 @@ PY=$(command -v "$PY" || echo "$PY")
 case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a venv's python is one)
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
-# Default: every kernel path once -- E=7 (small-E warp path) in fp32, E=257 (16-per-lane warp
-# path, 2-byte vector loads) in bf16, E=1024 (block-per-row path) in fp16 -- for every op.
-# SAN_OPS_K=cuda_sim runs the whole cuda_sim matrix (tens of minutes under TSan on 2 cores).
-SAN_OPS_K=${SAN_OPS_K:-"cuda_sim and ((float32 and E7-) or (bfloat16 and E257-) or (float16 and E1024- and k16-))"}
+# Default: the whole cuda_sim matrix of tests/test_ops.py (every op, every kernel path: E from 1
+# to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16; ~1 min under TSan on 2 quiet cores) plus the
+# CUDA kernels' own edge cases (tests/test_cuda_kernels.py).
+SAN_OPS_K=${SAN_OPS_K:-"cuda_sim"}
 # The emulator self-tests minus the 1024-thread blocks (the slowest to emulate under TSan).
 SAN_EMU_K=${SAN_EMU_K:-"not 1024 and not 4096"}
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
@@ -98,6 +98,10 @@ for san in $SANITIZERS; do
     # pytest exits 5 when nothing is selected (no cuda_sim kernels registered yet): not a failure.
     rc=0; run_under "$san" tests/test_ops.py -k "$SAN_OPS_K" || rc=$?
     if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=1; fi
+  fi
+  if [ -f tests/test_cuda_kernels.py ]; then
+    log "$san: CUDA kernel edge cases (tests/test_cuda_kernels.py)"
+    run_under "$san" tests/test_cuda_kernels.py || status=1
   fi
 done
 
