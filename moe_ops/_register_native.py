@@ -36,11 +36,7 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
     if x.dtype == torch.float64 or needs_grad:
-        E = w_gate_up.shape[0]
-        x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, backend="cpu")
-        h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend="cpu")
-        y = ops.grouped_gemm(ops._activate(h, activation), w_down, offsets, trans_b=True, backend="cpu")
-        return ops.unpermute(y, slot_rows, weights, k=k, backend="cpu")
+        return ops.experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
     return torch.ops.moe_ops.fused_experts(x, ids, weights, w_gate_up, w_down, activation)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import ops
+from .ops import experts_forward, gated_activation  # noqa: F401  (part of this module's API)
 
 Tensor = torch.Tensor
 
@@ -34,14 +35,6 @@ class MoEAux(NamedTuple):
     z_loss: Tensor               # ST-MoE: mean_t logsumexp(logits[t])^2
     tokens_per_expert: Tensor    # [E] float32 routed slot counts (no gradient)
     router_logits: Tensor        # [T, E]
-
-
-def gated_activation(h: Tensor, activation: str = "swiglu") -> Tensor:
-    """``act(gate) * up`` on ``h = [gate | up]`` in float32 (float64 stays), cast back to h's dtype."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    gate, up = h.to(acc).chunk(2, dim=-1)
-    act = nn.functional.silu(gate) if activation == "swiglu" else nn.functional.gelu(gate)
-    return (act * up).to(h.dtype)
 
 
 def load_balancing_loss(router_logits: Tensor, ids: Tensor, num_experts: int, scoring: str = "softmax") -> Tensor:
@@ -64,37 +57,6 @@ def load_balancing_loss(router_logits: Tensor, ids: Tensor, num_experts: int, sc
 def z_loss(router_logits: Tensor) -> Tensor:
     """ST-MoE router z-loss: ``mean_t logsumexp(logits[t])^2``."""
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
-
-
-def experts_forward(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
-                    activation: str = "swiglu", capacity_factor: Optional[float] = None, min_capacity: int = 0,
-                    priority: str = "kmajor", allow_invalid_ids: bool = False,
-                    backend: Optional[str] = None) -> Tensor:
-    """The routed half of an MoE layer for given router output: ``out[t] = sum_j w[t,j] *
-    expert_{ids[t,j]}(x[t])`` (dropless), or GShard capacity with ``capacity_factor``. Every stage
-    uses ``backend`` where it has the op, else the automatic choice (as moe_forward does)."""
-    T, H = x.shape
-    E = w_gate_up.shape[0]
-    k = ids.shape[1]
-    dev = x.device.type
-
-    def be(op):
-        return _backend.resolved_name(op, dev, backend, strict=False)
-
-    if capacity_factor is None:
-        x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, allow_invalid_ids=allow_invalid_ids,
-                                                      backend=be("permute"))
-        h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
-        y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True,
-                             backend=be("grouped_gemm"))
-        return ops.unpermute(y, slot_rows, weights, backend=be("unpermute"))
-    C = ops.expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
-    d = ops.capacity_dispatch(x, ids, E, C, priority=priority, allow_invalid_ids=allow_invalid_ids,
-                              backend=be("capacity_dispatch"))
-    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
-    h = ops.grouped_gemm(d.buf.reshape(E * C, H), w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
-    y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
-    return ops.capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
 
 
 class GatedMLP(nn.Module):

@@ -366,11 +366,43 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
     return fn(a, dc, expert_offsets, num_experts)
 
 
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """Gated activation on ``h = [gate | up]`` (HF's ``gate_up_proj`` layout), in float32."""
+def gated_activation(h: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
+    """``act(gate) * up`` on ``h = [gate | up]`` (HF's ``gate_up_proj`` layout): SwiGLU (silu)
+    or GeGLU (gelu), computed in float32 (float64 stays float64), cast back to ``h``'s dtype.
+    The one definition every backend's unfused path and the layers use."""
     gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
     return (act * up).to(h.dtype)
+
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gate_up: torch.Tensor,
+                    w_down: torch.Tensor, *, activation: str = "swiglu", capacity_factor: Optional[float] = None,
+                    min_capacity: int = 0, priority: str = "kmajor", allow_invalid_ids: bool = False,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """The routed half of an MoE layer for given router output: ``out[t] = sum_j w[t,j] *
+    expert_{ids[t,j]}(x[t])`` (dropless), or GShard capacity with ``capacity_factor``. Every stage
+    uses ``backend`` where it has the op, else the automatic choice."""
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    k = ids.shape[1]
+    dev = x.device.type
+
+    def be(op):
+        return _backend.resolved_name(op, dev, backend, strict=False)
+
+    if capacity_factor is None:
+        x_sorted, _, offsets, slot_rows = permute(x, ids, E, allow_invalid_ids=allow_invalid_ids,
+                                                  backend=be("permute"))
+        h = grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+        y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
+        return unpermute(y, slot_rows, weights, backend=be("unpermute"))
+    C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
+    d = capacity_dispatch(x, ids, E, C, priority=priority, allow_invalid_ids=allow_invalid_ids,
+                          backend=be("capacity_dispatch"))
+    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+    h = grouped_gemm(d.buf.reshape(E * C, H), w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+    y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
+    return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
 
 
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -414,22 +446,11 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
                      renormalize=renormalize, n_group=n_group, topk_group=topk_group,
                      correction_bias=correction_bias, scaling_factor=scaling_factor)
 
-    def stage(op):
-        return _backend.resolve(op, x.device.type, backend, strict=False)
-
     # Router: validated by topk_gating, then run through the chosen backend's kernel.
     weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,
                                topk_group=topk_group, correction_bias=correction_bias,
                                scaling_factor=scaling_factor,
                                backend=_backend.resolved_name("topk_gating", x.device.type, backend, strict=False))
-    if capacity_factor is None:
-        x_sorted, _, offsets, slot_rows = stage("permute")(x, ids, E, 1)
-        h = stage("grouped_gemm")(x_sorted, w_gate_up, offsets, True)
-        y = stage("grouped_gemm")(_activate(h, activation), w_down, offsets, True)
-        return stage("unpermute")(y, slot_rows, weights, k)
-    C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
-    buf, slot_pos, _, _ = stage("capacity_dispatch")(x, ids, E, C, priority)
-    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
-    h = stage("grouped_gemm")(buf.reshape(E * C, H), w_gate_up, offsets, True)
-    y = stage("grouped_gemm")(_activate(h, activation), w_down, offsets, True)
-    return stage("capacity_combine")(y.reshape(E, C, H), ids, slot_pos, weights)
+    return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation,
+                           capacity_factor=capacity_factor, min_capacity=min_capacity, priority=priority,
+                           backend=backend)

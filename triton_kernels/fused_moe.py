@@ -24,6 +24,7 @@ from torch._library.triton import set_wrap_triton_enabled
 
 from . import _common, combine, index, routing
 from .configs import get_config
+from moe_ops.ops import gated_activation
 from .grouped_gemm import run_gemm
 
 ACT_CODES = {"swiglu": 1, "geglu": 2}
@@ -62,13 +63,6 @@ def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
     return combine.combine(y, T, k, combine.MODE_SLOT)
 
 
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """As moe_ops.ops._activate: float32 math (float64 for float64 inputs)."""
-    gate, up = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32).chunk(2, dim=-1)
-    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
-    return (act * up).to(h.dtype)
-
-
 def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group,
              correction_bias, scaling_factor):
     ops = torch.ops.moe_ops_triton
@@ -77,7 +71,7 @@ def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renorm
                                    correction_bias, scaling_factor)
     x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, 1)
     h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, True)
-    y = ops.grouped_gemm(_activate(h, activation), w_down, offsets, True)
+    y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, True)
     return ops.unpermute(y, slot_rows, weights, k)
 
 

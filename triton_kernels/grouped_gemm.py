@@ -122,7 +122,7 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if ACT != 0:
-            gate = acc.to(out_ty).to(ACC_DTYPE)  # float32 (float64 for float64 inputs), as ops._activate
+            gate = acc.to(out_ty).to(ACC_DTYPE)  # float32 (float64 for float64 inputs), as ops.gated_activation
             up = acc_up.to(out_ty).to(ACC_DTYPE)
             if ACT == 1:
                 act = gate / (1.0 + tl.exp(-gate))

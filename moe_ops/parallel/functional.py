@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import backend as _backend
-from ..ops import capacity_combine, capacity_dispatch, expert_capacity, grouped_gemm, permute, \
+from ..ops import capacity_combine, capacity_dispatch, expert_capacity, gated_activation, grouped_gemm, permute, \
     topk_gating, unpermute
 from . import exchange as _x
 
@@ -60,17 +60,9 @@ def _shard_shapes(x: Tensor, num_experts: int, w_gate_up: Tensor, w_down: Tensor
     return T, H, num_experts, E_l
 
 
-def _activate(h: Tensor, activation: str) -> Tensor:
-    """``act(gate) * up`` on ``h = [gate | up]`` in float32 (float64 stays), as the MoE layer does."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    gate, up = h.to(acc).chunk(2, dim=-1)
-    act = torch.nn.functional.silu(gate) if activation == "swiglu" else torch.nn.functional.gelu(gate)
-    return (act * up).to(h.dtype)
-
-
 def _experts(x_local: Tensor, w_gate_up: Tensor, w_down: Tensor, offsets: Tensor, activation: str, bk) -> Tensor:
     h = grouped_gemm(x_local, w_gate_up, offsets, trans_b=True, backend=bk("grouped_gemm"))
-    return grouped_gemm(_activate(h, activation), w_down, offsets, trans_b=True, backend=bk("grouped_gemm"))
+    return grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=bk("grouped_gemm"))
 
 
 def expert_parallel_forward(x: Tensor, router_logits: Tensor, w_gate_up: Tensor, w_down: Tensor, k: int, *,
