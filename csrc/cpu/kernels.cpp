@@ -4,8 +4,9 @@
 // their dtype) -> C (float32 scratch tile; the op rounds/stores it). Two register-blocked
 // micro-kernels:
 //   * NT ("dot"): C[i,j] = <A_i, B_j> with B rows contiguous along the reduction -- the layout of
-//     HF/moe_ops weights (w_gate_up[E,2I,H], w_down[E,H,I], trans_b). 4x3 tiles of 8-lane
-//     accumulators, one horizontal sum per output; bf16 weights widen with shift/mask only.
+//     HF/moe_ops weights (w_gate_up[E,2I,H], w_down[E,H,I], trans_b). Register tiles of 8-lane
+//     accumulators (6x2, 4x3, 3x3, 2x4, 1x4), one horizontal sum per output; bf16 weights widen with
+//     shift/mask only.
 //   * NN ("broadcast"): C[i,j..j+16] += A[i,r] * B[r,j..j+16] for B rows contiguous along the
 //     output dim (trans_b=False and weight gradients); 6x16 tiles.
 // The AVX2 code is compiled with a function-level target (no global -mavx2), and chosen at run
@@ -195,132 +196,145 @@ void row_from_f32_avx(const float* src, void* dst, int64_t n) {
 }
 
 // ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
-// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves.
-// One reduction chunk (16 for bf16, else 8) of the NT micro-kernel.
-template <DType DT, int MR, int NR>
-inline void nt_step(const float* A, int64_t lda, int64_t k, const char* const* bp, __m256 (&acc)[MR][NR]) {
-  if constexpr (DT == DType::BF16) {
-    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    __m256 b[NR];
-    for (int j = 0; j < NR; ++j)
-      b[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), 16));
-    for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_loadu_ps(A + i * lda + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-    }
-    for (int j = 0; j < NR; ++j)
-      b[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
-    for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_loadu_ps(A + i * lda + k + 8);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-    }
-  } else {
-    __m256 b[NR];
-    for (int j = 0; j < NR; ++j) b[j] = load8<DT>(bp[j]);
-    for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_loadu_ps(A + i * lda + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
-    }
-  }
-}
-
-// ---- NT micro-kernel: MR rows of packed A times NR weight rows, full reduction over K.
-// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves. The partial
-// last chunk is copied to zero-filled scratch *before* the loop, so the loop has no calls and the
-// accumulators stay in registers.
-template <DType DT, int MR, int NR>
-void micro_nt(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
-              int64_t ldc, const char* pf, int64_t pf_lines) {
+// f32/f16: chunks of 8 (A unpermuted). bf16: chunks of 16 as [even | odd] halves, widened with
+// one shift (even) and one mask (odd) of the same 256-bit load: no shuffles.
+//
+// Addressing: rows 0-2 of A are a0 + {0,1,2}*la and rows 3-5 a3 + {0,1,2}*la (base + index*scale
+// operands), B rows b + {0..NR-1}*lb, so the loop keeps every pointer in a register (no spills)
+// and each A vector is loaded once per chunk. Per chunk the loop also prefetches (into L1) one
+// line per weight row of `next`, the weight panel the caller runs after this one: a tile's first
+// row block streams its weights from DRAM, and a stream the hardware prefetcher picks up anew at
+// every 4 KiB page (one weight row is 2-4 KiB) would otherwise stall at the start of each row.
+template <DType DT, int MR, int NR, bool kNext>
+void micro_nt(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, float* C, int64_t ldc,
+              const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
+  constexpr int64_t kStepBytes = CH * es;                      // bytes of one weight row per chunk
+  constexpr int64_t kPfEvery = kStepBytes >= 64 ? 1 : 64 / kStepBytes;  // chunks per cache line
   const int64_t kfull = K / CH * CH;
   alignas(32) char tail[NR][32];
   if (kfull < K) {
     for (int j = 0; j < NR; ++j) {
       std::memset(tail[j], 0, sizeof(tail[j]));
-      std::memcpy(tail[j], B + j * ldb_bytes + kfull * es, (K - kfull) * es);
+      std::memcpy(tail[j], B + j * lb + kfull * es, (K - kfull) * es);
     }
   }
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  const char* bp[NR];
+  const int64_t la = lda * 4;
+  const char* a0 = reinterpret_cast<const char*>(A);
+  const char* a3 = a0 + 3 * la;
+  const char* b = B;
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  auto row = [&](int i) { return i < 3 ? a0 + i * la : a3 + (i - 3) * la; };
+  auto step = [&](const char* const* bp, int64_t aoff) {
+    if constexpr (DT == DType::BF16) {
+      __m256 bv[NR];
+      for (int j = 0; j < NR; ++j)
+        bv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), 16));
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float*>(row(i) + aoff));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
+      }
+      for (int j = 0; j < NR; ++j)
+        bv[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float*>(row(i) + aoff + 32));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
+      }
+    } else {
+      __m256 bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = load8<DT>(bp[j]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float*>(row(i) + aoff));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
+      }
+    }
+  };
   const int64_t steps = kfull / CH;
-  const int64_t per_step = steps > 0 ? (pf_lines + steps - 1) / steps : 0;
-  int64_t done = 0;
-  for (int64_t k = 0; k < kfull; k += CH) {
-    for (int64_t q = 0; q < per_step && done < pf_lines; ++q, ++done)
-      _mm_prefetch(pf + done * 64, _MM_HINT_T1);
-    for (int j = 0; j < NR; ++j) bp[j] = B + j * ldb_bytes + k * es;
-    nt_step<DT, MR, NR>(A, lda, k, bp, acc);
+  const char* bp[NR];
+  for (int64_t s = 0; s < steps; ++s) {
+    if constexpr (kNext) {
+      if (s % kPfEvery == 0)
+        for (int j = 0; j < NR; ++j) _mm_prefetch(next + j * lb + s * kStepBytes, _MM_HINT_T0);
+    }
+    for (int j = 0; j < NR; ++j) bp[j] = b + j * lb;
+    step(bp, 0);
+    a0 += CH * 4;
+    a3 += CH * 4;
+    b += kStepBytes;
   }
   if (kfull < K) {
     for (int j = 0; j < NR; ++j) bp[j] = tail[j];
-    nt_step<DT, MR, NR>(A, lda, kfull, bp, acc);
+    step(bp, 0);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
 }
 
-// Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
-// one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
-// chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
-// Column groups per row block: NR=2 for tall blocks (MR*NR accumulators + NR weight vectors +
-// one A vector + the bf16 mask fit the 16 ymm registers, so each A vector is loaded once per
-// chunk), NR=4 for 1-2 rows (decode: more independent FMA chains per streamed weight row).
-// Prefetch lines [pf_line, pf_line + lines_per_call) go to each micro call in turn.
-struct Prefetch {
-  const char* base;
-  int64_t lines;          // total cache lines to prefetch
-  int64_t per_call;       // lines per micro-kernel call
-  int64_t next = 0;       // next line to hand out
-  inline void take(const char*& p, int64_t& n) {
-    n = std::max<int64_t>(0, std::min(per_call, lines - next));
-    p = base + next * 64;
-    next += n;
-  }
-};
+// Register blocks: 6x2 for tall blocks (12 accumulators + 2 weight vectors + 1 A vector; the
+// bf16 mask is a memory operand), 4x3 and 3x3 for the remainders, 1-2 rows (decode) x4 columns
+// (more independent FMA chains per streamed weight row).
+template <int MR> constexpr int nt_cols() { return MR >= 6 ? 2 : MR >= 3 ? 3 : 4; }
 
+// One row block of MR rows against all N columns of the block. `first`: this row block is the
+// first pass over these weights, so each micro call prefetches the next column group's rows
+// (the last one prefetches `after`: the first rows of the next tile's weight block, if any).
 template <DType DT, int MR>
-void nt_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t K, float* C,
-             int64_t ldc, int64_t N, Prefetch& pf) {
-  constexpr int NR = MR <= 2 ? 4 : 2;
-  const char* p;
-  int64_t n;
+void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, float* C, int64_t ldc,
+             int64_t N, bool first, const char* after) {
+  constexpr int NR = nt_cols<MR>();
   int64_t j = 0;
   for (; j + NR <= N; j += NR) {
-    pf.take(p, n);
-    micro_nt<DT, MR, NR>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n);
+    const char* nx = j + 2 * NR <= N ? B + (j + NR) * lb : (j + NR < N ? nullptr : after);
+    if (first && nx) micro_nt<DT, MR, NR, true>(A, lda, B + j * lb, lb, K, C + j, ldc, nx);
+    else micro_nt<DT, MR, NR, false>(A, lda, B + j * lb, lb, K, C + j, ldc, nullptr);
   }
-  pf.take(p, n);
-  switch (N - j) {
-    case 3: micro_nt<DT, MR, 3>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
-    case 2: micro_nt<DT, MR, 2>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
-    case 1: micro_nt<DT, MR, 1>(A, lda, B + j * ldb_bytes, ldb_bytes, K, C + j, ldc, p, n); break;
-    default: break;
-  }
+  const char* bj = B + j * lb;
+  if constexpr (NR > 3) if (N - j == 3) { micro_nt<DT, MR, 3, false>(A, lda, bj, lb, K, C + j, ldc, nullptr); return; }
+  if constexpr (NR > 2) if (N - j == 2) { micro_nt<DT, MR, 2, false>(A, lda, bj, lb, K, C + j, ldc, nullptr); return; }
+  if (N - j == 1) micro_nt<DT, MR, 1, false>(A, lda, bj, lb, K, C + j, ldc, nullptr);
 }
 
+// Row blocks of a tile: as many 6-row blocks as possible, a remainder of 1 or 2 rows folds one
+// 6-row block into 4+3 / 4+4 (a 1-2 row pass costs a full pass over the weight block for
+// almost no FMAs).
 template <DType DT>
 void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
-                 int64_t ldc, int64_t M, int64_t N, const void* pfv, int64_t pf_bytes) {
+                 int64_t ldc, int64_t M, int64_t N, const void* pfv, int64_t /*pf_bytes*/) {
   const char* B = static_cast<const char*>(Bv);
-  const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
-  const int64_t row_blocks = (M + 5) / 6;
-  const int64_t calls = row_blocks * ((N + 1) / 2 + 1);
-  Prefetch pf{static_cast<const char*>(pfv), pfv ? (pf_bytes + 63) / 64 : 0, 0};
-  pf.per_call = (pf.lines + calls - 1) / std::max<int64_t>(calls, 1);
-  int64_t i = 0;
-  // Row blocks outer: the MR rows of A stay in L1 while the weight block streams from L2.
-  for (; i + 6 <= M; i += 6) nt_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf);
-  switch (M - i) {
-    case 5: nt_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
-    case 4: nt_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
-    case 3: nt_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
-    case 2: nt_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
-    case 1: nt_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, K, C + i * ldc, ldc, N, pf); break;
-    default: break;
+  const char* after = static_cast<const char*>(pfv);
+  const int64_t lb = ldb * (DT == DType::F32 ? 4 : 2);
+  int64_t n6 = M / 6, rem = M % 6;
+  int64_t blocks[4] = {0, 0, 0, 0}, nb = 0;  // remainder blocks after the 6-row blocks
+  if ((rem == 1 || rem == 2) && n6 > 0) {
+    --n6;
+    blocks[nb++] = 4;
+    blocks[nb++] = rem == 1 ? 3 : 4;
+  } else if (rem > 0) {
+    blocks[nb++] = rem;
   }
+  int64_t i = 0;
+  bool first = true;
+  auto run = [&](int64_t mr) {
+    const float* Ai = A + i * lda;
+    float* Ci = C + i * ldc;
+    switch (mr) {
+      case 6: nt_rows<DT, 6>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+      case 5: nt_rows<DT, 5>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+      case 4: nt_rows<DT, 4>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+      case 3: nt_rows<DT, 3>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+      case 2: nt_rows<DT, 2>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+      default: nt_rows<DT, 1>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
+    }
+    i += mr;
+    first = false;
+  };
+  // Row blocks outer: the MR rows of A stay close (L1/L2) while the weight block streams from L2.
+  for (int64_t b = 0; b < n6; ++b) run(6);
+  for (int64_t b = 0; b < nb; ++b) run(blocks[b]);
 }
 
 // ---- NN micro-kernel: MR rows x (NV*8) columns, r ascending, one FMA chain per element.

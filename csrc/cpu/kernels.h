@@ -52,8 +52,10 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 
 // C[i*ldc + j] = sum_k A[i*lda + pk(k)] * B[j*ldb + k]   for i < M, j < N, k < K
 // A: packed float32 rows (pack_row_nt layout for B's dtype), B: N rows of K values in dt.
-// pf/pf_bytes (optional): a region (the next tile's weight block) to prefetch into L2 while this
-// block computes, spread over the kernel's inner steps, so the weight stream overlaps the FMAs.
+// pf (optional): the weights the caller runs next (the next tile's weight block). The first row
+// block streams B from memory and prefetches, one group of rows ahead, into L1; its last group
+// prefetches the first rows at pf, so a chain of tiles keeps the weight stream ahead of the FMAs.
+// pf_bytes is accepted for the callers' convenience and not needed.
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
                    float* C, int64_t ldc, int64_t M, int64_t N, const void* pf = nullptr,
                    int64_t pf_bytes = 0);
