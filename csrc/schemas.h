@@ -42,6 +42,13 @@ inline constexpr const char* kNativeOnlySchemas[] = {
     // gated activation -> GEMM2 -> weighted combine. x[T,H], ids[T,k], weights[T,k]? -> out[T,H]
     "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
     "str activation) -> Tensor",
+    // The CPU backend's expert weights repacked once into 16-column panels
+    // (csrc/cpu/packed_experts.cpp): w_gate_up[E,2I,H] -> [E, ceil(I/16), 2 (gate|up), H, 16],
+    // w_down[E,H,I] -> [E, ceil(H/16), I, 16], same dtype, zero-padded columns.
+    "pack_experts(Tensor w_gate_up, Tensor w_down) -> (Tensor, Tensor)",
+    // fused_experts on packed weights (the broadcast-form GEMM that reaches the FMA peak).
+    "fused_experts_packed(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up_packed, "
+    "Tensor w_down_packed, str activation) -> Tensor",
 };
 
 inline constexpr const char* kOpNames[] = {

@@ -9,6 +9,7 @@ from .backend import available_backends, load_errors
 from .layer import MoE, MoEAux
 from .ops import (
     DispatchResult,
+    PackedExperts,
     PermuteResult,
     capacity_combine,
     capacity_dispatch,
@@ -16,6 +17,7 @@ from .ops import (
     grouped_gemm,
     grouped_gemm_wgrad,
     moe_forward,
+    pack_experts,
     permute,
     to_local_ids,
     topk_gating,
@@ -42,5 +44,5 @@ def build_info() -> dict:
 __all__ = [
     "MoE", "MoEAux", "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
     "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
-    "unpermute", "PermuteResult", "DispatchResult",
+    "unpermute", "PermuteResult", "DispatchResult", "PackedExperts", "pack_experts",
 ]

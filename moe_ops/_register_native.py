@@ -23,11 +23,13 @@ if torch.cuda.is_available() and _ops_with_kernel("CUDA"):
 
 def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
                    renormalize=False, n_group=None, topk_group=None, correction_bias=None,
-                   scaling_factor=1.0):
+                   scaling_factor=1.0, packed=None):
     """``moe_forward``'s dropless layer on the ``cpu`` backend: router kernel, then the fused
     expert op ``moe_ops::fused_experts`` (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated
     activation -> GEMM2 -> weighted combine, no intermediate permuted tensors). The fused op has no
-    autograd formula and no float64 kernel: those calls run the unfused ``cpu`` ops instead."""
+    autograd formula and no float64 kernel: those calls run the unfused ``cpu`` ops instead.
+    With ``packed`` (:func:`moe_ops.pack_experts`) the experts run ``moe_ops::fused_experts_packed``
+    (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
     from . import ops
 
     weights, ids = ops.topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
@@ -37,6 +39,8 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
         t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
     if x.dtype == torch.float64 or needs_grad:
         return ops.experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
+    if packed is not None:
+        return torch.ops.moe_ops.fused_experts_packed(x, ids, weights, packed.w_gate_up, packed.w_down, activation)
     return torch.ops.moe_ops.fused_experts(x, ids, weights, w_gate_up, w_down, activation)
 
 

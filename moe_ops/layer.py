@@ -183,7 +183,8 @@ class MoE(nn.Module):
                                   scoring=self.scoring, renormalize=self.renormalize, n_group=self.n_group,
                                   topk_group=self.topk_group, correction_bias=self.e_score_correction_bias,
                                   scaling_factor=self.routed_scaling_factor, capacity_factor=self.capacity_factor,
-                                  min_capacity=self.min_capacity, priority=self.priority, backend=self.backend)
+                                  min_capacity=self.min_capacity, priority=self.priority, backend=self.backend,
+                                  packed=self._current_packing())
             aux = None
         else:
             weights, ids = self.route(logits)
@@ -193,6 +194,25 @@ class MoE(nn.Module):
             aux = self.aux_losses(logits, ids)
         out = self.add_shared_experts(h, out).reshape(shape)
         return (out, aux) if return_aux else out
+
+    def pack_for_cpu(self, enable: bool = True) -> "MoE":
+        """Keep a :func:`moe_ops.pack_experts` copy of the expert weights for the ``cpu``
+        backend's panel GEMM (inference: used when no gradient is needed; re-packed automatically
+        when the weights change). Costs one more copy of the expert weights. ``enable=False``
+        drops it. Returns ``self``."""
+        self._packed = None
+        self._pack = enable
+        return self
+
+    def _current_packing(self):
+        if not getattr(self, "_pack", False) or self.w_gate_up.device.type != "cpu":
+            return None
+        if self.w_gate_up.dtype == torch.float64:
+            return None
+        packed = getattr(self, "_packed", None)
+        if packed is None or not packed.matches(self.w_gate_up, self.w_down):
+            packed = self._packed = ops.pack_experts(self.w_gate_up, self.w_down)
+        return packed
 
     def aux_losses(self, logits: Tensor, ids: Tensor) -> MoEAux:
         """Switch load-balancing loss, router z-loss and tokens per expert for one routing."""

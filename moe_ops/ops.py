@@ -405,12 +405,52 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w
     return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
 
 
+class PackedExperts(NamedTuple):
+    """Expert weights repacked once for the CPU backend's panel GEMM (:func:`pack_experts`).
+
+    ``w_gate_up[E, ceil(I/16), 2, H, 16]`` and ``w_down[E, ceil(H/16), I, 16]``: 16-column panels
+    of the logical ``[K, N]`` operands, in the weights' dtype (the same bytes, zero-padded
+    columns). ``source`` identifies the weights they were packed from (``(data_ptr, _version)``
+    of each), so a call with weights changed since the packing is refused instead of silently
+    using stale values."""
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    source: Tuple[Tuple[int, int], Tuple[int, int]]
+
+    def matches(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+        """Whether these are still the packed form of ``w_gate_up`` / ``w_down``."""
+        return self.source == ((w_gate_up.data_ptr(), w_gate_up._version), (w_down.data_ptr(), w_down._version))
+
+
+def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts:
+    """Repack CPU expert weights (``w_gate_up[E, 2I, H]``, ``w_down[E, H, I]``; float32,
+    float16 or bfloat16) for ``moe_forward(..., packed=...)`` on the ``cpu`` backend, whose
+    panel GEMM runs at the FMA peak where the as-stored layout tops out near 75-80% (docs/cpu.md).
+    One pass over the weights (a load-time cost, like oneDNN/IPEX weight prepacking); the
+    packed copy is as large as the weights."""
+    _check_tensor("w_gate_up", w_gate_up, (torch.float16, torch.bfloat16, torch.float32), 3)
+    _check_tensor("w_down", w_down, (torch.float16, torch.bfloat16, torch.float32), 3)
+    if w_gate_up.device.type != "cpu" or w_down.device.type != "cpu":
+        raise ValueError("moe_ops.pack_experts: packed weights are a CPU-backend format; got "
+                         f"{w_gate_up.device} / {w_down.device}")
+    E, two_i, H = w_gate_up.shape
+    if two_i % 2 or tuple(w_down.shape) != (E, H, two_i // 2):
+        raise ValueError(f"moe_ops.pack_experts: need w_gate_up[E, 2I, H] and w_down[E, H, I], got "
+                         f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+    if w_gate_up.dtype != w_down.dtype:
+        raise TypeError("moe_ops.pack_experts: w_gate_up and w_down must share a dtype")
+    with torch.no_grad():
+        pgu, pd = torch.ops.moe_ops.pack_experts(w_gate_up.detach(), w_down.detach())
+    return PackedExperts(pgu, pd, ((w_gate_up.data_ptr(), w_gate_up._version),
+                                   (w_down.data_ptr(), w_down._version)))
+
+
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
                 correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
                 capacity_factor: Optional[float] = None, min_capacity: int = 0, priority: str = "kmajor",
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, packed: Optional[PackedExperts] = None) -> torch.Tensor:
     """A whole MoE layer: router -> dispatch -> experts -> combine.
 
     ``x[T, H]``, ``router_logits[T, E]``, ``w_gate_up[E, 2I, H]`` (rows ``[gate; up]``),
@@ -419,6 +459,9 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     Dropless when ``capacity_factor`` is None, else GShard capacity
     (:func:`expert_capacity` with ``min_capacity``) and ``priority``.
     ``backend`` picks every stage's kernel; stages that backend lacks use the automatic choice.
+    ``packed`` (:func:`pack_experts` of these weights): the ``cpu`` backend's dropless path runs
+    its panel GEMM on them when no gradient is needed (otherwise, and on other backends, the
+    weights are used as usual). Results agree with the unpacked path to rounding, not bitwise.
     """
     _check_tensor("x", x, FLOAT_DTYPES, 2)
     _check_tensor("router_logits", router_logits, FLOAT_DTYPES, 2)
@@ -440,11 +483,20 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise TypeError("moe_ops: x, w_gate_up and w_down must share a dtype")
 
+    extra = {}
+    if packed is not None:
+        if not isinstance(packed, PackedExperts):
+            raise TypeError(f"moe_ops: packed must come from moe_ops.pack_experts, got {type(packed).__name__}")
+        if not packed.matches(w_gate_up, w_down):
+            raise ValueError("moe_ops: packed was made from other weights, or they changed since "
+                             "moe_ops.pack_experts (call it again after updating them)")
+        if x.device.type == "cpu":
+            extra["packed"] = packed
     fused = _backend.resolve_fused_moe(x.device.type, backend)
     if fused is not None and capacity_factor is None:
         return fused(x, router_logits, w_gate_up, w_down, k, activation=activation, scoring=scoring,
                      renormalize=renormalize, n_group=n_group, topk_group=topk_group,
-                     correction_bias=correction_bias, scaling_factor=scaling_factor)
+                     correction_bias=correction_bias, scaling_factor=scaling_factor, **extra)
 
     # Router: validated by topk_gating, then run through the chosen backend's kernel.
     weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,

@@ -122,6 +122,17 @@ def samples(op, dtype=torch.float32):
             (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, _x(4, 6, 8, dtype=dtype, seed=2),
              _x(4, 8, 3, dtype=dtype, seed=3), "swiglu"),
         ]
+    if op in ("pack_experts", "fused_experts_packed"):
+        # CPU packed-weight path: odd sizes so the 16-column panels are zero-padded.
+        wgu, wd = _x(4, 2 * 9, 8, dtype=dtype, seed=2) * 0.3, _x(4, 8, 9, dtype=dtype, seed=3) * 0.3
+        if op == "pack_experts":
+            return [(wgu, wd)]
+        pgu, pd = torch.ops.moe_ops.pack_experts(wgu, wd)
+        return [
+            (_x(7, 8, dtype=dtype), _ids(7, 2, 4, invalid=True), _x(7, 2, dtype=wdt, seed=1), pgu, pd, "swiglu"),
+            (_x(7, 8, dtype=dtype), _ids(7, 2, 4), None, pgu, pd, "geglu"),
+            (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, pgu, pd, "swiglu"),
+        ]
     if op == "fused_moe":
         wgu, wd = _x(8, 6, 8, dtype=dtype, seed=2) * 0.3, _x(8, 8, 3, dtype=dtype, seed=3) * 0.3
         bias = torch.randn(8, generator=_g(4)).to(dtype) * 0.1

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -86,6 +87,52 @@ void stable_ranks(int64_t n, int64_t E, ExpertAt expert_at, int32_t* rank, int64
       }
     }
   });
+}
+
+// Slot placement of a dropless layer (fused_experts, fused_experts_packed): slot s = t*k + j
+// routed to expert id[s] gets the row slot_rows[s] of the expert-grouped operand (slots ascending
+// within an expert; -1 when the id is outside [0, E)); offs[E+1] are the experts' row ranges and
+// row_slot[r] the slot of row r.
+struct Placement {
+  std::vector<int32_t> slot_rows;
+  std::vector<int64_t> offs, row_slot;
+  int64_t rows() const { return offs.back(); }
+};
+
+inline Placement place_slots(const int32_t* id, int64_t S, int64_t E) {
+  Placement p;
+  p.slot_rows.resize(static_cast<size_t>(S));
+  std::vector<int64_t> counts(static_cast<size_t>(E));
+  p.offs.assign(static_cast<size_t>(E + 1), 0);
+  stable_ranks(S, E, [&](int64_t s) { return static_cast<int64_t>(id[s]); }, p.slot_rows.data(), counts.data());
+  for (int64_t e = 0; e < E; ++e) p.offs[e + 1] = p.offs[e] + counts[e];
+  p.row_slot.resize(static_cast<size_t>(p.rows()));
+  for (int64_t s = 0; s < S; ++s)
+    if (p.slot_rows[s] >= 0) {
+      p.slot_rows[s] = static_cast<int32_t>(p.offs[id[s]] + p.slot_rows[s]);
+      p.row_slot[p.slot_rows[s]] = s;
+    }
+  return p;
+}
+
+// Checks shared by the fused expert ops: x[T,H] in a kernel dtype, ids[T,k] int32, weights
+// [T,k] or None, activation swiglu|geglu; all CPU tensors.
+inline void check_fused_inputs(const char* op, const at::Tensor& x, const at::Tensor& ids,
+                               const c10::optional<at::Tensor>& weights, const std::string& act) {
+  check_cpu(x, op, "x");
+  check_cpu(ids, op, "ids");
+  check_int32(ids, op, "ids");
+  TORCH_CHECK(is_kernel_dtype(x.scalar_type()), "moe_ops::", op, " (cpu): x must be float16/bfloat16/float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && ids.size(0) == x.size(0), "moe_ops::", op,
+              " (cpu): need x[T,H] and ids[T,k], got ", x.sizes(), " and ", ids.sizes());
+  TORCH_CHECK(act == "swiglu" || act == "geglu", "moe_ops::", op, " (cpu): unknown activation ", act);
+  if (weights.has_value()) {
+    check_cpu(*weights, op, "weights");
+    check_float(*weights, op, "weights");
+    TORCH_CHECK(weights->sizes() == ids.sizes(), "moe_ops::", op, " (cpu): weights must be ", ids.sizes(),
+                ", got ", weights->sizes());
+  }
 }
 
 // ------------------------------------------------------------------------- tile scheduler

@@ -24,31 +24,18 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                              const c10::optional<at::Tensor>& weights, const at::Tensor& wgu_in,
                              const at::Tensor& wd_in, c10::string_view activation) {
   const char* op = "fused_experts";
-  check_cpu(x_in, op, "x");
-  check_cpu(ids_in, op, "ids");
+  const std::string act(activation.data(), activation.size());
+  check_fused_inputs(op, x_in, ids_in, weights, act);
   check_cpu(wgu_in, op, "w_gate_up");
   check_cpu(wd_in, op, "w_down");
-  check_int32(ids_in, op, "ids");
-  TORCH_CHECK(is_kernel_dtype(x_in.scalar_type()), "moe_ops::fused_experts (cpu): x must be float16/bfloat16/float32, got ",
-              x_in.scalar_type());
   TORCH_CHECK(wgu_in.scalar_type() == x_in.scalar_type() && wd_in.scalar_type() == x_in.scalar_type(),
               "moe_ops::fused_experts (cpu): x, w_gate_up and w_down must share a dtype");
-  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0),
-              "moe_ops::fused_experts (cpu): need x[T,H] and ids[T,k], got ", x_in.sizes(), " and ", ids_in.sizes());
   const int64_t T_ = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), S = T_ * k;
   TORCH_CHECK(wgu_in.dim() == 3 && wgu_in.size(1) % 2 == 0 && wgu_in.size(2) == H,
               "moe_ops::fused_experts (cpu): w_gate_up must be [E, 2I, H=", H, "], got ", wgu_in.sizes());
   const int64_t E = wgu_in.size(0), I = wgu_in.size(1) / 2;
   TORCH_CHECK(wd_in.dim() == 3 && wd_in.size(0) == E && wd_in.size(1) == H && wd_in.size(2) == I,
               "moe_ops::fused_experts (cpu): w_down must be [E=", E, ", H=", H, ", I=", I, "], got ", wd_in.sizes());
-  const std::string act(activation.data(), activation.size());
-  TORCH_CHECK(act == "swiglu" || act == "geglu", "moe_ops::fused_experts (cpu): unknown activation ", act);
-  if (weights.has_value()) {
-    check_cpu(*weights, op, "weights");
-    check_float(*weights, op, "weights");
-    TORCH_CHECK(weights->sizes() == ids_in.sizes(), "moe_ops::fused_experts (cpu): weights must be ",
-                ids_in.sizes(), ", got ", weights->sizes());
-  }
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
   at::Tensor out = at::empty({T_, H}, x.options());
@@ -59,19 +46,10 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   const bool swiglu = act == "swiglu";
 
   // 1. placement: row of every slot, grouped by expert, slots ascending within an expert.
-  const int32_t* id = ids.data_ptr<int32_t>();
-  std::vector<int32_t> slot_rows(static_cast<size_t>(S));
-  std::vector<int64_t> counts(E), offs(E + 1);
-  stable_ranks(S, E, [&](int64_t s) { return static_cast<int64_t>(id[s]); }, slot_rows.data(), counts.data());
-  offs[0] = 0;
-  for (int64_t e = 0; e < E; ++e) offs[e + 1] = offs[e] + counts[e];
-  const int64_t Sv = offs[E];
-  std::vector<int64_t> row_slot(static_cast<size_t>(Sv));
-  for (int64_t s = 0; s < S; ++s)
-    if (slot_rows[s] >= 0) {
-      slot_rows[s] = static_cast<int32_t>(offs[id[s]] + slot_rows[s]);
-      row_slot[slot_rows[s]] = s;
-    }
+  const Placement pl = place_slots(ids.data_ptr<int32_t>(), S, E);
+  const std::vector<int64_t>& offs = pl.offs;
+  const std::vector<int64_t>& row_slot = pl.row_slot;
+  const int64_t Sv = pl.rows();
 
   at::Tensor ybuf = at::empty({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
   if (Sv > 0 && I > 0) {
@@ -129,7 +107,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   }
 
   // 5. weighted combine in j order.
-  combine_rows(ybuf, Sv, T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(slot_rows[t * k + j]); }, out);
+  combine_rows(ybuf, Sv, T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
   return out;
 }
 

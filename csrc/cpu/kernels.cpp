@@ -67,6 +67,17 @@ void gemm_nt_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_
       C[i * ldc + j] = acc;
     }
 }
+void gemm_panels_scalar(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
+                        int64_t np, float* C, int64_t ldc, int64_t M) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t c = 0; c < kPanel; ++c) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k)
+          acc = std::fma(A[i * lda + k], load_scalar(P, dt, p * pstride + k * kPanel + c), acc);
+        C[i * ldc + p * kPanel + c] = acc;
+      }
+}
 void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
                     float* C, int64_t ldc, int64_t M, int64_t N) {
   const int64_t es = dtype_size(dt);
@@ -274,10 +285,10 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K,
     for (int j = 0; j < NR; ++j) C[i * ldc + j] = hsum(acc[i][j]);
 }
 
-// Register blocks: 6x2 for tall blocks (12 accumulators + 2 weight vectors + 1 A vector; the
-// bf16 mask is a memory operand), 4x3 and 3x3 for the remainders, 1-2 rows (decode) x4 columns
+// Register blocks: 6x2 / 5x2 for tall blocks (12 accumulators + 2 weight vectors + 1 A vector;
+// the bf16 mask is a memory operand), 4x3 and 3x3 for the remainders, 1-2 rows (decode) x4 columns
 // (more independent FMA chains per streamed weight row).
-template <int MR> constexpr int nt_cols() { return MR >= 6 ? 2 : MR >= 3 ? 3 : 4; }
+template <int MR> constexpr int nt_cols() { return MR >= 5 ? 2 : MR >= 3 ? 3 : 4; }
 
 // One row block of MR rows against all N columns of the block. `first`: this row block is the
 // first pass over these weights, so each micro call prefetches the next column group's rows
@@ -298,27 +309,35 @@ void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, 
   if (N - j == 1) micro_nt<DT, MR, 1, false>(A, lda, bj, lb, K, C + j, ldc, nullptr);
 }
 
-// Row blocks of a tile: as many 6-row blocks as possible, a remainder of 1 or 2 rows folds one
-// 6-row block into 4+3 / 4+4 (a 1-2 row pass costs a full pass over the weight block for
-// almost no FMAs).
+// Row blocks of a tile, in order: as many 6-row blocks as possible; a remainder of 1 or 2 rows
+// folds one 6-row block into 4+3 / 4+4 (a 1-2 row pass costs a full pass over the weight block
+// for almost no FMAs). Row blocks are the outer loop of both block GEMMs: the MR rows of A stay
+// close (L1/L2) while the weight block streams from L2.
+template <class Fn>
+inline void for_row_blocks(int64_t M, Fn&& fn) {
+  int64_t n6 = M / 6;
+  const int64_t rem = M % 6;
+  int64_t tail[2] = {0, 0}, nt = 0;
+  if ((rem == 1 || rem == 2) && n6 > 0) {
+    --n6;
+    tail[nt++] = 4;
+    tail[nt++] = rem == 1 ? 3 : 4;
+  } else if (rem > 0) {
+    tail[nt++] = rem;
+  }
+  for (int64_t b = 0; b < n6; ++b) fn(int64_t(6));
+  for (int64_t b = 0; b < nt; ++b) fn(tail[b]);
+}
+
 template <DType DT>
 void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
                  int64_t ldc, int64_t M, int64_t N, const void* pfv, int64_t /*pf_bytes*/) {
   const char* B = static_cast<const char*>(Bv);
   const char* after = static_cast<const char*>(pfv);
   const int64_t lb = ldb * (DT == DType::F32 ? 4 : 2);
-  int64_t n6 = M / 6, rem = M % 6;
-  int64_t blocks[4] = {0, 0, 0, 0}, nb = 0;  // remainder blocks after the 6-row blocks
-  if ((rem == 1 || rem == 2) && n6 > 0) {
-    --n6;
-    blocks[nb++] = 4;
-    blocks[nb++] = rem == 1 ? 3 : 4;
-  } else if (rem > 0) {
-    blocks[nb++] = rem;
-  }
   int64_t i = 0;
   bool first = true;
-  auto run = [&](int64_t mr) {
+  for_row_blocks(M, [&](int64_t mr) {
     const float* Ai = A + i * lda;
     float* Ci = C + i * ldc;
     switch (mr) {
@@ -331,10 +350,121 @@ void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
     }
     i += mr;
     first = false;
-  };
-  // Row blocks outer: the MR rows of A stay close (L1/L2) while the weight block streams from L2.
-  for (int64_t b = 0; b < n6; ++b) run(6);
-  for (int64_t b = 0; b < nb; ++b) run(blocks[b]);
+  });
+}
+
+// ---- P micro-kernel: MR rows x NP panels of 16 columns; per k one broadcast per row, one
+// 256-bit (bf16/f16) or two (f32) panel-row loads per panel, 2*MR*NP FMAs. The accumulators are
+// named through fully unrolled loops so GCC keeps them in registers (an array it cannot scalarize
+// would be stored to the stack every iteration).
+template <DType DT>
+inline void load_panel_row(const char* b, __m256& lo, __m256& hi) {
+  if constexpr (DT == DType::BF16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));  // even columns
+    hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));  // odd
+  } else {
+    constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+    lo = load8<DT>(b);
+    hi = load8<DT>(b + 8 * es);
+  }
+}
+
+// Stores one row of a panel's 16 results in column order (bf16 accumulators hold even / odd
+// columns: interleave them back).
+template <DType DT>
+inline void store_panel_row(float* c, __m256 lo, __m256 hi) {
+  if constexpr (DT == DType::BF16) {
+    const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+    _mm256_storeu_ps(c, _mm256_permute2f128_ps(a, b, 0x20));
+    _mm256_storeu_ps(c + 8, _mm256_permute2f128_ps(a, b, 0x31));
+  } else {
+    _mm256_storeu_ps(c, lo);
+    _mm256_storeu_ps(c + 8, hi);
+  }
+}
+
+template <DType DT, int MR, int NP, bool kNext>
+void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t K, float* C, int64_t ldc,
+             const char* next) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  constexpr int64_t rb = kPanel * es;                     // bytes of one panel row
+  constexpr int64_t kPfEvery = rb >= 64 ? 1 : 64 / rb;    // k steps per cache line
+  __m256 acc[MR][NP][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[i][p][0] = acc[i][p][1] = _mm256_setzero_ps();
+  const int64_t la = lda * 4;
+  const char* a0 = reinterpret_cast<const char*>(A);
+  const char* a3 = a0 + 3 * la;
+  const char* b = P;
+  for (int64_t k = 0; k < K; ++k) {
+    if constexpr (kNext) {
+      if (k % kPfEvery == 0)
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) _mm_prefetch(next + p * pstride + k * rb, _MM_HINT_T0);
+    }
+    __m256 lo[NP], hi[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) load_panel_row<DT>(b + p * pstride, lo[p], hi[p]);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(reinterpret_cast<const float*>(i < 3 ? a0 + i * la : a3 + (i - 3) * la));
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        acc[i][p][0] = _mm256_fmadd_ps(a, lo[p], acc[i][p][0]);
+        acc[i][p][1] = _mm256_fmadd_ps(a, hi[p], acc[i][p][1]);
+      }
+    }
+    a0 += 4;
+    a3 += 4;
+    b += rb;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) store_panel_row<DT>(C + i * ldc + p * kPanel, acc[i][p][0], acc[i][p][1]);
+}
+
+// One row block against np panels: single panels for 3+ rows (2*MR accumulators), pairs for 1-2
+// rows (decode: 4 independent chains per row to cover the FMA latency). first: the first pass
+// over these weights (they stream from memory): prefetch the next panels one call ahead.
+template <DType DT, int MR>
+void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t K, int64_t np, float* C,
+            int64_t ldc, bool first, const char* after) {
+  constexpr int NP = MR <= 2 ? 2 : 1;
+  int64_t p = 0;
+  for (; p + NP <= np; p += NP) {
+    const char* nx = p + 2 * NP <= np ? P + (p + NP) * pstride : (p + NP < np ? nullptr : after);
+    if (first && nx) micro_p<DT, MR, NP, true>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nx);
+    else micro_p<DT, MR, NP, false>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nullptr);
+  }
+  if (p < np) micro_p<DT, MR, 1, false>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nullptr);
+}
+
+template <DType DT>
+void gemm_panels_avx(const float* A, int64_t lda, const void* Pv, int64_t pstride, int64_t K, int64_t np,
+                     float* C, int64_t ldc, int64_t M, const void* nextv) {
+  const char* P = static_cast<const char*>(Pv);
+  const char* after = static_cast<const char*>(nextv);
+  const int64_t ps = pstride * (DT == DType::F32 ? 4 : 2);
+  int64_t i = 0;
+  bool first = true;
+  for_row_blocks(M, [&](int64_t mr) {
+    const float* Ai = A + i * lda;
+    float* Ci = C + i * ldc;
+    switch (mr) {
+      case 6: p_rows<DT, 6>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+      case 5: p_rows<DT, 5>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+      case 4: p_rows<DT, 4>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+      case 3: p_rows<DT, 3>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+      case 2: p_rows<DT, 2>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+      default: p_rows<DT, 1>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
+    }
+    i += mr;
+    first = false;
+  });
 }
 
 // ---- NN micro-kernel: MR rows x (NV*8) columns, r ascending, one FMA chain per element.
@@ -585,6 +715,40 @@ void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t
   if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, pf, pf_bytes); return; }
 #endif
   gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
+}
+
+namespace {
+// Blocked transpose (16 weight rows x 64 k at a time) so both sides stream through L1.
+template <class T>
+void pack_panels_t(const T* s, int64_t N, int64_t K, int64_t ld, T* d) {
+  const int64_t np = num_panels(N);
+  for (int64_t p = 0; p < np; ++p) {
+    T* dp = d + p * K * kPanel;
+    const int64_t cols = std::min<int64_t>(kPanel, N - p * kPanel);
+    const T* sp = s + p * kPanel * ld;
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + 64);
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t k = k0; k < k1; ++k) dp[k * kPanel + c] = sp[c * ld + k];
+      for (int64_t c = cols; c < kPanel; ++c)
+        for (int64_t k = k0; k < k1; ++k) dp[k * kPanel + c] = T(0);
+    }
+  }
+}
+}  // namespace
+
+void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, void* dst) {
+  if (dt == DType::F32) pack_panels_t(static_cast<const uint32_t*>(src), N, K, ld, static_cast<uint32_t*>(dst));
+  else pack_panels_t(static_cast<const uint16_t*>(src), N, K, ld, static_cast<uint16_t*>(dst));
+}
+
+void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
+                 int64_t np, float* C, int64_t ldc, int64_t M, const void* next) {
+  if (M <= 0 || np <= 0) return;
+#ifdef MOE_CPU_X86
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_panels_avx, A, lda, P, pstride, K, np, C, ldc, M, next); return; }
+#endif
+  gemm_panels_scalar(A, lda, P, dt, pstride, K, np, C, ldc, M);
 }
 
 void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,

@@ -65,6 +65,25 @@ void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t
 void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
                    float* C, int64_t ldc, int64_t M, int64_t N);
 
+// --------------------------------------------------------------- packed-panel ("P") GEMM
+// Weights repacked once (pack_panels) into column panels of kPanel=16: panel p holds the
+// columns [16p, 16p+16) of the logical [K, N] operand as K rows of 16 values (zero-padded past
+// N), contiguous, in the weights' dtype. The P kernel broadcasts one A element per row and
+// multiplies it with a whole panel row (bf16: one 256-bit load widened by shift / mask into
+// the even and odd columns), so it needs ~1/2 the loads per FMA of the NT kernel and reaches
+// the FMA peak; each output element is one FMA chain over k ascending -- the result depends
+// only on K, never on the blocking or the thread count.
+constexpr int64_t kPanel = 16;
+inline int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
+// src: N rows of K values (row stride ld elements) in dt -> dst: num_panels(N) panels of
+// K x 16 values in dt (panel stride K*16 elements).
+void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, void* dst);
+// C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p][k][c]   for i < M, p < np, c < 16
+// A: plain float32 rows. Panels p are at P + p * pstride elements (pstride >= K*16). next
+// (optional): the panels the caller runs after this call, prefetched during the first row block.
+void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
+                 int64_t np, float* C, int64_t ldc, int64_t M, const void* next = nullptr);
+
 // Gated activations on float32 (values already rounded through the model dtype by the caller).
 float silu_f32(float x);
 float gelu_f32(float x);

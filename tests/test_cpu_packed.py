@@ -1,0 +1,204 @@
+"""The CPU backend's packed-weight path: ``moe_ops::pack_experts`` + ``moe_ops::fused_experts_packed``
+(csrc/cpu/packed_experts.cpp, the panel GEMM in csrc/cpu/kernels.cpp), the public
+``moe_ops.pack_experts`` / ``moe_forward(..., packed=)`` and ``MoE.pack_for_cpu()``.
+
+* the packed layout, element by element (zero padding included);
+* the fused packed op against the reference pipeline in float64 and in the dtype (the error is
+  judged against the reference's own error in that dtype), shapes that straddle the 16-column
+  panels and the 6-row register blocks, dropped ids, empty experts, T=0, weights=None, both
+  activations;
+* bitwise determinism across runs and thread counts, opcheck, meta shapes, argument errors;
+* the public API: stale packing refused, autograd falls back to the differentiable path, the
+  layer re-packs after a weight update.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ops
+from tests.test_cpu import FUSED_CASES, _layer_inputs, _ref_experts
+from tests.utils import assert_bitwise_equal, assert_close_to_reference, seed_for
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.moe_ops, "fused_experts_packed"),
+                                reason="moe_ops._C CPU kernels not built")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ops = torch.ops.moe_ops
+
+
+def _packed(x, ids, w, wgu, wd, activation):
+    pgu, pd = ops.pack_experts(wgu, wd)
+    return ops.fused_experts_packed(x, ids, w, pgu, pd, activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pack_layout(dtype):
+    E, I, H = 3, 21, 35  # neither a multiple of 16: padded panels
+    wgu = torch.randn(E, 2 * I, H).to(dtype)
+    wd = torch.randn(E, H, I).to(dtype)
+    pgu, pd = ops.pack_experts(wgu, wd)
+    assert pgu.shape == (E, 2, 2, H, 16) and pd.shape == (E, 3, I, 16)
+    assert pgu.dtype == dtype and pd.dtype == dtype
+    # expected layouts built with torch: [E, P, 2, K, 16] / [E, P, K, 16]
+    g = torch.zeros(E, 2, 32, H, dtype=dtype)
+    g[:, 0, :I] = wgu[:, :I]
+    g[:, 1, :I] = wgu[:, I:]
+    exp_gu = g.reshape(E, 2, 2, 16, H).permute(0, 2, 1, 4, 3)
+    d = torch.zeros(E, 48, I, dtype=dtype)
+    d[:, :H] = wd
+    exp_d = d.reshape(E, 3, 16, I).permute(0, 1, 3, 2)
+    assert_bitwise_equal(pgu, exp_gu.contiguous())
+    assert_bitwise_equal(pd, exp_d.contiguous())
+
+
+PACKED_CASES = FUSED_CASES + [
+    # T, E, k, H, I, ids mode: 6-row blocks with every remainder, panels with partial tails
+    (13, 2, 1, 33, 17, "uniform"),
+    (29, 3, 2, 16, 16, "skew"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: "T{}-E{}-k{}-H{}-I{}-{}".format(*c))
+def test_fused_experts_packed_matches_reference(case, activation, dtype):
+    T, E, k, H, I, mode = case
+    seed = seed_for("packed", case, activation, str(dtype))
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed, mode)
+    out = _packed(x, ids, w, wgu, wd, activation)
+    lowp = _ref_experts(x, ids, w, wgu, wd, activation)
+    hi = _ref_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), activation)
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert_close_to_reference(out, lowp, hi, name="fused_experts_packed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_drops_invalid_ids_and_handles_no_weights(dtype):
+    T, E, k, H, I = 16, 6, 2, 40, 24
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed_for("pdrop", str(dtype)))
+    ids[0, 1] = -1
+    ids[5, 0] = E + 3
+    w[0, 1] = float("nan")  # a dropped slot's weight never reaches the output
+    for weights in (w, None):
+        out = _packed(x, ids, weights, wgu, wd, "swiglu")
+        lowp = _ref_experts(x, ids, weights, wgu, wd, "swiglu")
+        hi = _ref_experts(x.double(), ids, None if weights is None else weights.double(), wgu.double(),
+                          wd.double(), "swiglu")
+        assert_close_to_reference(out, lowp, hi, name="fused_experts_packed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_bitwise_deterministic_and_thread_independent(dtype):
+    x, ids, w, wgu, wd = _layer_inputs(70, 8, 2, 96, 80, dtype, seed_for("pdet", str(dtype)), "skew")
+    pgu, pd = ops.pack_experts(wgu, wd)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+        torch.set_num_threads(max(2, n))
+        many = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+        again = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    finally:
+        torch.set_num_threads(n)
+    assert_bitwise_equal(one, many)
+    assert_bitwise_equal(many, again)
+
+
+def test_opcheck():
+    x, ids, w, wgu, wd = _layer_inputs(9, 4, 2, 24, 20, torch.float32, 3)
+    torch.library.opcheck(ops.pack_experts, (wgu, wd))
+    pgu, pd = ops.pack_experts(wgu, wd)
+    torch.library.opcheck(ops.fused_experts_packed, (x, ids, w, pgu, pd, "swiglu"))
+    torch.library.opcheck(ops.fused_experts_packed, (x, ids, None, pgu, pd, "geglu"))
+
+
+def test_meta_shapes():
+    wgu = torch.empty(4, 2 * 40, 33, device="meta", dtype=torch.bfloat16)
+    wd = torch.empty(4, 33, 40, device="meta", dtype=torch.bfloat16)
+    pgu, pd = ops.pack_experts(wgu, wd)
+    assert pgu.shape == (4, 3, 2, 33, 16) and pd.shape == (4, 3, 40, 16)
+    x = torch.empty(5, 33, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(5, 2, device="meta", dtype=torch.int32)
+    out = ops.fused_experts_packed(x, ids, None, pgu, pd, "swiglu")
+    assert out.shape == (5, 33) and out.device.type == "meta"
+
+
+def test_rejects_bad_input():
+    x, ids, w, wgu, wd = _layer_inputs(4, 4, 2, 32, 16, torch.float32, 1)
+    pgu, pd = ops.pack_experts(wgu, wd)
+    with pytest.raises(RuntimeError, match="w_down"):
+        ops.pack_experts(wgu, wd[:, :, :8])
+    with pytest.raises(RuntimeError, match="w_gate_up_packed"):
+        ops.fused_experts_packed(x, ids, w, pgu[:, :, :1], pd, "swiglu")
+    with pytest.raises(RuntimeError, match="w_down_packed"):
+        ops.fused_experts_packed(x, ids, w, pgu, wd, "swiglu")  # the unpacked weights
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.fused_experts_packed(x.bfloat16(), ids, w, pgu, pd, "swiglu")
+    with pytest.raises(RuntimeError, match="activation"):
+        ops.fused_experts_packed(x, ids, w, pgu, pd, "relu")
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.fused_experts_packed(x, ids.long(), w, pgu, pd, "swiglu")
+    with pytest.raises(ValueError, match="CPU"):
+        moe_ops.pack_experts(wgu.to("meta"), wd.to("meta"))
+    with pytest.raises(TypeError):
+        moe_ops.pack_experts(wgu.double(), wd.double())
+
+
+# ------------------------------------------------------------------------- public API
+
+def _layer_case(dtype=torch.bfloat16, T=24, E=8, k=2, H=64, I=48, seed=5):
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
+    return x, logits, wgu, wd
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moe_forward_packed_matches_reference(dtype):
+    x, logits, wgu, wd = _layer_case(dtype)
+    packed = moe_ops.pack_experts(wgu, wd)
+    out = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    lowp = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="reference")
+    hi = moe_ops.moe_forward(x.double(), logits.double(), wgu.double(), wd.double(), 2, backend="reference")
+    assert_close_to_reference(out, lowp, hi, name="moe_forward(packed)")
+
+
+def test_moe_forward_refuses_stale_packing():
+    x, logits, wgu, wd = _layer_case()
+    packed = moe_ops.pack_experts(wgu, wd)
+    with torch.no_grad():
+        wd.mul_(2)
+    with pytest.raises(ValueError, match="pack_experts"):
+        moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    with pytest.raises(TypeError):
+        moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=(wgu, wd))
+
+
+def test_moe_forward_packed_autograd_uses_the_differentiable_path():
+    x, logits, wgu, wd = _layer_case(torch.float32)
+    wgu.requires_grad_(True)
+    packed = moe_ops.pack_experts(wgu, wd)
+    out = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    out.sum().backward()
+    ref = wgu.detach().clone().requires_grad_(True)
+    moe_ops.moe_forward(x, logits, ref, wd, 2, backend="reference").sum().backward()
+    torch.testing.assert_close(wgu.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_pack_for_cpu_tracks_weight_updates():
+    torch.manual_seed(0)
+    layer = moe_ops.MoE(64, 48, 8, 2, backend="cpu").to(torch.bfloat16).eval()
+    x = torch.randn(3, 5, 64).bfloat16()
+    with torch.no_grad():
+        plain = layer(x)
+        layer.pack_for_cpu()
+        packed = layer(x)
+        first = layer._packed
+        assert first is not None
+        torch.testing.assert_close(packed.float(), plain.float(), rtol=2e-2, atol=2e-2)
+        layer.w_down.mul_(-1)  # an update: the layer re-packs
+        flipped = layer(x)
+        assert layer._packed is not first
+        torch.testing.assert_close(flipped.float(), (-plain).float(), rtol=2e-2, atol=2e-2)
+        layer.pack_for_cpu(False)
+        assert layer._current_packing() is None
