@@ -38,7 +38,7 @@ OPS = ("topk_gating", "permute", "unpermute", "capacity_dispatch", "capacity_com
        "moe_forward")
 # Every baseline name, in the order the ratio columns use.
 BASELINES = ("reference", "hf_eager", "hf_grouped_mm", "torch_grouped_mm", "hf_mm_loop", "hf_router",
-             "hf_sort_gather", "hf_combine", "dense", "copy", "weight_read", "floor")
+             "hf_sort_gather", "hf_combine", "dense", "dense_fp32", "copy", "weight_read", "floor")
 
 
 @dataclass
@@ -369,6 +369,15 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                                                  backend=b, **kw),
                                  _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
                                  note=_stage_note(b, dev)))
+        if dev == "cpu" and "cpu" in backends and pt.dtype != torch.float64 \
+                and hasattr(torch.ops.moe_ops, "fused_experts_packed"):
+            # The cpu backend on weights packed once at load (moe_ops.pack_experts): not timed.
+            packed = moe_ops.pack_experts(inp.w_gate_up, inp.w_down)
+            ob.cases.append(Case("cpu_packed", "backend",
+                                 lambda: moe_ops.moe_forward(inp.x, inp.logits, inp.w_gate_up, inp.w_down, k,
+                                                             backend="cpu", packed=packed, **kw),
+                                 _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
+                                 note="fused, weights from moe_ops.pack_experts"))
         for impl, name in (("eager", "hf_eager"), ("grouped_mm", "hf_grouped_mm")):
             if not want(name):
                 continue
@@ -401,6 +410,12 @@ def _dense_and_read(ob: OpBench, inp: Inputs, want, mms, weights):
             return [a @ b for a, b in mats]
         ob.cases.append(Case("dense", "baseline", dense,
                              note=" + ".join(f"[{m}x{kk}]@[{kk}x{n}]" for m, kk, n in mms)))
+    if want("dense_fp32") and pt.device == "cpu" and pt.dtype in (torch.bfloat16, torch.float16):
+        # The same FLOPs in float32 (MKL sgemm): a CPU without native bf16/fp16 GEMM runs a
+        # low-precision mm on a slow path, so this is its real compute ceiling.
+        mats32 = [(torch.randn(m, kk), torch.randn(kk, n)) for m, kk, n in mms]
+        ob.cases.append(Case("dense_fp32", "baseline", lambda: [a @ b for a, b in mats32],
+                             note="float32: " + " + ".join(f"[{m}x{kk}]@[{kk}x{n}]" for m, kk, n in mms)))
     if want("weight_read"):
         ob.cases.append(_weight_read_case(inp, weights))
     ob.derived_floor = want("floor")

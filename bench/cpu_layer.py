@@ -8,6 +8,9 @@ time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Im
 
 * ``cpu``: ``moe_forward(..., backend="cpu")`` (router kernel + fused_experts);
 * ``cpu_experts``: ``moe_ops::fused_experts`` alone (routing given);
+* ``cpu_packed``: ``moe_forward(..., backend="cpu", packed=moe_ops.pack_experts(...))``: the same
+  layer on weights repacked once into 16-column panels (the packing time is printed separately:
+  a load-time cost); ``cpu_packed_experts``: ``moe_ops::fused_experts_packed`` alone;
 * ``hf_grouped_mm`` / ``hf_eager``: transformers' MixtralExperts (default grouped_mm path /
   eager per-expert loop) behind transformers' router math;
 * ``dense``: matmuls with the layer's FLOPs in the layer dtype; ``dense_fp32``: the same in
@@ -52,7 +55,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(DT))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--impls", default="cpu,cpu_experts,hf_grouped_mm,hf_eager,dense,dense_fp32,weight_read")
+    p.add_argument("--impls", default="cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,dense,"
+                                      "dense_fp32,weight_read")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -73,6 +77,15 @@ def main(argv=None):
         impls["cpu"] = lambda: moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu")
     if "cpu_experts" in want:
         impls["cpu_experts"] = lambda: torch.ops.moe_ops.fused_experts(x, ids, weights, wgu, wd, "swiglu")
+    if "cpu_packed" in want or "cpu_packed_experts" in want:
+        t0 = time.perf_counter()
+        packed = moe_ops.pack_experts(wgu, wd)
+        print(f"pack_experts (once, at load): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        if "cpu_packed" in want:
+            impls["cpu_packed"] = lambda: moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu", packed=packed)
+        if "cpu_packed_experts" in want:
+            impls["cpu_packed_experts"] = lambda: torch.ops.moe_ops.fused_experts_packed(
+                x, ids, weights, packed.w_gate_up, packed.w_down, "swiglu")
     for impl in ("grouped_mm", "eager"):
         if f"hf_{impl}" in want:
             ex = hf_experts(E, H, I, k, wgu, wd, impl)
@@ -125,8 +138,10 @@ def main(argv=None):
         rel = med[n] / med["cpu"] if "cpu" in med else float("nan")
         print(f"{n:14s} {med[n]:9.2f} ({min(v):8.2f}..{max(v):8.2f}) {medc[n]:9.2f} "
               f"{flops / med[n] / 1e6:8.1f} {rel:7.2f}")
-    if "cpu" in med:
-        print(f"floor {floor:.2f} ms; cpu / floor = {med['cpu'] / floor:.2f}")
+    for n in ("cpu", "cpu_packed"):
+        if n in med:
+            print(f"floor {floor:.2f} ms; {n} / floor = {med[n] / floor:.2f}"
+                  + "".join(f"; {b} / {n} = {med[b] / med[n]:.2f}" for b in ("hf_grouped_mm", "hf_eager") if b in med))
 
 
 if __name__ == "__main__":

@@ -419,7 +419,13 @@ class PackedExperts(NamedTuple):
 
     def matches(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
         """Whether these are still the packed form of ``w_gate_up`` / ``w_down``."""
-        return self.source == ((w_gate_up.data_ptr(), w_gate_up._version), (w_down.data_ptr(), w_down._version))
+        return self.source == (_identity(w_gate_up), _identity(w_down))
+
+
+def _identity(t: torch.Tensor) -> Tuple[int, int]:
+    """``(data_ptr, version)``; inference tensors keep no version counter (-1: only the storage
+    is compared for them)."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version)
 
 
 def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts:
@@ -441,8 +447,7 @@ def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts
         raise TypeError("moe_ops.pack_experts: w_gate_up and w_down must share a dtype")
     with torch.no_grad():
         pgu, pd = torch.ops.moe_ops.pack_experts(w_gate_up.detach(), w_down.detach())
-    return PackedExperts(pgu, pd, ((w_gate_up.data_ptr(), w_gate_up._version),
-                                   (w_down.data_ptr(), w_down._version)))
+    return PackedExperts(pgu, pd, (_identity(w_gate_up), _identity(w_down)))
 
 
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
