@@ -59,6 +59,10 @@ def moe_ops_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     w2, b2 = self.down_proj, (self.down_proj_bias if has_bias else None)
 
     x = hidden_states.to(w1.dtype)  # autocast may hand fp32 activations to bf16 experts
+    if _cpu_fused_ok(self, x, w1, w2, has_gate, transposed, has_bias, top_k_weights):
+        # The CPU backend's fused expert op (one pass: gather -> GEMM1 + SwiGLU -> GEMM2 ->
+        # combine), on packed weights when apply_moe_ops(..., pack_cpu=True) asked for them.
+        return cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2).to(hidden_states.dtype)
     # Sentinel ids >= E (expert parallelism) are dropped by permute, never computed.
     x_sorted, _, offsets, slot_rows = ops.permute(x, top_k_index, E, allow_invalid_ids=True)
     row_e = _row_experts(offsets, x_sorted.shape[0]) if has_bias else None
@@ -74,6 +78,47 @@ def moe_ops_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
         y = self.post_expert_norm(y)
     out = ops.unpermute(y, slot_rows, top_k_weights)
     return out.to(hidden_states.dtype)
+
+
+def _cpu_fused_ok(self, x, w1, w2, has_gate, transposed, has_bias, top_k_weights) -> bool:
+    """Whether this call can take the CPU fused path: CPU tensors in a kernel dtype, no gradient
+    needed, the plain layout (gate_up [E, 2I, H], no bias, no post-expert norm) and the default
+    gate ``silu(gate) * up`` (GPT-OSS's clamped gate and other custom gates take the op-by-op
+    path, which calls the module's own ``_apply_gate``)."""
+    if x.device.type != "cpu" or not has_gate or transposed or has_bias or x.dtype == torch.float64:
+        return False
+    if getattr(self, "has_post_expert_norm", False) or not hasattr(torch.ops.moe_ops, "fused_experts"):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, top_k_weights)):
+        return False
+    if w1.dtype != x.dtype or w2.dtype != x.dtype or w1.dim() != 3 or w1.shape[1] != 2 * w2.shape[2]:
+        return False
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    act = getattr(self, "act_fn", None)
+    return getattr(type(self), "_apply_gate", None) is _default_apply_gate and (
+        isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+
+
+def cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2) -> torch.Tensor:
+    """``moe_ops::fused_experts`` (or ``fused_experts_packed`` on the module's packed weights)."""
+    ids = top_k_index.to(torch.int32)
+    packed = _cpu_packing(self, w1, w2)
+    if packed is not None:
+        return torch.ops.moe_ops.fused_experts_packed(x, ids, top_k_weights, packed.w_gate_up, packed.w_down, "swiglu")
+    return torch.ops.moe_ops.fused_experts(x, ids, top_k_weights, w1, w2, "swiglu")
+
+
+def _cpu_packing(self, w1, w2):
+    """The module's packed weights (re-packed when the weights changed), if it asked for them."""
+    if not getattr(self, "_moe_ops_pack_cpu", False) or not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
+        return None
+    packed = getattr(self, "_moe_ops_packed", None)
+    if packed is None or not packed.matches(w1, w2):
+        packed = self._moe_ops_packed = ops.pack_experts(w1, w2)
+    return packed
 
 
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> None:
@@ -190,10 +235,14 @@ def _unpatch(module: nn.Module) -> None:
 
 
 def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = True,
-                  sparse_blocks: bool = True) -> nn.Module:
+                  sparse_blocks: bool = True, pack_cpu: bool = False) -> nn.Module:
     """Patch a built transformers model in place to run on moe_ops; returns it.
 
-    * ``experts``: ``model.set_experts_implementation("moe_ops")`` where the model supports it;
+    * ``experts``: ``model.set_experts_implementation("moe_ops")`` where the model supports it
+      (on CPU, inference calls with the default SiLU gate run the fused ``fused_experts`` op);
+    * ``pack_cpu``: keep :func:`moe_ops.pack_experts` copies of CPU expert weights for the
+      panel GEMM (packed on first use, re-packed after a weight update; one more copy of the
+      expert weights in memory);
     * ``routers``: fused top-k routers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS);
     * ``sparse_blocks``: the sparse Llama4 MoE block.
 
@@ -211,6 +260,9 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
                 if hasattr(m, "has_gate") and hasattr(m, "config"):
                     m.config._experts_implementation = EXPERTS_IMPLEMENTATION
     for module in list(model.modules()):
+        if hasattr(module, "has_gate") and hasattr(module, "num_experts"):
+            module._moe_ops_pack_cpu = pack_cpu
+            module._moe_ops_packed = None
         name = type(module).__name__
         if routers and name in ROUTER_FORWARDS:
             _patch_class(module, ROUTER_FORWARDS[name])
