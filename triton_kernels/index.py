@@ -34,6 +34,18 @@ FILL_BLOCK = 1024
 
 
 @triton.jit
+def _slot_expert(ids_ptr, q, inb, T, E, K: tl.constexpr, KMAJOR: tl.constexpr):
+    """The slot at priority position q, its expert id and whether that id is in [0, E)."""
+    if KMAJOR:  # priority position q -> slot: (j, t) order
+        s = (q % T) * K + q // T
+    else:       # (t, j) order = slot order
+        s = q
+    e = tl.load(ids_ptr + s, mask=inb, other=-1)
+    valid = inb & (e >= 0) & (e < E)
+    return s, e, valid
+
+
+@triton.jit
 def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_prog,
                  K: tl.constexpr, KMAJOR: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_EXP: tl.constexpr, FILL: tl.constexpr):
@@ -41,12 +53,7 @@ def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_pr
     lane = tl.arange(0, BLOCK)
     q = pid * BLOCK + lane
     inb = q < S
-    if KMAJOR:  # priority position q -> slot: (j, t) order
-        s = (q % T) * K + q // T
-    else:       # (t, j) order = slot order
-        s = q
-    e = tl.load(ids_ptr + s, mask=inb, other=-1)
-    valid = inb & (e >= 0) & (e < E)
+    s, e, valid = _slot_expert(ids_ptr, q, inb, T, E, K, KMAJOR)
     e = tl.where(valid, e, -1)
     same = (e[:, None] == e[None, :]) & valid[:, None] & (lane[None, :] < lane[:, None])
     tl.store(rank_ptr + q, tl.sum(same.to(tl.int32), 1), mask=inb)
@@ -103,12 +110,7 @@ def _place_kernel(ids_ptr, rank_ptr, base_ptr, offs_ptr, slotmap_ptr, inv_ptr, S
     pid = tl.program_id(0)
     q = pid * BLOCK + tl.arange(0, BLOCK)
     inb = q < S
-    if KMAJOR:  # priority position q -> slot: (j, t) order
-        s = (q % T) * K + q // T
-    else:       # (t, j) order = slot order
-        s = q
-    e = tl.load(ids_ptr + s, mask=inb, other=-1)
-    valid = inb & (e >= 0) & (e < E)
+    s, e, valid = _slot_expert(ids_ptr, q, inb, T, E, K, KMAJOR)
     rank = tl.load(rank_ptr + q, mask=valid, other=0) + tl.load(base_ptr + pid * E + e, mask=valid, other=0)
     if CAPACITY:
         kept = valid & (rank < C)
