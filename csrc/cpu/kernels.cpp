@@ -384,9 +384,11 @@ inline void store_panel_row(float* c, __m256 lo, __m256 hi) {
   }
 }
 
+// rs: bytes from one k row of a panel to the next (16 * element size for packed panels; the
+// row stride of B when the NN kernel runs this micro-kernel on B's own rows).
 template <DType DT, int MR, int NP, bool kNext>
-void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t K, float* C, int64_t ldc,
-             const char* next) {
+void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, float* C,
+             int64_t ldc, const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t rb = kPanel * es;                     // bytes of one panel row
   constexpr int64_t kPfEvery = rb >= 64 ? 1 : 64 / rb;    // k steps per cache line
@@ -419,7 +421,7 @@ void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_
     }
     a0 += 4;
     a3 += 4;
-    b += rb;
+    b += rs;
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -431,40 +433,46 @@ void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_
 // rows (decode: 4 independent chains per row to cover the FMA latency). first: the first pass
 // over these weights (they stream from memory): prefetch the next panels one call ahead.
 template <DType DT, int MR>
-void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t K, int64_t np, float* C,
-            int64_t ldc, bool first, const char* after) {
+void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, int64_t np,
+            float* C, int64_t ldc, bool first, const char* after) {
   constexpr int NP = MR <= 2 ? 2 : 1;
   int64_t p = 0;
   for (; p + NP <= np; p += NP) {
     const char* nx = p + 2 * NP <= np ? P + (p + NP) * pstride : (p + NP < np ? nullptr : after);
-    if (first && nx) micro_p<DT, MR, NP, true>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nx);
-    else micro_p<DT, MR, NP, false>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nullptr);
+    if (first && nx) micro_p<DT, MR, NP, true>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nx);
+    else micro_p<DT, MR, NP, false>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nullptr);
   }
-  if (p < np) micro_p<DT, MR, 1, false>(A, lda, P + p * pstride, pstride, K, C + p * kPanel, ldc, nullptr);
+  if (p < np) micro_p<DT, MR, 1, false>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nullptr);
+}
+
+// All row blocks of M rows against np panels (ps: bytes between panels, rs: between k rows).
+template <DType DT>
+void p_blocks(const float* A, int64_t lda, const char* P, int64_t ps, int64_t rs, int64_t K, int64_t np, float* C,
+              int64_t ldc, int64_t M, bool prefetch, const char* after) {
+  int64_t i = 0;
+  bool first = prefetch;  // only packed panels (rs = 16 elements) are laid out for the prefetch
+  for_row_blocks(M, [&](int64_t mr) {
+    const float* Ai = A + i * lda;
+    float* Ci = C + i * ldc;
+    switch (mr) {
+      case 6: p_rows<DT, 6>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+      case 5: p_rows<DT, 5>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+      case 4: p_rows<DT, 4>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+      case 3: p_rows<DT, 3>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+      case 2: p_rows<DT, 2>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+      default: p_rows<DT, 1>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
+    }
+    i += mr;
+    first = false;
+  });
 }
 
 template <DType DT>
 void gemm_panels_avx(const float* A, int64_t lda, const void* Pv, int64_t pstride, int64_t K, int64_t np,
                      float* C, int64_t ldc, int64_t M, const void* nextv) {
   const char* P = static_cast<const char*>(Pv);
-  const char* after = static_cast<const char*>(nextv);
-  const int64_t ps = pstride * (DT == DType::F32 ? 4 : 2);
-  int64_t i = 0;
-  bool first = true;
-  for_row_blocks(M, [&](int64_t mr) {
-    const float* Ai = A + i * lda;
-    float* Ci = C + i * ldc;
-    switch (mr) {
-      case 6: p_rows<DT, 6>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-      case 5: p_rows<DT, 5>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-      case 4: p_rows<DT, 4>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-      case 3: p_rows<DT, 3>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-      case 2: p_rows<DT, 2>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-      default: p_rows<DT, 1>(Ai, lda, P, ps, K, np, Ci, ldc, first, after); break;
-    }
-    i += mr;
-    first = false;
-  });
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  p_blocks<DT>(A, lda, P, pstride * es, kPanel * es, K, np, C, ldc, M, true, static_cast<const char*>(nextv));
 }
 
 // ---- NN micro-kernel: MR rows x (NV*8) columns, r ascending, one FMA chain per element.
@@ -489,10 +497,8 @@ void micro_nn(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int
 
 template <DType DT, int MR>
 void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C,
-             int64_t ldc, int64_t N) {
+             int64_t ldc, int64_t N, int64_t j) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  int64_t j = 0;
-  for (; j + 16 <= N; j += 16) micro_nn<DT, MR, 2>(A, lda, B + j * es, ldb_bytes, R, C + j, ldc);
   for (; j + 8 <= N; j += 8) micro_nn<DT, MR, 1>(A, lda, B + j * es, ldb_bytes, R, C + j, ldc);
   // Remaining columns: scalar std::fma in the same r order == the vector lanes' result.
   for (; j < N; ++j)
@@ -504,19 +510,26 @@ void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int6
     }
 }
 
+// Columns in 16-wide groups run the P micro-kernel on B's own rows (a 16-column group of B rows
+// is a panel with row stride ldb: same single-FMA-chain arithmetic as micro_nn, at the FMA
+// peak); the last N % 16 columns use micro_nn / scalar FMAs in the same r order.
 template <DType DT>
 void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t R, float* C,
                  int64_t ldc, int64_t M, int64_t N) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   const char* B = static_cast<const char*>(Bv);
-  const int64_t ldb_bytes = ldb * (DT == DType::F32 ? 4 : 2);
+  const int64_t ldb_bytes = ldb * es;
+  const int64_t np = N / kPanel, j0 = np * kPanel;
+  if (np > 0) p_blocks<DT>(A, lda, B, kPanel * es, ldb_bytes, R, np, C, ldc, M, false, nullptr);
+  if (j0 == N) return;
   int64_t i = 0;
-  for (; i + 6 <= M; i += 6) nn_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N);
+  for (; i + 6 <= M; i += 6) nn_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0);
   switch (M - i) {
-    case 5: nn_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
-    case 4: nn_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
-    case 3: nn_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
-    case 2: nn_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
-    case 1: nn_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N); break;
+    case 5: nn_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
+    case 4: nn_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
+    case 3: nn_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
+    case 2: nn_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
+    case 1: nn_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
     default: break;
   }
 }
