@@ -1,12 +1,18 @@
 // Row combine shared by unpermute, capacity_combine and the fused experts path:
-// out[t] = sum_j w[t,j] * src[row(t,j)] with a float32 (float64 for float64) row accumulator,
-// j ascending, multiply-then-add like the reference, one rounded store per token. Tokens run in
-// parallel; each output row is written by exactly one task.
+// out[t] = sum_j w[t,j] * src[row(t,j)] with a float32 (float64 for float64) accumulator,
+// j ascending, multiply-then-add like the reference, one rounded store per token.
+//
+// Dataflow per token: gather the valid source rows (row(t,j) in [0, R), j ascending) and their
+// weights -> combine_row (combine_kernels.h): register-resident accumulators per 32-column chunk,
+// each source row read once, the output row written once (no float32 scratch row in memory).
+// Tokens run in parallel; each output row is written by exactly one task, and the per-element
+// arithmetic does not depend on the split, so results are bitwise thread-count independent.
 #pragma once
 
 #include <cstring>
 #include <vector>
 
+#include "combine_kernels.h"
 #include "common.h"
 
 namespace moe_cpu {
@@ -16,13 +22,14 @@ inline int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(row_bytes, 1));
 }
 
-// out[t] = sum_j w[t,j] * src[row(t,j)] over rows in [0, R); shared by unpermute and
-// capacity_combine. `row_of(t, j)` returns the source row or -1.
+// out[t] = sum_j w[t,j] * src[row(t,j)] over rows in [0, R); shared by unpermute,
+// capacity_combine and fused_experts. `row_of(t, j)` returns the source row or -1. `src` may be
+// float32 while `out` is bf16/fp16/fp32 (fused path); float64 needs both float64.
 template <class RowOf>
 void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
                   const c10::optional<at::Tensor>& weights, RowOf row_of, at::Tensor& out) {
   const int64_t H = src.size(-1);
-  if (src.scalar_type() == at::kDouble) {
+  if (src.scalar_type() == at::kDouble) {  // the gradcheck dtype: scalar, not a fast path
     at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
     const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
     const double* s = src.data_ptr<double>();
@@ -50,17 +57,19 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const char* s = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, T_, row_grain(H * es), [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(H);
+  at::parallel_for(0, T_, row_grain(H * oes), [&](int64_t t0, int64_t t1) {
+    std::vector<const void*> rows(static_cast<size_t>(k));
+    std::vector<float> ws(static_cast<size_t>(k));
     for (int64_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      int n = 0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = row_of(t, j);
         if (r < 0 || r >= R) continue;
-        if (wp) row_axpy_f32(acc.data(), wp[t * k + j], s + r * H * es, dt, H);
-        else row_add_f32(acc.data(), s + r * H * es, dt, H);
+        rows[n] = s + r * H * es;
+        if (wp) ws[n] = wp[t * k + j];
+        ++n;
       }
-      row_from_f32(acc.data(), o + t * H * oes, odt, H);
+      combine_row(rows.data(), wp ? ws.data() : nullptr, n, dt, o + t * H * oes, odt, H);
     }
   });
 }
