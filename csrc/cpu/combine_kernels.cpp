@@ -177,14 +177,16 @@ void combine_avx(const void* const* src, const float* w, int n, void* out, int64
 // (c10::BFloat16's rule; NaN -> 0x7FC0 when kNaN). Works on the interleaved 16-bit words
 // directly: u = the truncated bf16 words, lo = the discarded low halves; the round-up bit is
 // bit 16 of lo + 0x7FFF + lsb(u) = bit 15 of avg_epu16(lo, 0x7FFE + lsb) (avg computes
-// (a + b + 1) >> 1 in 17 bits), so u + that bit is the rounded value.
+// (a + b + 1) >> 1 in 17 bits), so u + that bit is the rounded value (a compare instead of a
+// shift: shifts compete with the bf16 widening for Zen3's two shift pipes).
 template <bool kNaN>
 inline void store16_bf16(char* dst, __m256 e, __m256 o) {
   const __m256i be = _mm256_castps_si256(e), bo = _mm256_castps_si256(o);
   const __m256i u = _mm256_blend_epi16(_mm256_srli_epi32(be, 16), bo, 0xAA);
   const __m256i lo = _mm256_blend_epi16(be, _mm256_slli_epi32(bo, 16), 0xAA);
   const __m256i c = _mm256_add_epi16(_mm256_and_si256(u, _mm256_set1_epi16(1)), _mm256_set1_epi16(0x7FFE));
-  __m256i r = _mm256_add_epi16(u, _mm256_srli_epi16(_mm256_avg_epu16(lo, c), 15));
+  // round-up bit set <=> the avg is >= 0x8000 <=> negative as int16: u - (0 > avg ? -1 : 0)
+  __m256i r = _mm256_sub_epi16(u, _mm256_cmpgt_epi16(_mm256_setzero_si256(), _mm256_avg_epu16(lo, c)));
   if constexpr (kNaN) {
     const __m256i ne = _mm256_castps_si256(_mm256_cmp_ps(e, e, _CMP_UNORD_Q));
     const __m256i no = _mm256_castps_si256(_mm256_cmp_ps(o, o, _CMP_UNORD_Q));
