@@ -9,7 +9,10 @@ allocating copy: what an op that returns a fresh tensor pays at best with the de
 ratio = op GB/s / baseline GB/s = baseline time / op time.
 
 1 thread: process CPU time (robust on a shared machine); 2 threads: wall time. Medians of --reps,
-implementations timed round-robin (rep i of each before rep i+1). Prints a markdown table.
+implementations timed round-robin (rep i of each before rep i+1); each timed call directly follows
+an untimed call of the same function, so every implementation is timed in its own steady state
+(its buffers as warm as repeated calls leave them), not in whatever the previous function left in
+the caches. Prints a markdown table.
 
     PYTHONPATH=. python bench/cpu_permute.py                       # the full matrix
     PYTHONPATH=. python bench/cpu_permute.py --T 4096 --k 8 --dtypes bf16 --threads 1
@@ -39,6 +42,7 @@ def measure(fns, reps, threads):
         f()
     for _ in range(reps):
         for n, f in fns.items():
+            f()  # untimed: each timed call follows a call of the same function (steady state)
             t0 = clock()
             f()
             res[n].append(clock() - t0)
@@ -106,7 +110,7 @@ def main():
                           f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
                           f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
     try:  # absent in builds without csrc/cpu/host_alloc.cpp
-        s = torch.ops.moe_ops_cpu.host_cache_stats()
+        s = torch.ops.moe_cpu_cache.stats()
         print(f"\nhost cache: cached {s[0] / 2**20:.0f} MiB (cap {s[1] / 2**20:.0f} MiB), "
               f"hits {s[3]}, misses {s[4]}")
     except (AttributeError, RuntimeError):

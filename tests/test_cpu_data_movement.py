@@ -38,16 +38,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cache():
-    try:
-        return torch.ops.moe_ops_cpu
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def _has_cache() -> bool:
     try:
-        torch.ops.moe_ops_cpu.host_cache_stats()
+        torch.ops.moe_cpu_cache.stats()
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -57,7 +50,7 @@ needs_cache = pytest.mark.skipif(not _has_cache(), reason="host cache ops not bu
 
 
 def _stats():
-    s = torch.ops.moe_ops_cpu.host_cache_stats()
+    s = torch.ops.moe_cpu_cache.stats()
     return dict(zip(("cached", "cap", "min", "hits", "misses", "live", "blocks"), s))
 
 
@@ -67,16 +60,16 @@ def all_through_cache():
     if not _has_cache():
         yield
         return
-    c = torch.ops.moe_ops_cpu
-    old_cap, old_min = c.host_cache_configure(-1, 0)
+    c = torch.ops.moe_cpu_cache
+    old_cap, old_min = c.configure(-1, 0)
     if old_cap == 0:  # run under MOE_OPS_CPU_CACHE_MB=0: enable a cache for these tests
-        c.host_cache_configure(64 << 20, -1)
-    c.host_cache_clear()
+        c.configure(64 << 20, -1)
+    c.clear()
     try:
         yield
     finally:
-        c.host_cache_configure(old_cap, old_min)
-        c.host_cache_clear()
+        c.configure(old_cap, old_min)
+        c.clear()
 
 
 def _poisoned_call(fn, pick):
@@ -84,7 +77,7 @@ def _poisoned_call(fn, pick):
     reused the poisoned block (so an element the op fails to write stays NaN). Returns the second
     result."""
     if _has_cache():
-        torch.ops.moe_ops_cpu.host_cache_clear()
+        torch.ops.moe_cpu_cache.clear()
     first = fn()
     out = pick(first)
     ptr, nbytes = out.data_ptr(), out.numel() * out.element_size()
@@ -244,8 +237,8 @@ def test_bitwise_independent_of_thread_count(dtype):
 
 @needs_cache
 def test_cache_reuses_freed_blocks_and_results_outlive_later_calls():
-    c = torch.ops.moe_ops_cpu
-    c.host_cache_clear()
+    c = torch.ops.moe_cpu_cache
+    c.clear()
     T, E, k, H = 256, 8, 2, 1024          # x_sorted: 512 x 1024 fp32 = 2 MiB (>= 1 MiB threshold)
     x = make_x(T, H, seed=21)
     ids = make_ids(T, k, E, seed=22)
@@ -268,10 +261,10 @@ def test_cache_reuses_freed_blocks_and_results_outlive_later_calls():
 
 @needs_cache
 def test_cache_cap_is_respected():
-    c = torch.ops.moe_ops_cpu
-    old_cap, old_min = c.host_cache_configure(5 << 20, -1)   # 5 MiB: two 2 MiB blocks fit, not three
+    c = torch.ops.moe_cpu_cache
+    old_cap, old_min = c.configure(5 << 20, -1)   # 5 MiB: two 2 MiB blocks fit, not three
     try:
-        c.host_cache_clear()
+        c.clear()
         x = make_x(256, 1024, seed=31)                        # 1 MiB rows -> x_sorted 2 MiB (k=2)
         ids = make_ids(256, 2, 8, seed=32)
         outs = [ops.permute(x, ids, 8, 1)[0] for _ in range(4)]
@@ -284,18 +277,18 @@ def test_cache_cap_is_respected():
         del r
         s = _stats()
         assert s["cached"] <= 5 << 20 and s["blocks"] == 2, s
-        c.host_cache_configure(2 << 20, -1)                  # lowering the cap trims the cache
+        c.configure(2 << 20, -1)                  # lowering the cap trims the cache
         assert _stats()["cached"] <= 2 << 20
     finally:
-        c.host_cache_configure(old_cap, old_min)
-        c.host_cache_clear()
+        c.configure(old_cap, old_min)
+        c.clear()
 
 
 _SUBPROCESS_SCRIPT = r"""
 import os, torch, moe_ops
 from moe_ops import reference as R
 from moe_ops import _C  # noqa
-s = torch.ops.moe_ops_cpu.host_cache_stats()
+s = torch.ops.moe_cpu_cache.stats()
 want = int(os.environ["WANT_CAP_MB"]) << 20
 assert s[1] == want, (s, want)
 g = torch.Generator().manual_seed(0)
@@ -307,7 +300,7 @@ for _ in range(3):
     u = torch.ops.moe_ops.unpermute(p[0], p[3], None, 2)
     assert torch.equal(u, R.unpermute(p[0], p[3], None, 2))
     del p, u
-s = torch.ops.moe_ops_cpu.host_cache_stats()
+s = torch.ops.moe_cpu_cache.stats()
 assert s[0] <= want, s
 if want == 0:
     assert s[0] == 0 and s[3] == 0 and s[5] == 0, s   # nothing cached, nothing served from it

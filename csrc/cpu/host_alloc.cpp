@@ -1,10 +1,11 @@
 // Caching host allocator for the CPU ops' large outputs (see host_alloc.h for the rationale and
-// the policy). Also registers introspection ops in the `moe_ops_cpu` namespace (tests, benches):
-//   torch.ops.moe_ops_cpu.host_cache_stats() -> [cached_bytes, cap_bytes, min_bytes, hits,
-//                                                 misses, live_bytes, cached_blocks]
-//   torch.ops.moe_ops_cpu.host_cache_configure(cap_bytes, min_bytes) -> previous [cap, min]
+// the policy). Also registers introspection ops in the `moe_cpu_cache` namespace (tests, benches;
+// deliberately not a `moe_ops*` namespace, which would make them package ops for opcheck/fakes):
+//   torch.ops.moe_cpu_cache.stats() -> [cached_bytes, cap_bytes, min_bytes, hits, misses,
+//                                         live_bytes, cached_blocks]
+//   torch.ops.moe_cpu_cache.configure(cap_bytes, min_bytes) -> previous [cap, min]
 //       (a negative argument leaves that setting unchanged; lowering the cap trims the cache)
-//   torch.ops.moe_ops_cpu.host_cache_clear() -> () frees every cached (unused) block
+//   torch.ops.moe_cpu_cache.clear() -> () frees every cached (unused) block
 #include "host_alloc.h"
 
 #include <ATen/EmptyTensor.h>
@@ -218,8 +219,8 @@ std::vector<int64_t> host_cache_stats() { return cache().stats(); }
 
 }  // namespace moe_cpu
 
-TORCH_LIBRARY(moe_ops_cpu, m) {
-  m.def("host_cache_stats() -> int[]", &moe_cpu::stats_op);
-  m.def("host_cache_configure(int cap_bytes, int min_bytes) -> int[]", &moe_cpu::configure_op);
-  m.def("host_cache_clear() -> ()", &moe_cpu::clear_op);
+TORCH_LIBRARY(moe_cpu_cache, m) {
+  m.def("stats() -> int[]", &moe_cpu::stats_op);
+  m.def("configure(int cap_bytes, int min_bytes) -> int[]", &moe_cpu::configure_op);
+  m.def("clear() -> ()", &moe_cpu::clear_op);
 }
