@@ -147,14 +147,25 @@ void combine_avx_rest(const void* const* src, const float* w, int n, char* o, in
 
 // Generic body: 64 columns (8 accumulators, enough independent add chains to hide the add
 // latency at any k) in column order.
+// Software prefetch of the next token's source rows, at the same columns as the chunk being
+// combined (one token ahead: the rows are scattered, so the hardware prefetcher only catches up
+// part way into each row).
+template <int64_t kBytes>
+inline void prefetch_next(const void* const* next, int n_next, int64_t off) {
+  for (int j = 0; j < n_next; ++j)
+    for (int64_t b = 0; b < kBytes; b += 64) _mm_prefetch(static_cast<const char*>(next[j]) + off + b, _MM_HINT_T0);
+}
+
 template <DType SDT, DType ODT, bool kW>
-void combine_avx(const void* const* src, const float* w, int n, void* out, int64_t H) {
+void combine_avx(const void* const* src, const float* w, int n, void* out, int64_t H,
+                 const void* const* next, int n_next) {
   constexpr int64_t es = esize(SDT), oes = esize(ODT);
   constexpr int NV = 8;
   char* o = static_cast<char*>(out);
   const __m256 one = _mm256_set1_ps(1.f);
   int64_t h = 0;
   for (; h + 8 * NV <= H; h += 8 * NV) {
+    prefetch_next<8 * NV * es>(next, n_next, h * es);
     __m256 a[NV];
     for (int v = 0; v < NV; ++v) a[v] = _mm256_setzero_ps();
     for (int j = 0; j < n; ++j) {
@@ -205,13 +216,15 @@ __attribute__((noinline)) void store64_bf16_nan(char* dst, __m256 e0, __m256 o0,
 }
 
 template <bool kW>
-void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, int64_t H) {
+void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, int64_t H,
+                      const void* const* next, int n_next) {
   constexpr int NV = 4;  // 4 x 16 columns = 8 accumulators
   char* o = static_cast<char*>(out);
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   int64_t h = 0;
   for (; h + 16 * NV <= H; h += 16 * NV) {
+    prefetch_next<16 * NV * 2>(next, n_next, h * 2);
     __m256 ae[NV], ao[NV];
     for (int v = 0; v < NV; ++v) ae[v] = ao[v] = _mm256_setzero_ps();
     for (int j = 0; j < n; ++j) {
@@ -237,22 +250,24 @@ void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, 
 }
 
 template <DType SDT, DType ODT>
-void combine_avx_w(const void* const* src, const float* w, int n, void* out, int64_t H) {
+void combine_avx_w(const void* const* src, const float* w, int n, void* out, int64_t H,
+                   const void* const* next, int n_next) {
   if constexpr (SDT == DType::BF16 && ODT == DType::BF16) {
-    if (w) combine_avx_bf16<true>(src, w, n, out, H);
-    else combine_avx_bf16<false>(src, w, n, out, H);
+    if (w) combine_avx_bf16<true>(src, w, n, out, H, next, n_next);
+    else combine_avx_bf16<false>(src, w, n, out, H, next, n_next);
     return;
   }
-  if (w) combine_avx<SDT, ODT, true>(src, w, n, out, H);
-  else combine_avx<SDT, ODT, false>(src, w, n, out, H);
+  if (w) combine_avx<SDT, ODT, true>(src, w, n, out, H, next, n_next);
+  else combine_avx<SDT, ODT, false>(src, w, n, out, H, next, n_next);
 }
 
 template <DType SDT>
-void combine_avx_o(const void* const* src, const float* w, int n, DType odt, void* out, int64_t H) {
+void combine_avx_o(const void* const* src, const float* w, int n, DType odt, void* out, int64_t H,
+                   const void* const* next, int n_next) {
   switch (odt) {
-    case DType::F32: combine_avx_w<SDT, DType::F32>(src, w, n, out, H); break;
-    case DType::F16: combine_avx_w<SDT, DType::F16>(src, w, n, out, H); break;
-    default: combine_avx_w<SDT, DType::BF16>(src, w, n, out, H); break;
+    case DType::F32: combine_avx_w<SDT, DType::F32>(src, w, n, out, H, next, n_next); break;
+    case DType::F16: combine_avx_w<SDT, DType::F16>(src, w, n, out, H, next, n_next); break;
+    default: combine_avx_w<SDT, DType::BF16>(src, w, n, out, H, next, n_next); break;
   }
 }
 
@@ -269,16 +284,18 @@ void combine_avx_o(const void* const* src, const float* w, int n, DType odt, voi
 namespace moe_cpu {
 
 void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
-                 int64_t H) {
+                 int64_t H, const void* const* next, int n_next) {
 #ifdef MOE_CPU_COMBINE_X86
   if (have_avx2()) {
     switch (sdt) {
-      case DType::F32: combine_avx_o<DType::F32>(src, w, n, odt, out, H); return;
-      case DType::F16: combine_avx_o<DType::F16>(src, w, n, odt, out, H); return;
-      default: combine_avx_o<DType::BF16>(src, w, n, odt, out, H); return;
+      case DType::F32: combine_avx_o<DType::F32>(src, w, n, odt, out, H, next, n_next); return;
+      case DType::F16: combine_avx_o<DType::F16>(src, w, n, odt, out, H, next, n_next); return;
+      default: combine_avx_o<DType::BF16>(src, w, n, odt, out, H, next, n_next); return;
     }
   }
 #endif
+  (void)next;
+  (void)n_next;
   combine_scalar(src, w, n, sdt, out, odt, H);
 }
 
