@@ -1,36 +1,121 @@
-"""permute / unpermute bandwidth vs Tensor.copy_ on CPU (1 thread, process CPU time: robust on a
-shared machine). Bytes = read + written.
+"""permute / unpermute bandwidth on CPU vs `Tensor.copy_` (the issue's baseline) and vs `clone()`.
 
-    PYTHONPATH=. python bench/cpu_permute.py
+GB/s counts bytes read + written, the same way as `python -m bench` (bench/cases.py):
+  permute    2 * T*k*H * e       (each routed slot reads its token row and writes one x_sorted row)
+  unpermute  (T*k*H + T*H) * e   (reads T*k rows of y_sorted, writes T rows)
+The baselines move the same number of bytes: `dst.copy_(src)` into a preallocated tensor of
+T*k*H (permute) or (T*k*H + T*H)/2 (unpermute) elements, and `src.clone()` of the same tensor (an
+allocating copy: what an op that returns a fresh tensor pays at best with the default allocator).
+ratio = op GB/s / baseline GB/s = baseline time / op time.
+
+1 thread: process CPU time (robust on a shared machine); 2 threads: wall time. Medians of --reps,
+implementations timed round-robin (rep i of each before rep i+1); each timed call directly follows
+an untimed call of the same function, so every implementation is timed in its own steady state
+(its buffers as warm as repeated calls leave them), not in whatever the previous function left in
+the caches. Prints a markdown table.
+
+    PYTHONPATH=. python bench/cpu_permute.py                       # the full matrix
+    PYTHONPATH=. python bench/cpu_permute.py --T 4096 --k 8 --dtypes bf16 --threads 1
 """
-import torch, time, sys, statistics
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-import moe_ops, moe_ops._C
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moe_ops  # noqa: E402
+import moe_ops._C  # noqa: E402,F401
+
 ops = torch.ops.moe_ops
-torch.set_num_threads(1)
-for T, E, k, H in ((512, 64, 2, 1024), (4096, 64, 8, 1024)):
-    x = torch.randn(T, H).bfloat16()
-    ids = torch.topk(torch.randn(T, E), k).indices.int()
-    w = torch.rand(T, k)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def measure(fns, reps, threads):
+    """Median seconds per function; process time for 1 thread, wall time otherwise."""
+    clock = time.process_time if threads == 1 else time.perf_counter
+    res = {n: [] for n in fns}
+    for f in fns.values():  # warm-up (also fills the host cache)
+        f()
+        f()
+    for _ in range(reps):
+        for n, f in fns.items():
+            f()  # untimed: each timed call follows a call of the same function (steady state)
+            t0 = clock()
+            f()
+            res[n].append(clock() - t0)
+    return {n: statistics.median(v) for n, v in res.items()}
+
+
+def run_point(T, E, k, H, dtype, threads, reps):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids = torch.topk(torch.randn(T, E, generator=g), k).indices.int()
+    w = torch.rand(T, k, generator=g)
     p = ops.permute(x, ids, E, 1)
-    y = torch.randn(p[0].shape).bfloat16()
-    S = T * k
-    mv = S * H * 2  # bytes of x_sorted / y_sorted rows
-    perm_bytes = S * H * 2 + S * H * 2     # read T*k rows (gathered), write T*k rows
-    unp_bytes = S * H * 2 + T * H * 2      # read T*k rows, write T rows
-    src = torch.randn(S, H).bfloat16(); dst = torch.empty_like(src)
-    f = {"permute": lambda: ops.permute(x, ids, E, 1), "unpermute": lambda: ops.unpermute(y, p[3], w, k),
-         "copy_": lambda: dst.copy_(src)}
-    b = {"permute": perm_bytes, "unpermute": unp_bytes, "copy_": 2 * S * H * 2}
-    res = {n: [] for n in f}
-    for n in f: f[n]()
-    for _ in range(21):
-        for n in f:
-            t0 = time.process_time(); f[n](); res[n].append(time.process_time() - t0)
-    print(f"T={T} E={E} k={k} H={H} bf16 threads={torch.get_num_threads()} load={open('/proc/loadavg').read().split()[0]}")
-    bw = {}
-    for n in f:
-        m = statistics.median(res[n]); bw[n] = b[n] / m / 1e9
-        print(f"  {n:10s} median {m*1e3:8.3f} ms  {bw[n]:6.2f} GB/s (read+write)")
-    for n in ("permute", "unpermute"):
-        print(f"  {n} / copy_ bandwidth = {bw[n] / bw['copy_']:.2f}")
+    y = torch.randn(p[0].shape, generator=g).to(dtype)
+    S, e = T * k, x.element_size()
+    perm_bytes = 2 * S * H * e
+    unp_bytes = (S * H + T * H) * e
+    cp_src = torch.randn(S * H, generator=g).to(dtype)
+    cp_dst = torch.empty_like(cp_src)
+    cu_src = torch.randn((S * H + T * H) // 2, generator=g).to(dtype)
+    cu_dst = torch.empty_like(cu_src)
+    fns = {
+        "permute": lambda: ops.permute(x, ids, E, 1),
+        "unpermute": lambda: ops.unpermute(y, p[3], w, k),
+        "copy_p": lambda: cp_dst.copy_(cp_src),
+        "clone_p": lambda: cp_src.clone(),
+        "copy_u": lambda: cu_dst.copy_(cu_src),
+        "clone_u": lambda: cu_src.clone(),
+    }
+    t = measure(fns, reps, threads)
+    gb = lambda n, b: b / t[n] / 1e9  # noqa: E731
+    return {
+        "perm_ms": t["permute"] * 1e3, "perm_gbs": gb("permute", perm_bytes),
+        "unp_ms": t["unpermute"] * 1e3, "unp_gbs": gb("unpermute", unp_bytes),
+        "copy_p": gb("copy_p", perm_bytes), "clone_p": gb("clone_p", perm_bytes),
+        "copy_u": gb("copy_u", unp_bytes), "clone_u": gb("clone_u", unp_bytes),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", default="512,4096")
+    ap.add_argument("--k", default="2,8")
+    ap.add_argument("--E", type=int, default=64)
+    ap.add_argument("--H", type=int, default=1024)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=21)
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, load {open('/proc/loadavg').read().split()[0]}, "
+          f"MOE_OPS_CPU_CACHE_MB={os.environ.get('MOE_OPS_CPU_CACHE_MB', '(default)')}, "
+          f"E={a.E}, H={a.H}, medians of {a.reps}\n")
+    print("| dtype | T | k | threads (clock) | permute ms | GB/s | / copy_ | / clone | "
+          "unpermute ms | GB/s | / copy_ | / clone | copy_ GB/s (p / u) | clone GB/s (p / u) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for dn in a.dtypes.split(","):
+        for T in (int(v) for v in a.T.split(",")):
+            for k in (int(v) for v in a.k.split(",")):
+                for th in (int(v) for v in a.threads.split(",")):
+                    r = run_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps)
+                    clock = "cpu" if th == 1 else "wall"
+                    print(f"| {dn} | {T} | {k} | {th} ({clock}) | {r['perm_ms']:.3f} | {r['perm_gbs']:.1f} | "
+                          f"**{r['perm_gbs'] / r['copy_p']:.2f}** | {r['perm_gbs'] / r['clone_p']:.2f} | "
+                          f"{r['unp_ms']:.3f} | {r['unp_gbs']:.1f} | **{r['unp_gbs'] / r['copy_u']:.2f}** | "
+                          f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
+                          f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
+    try:  # absent in builds without csrc/cpu/host_alloc.cpp
+        s = torch.ops.moe_cpu_cache.stats()
+        print(f"\nhost cache: cached {s[0] / 2**20:.0f} MiB (cap {s[1] / 2**20:.0f} MiB), "
+              f"hits {s[3]}, misses {s[4]}")
+    except (AttributeError, RuntimeError):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "combine.h"
+#include "host_alloc.h"
 
 namespace moe_cpu {
 namespace {
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu
   const int64_t T_ = x.size(0), H = x.size(1), k = ids.size(1), S = T_ * k;
   const bool kmajor = pr == "kmajor";
   auto i32 = ids.options();
-  at::Tensor buf = at::empty({E, C, H}, x.options());
+  at::Tensor buf = empty_cached({E, C, H}, x.options());
   at::Tensor slot_pos = at::empty({T_, k}, i32);
   at::Tensor demand = at::empty({E}, i32);
   at::Tensor kept = at::empty({E}, i32);
@@ -95,7 +96,7 @@ at::Tensor capacity_combine_cpu(const at::Tensor& buf_in, const at::Tensor& ids_
   const at::Tensor ids = ids_in.contiguous(), pos = pos_in.contiguous();
   const int32_t* id = ids.data_ptr<int32_t>();
   const int32_t* p = pos.data_ptr<int32_t>();
-  at::Tensor out = at::empty({T_, H}, buf.options());
+  at::Tensor out = empty_cached({T_, H}, buf.options());
   combine_rows(buf, E * C, T_, k, weights, [&](int64_t t, int64_t j) -> int64_t {
     const int64_t e = id[t * k + j], q = p[t * k + j];
     return (e >= 0 && e < E && q >= 0 && q < C) ? e * C + q : -1;

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "combine.h"
+#include "host_alloc.h"
 
 namespace moe_cpu {
 
@@ -29,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at:
   const int64_t T_ = x.size(0), H = x.size(1), k = ids.size(1), S = T_ * k;
   const int64_t P = S + E * (block_m - 1);
   auto i32 = ids.options();
-  at::Tensor x_sorted = at::empty({P, H}, x.options());
+  at::Tensor x_sorted = empty_cached({P, H}, x.options());
   at::Tensor sorted_slots = at::empty({P}, i32);
   at::Tensor offsets = at::empty({E + 1}, i32);
   at::Tensor slot_rows = at::empty({S}, i32);
@@ -87,7 +88,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& slot_rows_in,
                 "moe_ops::unpermute (cpu): weights must be [", T_, ", ", k, "], got ", weights->sizes());
   }
   const at::Tensor y = y_in.contiguous(), slot_rows = slot_rows_in.contiguous();
-  at::Tensor out = at::empty({T_, y.size(1)}, y.options());
+  at::Tensor out = empty_cached({T_, y.size(1)}, y.options());
   const int32_t* rows = slot_rows.data_ptr<int32_t>();
   combine_rows(y, y.size(0), T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(rows[t * k + j]); }, out);
   return out;
