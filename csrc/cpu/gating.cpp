@@ -5,10 +5,13 @@
 // for unbiased softmax, else score + bias), optional group limiting (keys outside the
 // topk_group best groups -> -inf), then a stable insertion top-k under the ranking rule
 // (descending, NaN lowest, ties to the lower index), weights = unbiased scores of the winners,
-// renormalised and scaled. Any E; O(E*k) worst case per row, O(E) typical.
+// renormalised and scaled. Any E; O(E*k) worst case per row, O(E) typical. float32 scores use
+// the AVX2 exp of kernels.cpp (8-lane sums in a fixed order: deterministic, within an ulp or two
+// of libm); rows with a NaN logit take the scalar path, which defines NaN propagation.
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -52,7 +55,11 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
     std::vector<int32_t> top(std::max<int64_t>({k, n_group, int64_t(2)}));
     for (int64_t t = t0; t < t1; ++t) {
       const T* x = logits + t * E;
-      if (sigmoid) {
+      bool done = false;
+      if constexpr (std::is_same_v<T, float>)  // vectorised exp; NaN rows take the scalar path
+        done = sigmoid ? sigmoid_row_f32(x, scores.data(), E) : softmax_row_f32(x, scores.data(), E);
+      if (done) {
+      } else if (sigmoid) {
         for (int64_t e = 0; e < E; ++e) scores[e] = T(1) / (T(1) + std::exp(-x[e]));
       } else {
         T m = -std::numeric_limits<T>::infinity();

@@ -17,6 +17,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
@@ -569,6 +570,73 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// n floats from p, the lanes past n filled with `fill`.
+inline __m256 load_partial(const float* p, int64_t n, float fill) {
+  alignas(32) float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = i < n ? p[i] : fill;
+  return _mm256_load_ps(t);
+}
+
+bool softmax_row_avx(const float* x, float* out, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m256 mx = _mm256_set1_ps(ninf), bad = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = i + 8 <= n ? _mm256_loadu_ps(x + i) : load_partial(x + i, n - i, ninf);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, v);
+  }
+  if (!_mm256_testz_ps(bad, bad)) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+  // exp(x - m), 0 where x - m < -88.37 (exp8 clamps there; a -inf logit must weigh exactly 0).
+  const __m256 lo = _mm256_set1_ps(-88.3762626647949f);
+  auto expd = [&](__m256 v) {
+    const __m256 d = _mm256_sub_ps(v, m);
+    return _mm256_andnot_ps(_mm256_cmp_ps(d, lo, _CMP_LT_OQ), exp8(d));
+  };
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    if (i + 8 <= n) {
+      const __m256 ev = expd(_mm256_loadu_ps(x + i));
+      _mm256_storeu_ps(out + i, ev);
+      sum = _mm256_add_ps(sum, ev);
+    } else {  // lanes past n: -inf -> 0, so the sum's lane order stays that of a full chunk
+      alignas(32) float t[8];
+      const __m256 ev = expd(load_partial(x + i, n - i, -std::numeric_limits<float>::infinity()));
+      _mm256_store_ps(t, ev);
+      for (int64_t l = 0; l < n - i; ++l) out[i + l] = t[l];
+      sum = _mm256_add_ps(sum, ev);
+    }
+  }
+  const __m256 s = _mm256_set1_ps(hsum(sum));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_loadu_ps(out + i), s));
+  const float sv = _mm256_cvtss_f32(s);
+  for (; i < n; ++i) out[i] = out[i] / sv;
+  return true;
+}
+
+bool sigmoid_row_avx(const float* x, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    _mm256_storeu_ps(out + i, _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)))));
+  }
+  if (i < n) {
+    alignas(32) float t[8];
+    const __m256 v = load_partial(x + i, n - i, 0.f);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    _mm256_store_ps(t, _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)))));
+    for (int64_t l = 0; l < n - i; ++l) out[i + l] = t[l];
+  }
+  return _mm256_testz_ps(bad, bad);
+}
+
 template <DType DT>
 inline void swiglu8(const float* gp, const float* up, float* op) {
   __m256 gv = round8<DT>(_mm256_loadu_ps(gp)), uv = round8<DT>(_mm256_loadu_ps(up));
@@ -791,6 +859,32 @@ void round_rows(const float* src, float* dst, int64_t n, DType dt) {
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
 }
+bool softmax_row_f32(const float* x, float* out, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) return softmax_row_avx(x, out, n);
+#endif
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return false;
+    m = std::max(m, x[i]);
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(x[i] - m));
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] / sum;
+  return true;
+}
+
+bool sigmoid_row_f32(const float* x, float* out, int64_t n) {
+#ifdef MOE_CPU_X86
+  if (have_avx2()) return sigmoid_row_avx(x, out, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return false;
+    out[i] = 1.f / (1.f + std::exp(-x[i]));
+  }
+  return true;
+}
+
 float gelu_f32(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f)); }
 
 }  // namespace moe_cpu

@@ -84,6 +84,12 @@ void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, vo
 void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
                  int64_t np, float* C, int64_t ldc, int64_t M, const void* next = nullptr);
 
+// Router scores of one row of n float32 logits (topk_gating): softmax (max-subtracted exp, 8-lane
+// sum in a fixed order, then x/sum) or sigmoid 1/(1+exp(-x)). Return false, writing nothing
+// meaningful, when the row holds a NaN (the caller's scalar path defines that case).
+bool softmax_row_f32(const float* x, float* out, int64_t n);
+bool sigmoid_row_f32(const float* x, float* out, int64_t n);
+
 // Gated activations on float32 (values already rounded through the model dtype by the caller).
 float silu_f32(float x);
 float gelu_f32(float x);
