@@ -16,6 +16,7 @@
 #include <string>
 
 #include "combine.h"
+#include "host_alloc.h"
 
 namespace moe_cpu {
 namespace {
@@ -38,7 +39,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
               "moe_ops::fused_experts (cpu): w_down must be [E=", E, ", H=", H, ", I=", I, "], got ", wd_in.sizes());
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
-  at::Tensor out = at::empty({T_, H}, x.options());
+  at::Tensor out = empty_cached({T_, H}, x.options());
   if (T_ == 0 || H == 0) return out;
 
   const DType dt = to_dtype(x.scalar_type());
@@ -51,12 +52,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   const std::vector<int64_t>& row_slot = pl.row_slot;
   const int64_t Sv = pl.rows();
 
-  at::Tensor ybuf = at::empty({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
+  at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
   if (Sv > 0 && I > 0) {
     // 2. gather + pack the routed rows (GEMM1's A operand).
     const int64_t Hp = padded_k(H), Ip = padded_k(I);
-    at::Tensor a1 = at::empty({Sv, Hp}, x.options().dtype(at::kFloat));
-    at::Tensor a2 = at::zeros({Sv, Ip}, x.options().dtype(at::kFloat));
+    // Scratch from the host cache (no page faults at steady state); a2's padded columns must be 0.
+    at::Tensor a1 = empty_cached({Sv, Hp}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = empty_cached({Sv, Ip}, x.options().dtype(at::kFloat)).zero_();
     float* A1 = a1.data_ptr<float>();
     float* A2 = a2.data_ptr<float>();
     const char* xp = static_cast<const char*>(x.data_ptr());

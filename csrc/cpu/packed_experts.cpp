@@ -26,6 +26,7 @@
 #include <string>
 
 #include "combine.h"
+#include "host_alloc.h"
 
 namespace moe_cpu {
 namespace {
@@ -113,7 +114,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
               ", 2, H=", H, ", 16] (from moe_ops::pack_experts), got ", pgu_in.sizes());
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor pgu = pgu_in.contiguous(), pd = pd_in.contiguous();
-  at::Tensor out = at::empty({T_, H}, x.options());
+  at::Tensor out = empty_cached({T_, H}, x.options());
   if (T_ == 0 || H == 0) return out;
 
   const DType dt = to_dtype(x.scalar_type());
@@ -125,11 +126,12 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const std::vector<int64_t>& offs = pl.offs;
   const int64_t Sv = pl.rows();
 
-  at::Tensor ybuf = at::empty({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
+  at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
   if (Sv > 0 && I > 0) {
-    // 2. gather the routed rows as plain float32 (GEMM1's A operand).
-    at::Tensor a1 = at::empty({Sv, H}, x.options().dtype(at::kFloat));
-    at::Tensor a2 = at::empty({Sv, I}, x.options().dtype(at::kFloat));
+    // 2. gather the routed rows as plain float32 (GEMM1's A operand). Scratch and output come
+    // from the host cache (host_alloc.h): no page faults at steady state.
+    at::Tensor a1 = empty_cached({Sv, H}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = empty_cached({Sv, I}, x.options().dtype(at::kFloat));
     float* A1 = a1.data_ptr<float>();
     float* A2 = a2.data_ptr<float>();
     const char* xp = static_cast<const char*>(x.data_ptr());
