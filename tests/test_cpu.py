@@ -77,20 +77,27 @@ def test_fused_experts_matches_reference(case, activation, dtype):
     assert_close_to_reference(out, lowp, hi, name="fused_experts")
 
 
+def _fused_packed(x, ids, w, wgu, wd, activation):
+    pgu, pd = torch.ops.moe_ops.pack_experts(wgu, wd)
+    return torch.ops.moe_ops.fused_experts_packed(x, ids, w, pgu, pd, activation)
+
+
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_experts_drops_invalid_ids_and_handles_no_weights(dtype):
+@pytest.mark.parametrize("op", ["fused_experts", "fused_experts_packed"])
+def test_fused_experts_drops_invalid_ids_and_handles_no_weights(op, dtype):
     T, E, k, H, I = 16, 6, 2, 40, 24
     x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed_for("drop", str(dtype)))
     ids[0, 1] = -1
     ids[5, 0] = E + 3
     w[0, 1] = float("nan")  # a dropped slot's weight never reaches the output
+    run = torch.ops.moe_ops.fused_experts if op == "fused_experts" else _fused_packed
     for weights in (w, None):
-        out = torch.ops.moe_ops.fused_experts(x, ids, weights, wgu, wd, "swiglu")
+        out = run(x, ids, weights, wgu, wd, "swiglu")
         lowp = _ref_experts(x, ids, weights, wgu, wd, "swiglu")
         hi = _ref_experts(x.double(), ids, None if weights is None else weights.double(), wgu.double(),
                           wd.double(), "swiglu")
-        assert_close_to_reference(out, lowp, hi, name="fused_experts")
+        assert_close_to_reference(out, lowp, hi, name=op)
 
 
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")

@@ -92,4 +92,18 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
   });
 }
 
+// The last stage of both fused expert ops: ybuf[r] holds the expert output of the routed slot
+// of row r (float32); out[t] = sum_j w[t,j] * ybuf[slot_rows[t*k+j]] in j order.
+inline void combine_slots(const at::Tensor& ybuf, const Placement& pl, int64_t T_, int64_t k,
+                          const c10::optional<at::Tensor>& weights, at::Tensor& out) {
+  combine_rows(ybuf, pl.rows(), T_, k, weights,
+               [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
+}
+
+// Meta kernel of both fused expert ops (same argument list): out has x's shape and dtype.
+inline at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                     const at::Tensor&, const at::Tensor&, c10::string_view) {
+  return at::empty(x.sizes(), x.options());
+}
+
 }  // namespace moe_cpu

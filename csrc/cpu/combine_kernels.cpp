@@ -6,6 +6,7 @@
 // per token and nothing but the output row is written. The AVX2 code is compiled with a
 // function-level target (no global -mavx2) and chosen at run time, like kernels.cpp.
 #include "combine_kernels.h"
+#include "dtype_io.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,24 +17,9 @@
 namespace moe_cpu {
 namespace {
 
-inline float load_scalar(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-  }
-}
+using io::load_scalar;
+using io::store_scalar;
 
-inline void store_scalar(void* p, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-  }
-}
-
-// Portable: 64-column blocks with a stack accumulator; `volatile` keeps mul and add separate
-// (no FMA contraction on targets that have one).
 void combine_scalar(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
                     int64_t H) {
   constexpr int64_t B = 64;
@@ -69,43 +55,15 @@ void combine_scalar(const void* const* src, const float* w, int n, DType sdt, vo
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #endif
+#include "dtype_io_avx.h"
 
 namespace moe_cpu {
 namespace {
 
 constexpr int64_t esize(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
-// 8 consecutive values of dtype DT at p, widened to float32 (same as kernels.cpp).
-template <DType DT>
-inline __m256 cload8(const void* p) {
-  if constexpr (DT == DType::F32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
-  } else if constexpr (DT == DType::F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-  } else {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  }
-}
-
-// Rounded store of 8 floats as DT; bit-identical to kernels.cpp's store8 (bf16: round to nearest
-// even, NaN -> 0x7FC0; fp16: F16C round to nearest even).
-template <DType DT>
-inline void cstore8(void* p, __m256 x) {
-  if constexpr (DT == DType::F32) {
-    _mm256_storeu_ps(static_cast<float*>(p), x);
-  } else if constexpr (DT == DType::F16) {
-    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    __m256i b = _mm256_castps_si256(x);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(static_cast<__m128i*>(p), packed);
-  }
-}
+using io::load8;
+using io::store8;
 
 // acc = acc + w*y (kW) or acc + y; the empty asm keeps GCC/clang from contracting into an FMA.
 template <bool kW>
@@ -126,9 +84,9 @@ void combine_avx_rest(const void* const* src, const float* w, int n, char* o, in
     __m256 a = _mm256_setzero_ps();
     for (int j = 0; j < n; ++j) {
       const __m256 wv = kW ? _mm256_broadcast_ss(w + j) : one;
-      a = acc_step<kW>(a, cload8<SDT>(static_cast<const char*>(src[j]) + h * es), wv);
+      a = acc_step<kW>(a, load8<SDT>(static_cast<const char*>(src[j]) + h * es), wv);
     }
-    cstore8<ODT>(o + h * oes, a);
+    store8<ODT>(o + h * oes, a);
   }
   if (h < H) {  // partial chunk: zero-filled scratch, same instructions as the body
     const int64_t r = H - h;
@@ -137,10 +95,10 @@ void combine_avx_rest(const void* const* src, const float* w, int n, char* o, in
       alignas(32) char tmp[32] = {0};
       std::memcpy(tmp, static_cast<const char*>(src[j]) + h * es, r * es);
       const __m256 wv = kW ? _mm256_broadcast_ss(w + j) : one;
-      a = acc_step<kW>(a, cload8<SDT>(tmp), wv);
+      a = acc_step<kW>(a, load8<SDT>(tmp), wv);
     }
     alignas(32) char res[32];
-    cstore8<ODT>(res, a);
+    store8<ODT>(res, a);
     std::memcpy(o + h * oes, res, r * oes);
   }
 }
@@ -171,9 +129,9 @@ void combine_avx(const void* const* src, const float* w, int n, void* out, int64
     for (int j = 0; j < n; ++j) {
       const char* s = static_cast<const char*>(src[j]) + h * es;
       const __m256 wv = kW ? _mm256_broadcast_ss(w + j) : one;
-      for (int v = 0; v < NV; ++v) a[v] = acc_step<kW>(a[v], cload8<SDT>(s + 8 * v * es), wv);
+      for (int v = 0; v < NV; ++v) a[v] = acc_step<kW>(a[v], load8<SDT>(s + 8 * v * es), wv);
     }
-    for (int v = 0; v < NV; ++v) cstore8<ODT>(o + (h + 8 * v) * oes, a[v]);
+    for (int v = 0; v < NV; ++v) store8<ODT>(o + (h + 8 * v) * oes, a[v]);
   }
   combine_avx_rest<SDT, ODT, kW>(src, w, n, o, h, H);
 }

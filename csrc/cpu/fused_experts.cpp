@@ -109,13 +109,8 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   }
 
   // 5. weighted combine in j order.
-  combine_rows(ybuf, Sv, T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
+  combine_slots(ybuf, pl, T_, k, weights, out);
   return out;
-}
-
-at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor& ids, const c10::optional<at::Tensor>& weights,
-                              const at::Tensor& w_gate_up, const at::Tensor& w_down, c10::string_view activation) {
-  return at::empty(x.sizes(), x.options());
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 // The AVX2 code is compiled with a function-level target (no global -mavx2), and chosen at run
 // time, so the extension still loads on CPUs without AVX2.
 #include "kernels.h"
+#include "dtype_io.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,21 +26,8 @@
 namespace moe_cpu {
 namespace {
 
-inline float load_scalar(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-  }
-}
-
-inline void store_scalar(void* p, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-  }
-}
+using io::load_scalar;
+using io::store_scalar;
 
 // ------------------------------------------------------------------------ portable fallback
 void row_to_f32_scalar(const void* src, DType dt, float* dst, int64_t n) {
@@ -104,40 +92,13 @@ void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #endif
+#include "dtype_io_avx.h"
 
 namespace moe_cpu {
 namespace {
 
-// 8 consecutive values of dtype DT at p, widened to float32.
-template <DType DT>
-inline __m256 load8(const void* p) {
-  if constexpr (DT == DType::F32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
-  } else if constexpr (DT == DType::F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-  } else {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  }
-}
-
-template <DType DT>
-inline void store8(void* p, __m256 x) {
-  if constexpr (DT == DType::F32) {
-    _mm256_storeu_ps(static_cast<float*>(p), x);
-  } else if constexpr (DT == DType::F16) {
-    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    // Round to nearest even (c10::BFloat16's rule), NaN -> 0x7FC0.
-    __m256i b = _mm256_castps_si256(x);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(static_cast<__m128i*>(p), packed);
-  }
-}
+using io::load8;
+using io::store8;
 
 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -178,13 +178,8 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   }
 
   // 5. weighted combine in j order.
-  combine_rows(ybuf, Sv, T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
+  combine_slots(ybuf, pl, T_, k, weights, out);
   return out;
-}
-
-at::Tensor fused_experts_packed_meta(const at::Tensor& x, const at::Tensor& ids, const c10::optional<at::Tensor>& weights,
-                                     const at::Tensor& pgu, const at::Tensor& pd, c10::string_view activation) {
-  return at::empty(x.sizes(), x.options());
 }
 
 }  // namespace
@@ -197,5 +192,5 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
 }
 TORCH_LIBRARY_IMPL(moe_ops, Meta, m) {
   m.impl("pack_experts", &moe_cpu::pack_experts_meta);
-  m.impl("fused_experts_packed", &moe_cpu::fused_experts_packed_meta);
+  m.impl("fused_experts_packed", &moe_cpu::fused_experts_meta);
 }
