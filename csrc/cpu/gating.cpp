@@ -43,11 +43,32 @@ void top_n(const T* key, int64_t len, int64_t n, int32_t* out) {
   }
 }
 
+// top_n for keys known to hold no NaN: plain comparisons against the current n-th key, kept in a
+// register (same result as top_n: strict >, so ties stay with the lower index).
+template <class T>
+void top_n_finite(const T* key, int64_t len, int64_t n, int32_t* out) {
+  int64_t size = 0;
+  T thr = T(0);
+  for (int64_t e = 0; e < len; ++e) {
+    const T v = key[e];
+    if (size == n && !(v > thr)) continue;
+    int64_t p = size < n ? size++ : n - 1;
+    while (p > 0 && v > key[out[p - 1]]) {
+      out[p] = out[p - 1];
+      --p;
+    }
+    out[p] = static_cast<int32_t>(e);
+    thr = key[out[size - 1]];
+  }
+}
+
 template <class T>
 void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, bool renorm,
                int64_t n_group, int64_t topk_group, const T* bias, T scale, T* w_out,
                int32_t* id_out) {
   const bool key_is_logit = !sigmoid && bias == nullptr;
+  bool bias_finite = true;  // a NaN bias would make NaN keys; +-inf biases cannot
+  for (int64_t e = 0; bias && e < E; ++e) bias_finite = bias_finite && !std::isnan(bias[e]);
   const int64_t G = n_group > 0 ? E / n_group : E;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1));
   at::parallel_for(0, T_, grain, [&](int64_t t0, int64_t t1) {
@@ -85,7 +106,8 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
       }
       int32_t* ids = id_out + t * k;
       T* w = w_out + t * k;
-      top_n(keys.data(), E, k, ids);
+      if (done && bias_finite) top_n_finite(keys.data(), E, k, ids);  // no NaN key possible
+      else top_n(keys.data(), E, k, ids);
       for (int64_t j = 0; j < k; ++j) w[j] = scores[ids[j]];
       if (renorm) {
         T s = 0;

@@ -814,6 +814,22 @@ void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, D
   }
 }
 
+#ifdef MOE_CPU_X86
+template <DType DT>
+void swiglu_block_avx(const float* g, const float* u, int64_t ldi, float* out, int64_t ldo, int64_t rows,
+                      int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) swiglu_avx<DT>(g + r * ldi, u + r * ldi, out + r * ldo, cols);
+}
+#endif
+
+void gated_act_block(const float* gate, const float* up, int64_t ldi, float* out, int64_t ldo, int64_t rows,
+                     int64_t cols, DType dt, bool swiglu) {
+#ifdef MOE_CPU_X86
+  if (swiglu && have_avx2()) { MOE_CPU_DISPATCH(dt, swiglu_block_avx, gate, up, ldi, out, ldo, rows, cols); return; }
+#endif
+  for (int64_t r = 0; r < rows; ++r) gated_act_rows(gate + r * ldi, up + r * ldi, out + r * ldo, cols, dt, swiglu);
+}
+
 void round_rows(const float* src, float* dst, int64_t n, DType dt) {
 #ifdef MOE_CPU_X86
   if (have_avx2()) { MOE_CPU_DISPATCH(dt, round_avx, src, dst, n); return; }

@@ -97,6 +97,9 @@ float gelu_f32(float x);
 // out[i] = round_dt(act(round_dt(gate[i])) * round_dt(up[i])), act = silu (swiglu) or exact gelu:
 // the unfused pipeline's rounding (h stored in dt, activation in float32, result stored in dt).
 void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu);
+// gated_act_rows on `rows` rows of `cols` values: gate/up rows ldi apart, out rows ldo apart.
+void gated_act_block(const float* gate, const float* up, int64_t ldi, float* out, int64_t ldo, int64_t rows,
+                     int64_t cols, DType dt, bool swiglu);
 // dst[i] = round_dt(src[i]) kept as float32.
 void round_rows(const float* src, float* dst, int64_t n, DType dt);
 

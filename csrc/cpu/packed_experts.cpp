@@ -152,10 +152,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
       gemm_panels(A1 + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel, rows,
                   pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* ci = c.data() + i * 2 * kPanel;
-        gated_act_rows(ci, ci + kPanel, A2 + (t.m0 + i) * I + p * kPanel, cols, dt, swiglu);
-      }
+      gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, A2 + t.m0 * I + p * kPanel, I, rows, cols, dt, swiglu);
     });
 
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
