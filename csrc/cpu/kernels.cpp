@@ -404,7 +404,10 @@ void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t
     if (first && nx) micro_p<DT, MR, NP, true>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nx);
     else micro_p<DT, MR, NP, false>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nullptr);
   }
-  if (p < np) micro_p<DT, MR, 1, false>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nullptr);
+  if (p < np) {  // a last single panel (np odd for 1-2 rows, or a one-panel tile): prefetch `after`
+    if (first && after) micro_p<DT, MR, 1, true>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, after);
+    else micro_p<DT, MR, 1, false>(A, lda, P + p * pstride, pstride, rs, K, C + p * kPanel, ldc, nullptr);
+  }
 }
 
 // All row blocks of M rows against np panels (ps: bytes between panels, rs: between k rows).
