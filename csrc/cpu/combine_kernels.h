@@ -7,7 +7,7 @@
 // read once and the output written once, so there is no float32 scratch row in memory. The
 // partial last chunk (H % 8) goes through zero-filled 8-lane scratch so it rounds exactly like the
 // body. AVX2+F16C code chosen at run time (have_avx2()), portable scalar code otherwise; both give
-// the same bits as the old row_axpy_f32 / row_add_f32 / row_from_f32 sequence.
+// the same bits as the per-slot float32 row accumulator they replaced (and as the reference).
 #pragma once
 
 #include <cstdint>

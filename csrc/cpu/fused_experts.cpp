@@ -75,14 +75,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
       g.resize(static_cast<size_t>(rows * cols));
       u.resize(static_cast<size_t>(rows * cols));
       const char* we = wgup + t.e * 2 * I * H * es;
-      // Prefetch the next tile's gate block during the gate GEMM, its up block during the up GEMM.
+      // Each call prefetches the weights that run after it: the up block after the gate block,
+      // then the next tile's gate block (if it uses other weights).
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-      const char* wn = pf ? wgup + nx->e * 2 * I * H * es : nullptr;
-      const int64_t pfb = pf ? (nx->n1 - nx->n0) * H * es : 0;
-      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols,
-                    pf ? wn + nx->n0 * H * es : nullptr, pfb);
-      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + (I + t.n0) * H * es, dt, H, H, u.data(), cols, rows, cols,
-                    pf ? wn + (I + nx->n0) * H * es : nullptr, pfb);
+      const char* up = we + (I + t.n0) * H * es;
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, we + t.n0 * H * es, dt, H, H, g.data(), cols, rows, cols, up);
+      gemm_nt_block(A1 + t.m0 * Hp, Hp, up, dt, H, H, u.data(), cols, rows, cols,
+                    pf ? wgup + (nx->e * 2 * I + nx->n0) * H * es : nullptr);
       gated_act_rows(g.data(), u.data(), g.data(), rows * cols, dt, swiglu);
       for (int64_t i = 0; i < rows; ++i) {
         float* dst = A2 + (t.m0 + i) * Ip;
@@ -101,7 +100,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
       c.resize(static_cast<size_t>(rows * cols));
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
       gemm_nt_block(A2 + t.m0 * Ip, Ip, wdp + (t.e * H + t.n0) * I * es, dt, I, I, c.data(), cols, rows, cols,
-                    pf ? wdp + (nx->e * H + nx->n0) * I * es : nullptr, pf ? (nx->n1 - nx->n0) * I * es : 0);
+                    pf ? wdp + (nx->e * H + nx->n0) * I * es : nullptr);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, dt);
     });
   } else if (Sv > 0) {

@@ -119,7 +119,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, cons
       const char* be = bp + (t.e * N + t.n0) * K * es;
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);  // next tile needs other weights
       gemm_nt_block(A + (t.m0 - o0) * lda, lda, be, dt, K, K, scratch.data(), cols, rows, cols,
-                    pf ? bp + (nx->e * N + nx->n0) * K * es : nullptr, pf ? (nx->n1 - nx->n0) * K * es : 0);
+                    pf ? bp + (nx->e * N + nx->n0) * K * es : nullptr);
       for (int64_t i = 0; i < rows; ++i)
         row_from_f32(scratch.data() + i * cols, cp + ((t.m0 + i) * N + t.n0) * es, dt, cols);
     });

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -214,8 +215,6 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
-
-std::vector<int64_t> host_cache_stats() { return cache().stats(); }
 
 }  // namespace moe_cpu
 

@@ -23,14 +23,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <vector>
 
 namespace moe_cpu {
 
 // at::empty(sizes, options) for a CPU tensor, served from the cache when large enough.
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options);
-
-// [cached_bytes, cap_bytes, min_bytes, hits, misses, live_bytes, cached_blocks]
-std::vector<int64_t> host_cache_stats();
 
 }  // namespace moe_cpu

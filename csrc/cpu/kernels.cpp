@@ -33,15 +33,6 @@ using io::store_scalar;
 void row_to_f32_scalar(const void* src, DType dt, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = load_scalar(src, dt, i);
 }
-void row_axpy_scalar(float* acc, float w, const void* src, DType dt, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    volatile float p = w * load_scalar(src, dt, i);  // no FMA contraction: mul, then add
-    acc[i] = acc[i] + p;
-  }
-}
-void row_add_scalar(float* acc, const void* src, DType dt, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + load_scalar(src, dt, i);
-}
 void row_from_f32_scalar(const float* src, void* dst, DType dt, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store_scalar(dst, dt, i, src[i]);
 }
@@ -121,35 +112,6 @@ void row_to_f32_avx(const void* src, float* dst, int64_t n) {
     alignas(32) float out[8];
     _mm256_store_ps(out, load8<DT>(tmp));
     std::memcpy(dst + i, out, (n - i) * sizeof(float));
-  }
-}
-
-template <DType DT, bool kWeighted>
-void row_axpy_avx(float* acc, float w, const void* src, int64_t n) {
-  const char* s = static_cast<const char*>(src);
-  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 y = load8<DT>(s + i * es);
-    if constexpr (kWeighted) {
-      y = _mm256_mul_ps(wv, y);
-      __asm__("" : "+x"(y));  // keep mul and add separate (GCC would contract them into an FMA)
-    }
-    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), y));
-  }
-  if (i < n) {
-    alignas(32) char tmp[32] = {0};
-    alignas(32) float a[8] = {0};
-    std::memcpy(tmp, s + i * es, (n - i) * es);
-    std::memcpy(a, acc + i, (n - i) * sizeof(float));
-    __m256 y = load8<DT>(tmp);
-    if constexpr (kWeighted) {
-      y = _mm256_mul_ps(wv, y);
-      __asm__("" : "+x"(y));
-    }
-    _mm256_store_ps(a, _mm256_add_ps(_mm256_load_ps(a), y));
-    std::memcpy(acc + i, a, (n - i) * sizeof(float));
   }
 }
 
@@ -293,7 +255,7 @@ inline void for_row_blocks(int64_t M, Fn&& fn) {
 
 template <DType DT>
 void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
-                 int64_t ldc, int64_t M, int64_t N, const void* pfv, int64_t /*pf_bytes*/) {
+                 int64_t ldc, int64_t M, int64_t N, const void* pfv) {
   const char* B = static_cast<const char*>(Bv);
   const char* after = static_cast<const char*>(pfv);
   const int64_t lb = ldb * (DT == DType::F32 ? 4 : 2);
@@ -693,25 +655,6 @@ void row_to_f32(const void* src, DType dt, float* dst, int64_t n) {
   row_to_f32_scalar(src, dt, dst, n);
 }
 
-#ifdef MOE_CPU_X86
-template <DType DT> void axpy_w(float* a, float w, const void* s, int64_t n) { row_axpy_avx<DT, true>(a, w, s, n); }
-template <DType DT> void axpy_1(float* a, const void* s, int64_t n) { row_axpy_avx<DT, false>(a, 1.f, s, n); }
-#endif
-
-void row_axpy_f32(float* acc, float w, const void* src, DType dt, int64_t n) {
-#ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, axpy_w, acc, w, src, n); return; }
-#endif
-  row_axpy_scalar(acc, w, src, dt, n);
-}
-
-void row_add_f32(float* acc, const void* src, DType dt, int64_t n) {
-#ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, axpy_1, acc, src, n); return; }
-#endif
-  row_add_scalar(acc, src, dt, n);
-}
-
 void row_from_f32(const float* src, void* dst, DType dt, int64_t n) {
 #ifdef MOE_CPU_X86
   if (have_avx2()) { MOE_CPU_DISPATCH(dt, row_from_f32_avx, src, dst, n); return; }
@@ -754,10 +697,10 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 }
 
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N, const void* pf, int64_t pf_bytes) {
+                   float* C, int64_t ldc, int64_t M, int64_t N, const void* next) {
   if (M <= 0 || N <= 0) return;
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, pf, pf_bytes); return; }
+  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, next); return; }
 #endif
   gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
 }
@@ -839,30 +782,20 @@ void round_rows(const float* src, float* dst, int64_t n, DType dt) {
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
 }
+// Without AVX2 both return false: gating.cpp's scalar path (the one NaN rows and float64 take)
+// then computes the row.
 bool softmax_row_f32(const float* x, float* out, int64_t n) {
 #ifdef MOE_CPU_X86
   if (have_avx2()) return softmax_row_avx(x, out, n);
 #endif
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(x[i])) return false;
-    m = std::max(m, x[i]);
-  }
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(x[i] - m));
-  for (int64_t i = 0; i < n; ++i) out[i] = out[i] / sum;
-  return true;
+  return false;
 }
 
 bool sigmoid_row_f32(const float* x, float* out, int64_t n) {
 #ifdef MOE_CPU_X86
   if (have_avx2()) return sigmoid_row_avx(x, out, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(x[i])) return false;
-    out[i] = 1.f / (1.f + std::exp(-x[i]));
-  }
-  return true;
+  return false;
 }
 
 float gelu_f32(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f)); }

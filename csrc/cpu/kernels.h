@@ -26,10 +26,6 @@ bool have_avx2();
 // ------------------------------------------------------------------------------ row helpers
 // dst[i] = float(src[i])
 void row_to_f32(const void* src, DType dt, float* dst, int64_t n);
-// acc[i] = acc[i] + w * float(src[i])   (multiply, then add: the reference's rounding)
-void row_axpy_f32(float* acc, float w, const void* src, DType dt, int64_t n);
-// acc[i] = acc[i] + src[i]              (weights == None)
-void row_add_f32(float* acc, const void* src, DType dt, int64_t n);
 // dst[i] = round_to_dt(src[i])  (round to nearest even)
 void row_from_f32(const float* src, void* dst, DType dt, int64_t n);
 // x rounded through dt and back to float (models storing an intermediate in dt)
@@ -52,13 +48,12 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 
 // C[i*ldc + j] = sum_k A[i*lda + pk(k)] * B[j*ldb + k]   for i < M, j < N, k < K
 // A: packed float32 rows (pack_row_nt layout for B's dtype), B: N rows of K values in dt.
-// pf (optional): the weights the caller runs next (the next tile's weight block). The first row
-// block streams B from memory and prefetches, one group of rows ahead, into L1; its last group
-// prefetches the first rows at pf, so a chain of tiles keeps the weight stream ahead of the FMAs.
-// pf_bytes is accepted for the callers' convenience and not needed.
+// next (optional): the weights the caller runs next (the next tile's weight block). The first
+// row block streams B from memory and prefetches, one group of rows ahead, into L1; its last
+// group prefetches the first rows at next, so a chain of tiles keeps the weight stream ahead of
+// the FMAs.
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N, const void* pf = nullptr,
-                   int64_t pf_bytes = 0);
+                   float* C, int64_t ldc, int64_t M, int64_t N, const void* next = nullptr);
 
 // C[i*ldc + j] = sum_r A[i*lda + r] * B[r*ldb + j]   for i < M, j < N, r < R (r ascending)
 // A: float32 rows (any lda), B: R rows of N contiguous values in dt.
@@ -86,7 +81,8 @@ void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t p
 
 // Router scores of one row of n float32 logits (topk_gating): softmax (max-subtracted exp, 8-lane
 // sum in a fixed order, then x/sum) or sigmoid 1/(1+exp(-x)). Return false, writing nothing
-// meaningful, when the row holds a NaN (the caller's scalar path defines that case).
+// meaningful, when the row holds a NaN (the caller's scalar path defines that case) or the CPU
+// lacks AVX2 (the caller's scalar path is the portable version).
 bool softmax_row_f32(const float* x, float* out, int64_t n);
 bool sigmoid_row_f32(const float* x, float* out, int64_t n);
 
