@@ -209,10 +209,8 @@ class MoE(nn.Module):
             return None
         if self.w_gate_up.dtype == torch.float64:
             return None
-        packed = getattr(self, "_packed", None)
-        if packed is None or not packed.matches(self.w_gate_up, self.w_down):
-            packed = self._packed = ops.pack_experts(self.w_gate_up, self.w_down)
-        return packed
+        self._packed = ops.repack_if_stale(getattr(self, "_packed", None), self.w_gate_up, self.w_down)
+        return self._packed
 
     def aux_losses(self, logits: Tensor, ids: Tensor) -> MoEAux:
         """Switch load-balancing loss, router z-loss and tokens per expert for one routing."""

@@ -450,6 +450,15 @@ def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts
     return PackedExperts(pgu, pd, (_identity(w_gate_up), _identity(w_down)))
 
 
+def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,
+                    w_down: torch.Tensor) -> PackedExperts:
+    """``packed`` while it is still the packing of these weights, else a fresh
+    :func:`pack_experts` of them (the layers' packed-weight caches)."""
+    if packed is not None and packed.matches(w_gate_up, w_down):
+        return packed
+    return pack_experts(w_gate_up, w_down)
+
+
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,

@@ -17,8 +17,8 @@ import torch
 
 import moe_ops
 from moe_ops import reference as R
-from tests.utils import (assert_bitwise_equal, assert_close_to_reference, make_ids, make_logits,
-                         make_offsets, make_x, poison, seed_for)
+from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_thread_count_independent,
+                         make_ids, make_logits, make_offsets, make_x, poison, seed_for)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -60,21 +60,11 @@ FUSED_CASES = [
     (64, 8, 2, 128, 256, "uniform"),
     (20, 8, 3, 48, 32, "empty_experts"),
     (0, 8, 2, 32, 32, "uniform"),
+    (13, 2, 1, 33, 17, "uniform"),      # 6-row blocks with every remainder, 16-column panel tails
+    (29, 3, 2, 16, 16, "skew"),
 ]
-
-
-@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "T{}-E{}-k{}-H{}-I{}-{}".format(*c))
-def test_fused_experts_matches_reference(case, activation, dtype):
-    T, E, k, H, I, mode = case
-    seed = seed_for("fused", case, activation, str(dtype))
-    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed, mode)
-    out = torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd, activation)
-    lowp = _ref_experts(x, ids, w, wgu, wd, activation)
-    hi = _ref_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), activation)
-    assert_close_to_reference(out, lowp, hi, name="fused_experts")
+# Both fused expert ops: weights as stored, and packed once by moe_ops::pack_experts.
+FUSED_OPS = ["fused_experts", "fused_experts_packed"]
 
 
 def _fused_packed(x, ids, w, wgu, wd, activation):
@@ -82,18 +72,37 @@ def _fused_packed(x, ids, w, wgu, wd, activation):
     return torch.ops.moe_ops.fused_experts_packed(x, ids, w, pgu, pd, activation)
 
 
+def _fused_op(op):
+    return torch.ops.moe_ops.fused_experts if op == "fused_experts" else _fused_packed
+
+
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["fused_experts", "fused_experts_packed"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "T{}-E{}-k{}-H{}-I{}-{}".format(*c))
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_fused_experts_matches_reference(op, case, activation, dtype):
+    T, E, k, H, I, mode = case
+    seed = seed_for(op, case, activation, str(dtype))
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed, mode)
+    out = _fused_op(op)(x, ids, w, wgu, wd, activation)
+    lowp = _ref_experts(x, ids, w, wgu, wd, activation)
+    hi = _ref_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), activation)
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert_close_to_reference(out, lowp, hi, name=op)
+
+
+@pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", FUSED_OPS)
 def test_fused_experts_drops_invalid_ids_and_handles_no_weights(op, dtype):
     T, E, k, H, I = 16, 6, 2, 40, 24
     x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed_for("drop", str(dtype)))
     ids[0, 1] = -1
     ids[5, 0] = E + 3
     w[0, 1] = float("nan")  # a dropped slot's weight never reaches the output
-    run = torch.ops.moe_ops.fused_experts if op == "fused_experts" else _fused_packed
     for weights in (w, None):
-        out = run(x, ids, weights, wgu, wd, "swiglu")
+        out = _fused_op(op)(x, ids, weights, wgu, wd, "swiglu")
         lowp = _ref_experts(x, ids, weights, wgu, wd, "swiglu")
         hi = _ref_experts(x.double(), ids, None if weights is None else weights.double(), wgu.double(),
                           wd.double(), "swiglu")
@@ -147,26 +156,13 @@ def _run_all_ops(dtype):
     outs["wgrad"] = ops.grouped_gemm_wgrad(a, dc, offs, E)
     if _has_fused():
         outs["fused"] = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
+        outs["fused_packed"] = _fused_packed(x, ids, w, wgu, wd, "swiglu")
     return outs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bitwise_independent_of_thread_count(dtype):
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run_all_ops(dtype)
-        torch.set_num_threads(2)
-        two = _run_all_ops(dtype)
-        again = _run_all_ops(dtype)
-    finally:
-        torch.set_num_threads(before)
-    for name in one:
-        a, b, c = one[name], two[name], again[name]
-        a, b, c = ((a,), (b,), (c,)) if isinstance(a, torch.Tensor) else (a, b, c)
-        for i, (u, v, w) in enumerate(zip(a, b, c)):
-            assert_bitwise_equal(u, v, name=f"{name}[{i}] 1 vs 2 threads")
-            assert_bitwise_equal(v, w, name=f"{name}[{i}] run to run")
+    assert_thread_count_independent(lambda: _run_all_ops(dtype), "cpu ops")
 
 
 def test_gemm_ignores_rows_outside_offsets():

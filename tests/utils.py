@@ -196,6 +196,32 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, name: str = "output")
     assert torch.equal(ai, bi), f"{name}: two runs on the same input are not bitwise equal"
 
 
+def _named_tensors(out, name: str):
+    """(name, tensor) pairs of a tensor, or a (nested) dict / list / tuple of them."""
+    if isinstance(out, torch.Tensor):
+        return [(name, out)]
+    items = out.items() if isinstance(out, dict) else enumerate(out)
+    return [pair for key, v in items for pair in _named_tensors(v, f"{name}[{key}]")]
+
+
+def assert_thread_count_independent(run, name: str = "output") -> None:
+    """``run()`` (returning tensors, or dicts / lists / tuples of them) gives bitwise the same
+    outputs with 1 and 2 torch threads, and again on a second 2-thread run."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _named_tensors(run(), name)
+        torch.set_num_threads(2)
+        two = _named_tensors(run(), name)
+        again = _named_tensors(run(), name)
+    finally:
+        torch.set_num_threads(before)
+    assert len(one) == len(two) == len(again)
+    for (n, a), (_, b), (_, c) in zip(one, two, again):
+        assert_bitwise_equal(a, b, name=f"{n} 1 vs 2 threads")
+        assert_bitwise_equal(b, c, name=f"{n} run to run")
+
+
 def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, *,
                               name: str = "output", atol: Optional[float] = None) -> None:
     """``max|out - ref_hi| <= 2 * max|ref_lowp - ref_hi| + atol + ulp(max|ref_hi|)``.

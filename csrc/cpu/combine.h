@@ -100,10 +100,4 @@ inline void combine_slots(const at::Tensor& ybuf, const Placement& pl, int64_t T
                [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
 }
 
-// Meta kernel of both fused expert ops (same argument list): out has x's shape and dtype.
-inline at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                     const at::Tensor&, const at::Tensor&, c10::string_view) {
-  return at::empty(x.sizes(), x.options());
-}
-
 }  // namespace moe_cpu

@@ -135,6 +135,12 @@ inline void check_fused_inputs(const char* op, const at::Tensor& x, const at::Te
   }
 }
 
+// Meta kernel of both fused expert ops (same argument list): out has x's shape and dtype.
+inline at::Tensor fused_experts_meta(const at::Tensor& x, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                     const at::Tensor&, const at::Tensor&, c10::string_view) {
+  return at::empty(x.sizes(), x.options());
+}
+
 // ------------------------------------------------------------------------- tile scheduler
 struct Tile {
   int64_t e;       // expert
@@ -195,9 +201,10 @@ inline std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, i
 }
 
 // Defined in grouped_gemm.cpp: (expert, column-block, row-chunk) tiles in that order, and the
-// NT column block (weight block in L2, >= 4 tiles per thread when possible).
+// column block (weight block in L2, >= 4 tiles per thread when possible; the packed path counts
+// in 16-column panels of K*16 values with mult = 1).
 std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb,
                              int64_t mt, double wcost);
-int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es);
+int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es, int64_t mult = 4);
 
 }  // namespace moe_cpu

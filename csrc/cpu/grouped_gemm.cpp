@@ -31,14 +31,14 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_
   return tiles;
 }
 
-// Column block for the NT kernel: weight block in L2, but small enough that there are a few
-// tiles per thread even for a single token.
-int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es) {
-  int64_t nb = weight_col_block(K, es, N, 4);
+// Column block (in multiples of `mult` columns of K values): weight block in L2, but small
+// enough that there are a few tiles per thread even for a single token.
+int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es, int64_t mult) {
+  int64_t nb = weight_col_block(K, es, N, mult);
   int64_t active = 0;
   for (size_t e = 0; e + 1 < offs.size(); ++e) active += offs[e + 1] > offs[e];
   const int64_t want = 4 * at::get_num_threads();
-  while (nb > 4 && active * ((N + nb - 1) / nb) < want) nb = std::max<int64_t>(4, nb / 2 / 4 * 4);
+  while (nb > mult && active * ((N + nb - 1) / nb) < want) nb = std::max<int64_t>(mult, nb / 2 / mult * mult);
   return nb;
 }
 

@@ -130,11 +130,7 @@ class CachingHostAllocator final : public c10::Allocator {
       if (static_cast<int64_t>(size) > cap_) {
         drop.emplace_back(p, size);
       } else {
-        while (cached_ + static_cast<int64_t>(size) > cap_ && !free_.empty()) {  // evict LRU
-          drop.push_back(free_.front());
-          cached_ -= free_.front().second;
-          free_.pop_front();
-        }
+        evict_to(cap_ - static_cast<int64_t>(size), drop);
         free_.emplace_back(p, size);
         cached_ += size;
       }
@@ -143,28 +139,23 @@ class CachingHostAllocator final : public c10::Allocator {
   }
 
   void clear() {
-    std::list<std::pair<void*, size_t>> drop;
+    std::vector<std::pair<void*, size_t>> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
-      drop.swap(free_);
-      cached_ = 0;
+      evict_to(-1, drop);
     }
     for (auto& b : drop) raw_free(b.first, b.second);
   }
 
   std::vector<int64_t> configure(int64_t cap, int64_t min_bytes) {
     std::vector<int64_t> old;
-    std::list<std::pair<void*, size_t>> drop;
+    std::vector<std::pair<void*, size_t>> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
       old = {cap_, min_bytes_};
       if (cap >= 0) cap_ = cap;
       if (min_bytes >= 0) min_bytes_ = min_bytes;
-      while (cached_ > cap_ && !free_.empty()) {
-        cached_ -= free_.front().second;
-        drop.push_back(free_.front());
-        free_.pop_front();
-      }
+      evict_to(cap_, drop);
     }
     for (auto& b : drop) raw_free(b.first, b.second);
     return old;
@@ -183,6 +174,16 @@ class CachingHostAllocator final : public c10::Allocator {
 
  private:
   static void deleter(void* p);
+
+  // Unlinks the least recently freed blocks until the cached bytes are <= budget (mu_ held);
+  // the caller frees `drop` after unlocking.
+  void evict_to(int64_t budget, std::vector<std::pair<void*, size_t>>& drop) {
+    while (cached_ > budget && !free_.empty()) {
+      drop.push_back(free_.front());
+      cached_ -= static_cast<int64_t>(free_.front().second);
+      free_.pop_front();
+    }
+  }
 
   std::mutex mu_;
   std::list<std::pair<void*, size_t>> free_;  // least recently freed first

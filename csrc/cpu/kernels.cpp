@@ -235,8 +235,9 @@ void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, 
 
 // Row blocks of a tile, in order: as many 6-row blocks as possible; a remainder of 1 or 2 rows
 // folds one 6-row block into 4+3 / 4+4 (a 1-2 row pass costs a full pass over the weight block
-// for almost no FMAs). Row blocks are the outer loop of both block GEMMs: the MR rows of A stay
-// close (L1/L2) while the weight block streams from L2.
+// for almost no FMAs). Row blocks are the outer loop of all block GEMMs: the MR rows of A stay
+// close (L1/L2) while the weight block streams from L2. Calls fn.template operator()<MR>(i) for
+// each block of MR rows starting at row i (the micro-kernels are templates on MR).
 template <class Fn>
 inline void for_row_blocks(int64_t M, Fn&& fn) {
   int64_t n6 = M / 6;
@@ -249,8 +250,20 @@ inline void for_row_blocks(int64_t M, Fn&& fn) {
   } else if (rem > 0) {
     tail[nt++] = rem;
   }
-  for (int64_t b = 0; b < n6; ++b) fn(int64_t(6));
-  for (int64_t b = 0; b < nt; ++b) fn(tail[b]);
+  int64_t i = 0;
+  auto run = [&](int64_t mr) {
+    switch (mr) {
+      case 6: fn.template operator()<6>(i); break;
+      case 5: fn.template operator()<5>(i); break;
+      case 4: fn.template operator()<4>(i); break;
+      case 3: fn.template operator()<3>(i); break;
+      case 2: fn.template operator()<2>(i); break;
+      default: fn.template operator()<1>(i); break;
+    }
+    i += mr;
+  };
+  for (int64_t b = 0; b < n6; ++b) run(6);
+  for (int64_t b = 0; b < nt; ++b) run(tail[b]);
 }
 
 template <DType DT>
@@ -259,21 +272,9 @@ void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
   const char* B = static_cast<const char*>(Bv);
   const char* after = static_cast<const char*>(pfv);
   const int64_t lb = ldb * (DT == DType::F32 ? 4 : 2);
-  int64_t i = 0;
-  bool first = true;
-  for_row_blocks(M, [&](int64_t mr) {
-    const float* Ai = A + i * lda;
-    float* Ci = C + i * ldc;
-    switch (mr) {
-      case 6: nt_rows<DT, 6>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-      case 5: nt_rows<DT, 5>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-      case 4: nt_rows<DT, 4>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-      case 3: nt_rows<DT, 3>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-      case 2: nt_rows<DT, 2>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-      default: nt_rows<DT, 1>(Ai, lda, B, lb, K, Ci, ldc, N, first, after); break;
-    }
-    i += mr;
-    first = false;
+  // The first row block streams the weights from memory: it prefetches.
+  for_row_blocks(M, [&]<int MR>(int64_t i) {
+    nt_rows<DT, MR>(A + i * lda, lda, B, lb, K, C + i * ldc, ldc, N, i == 0, after);
   });
 }
 
@@ -376,21 +377,10 @@ void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t
 template <DType DT>
 void p_blocks(const float* A, int64_t lda, const char* P, int64_t ps, int64_t rs, int64_t K, int64_t np, float* C,
               int64_t ldc, int64_t M, bool prefetch, const char* after) {
-  int64_t i = 0;
-  bool first = prefetch;  // only packed panels (rs = 16 elements) are laid out for the prefetch
-  for_row_blocks(M, [&](int64_t mr) {
-    const float* Ai = A + i * lda;
-    float* Ci = C + i * ldc;
-    switch (mr) {
-      case 6: p_rows<DT, 6>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-      case 5: p_rows<DT, 5>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-      case 4: p_rows<DT, 4>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-      case 3: p_rows<DT, 3>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-      case 2: p_rows<DT, 2>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-      default: p_rows<DT, 1>(Ai, lda, P, ps, rs, K, np, Ci, ldc, first, after); break;
-    }
-    i += mr;
-    first = false;
+  // The first row block streams the weights from memory: it prefetches (only packed panels,
+  // rs = 16 elements, are laid out for that prefetch).
+  for_row_blocks(M, [&]<int MR>(int64_t i) {
+    p_rows<DT, MR>(A + i * lda, lda, P, ps, rs, K, np, C + i * ldc, ldc, prefetch && i == 0, after);
   });
 }
 
@@ -449,16 +439,9 @@ void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
   const int64_t np = N / kPanel, j0 = np * kPanel;
   if (np > 0) p_blocks<DT>(A, lda, B, kPanel * es, ldb_bytes, R, np, C, ldc, M, false, nullptr);
   if (j0 == N) return;
-  int64_t i = 0;
-  for (; i + 6 <= M; i += 6) nn_rows<DT, 6>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0);
-  switch (M - i) {
-    case 5: nn_rows<DT, 5>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
-    case 4: nn_rows<DT, 4>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
-    case 3: nn_rows<DT, 3>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
-    case 2: nn_rows<DT, 2>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
-    case 1: nn_rows<DT, 1>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); break;
-    default: break;
-  }
+  for_row_blocks(M, [&]<int MR>(int64_t i) {
+    nn_rows<DT, MR>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0);
+  });
 }
 
 // x rounded through dt (bf16: round to nearest even on the bit pattern; f16: F16C).

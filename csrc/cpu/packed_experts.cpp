@@ -81,17 +81,6 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& wgu, cons
           at::empty({E, num_panels(H), I, kPanel}, wd.options())};
 }
 
-// Panels per GEMM2 tile: the tile's weights (np * I * 16 values) near 96 KiB of L2, and at least
-// 4 tiles per thread when the routed experts allow.
-int64_t panels_per_tile(const std::vector<int64_t>& offs, int64_t P, int64_t K, int64_t es) {
-  int64_t np = std::max<int64_t>(1, (96 * 1024) / std::max<int64_t>(1, K * kPanel * es));
-  np = std::min(np, P);
-  int64_t active = 0;
-  for (size_t e = 0; e + 1 < offs.size(); ++e) active += offs[e + 1] > offs[e];
-  while (np > 1 && active * ((P + np - 1) / np) < 4 * at::get_num_threads()) np = (np + 1) / 2;
-  return np;
-}
-
 at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                                     const c10::optional<at::Tensor>& weights, const at::Tensor& pgu_in,
                                     const at::Tensor& pd_in, c10::string_view activation) {
@@ -159,7 +148,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     const char* wd = static_cast<const char*>(pd.data_ptr());
     float* Y = ybuf.data_ptr<float>();
     const int64_t panel = I * kPanel * es;  // bytes of one GEMM2 panel
-    const int64_t np2 = panels_per_tile(offs, P2, I, es);
+    const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile
     run_tiles(make_tiles(offs, P2, I * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, np = t.n1 - t.n0;

@@ -115,10 +115,8 @@ def _cpu_packing(self, w1, w2):
     """The module's packed weights (re-packed when the weights changed), if it asked for them."""
     if not getattr(self, "_moe_ops_pack_cpu", False) or not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
         return None
-    packed = getattr(self, "_moe_ops_packed", None)
-    if packed is None or not packed.matches(w1, w2):
-        packed = self._moe_ops_packed = ops.pack_experts(w1, w2)
-    return packed
+    self._moe_ops_packed = ops.repack_if_stale(getattr(self, "_moe_ops_packed", None), w1, w2)
+    return self._moe_ops_packed
 
 
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> None:
