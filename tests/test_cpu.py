@@ -109,6 +109,31 @@ def test_fused_experts_drops_invalid_ids_and_handles_no_weights(op, dtype):
         assert_close_to_reference(out, lowp, hi, name=op)
 
 
+@pytest.mark.skipif(not _has_fused() or not hasattr(torch.ops, "moe_cpu_cache"), reason="fused ops / host cache not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_fused_experts_write_every_output_and_scratch_element(op, dtype):
+    """The fused ops take their output and scratch (gathered rows, activation, expert outputs)
+    from the host cache: NaN-fill every cached block between two calls, so an element the op
+    fails to write stays NaN and the comparison with the reference fails."""
+    c = torch.ops.moe_cpu_cache
+    old_cap, old_min = c.configure(64 << 20, 0)  # every allocation through the cache
+    try:
+        c.clear()
+        x, ids, w, wgu, wd = _layer_inputs(45, 6, 2, 56, 40, dtype, seed_for("poison", op, str(dtype)), "skew")
+        _fused_op(op)(x, ids, w, wgu, wd, "swiglu")   # fills the cache with this call's blocks
+        hits = c.stats()[3]
+        c.poison_free()
+        out = _fused_op(op)(x, ids, w, wgu, wd, "swiglu")
+        assert c.stats()[3] > hits, "the second call did not reuse the poisoned blocks"
+        lowp = _ref_experts(x, ids, w, wgu, wd, "swiglu")
+        hi = _ref_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), "swiglu")
+        assert_close_to_reference(out, lowp, hi, name=op)
+    finally:
+        c.configure(old_cap, old_min)
+        c.clear()
+
+
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
 def test_fused_experts_meta_shape():
     x = torch.empty(5, 32, device="meta", dtype=torch.bfloat16)

@@ -6,6 +6,7 @@
 //   torch.ops.moe_cpu_cache.configure(cap_bytes, min_bytes) -> previous [cap, min]
 //       (a negative argument leaves that setting unchanged; lowering the cap trims the cache)
 //   torch.ops.moe_cpu_cache.clear() -> () frees every cached (unused) block
+//   torch.ops.moe_cpu_cache.poison_free() -> () NaN-fills (0xFF bytes) every cached block (tests)
 #include "host_alloc.h"
 
 #include <ATen/EmptyTensor.h>
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -167,6 +169,13 @@ class CachingHostAllocator final : public c10::Allocator {
     return cap_ > 0 && nbytes >= min_bytes_;
   }
 
+  // Fills every cached (free) block with 0xFF bytes -- NaN in float32/float16/bfloat16 -- so a
+  // test can prove an op writes every element of the outputs and scratch it takes from the cache.
+  void poison_free() {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& b : free_) std::memset(b.first, 0xFF, b.second);
+  }
+
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
     return {cached_, cap_, min_bytes_, hits_, misses_, live_bytes_, static_cast<int64_t>(free_.size())};
@@ -204,6 +213,7 @@ void CachingHostAllocator::deleter(void* p) { cache().release(p); }
 std::vector<int64_t> stats_op() { return cache().stats(); }
 std::vector<int64_t> configure_op(int64_t cap, int64_t min_bytes) { return cache().configure(cap, min_bytes); }
 void clear_op() { cache().clear(); }
+void poison_free_op() { cache().poison_free(); }
 
 }  // namespace
 
@@ -223,4 +233,5 @@ TORCH_LIBRARY(moe_cpu_cache, m) {
   m.def("stats() -> int[]", &moe_cpu::stats_op);
   m.def("configure(int cap_bytes, int min_bytes) -> int[]", &moe_cpu::configure_op);
   m.def("clear() -> ()", &moe_cpu::clear_op);
+  m.def("poison_free() -> ()", &moe_cpu::poison_free_op);
 }
