@@ -153,6 +153,13 @@ def test_fused_experts_rejects_bad_input():
         torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd, "relu")
     with pytest.raises(RuntimeError, match="int32"):
         torch.ops.moe_ops.fused_experts(x, ids.long(), w, wgu, wd, "swiglu")
+    # T*k past int32 row indexing (stride-0 views: nothing is allocated), both fused ops
+    big_x, big_ids = x[:1].expand(2 ** 30 + 1, -1), ids[:1].expand(2 ** 30 + 1, -1)
+    pgu, pd = torch.ops.moe_ops.pack_experts(wgu, wd)
+    with pytest.raises(RuntimeError, match="overflows int32"):
+        torch.ops.moe_ops.fused_experts(big_x, big_ids, None, wgu, wd, "swiglu")
+    with pytest.raises(RuntimeError, match="overflows int32"):
+        torch.ops.moe_ops.fused_experts_packed(big_x, big_ids, None, pgu, pd, "swiglu")
 
 
 # ------------------------------------------------------------------- thread independence

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -127,6 +128,8 @@ inline void check_fused_inputs(const char* op, const at::Tensor& x, const at::Te
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && ids.size(0) == x.size(0), "moe_ops::", op,
               " (cpu): need x[T,H] and ids[T,k], got ", x.sizes(), " and ", ids.sizes());
   TORCH_CHECK(act == "swiglu" || act == "geglu", "moe_ops::", op, " (cpu): unknown activation ", act);
+  TORCH_CHECK(x.size(0) * ids.size(1) <= std::numeric_limits<int32_t>::max(), "moe_ops::", op,
+              " (cpu): T*k = ", x.size(0) * ids.size(1), " overflows int32 row indexing");
   if (weights.has_value()) {
     check_cpu(*weights, op, "weights");
     check_float(*weights, op, "weights");
