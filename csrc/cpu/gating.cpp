@@ -28,32 +28,18 @@ inline bool ranks_above(T x, T y) {
 }
 
 // Top-n indices of key[0..len) by the ranking rule into out[0..n); stable (ties -> lower index).
-template <class T>
+// kFinite: the caller knows no key is NaN, so plain `>` implements the rule (the common case: a
+// row the vectorised softmax/sigmoid accepted). The current n-th key stays in a register.
+template <bool kFinite = false, class T>
 void top_n(const T* key, int64_t len, int64_t n, int32_t* out) {
-  int64_t size = 0;
-  for (int64_t e = 0; e < len; ++e) {
-    const T v = key[e];
-    if (size == n && !ranks_above(v, key[out[n - 1]])) continue;
-    int64_t p = size < n ? size++ : n - 1;
-    while (p > 0 && ranks_above(v, key[out[p - 1]])) {
-      out[p] = out[p - 1];
-      --p;
-    }
-    out[p] = static_cast<int32_t>(e);
-  }
-}
-
-// top_n for keys known to hold no NaN: plain comparisons against the current n-th key, kept in a
-// register (same result as top_n: strict >, so ties stay with the lower index).
-template <class T>
-void top_n_finite(const T* key, int64_t len, int64_t n, int32_t* out) {
+  auto above = [](T x, T y) { return kFinite ? x > y : ranks_above(x, y); };
   int64_t size = 0;
   T thr = T(0);
   for (int64_t e = 0; e < len; ++e) {
     const T v = key[e];
-    if (size == n && !(v > thr)) continue;
+    if (size == n && !above(v, thr)) continue;
     int64_t p = size < n ? size++ : n - 1;
-    while (p > 0 && v > key[out[p - 1]]) {
+    while (p > 0 && above(v, key[out[p - 1]])) {
       out[p] = out[p - 1];
       --p;
     }
@@ -76,13 +62,12 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
     std::vector<int32_t> top(std::max<int64_t>({k, n_group, int64_t(2)}));
     for (int64_t t = t0; t < t1; ++t) {
       const T* x = logits + t * E;
-      bool done = false;
-      if constexpr (std::is_same_v<T, float>)  // vectorised exp; NaN rows take the scalar path
-        done = sigmoid ? sigmoid_row_f32(x, scores.data(), E) : softmax_row_f32(x, scores.data(), E);
-      if (done) {
-      } else if (sigmoid) {
+      bool vectorised = false;  // float32 rows without NaN on AVX2; the rest: the scalar path
+      if constexpr (std::is_same_v<T, float>)
+        vectorised = sigmoid ? sigmoid_row_f32(x, scores.data(), E) : softmax_row_f32(x, scores.data(), E);
+      if (!vectorised && sigmoid) {
         for (int64_t e = 0; e < E; ++e) scores[e] = T(1) / (T(1) + std::exp(-x[e]));
-      } else {
+      } else if (!vectorised) {
         T m = -std::numeric_limits<T>::infinity();
         for (int64_t e = 0; e < E; ++e) m = (std::isnan(x[e]) || x[e] > m) && !std::isnan(m) ? x[e] : m;
         T sum = 0;
@@ -106,7 +91,7 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
       }
       int32_t* ids = id_out + t * k;
       T* w = w_out + t * k;
-      if (done && bias_finite) top_n_finite(keys.data(), E, k, ids);  // no NaN key possible
+      if (vectorised && bias_finite) top_n<true>(keys.data(), E, k, ids);  // no NaN key possible
       else top_n(keys.data(), E, k, ids);
       for (int64_t j = 0; j < k; ++j) w[j] = scores[ids[j]];
       if (renorm) {
