@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "cpu/kernels.h"
+#include "cpu/vnni.h"
 #include "schemas.h"
 
 #ifndef MOE_OPS_VERSION
@@ -58,6 +60,17 @@ pybind11::dict build_info() {
     kernels[op] = keys;
   }
   info["native_kernels"] = kernels;
+  // Which CPU kernels run here: AVX2/FMA (else portable scalar code), AVX512-BF16 natively (the
+  // packed 'vnni' layout's kernel), and whether that kernel is built emulated (SIMDe) as well.
+  pybind11::dict isa;
+  isa["avx2"] = moe_cpu::have_avx2();
+  isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();
+#ifdef MOE_OPS_HAVE_SIMDE
+  isa["vnni_emulated"] = true;
+#else
+  isa["vnni_emulated"] = false;
+#endif
+  info["cpu"] = isa;
   return info;
 }
 

@@ -43,9 +43,12 @@ inline constexpr const char* kNativeOnlySchemas[] = {
     "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
     "str activation) -> Tensor",
     // The CPU backend's expert weights repacked once into 16-column panels
-    // (csrc/cpu/packed_experts.cpp): w_gate_up[E,2I,H] -> [E, ceil(I/16), 2 (gate|up), H, 16],
-    // w_down[E,H,I] -> [E, ceil(H/16), I, 16], same dtype, zero-padded columns.
-    "pack_experts(Tensor w_gate_up, Tensor w_down) -> (Tensor, Tensor)",
+    // (csrc/cpu/packed_experts.cpp). layout "panel16": w_gate_up[E,2I,H] -> [E, ceil(I/16),
+    // 2 (gate|up), H, 16], w_down[E,H,I] -> [E, ceil(H/16), I, 16]; "vnni" (bf16, for AVX512-BF16):
+    // the same with K rows as ceil(K/2) (k even, k odd) pairs: [E, ceil(I/16), 2, ceil(H/2), 16, 2],
+    // [E, ceil(H/16), ceil(I/2), 16, 2]; "auto": vnni for bf16 where the CPU has AVX512-BF16,
+    // else panel16. Same dtype, zero padding.
+    "pack_experts(Tensor w_gate_up, Tensor w_down, str layout=\"panel16\") -> (Tensor, Tensor)",
     // fused_experts on packed weights (the broadcast-form GEMM that reaches the FMA peak).
     "fused_experts_packed(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up_packed, "
     "Tensor w_down_packed, str activation) -> Tensor",

@@ -408,9 +408,11 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w
 class PackedExperts(NamedTuple):
     """Expert weights repacked once for the CPU backend's panel GEMM (:func:`pack_experts`).
 
-    ``w_gate_up[E, ceil(I/16), 2, H, 16]`` and ``w_down[E, ceil(H/16), I, 16]``: 16-column panels
-    of the logical ``[K, N]`` operands, in the weights' dtype (the same bytes, zero-padded
-    columns). ``source`` identifies the weights they were packed from (``(data_ptr, _version)``
+    Layout ``panel16``: ``w_gate_up[E, ceil(I/16), 2, H, 16]`` and ``w_down[E, ceil(H/16), I, 16]``,
+    16-column panels of the logical ``[K, N]`` operands, in the weights' dtype (the same bytes,
+    zero-padded columns). Layout ``vnni`` (bf16, for AVX512-BF16's ``vdpbf16ps``): the same panels
+    with the K rows as ``ceil(K/2)`` (k even, k odd) pairs, ``[E, ceil(I/16), 2, ceil(H/2), 16, 2]``
+    and ``[E, ceil(H/16), ceil(I/2), 16, 2]``. ``source`` identifies the weights they were packed from (``(data_ptr, _version)``
     of each), so a call with weights changed since the packing is refused instead of silently
     using stale values."""
     w_gate_up: torch.Tensor
@@ -428,12 +430,16 @@ def _identity(t: torch.Tensor) -> Tuple[int, int]:
     return (t.data_ptr(), -1 if t.is_inference() else t._version)
 
 
-def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts:
+def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "auto") -> PackedExperts:
     """Repack CPU expert weights (``w_gate_up[E, 2I, H]``, ``w_down[E, H, I]``; float32,
     float16 or bfloat16) for ``moe_forward(..., packed=...)`` on the ``cpu`` backend, whose
     panel GEMM runs at the FMA peak where the as-stored layout tops out near 75-80% (docs/cpu.md).
     One pass over the weights (a load-time cost, like oneDNN/IPEX weight prepacking); the
-    packed copy is as large as the weights."""
+    packed copy is as large as the weights.
+
+    ``layout``: ``"auto"`` (``"vnni"`` for bfloat16 on a CPU with AVX512-BF16, else
+    ``"panel16"``), ``"panel16"`` (AVX2/FMA kernel, any dtype) or ``"vnni"`` (bfloat16 only: the
+    AVX512-BF16 kernel; on other CPUs it runs emulated, for testing -- see docs/cpu.md)."""
     _check_tensor("w_gate_up", w_gate_up, (torch.float16, torch.bfloat16, torch.float32), 3)
     _check_tensor("w_down", w_down, (torch.float16, torch.bfloat16, torch.float32), 3)
     if w_gate_up.device.type != "cpu" or w_down.device.type != "cpu":
@@ -445,8 +451,12 @@ def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts
                          f"{tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
     if w_gate_up.dtype != w_down.dtype:
         raise TypeError("moe_ops.pack_experts: w_gate_up and w_down must share a dtype")
+    if layout not in ("auto", "panel16", "vnni"):
+        raise ValueError(f"moe_ops.pack_experts: layout must be 'auto', 'panel16' or 'vnni', got {layout!r}")
+    if layout == "vnni" and w_gate_up.dtype != torch.bfloat16:
+        raise TypeError(f"moe_ops.pack_experts: layout 'vnni' is for bfloat16 weights, got {w_gate_up.dtype}")
     with torch.no_grad():
-        pgu, pd = torch.ops.moe_ops.pack_experts(w_gate_up.detach(), w_down.detach())
+        pgu, pd = torch.ops.moe_ops.pack_experts(w_gate_up.detach(), w_down.detach(), layout)
     return PackedExperts(pgu, pd, (_identity(w_gate_up), _identity(w_down)))
 
 

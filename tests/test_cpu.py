@@ -18,7 +18,7 @@ import torch
 import moe_ops
 from moe_ops import reference as R
 from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_thread_count_independent,
-                         make_ids, make_logits, make_offsets, make_x, poison, seed_for)
+                         make_ids, make_logits, make_offsets, make_x, poison, seed_for, vnni_kernel_runs)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -63,24 +63,35 @@ FUSED_CASES = [
     (13, 2, 1, 33, 17, "uniform"),      # 6-row blocks with every remainder, 16-column panel tails
     (29, 3, 2, 16, 16, "skew"),
 ]
-# Both fused expert ops: weights as stored, and packed once by moe_ops::pack_experts.
-FUSED_OPS = ["fused_experts", "fused_experts_packed"]
+# Both fused expert ops: weights as stored, and packed once by moe_ops::pack_experts, in its
+# panel16 layout (any dtype) and its bf16 vnni layout (the AVX512-BF16 kernel; emulated through
+# SIMDe on CPUs without it, so it runs here too).
+FUSED_OPS = ["fused_experts", "fused_experts_packed", "fused_experts_packed_vnni"]
+VNNI_BUILT = vnni_kernel_runs()
+# (op, dtype) pairs: vnni is a bf16 layout
+FUSED_OP_DTYPES = [(op, d) for op in FUSED_OPS for d in DTYPES
+                   if op != "fused_experts_packed_vnni" or (d == torch.bfloat16 and VNNI_BUILT)]
 
 
-def _fused_packed(x, ids, w, wgu, wd, activation):
-    pgu, pd = torch.ops.moe_ops.pack_experts(wgu, wd)
-    return torch.ops.moe_ops.fused_experts_packed(x, ids, w, pgu, pd, activation)
+def _op_dtype_id(p):
+    return p if isinstance(p, str) else str(p).replace("torch.", "")
 
 
 def _fused_op(op):
-    return torch.ops.moe_ops.fused_experts if op == "fused_experts" else _fused_packed
+    if op == "fused_experts":
+        return torch.ops.moe_ops.fused_experts
+    layout = "vnni" if op.endswith("_vnni") else "panel16"
+
+    def run(x, ids, w, wgu, wd, activation):
+        pgu, pd = torch.ops.moe_ops.pack_experts(wgu, wd, layout)
+        return torch.ops.moe_ops.fused_experts_packed(x, ids, w, pgu, pd, activation)
+    return run
 
 
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "T{}-E{}-k{}-H{}-I{}-{}".format(*c))
-@pytest.mark.parametrize("op", FUSED_OPS)
+@pytest.mark.parametrize("op,dtype", FUSED_OP_DTYPES, ids=_op_dtype_id)
 def test_fused_experts_matches_reference(op, case, activation, dtype):
     T, E, k, H, I, mode = case
     seed = seed_for(op, case, activation, str(dtype))
@@ -93,8 +104,7 @@ def test_fused_experts_matches_reference(op, case, activation, dtype):
 
 
 @pytest.mark.skipif(not _has_fused(), reason="fused_experts not built")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", FUSED_OPS)
+@pytest.mark.parametrize("op,dtype", FUSED_OP_DTYPES, ids=_op_dtype_id)
 def test_fused_experts_drops_invalid_ids_and_handles_no_weights(op, dtype):
     T, E, k, H, I = 16, 6, 2, 40, 24
     x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, dtype, seed_for("drop", str(dtype)))
@@ -110,8 +120,7 @@ def test_fused_experts_drops_invalid_ids_and_handles_no_weights(op, dtype):
 
 
 @pytest.mark.skipif(not _has_fused() or not hasattr(torch.ops, "moe_cpu_cache"), reason="fused ops / host cache not built")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", FUSED_OPS)
+@pytest.mark.parametrize("op,dtype", FUSED_OP_DTYPES, ids=_op_dtype_id)
 def test_fused_experts_write_every_output_and_scratch_element(op, dtype):
     """The fused ops take their output and scratch (gathered rows, activation, expert outputs)
     from the host cache: NaN-fill every cached block between two calls, so an element the op
@@ -188,7 +197,9 @@ def _run_all_ops(dtype):
     outs["wgrad"] = ops.grouped_gemm_wgrad(a, dc, offs, E)
     if _has_fused():
         outs["fused"] = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
-        outs["fused_packed"] = _fused_packed(x, ids, w, wgu, wd, "swiglu")
+        outs["fused_packed"] = _fused_op("fused_experts_packed")(x, ids, w, wgu, wd, "swiglu")
+        if dtype == torch.bfloat16 and VNNI_BUILT:
+            outs["fused_packed_vnni"] = _fused_op("fused_experts_packed_vnni")(x, ids, w, wgu, wd, "swiglu")
     return outs
 
 

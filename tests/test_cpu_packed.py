@@ -4,7 +4,7 @@
 
 * the packed layout, element by element (zero padding included);
 * (the fused packed op against the reference pipeline, dropped ids and weights=None are in
-  tests/test_cpu.py, parametrized over both fused ops);
+  tests/test_cpu.py, parametrized over both fused ops and both packed layouts);
 * opcheck, meta shapes, argument errors (thread-count independence: tests/test_cpu.py);
 * the public API: stale packing refused, autograd falls back to the differentiable path, the
   layer re-packs after a weight update.
@@ -16,7 +16,7 @@ import torch
 
 import moe_ops
 from tests.test_cpu import _layer_inputs
-from tests.utils import assert_bitwise_equal, assert_close_to_reference
+from tests.utils import assert_bitwise_equal, assert_close_to_reference, vnni_kernel_runs
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.moe_ops, "fused_experts_packed"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -45,6 +45,38 @@ def test_pack_layout(dtype):
     assert_bitwise_equal(pd, exp_d.contiguous())
 
 
+VNNI_BUILT = vnni_kernel_runs()
+
+
+def test_pack_layout_vnni():
+    """bf16 'vnni' layout: panels of ceil(K/2) rows of 16 (k even, k odd) pairs, zero padded (odd
+    H and I: the pair of the last k holds a zero)."""
+    E, I, H = 3, 21, 35
+    wgu = torch.randn(E, 2 * I, H).bfloat16()
+    wd = torch.randn(E, H, I).bfloat16()
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    assert pgu.shape == (E, 2, 2, 18, 16, 2) and pd.shape == (E, 3, 11, 16, 2)
+    p16gu, p16d = ops.pack_experts(wgu, wd, "panel16")  # [E, P, 2, K, 16] / [E, P, K, 16]
+
+    def pairs(p, K):  # [..., K, 16] -> [..., ceil(K/2), 16, 2]
+        p = torch.cat([p, torch.zeros_like(p[..., :1, :])], dim=-2) if K % 2 else p
+        return p.unflatten(-2, (-1, 2)).transpose(-1, -2)
+    assert_bitwise_equal(pgu, pairs(p16gu, H).contiguous())
+    assert_bitwise_equal(pd, pairs(p16d, I).contiguous())
+    # the layout is in the rank: a panel16 tensor is not taken for a vnni one or vice versa
+    assert p16gu.dim() == 5 and pgu.dim() == 6
+    meta = ops.pack_experts(wgu.to("meta"), wd.to("meta"), "vnni")
+    assert meta[0].shape == pgu.shape and meta[1].shape == pd.shape
+
+
+def test_pack_auto_layout_follows_the_cpu():
+    wgu, wd = torch.randn(2, 32, 16), torch.randn(2, 16, 16)
+    has = bool(moe_ops.build_info().get("cpu", {}).get("avx512_bf16"))
+    assert ops.pack_experts(wgu.bfloat16(), wd.bfloat16(), "auto")[0].dim() == (6 if has else 5)
+    assert ops.pack_experts(wgu, wd, "auto")[0].dim() == 5  # vnni is bf16-only
+    assert moe_ops.pack_experts(wgu.bfloat16(), wd.bfloat16()).w_gate_up.dim() == (6 if has else 5)
+
+
 def test_opcheck():
     x, ids, w, wgu, wd = _layer_inputs(9, 4, 2, 24, 20, torch.float32, 3)
     torch.library.opcheck(ops.pack_experts, (wgu, wd))
@@ -62,6 +94,14 @@ def test_meta_shapes():
     ids = torch.empty(5, 2, device="meta", dtype=torch.int32)
     out = ops.fused_experts_packed(x, ids, None, pgu, pd, "swiglu")
     assert out.shape == (5, 33) and out.device.type == "meta"
+
+
+@pytest.mark.skipif(not VNNI_BUILT, reason="no AVX512-BF16 and no SIMDe build")
+def test_opcheck_vnni():
+    x, ids, w, wgu, wd = _layer_inputs(9, 4, 2, 24, 19, torch.bfloat16, 3)
+    torch.library.opcheck(ops.pack_experts, (wgu, wd, "vnni"))
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    torch.library.opcheck(ops.fused_experts_packed, (x, ids, w, pgu, pd, "swiglu"))
 
 
 def test_rejects_bad_input():
@@ -83,6 +123,22 @@ def test_rejects_bad_input():
         moe_ops.pack_experts(wgu.to("meta"), wd.to("meta"))
     with pytest.raises(TypeError):
         moe_ops.pack_experts(wgu.double(), wd.double())
+    # layouts: unknown names, vnni for non-bf16 weights, the two layouts mixed
+    with pytest.raises(RuntimeError, match="layout"):
+        ops.pack_experts(wgu, wd, "blocked")
+    with pytest.raises(ValueError, match="layout"):
+        moe_ops.pack_experts(wgu, wd, layout="blocked")
+    with pytest.raises(RuntimeError, match="vnni"):
+        ops.pack_experts(wgu, wd, "vnni")
+    with pytest.raises(TypeError, match="vnni"):
+        moe_ops.pack_experts(wgu, wd, layout="vnni")
+    xb, wgub, wdb = x.bfloat16(), wgu.bfloat16(), wd.bfloat16()
+    vgu, vd = ops.pack_experts(wgub, wdb, "vnni")
+    pgub, pdb = ops.pack_experts(wgub, wdb, "panel16")
+    with pytest.raises(RuntimeError, match="w_down_packed"):
+        ops.fused_experts_packed(xb, ids, w, vgu, pdb, "swiglu")
+    with pytest.raises(RuntimeError, match="w_down_packed"):
+        ops.fused_experts_packed(xb, ids, w, pgub, vd, "swiglu")
 
 
 # ------------------------------------------------------------------------- public API
@@ -96,11 +152,21 @@ def _layer_case(dtype=torch.bfloat16, T=24, E=8, k=2, H=64, I=48, seed=5):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_moe_forward_packed_matches_reference(dtype):
     x, logits, wgu, wd = _layer_case(dtype)
-    packed = moe_ops.pack_experts(wgu, wd)
+    packed = moe_ops.pack_experts(wgu, wd)  # "auto": vnni for bf16 on AVX512-BF16 CPUs
     out = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
     lowp = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="reference")
     hi = moe_ops.moe_forward(x.double(), logits.double(), wgu.double(), wd.double(), 2, backend="reference")
     assert_close_to_reference(out, lowp, hi, name="moe_forward(packed)")
+
+
+@pytest.mark.skipif(not VNNI_BUILT, reason="no AVX512-BF16 and no SIMDe build")
+def test_moe_forward_vnni_matches_reference():
+    x, logits, wgu, wd = _layer_case(torch.bfloat16, H=70, I=45)  # odd I: a zero pair pad
+    packed = moe_ops.pack_experts(wgu, wd, layout="vnni")
+    out = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    lowp = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="reference")
+    hi = moe_ops.moe_forward(x.double(), logits.double(), wgu.double(), wd.double(), 2, backend="reference")
+    assert_close_to_reference(out, lowp, hi, name="moe_forward(packed vnni)")
 
 
 def test_moe_forward_refuses_stale_packing():

@@ -67,6 +67,15 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bf
 
 # ------------------------------------------------------------------------------------ inputs
 
+def vnni_kernel_runs() -> bool:
+    """Whether the CPU backend's bf16 'vnni' packed layout runs here: natively (AVX512-BF16) or
+    emulated (a build with SIMDe)."""
+    if not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
+        return False
+    cpu = moe_ops.build_info().get("cpu", {})
+    return bool(cpu.get("avx512_bf16") or cpu.get("vnni_emulated"))
+
+
 def seed_for(*parts) -> int:
     """A stable seed from a test's parameters (so each parametrization gets fresh values)."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF

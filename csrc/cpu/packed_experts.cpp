@@ -23,10 +23,12 @@
 // Intermediates are rounded where the unfused pipeline stores them, as in fused_experts; the
 // GEMMs reduce each output in one FMA chain (k ascending) instead of 8 lanes + a horizontal sum,
 // so the two fused ops agree to rounding, not bitwise. Thread-count independent.
+#include <cstring>
 #include <string>
 
 #include "combine.h"
 #include "host_alloc.h"
+#include "vnni.h"
 
 namespace moe_cpu {
 namespace {
@@ -43,19 +45,43 @@ void check_weights_3d(const at::Tensor& wgu, const at::Tensor& wd, const char* o
               "moe_ops::", op, " (cpu): w_down must be [E, H, I] for w_gate_up ", wgu.sizes(), ", got ", wd.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, const at::Tensor& wd_in) {
+// "auto" -> the layout this CPU runs fastest: vnni for bf16 with AVX512-BF16, else panel16.
+bool use_vnni(const std::string& layout, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(layout == "auto" || layout == "panel16" || layout == "vnni", "moe_ops::", op,
+              " (cpu): layout must be 'auto', 'panel16' or 'vnni', got '", layout, "'");
+  if (layout == "auto") return dtype == at::kBFloat16 && have_avx512_bf16();
+  if (layout == "panel16") return false;
+  TORCH_CHECK(dtype == at::kBFloat16, "moe_ops::", op, " (cpu): layout 'vnni' is for bfloat16 weights, got ", dtype);
+  return true;
+}
+
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> packed_shapes(int64_t E, int64_t I, int64_t H, bool vnni) {
+  if (vnni) return {{E, num_panels(I), 2, vnni_pairs(H), kPanel, 2}, {E, num_panels(H), vnni_pairs(I), kPanel, 2}};
+  return {{E, num_panels(I), 2, H, kPanel}, {E, num_panels(H), I, kPanel}};
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, const at::Tensor& wd_in,
+                                                    c10::string_view layout) {
   check_weights_3d(wgu_in, wd_in, "pack_experts");
+  const bool vnni = use_vnni(std::string(layout), wgu_in.scalar_type(), "pack_experts");
   const at::Tensor wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
   const int64_t E = wgu.size(0), I = wgu.size(1) / 2, H = wgu.size(2);
   const int64_t P1 = num_panels(I), P2 = num_panels(H);
-  at::Tensor pgu = at::empty({E, P1, 2, H, kPanel}, wgu.options());
-  at::Tensor pd = at::empty({E, P2, I, kPanel}, wd.options());
+  const auto [s1, s2] = packed_shapes(E, I, H, vnni);
+  at::Tensor pgu = at::empty(s1, wgu.options());
+  at::Tensor pd = at::empty(s2, wd.options());
   const DType dt = to_dtype(wgu.scalar_type());
   const int64_t es = dtype_size(dt);
+  // K rows of one panel: K (panel16) or 2*ceil(K/2) (vnni pairs)
+  const int64_t K1 = vnni ? 2 * vnni_pairs(H) : H, K2 = vnni ? 2 * vnni_pairs(I) : I;
   const char* src1 = static_cast<const char*>(wgu.data_ptr());
   const char* src2 = static_cast<const char*>(wd.data_ptr());
   char* dst1 = static_cast<char*>(pgu.data_ptr());
   char* dst2 = static_cast<char*>(pd.data_ptr());
+  const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) {
+    if (vnni) pack_panels_vnni(reinterpret_cast<const uint16_t*>(src), cols, K, K, reinterpret_cast<uint16_t*>(dst));
+    else pack_panels(src, dt, cols, K, K, dst);
+  };
   // One panel per task: gate/up panels of GEMM1 ((e, p, g): rows g*I + 16p.. of w_gate_up[e],
   // clipped at the gate/up boundary), then the panels of GEMM2.
   const int64_t n1 = E * P1 * 2, n2 = E * P2;
@@ -64,21 +90,22 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, co
       if (i < n1) {
         const int64_t e = i / (2 * P1), p = (i / 2) % P1, g = i % 2;
         const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-        pack_panels(src1 + ((e * 2 * I) + g * I + p * kPanel) * H * es, dt, cols, H, H, dst1 + i * H * kPanel * es);
+        pack(src1 + ((e * 2 * I) + g * I + p * kPanel) * H * es, cols, H, dst1 + i * K1 * kPanel * es);
       } else {
         const int64_t j = i - n1, e = j / P2, p = j % P2;
         const int64_t cols = std::min<int64_t>(kPanel, H - p * kPanel);
-        pack_panels(src2 + (e * H + p * kPanel) * I * es, dt, cols, I, I, dst2 + j * I * kPanel * es);
+        pack(src2 + (e * H + p * kPanel) * I * es, cols, I, dst2 + j * K2 * kPanel * es);
       }
     }
   });
   return {pgu, pd};
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& wgu, const at::Tensor& wd) {
+std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& wgu, const at::Tensor& wd,
+                                                     c10::string_view layout) {
   const int64_t E = wgu.size(0), I = wgu.size(1) / 2, H = wgu.size(2);
-  return {at::empty({E, num_panels(I), 2, H, kPanel}, wgu.options()),
-          at::empty({E, num_panels(H), I, kPanel}, wd.options())};
+  const auto [s1, s2] = packed_shapes(E, I, H, use_vnni(std::string(layout), wgu.scalar_type(), "pack_experts"));
+  return {at::empty(s1, wgu.options()), at::empty(s2, wd.options())};
 }
 
 at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
@@ -93,14 +120,31 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
               "moe_ops::fused_experts_packed (cpu): x and the packed weights must share a dtype, got ",
               x_in.scalar_type(), ", ", pgu_in.scalar_type(), " and ", pd_in.scalar_type());
   const int64_t T_ = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), S = T_ * k;
-  TORCH_CHECK(pd_in.dim() == 4 && pd_in.size(1) == num_panels(H) && pd_in.size(3) == kPanel,
+  // The layout is in the rank: panel16 [E,P1,2,H,16] / [E,P2,I,16]; vnni one more (pair) dim.
+  const bool vnni = pgu_in.dim() == 6;
+  const int64_t ex = vnni ? 1 : 0;
+  TORCH_CHECK(pd_in.dim() == 4 + ex && pd_in.size(1) == num_panels(H) && pd_in.size(3) == kPanel &&
+                  (!vnni || pd_in.size(4) == 2),
               "moe_ops::fused_experts_packed (cpu): w_down_packed must be [E, ceil(H/16)=", num_panels(H),
-              ", I, 16] (from moe_ops::pack_experts), got ", pd_in.sizes());
-  const int64_t E = pd_in.size(0), I = pd_in.size(2), P1 = num_panels(I), P2 = num_panels(H);
-  TORCH_CHECK(pgu_in.dim() == 5 && pgu_in.size(0) == E && pgu_in.size(1) == P1 && pgu_in.size(2) == 2 &&
-                  pgu_in.size(3) == H && pgu_in.size(4) == kPanel,
-              "moe_ops::fused_experts_packed (cpu): w_gate_up_packed must be [E=", E, ", ceil(I/16)=", P1,
-              ", 2, H=", H, ", 16] (from moe_ops::pack_experts), got ", pgu_in.sizes());
+              vnni ? ", ceil(I/2), 16, 2]" : ", I, 16]", " (from moe_ops::pack_experts), got ", pd_in.sizes());
+  const int64_t E = pd_in.size(0), K2d = pd_in.size(2);  // rows of a GEMM2 panel: I, or ceil(I/2) pairs
+  TORCH_CHECK(pgu_in.dim() == 5 + ex && pgu_in.size(0) == E && pgu_in.size(2) == 2 &&
+                  pgu_in.size(3) == (vnni ? vnni_pairs(H) : H) && pgu_in.size(4) == kPanel &&
+                  (!vnni || pgu_in.size(5) == 2),
+              "moe_ops::fused_experts_packed (cpu): w_gate_up_packed must be [E=", E, ", ceil(I/16), 2, ",
+              vnni ? "ceil(H/2)=" : "H=", vnni ? vnni_pairs(H) : H, vnni ? ", 16, 2]" : ", 16]",
+              " (from moe_ops::pack_experts), got ", pgu_in.sizes());
+  const int64_t P1 = pgu_in.size(1);
+  // A vnni packing stores I as ceil(I/2) pairs: an odd I runs as I+1, whose extra gate/up
+  // column and down row the packer zero-filled (h = act(0) * 0 = 0 meets a zero weight row).
+  const int64_t I = vnni ? 2 * K2d : K2d, P2 = num_panels(H);
+  TORCH_CHECK(P1 == num_panels(I), "moe_ops::fused_experts_packed (cpu): w_gate_up_packed has ", P1,
+              " panels, w_down_packed implies I=", I, " (", num_panels(I), " panels)");
+  if (vnni) {
+    TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "moe_ops::fused_experts_packed (cpu): vnni packing is bf16");
+    TORCH_CHECK(vnni_available(), "moe_ops::fused_experts_packed (cpu): the 'vnni' packed layout needs a CPU with "
+                                  "AVX512-BF16 or a build with SIMDe (pip install simde-py); pack with layout='panel16'");
+  }
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor pgu = pgu_in.contiguous(), pd = pd_in.contiguous();
   at::Tensor out = empty_cached({T_, H}, x.options());
@@ -117,45 +161,75 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
 
   at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
   if (Sv > 0 && I > 0) {
-    // 2. gather the routed rows as plain float32 (GEMM1's A operand). Scratch and output come
-    // from the host cache (host_alloc.h): no page faults at steady state.
-    at::Tensor a1 = empty_cached({Sv, H}, x.options().dtype(at::kFloat));
-    at::Tensor a2 = empty_cached({Sv, I}, x.options().dtype(at::kFloat));
-    float* A1 = a1.data_ptr<float>();
-    float* A2 = a2.data_ptr<float>();
+    // 2. gather the routed rows as GEMM1's A operand: plain float32 rows (panel16) or bf16 rows
+    // of H padded to pairs (vnni; a zero pad). Scratch and output come from the host cache
+    // (host_alloc.h): no page faults at steady state.
+    const int64_t Hp = 2 * vnni_pairs(H), Ip = I;  // vnni row lengths (I is even there)
+    at::Tensor a1 = vnni ? empty_cached({Sv, Hp}, x.options()) : empty_cached({Sv, H}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = vnni ? empty_cached({Sv, Ip}, x.options()) : empty_cached({Sv, I}, x.options().dtype(at::kFloat));
+    char* A1 = static_cast<char*>(a1.data_ptr());
+    char* A2 = static_cast<char*>(a2.data_ptr());
     const char* xp = static_cast<const char*>(x.data_ptr());
     at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) row_to_f32(xp + (pl.row_slot[r] / k) * H * es, dt, A1 + r * H, H);
+      for (int64_t r = r0; r < r1; ++r) {
+        const char* src = xp + (pl.row_slot[r] / k) * H * es;
+        if (!vnni) {
+          row_to_f32(src, dt, reinterpret_cast<float*>(A1) + r * H, H);
+          continue;
+        }
+        uint16_t* d1 = reinterpret_cast<uint16_t*>(A1) + r * Hp;
+        std::memcpy(d1, src, H * 2);
+        if (Hp > H) d1[H] = 0;  // the pad meets zero weights: it must be finite
+      }
     });
 
     // 3. GEMM1 + gated activation: tile = (expert, panel p, rows); the gate and up panels of p
     // are adjacent, so one call computes both ([rows, 32] scratch: 16 gate | 16 up columns).
+    const int64_t K1 = vnni ? Hp : H;  // values per panel column
     const char* wgu = static_cast<const char*>(pgu.data_ptr());
-    const int64_t pair = 2 * H * kPanel * es;  // bytes of one (gate, up) panel pair
-    run_tiles(make_tiles(offs, P1, 2 * H * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
-      thread_local std::vector<float> c;
+    const int64_t pair = 2 * K1 * kPanel * es;  // bytes of one (gate, up) panel pair
+    run_tiles(make_tiles(offs, P1, 2 * K1 * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
+      thread_local std::vector<float> c, h;
       const int64_t rows = t.m1 - t.m0, p = t.n0;
       c.resize(static_cast<size_t>(rows * 2 * kPanel));
       const char* w = wgu + (t.e * P1 + p) * pair;
-      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-      gemm_panels(A1 + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel, rows,
-                  pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-      gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, A2 + t.m0 * I + p * kPanel, I, rows, cols, dt, swiglu);
+      if (vnni) {
+        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp, Hp, reinterpret_cast<const uint16_t*>(w),
+                         Hp * kPanel, Hp / 2, 2, c.data(), 2 * kPanel, rows);
+        // h is rounded to bf16 by the activation, so the conversion to GEMM2's bf16 A is exact.
+        h.resize(static_cast<size_t>(rows * kPanel));
+        gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
+        for (int64_t i = 0; i < rows; ++i)
+          row_from_f32(h.data() + i * kPanel, A2 + ((t.m0 + i) * Ip + p * kPanel) * 2, dt, cols);
+        return;
+      }
+      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+      gemm_panels(reinterpret_cast<const float*>(A1) + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel,
+                  rows, pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
+      gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, reinterpret_cast<float*>(A2) + t.m0 * I + p * kPanel, I,
+                      rows, cols, dt, swiglu);
     });
 
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
+    const int64_t K2 = vnni ? Ip : I;
     const char* wd = static_cast<const char*>(pd.data_ptr());
     float* Y = ybuf.data_ptr<float>();
-    const int64_t panel = I * kPanel * es;  // bytes of one GEMM2 panel
-    const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile
-    run_tiles(make_tiles(offs, P2, I * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
+    const int64_t panel = K2 * kPanel * es;  // bytes of one GEMM2 panel
+    const int64_t np2 = nt_col_block(offs, P2, K2 * kPanel, es, 1);  // panels per tile
+    run_tiles(make_tiles(offs, P2, K2 * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, np = t.n1 - t.n0;
       c.resize(static_cast<size_t>(rows * np * kPanel));
-      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-      gemm_panels(A2 + t.m0 * I, I, wd + (t.e * P2 + t.n0) * panel, dt, I * kPanel, I, np, c.data(), np * kPanel,
-                  rows, pf ? wd + (nx->e * P2 + nx->n0) * panel : nullptr);
+      const char* w = wd + (t.e * P2 + t.n0) * panel;
+      if (vnni) {
+        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A2) + t.m0 * Ip, Ip, reinterpret_cast<const uint16_t*>(w),
+                         Ip * kPanel, Ip / 2, np, c.data(), np * kPanel, rows);
+      } else {
+        const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+        gemm_panels(reinterpret_cast<const float*>(A2) + t.m0 * I, I, w, dt, I * kPanel, I, np, c.data(), np * kPanel,
+                    rows, pf ? wd + (nx->e * P2 + nx->n0) * panel : nullptr);
+      }
       const int64_t c0 = t.n0 * kPanel, cols = std::min<int64_t>(np * kPanel, H - c0);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * np * kPanel, Y + (t.m0 + i) * H + c0, cols, dt);
     });
