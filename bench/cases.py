@@ -377,7 +377,7 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                  lambda: moe_ops.moe_forward(inp.x, inp.logits, inp.w_gate_up, inp.w_down, k,
                                                              backend="cpu", packed=packed, **kw),
                                  _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
-                                 note="fused, weights from moe_ops.pack_experts"))
+                                 note=f"fused, weights from moe_ops.pack_experts ({packed.layout})"))
         for impl, name in (("eager", "hf_eager"), ("grouped_mm", "hf_grouped_mm")):
             if not want(name):
                 continue

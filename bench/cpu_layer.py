@@ -80,7 +80,7 @@ def main(argv=None):
     if "cpu_packed" in want or "cpu_packed_experts" in want:
         t0 = time.perf_counter()
         packed = moe_ops.pack_experts(wgu, wd)
-        print(f"pack_experts (once, at load): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        print(f"pack_experts (once, at load, layout {packed.layout}): {(time.perf_counter() - t0) * 1e3:.1f} ms")
         if "cpu_packed" in want:
             impls["cpu_packed"] = lambda: moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu", packed=packed)
         if "cpu_packed_experts" in want:

@@ -419,6 +419,11 @@ class PackedExperts(NamedTuple):
     w_down: torch.Tensor
     source: Tuple[Tuple[int, int], Tuple[int, int]]
 
+    @property
+    def layout(self) -> str:
+        """``"panel16"`` or ``"vnni"`` (the layout is in the rank)."""
+        return "vnni" if self.w_gate_up.dim() == 6 else "panel16"
+
     def matches(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
         """Whether these are still the packed form of ``w_gate_up`` / ``w_down``."""
         return self.source == (_identity(w_gate_up), _identity(w_down))

@@ -74,7 +74,8 @@ def test_pack_auto_layout_follows_the_cpu():
     has = bool(moe_ops.build_info().get("cpu", {}).get("avx512_bf16"))
     assert ops.pack_experts(wgu.bfloat16(), wd.bfloat16(), "auto")[0].dim() == (6 if has else 5)
     assert ops.pack_experts(wgu, wd, "auto")[0].dim() == 5  # vnni is bf16-only
-    assert moe_ops.pack_experts(wgu.bfloat16(), wd.bfloat16()).w_gate_up.dim() == (6 if has else 5)
+    assert moe_ops.pack_experts(wgu.bfloat16(), wd.bfloat16()).layout == ("vnni" if has else "panel16")
+    assert moe_ops.pack_experts(wgu.bfloat16(), wd.bfloat16(), layout="vnni").layout == "vnni"
 
 
 def test_opcheck():
