@@ -16,6 +16,7 @@ the caches. Prints a markdown table.
 
     PYTHONPATH=. python bench/cpu_permute.py                       # the full matrix
     PYTHONPATH=. python bench/cpu_permute.py --T 4096 --k 8 --dtypes bf16 --threads 1
+    PYTHONPATH=. python bench/cpu_permute.py --capacity 1.25      # + capacity_dispatch / combine
 """
 import argparse
 import os
@@ -82,6 +83,31 @@ def run_point(T, E, k, H, dtype, threads, reps):
     }
 
 
+def run_capacity_point(T, E, k, H, dtype, threads, reps, factor):
+    """capacity_dispatch / capacity_combine (kmajor, capacity = ceil(factor * T*k / E)) vs copy_
+    of the same bytes: dispatch reads the kept rows and writes all E*C rows of buf (unused rows
+    zero-filled); combine reads the kept rows and writes T rows."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids = torch.topk(torch.randn(T, E, generator=g), k).indices.int()
+    w = torch.rand(T, k, generator=g)
+    C = -(-int(factor * T * k) // E)
+    buf, pos = ops.capacity_dispatch(x, ids, E, C, "kmajor")[:2]
+    kept, e = int((pos >= 0).sum()), x.element_size()
+    d_bytes, c_bytes = (kept + E * C) * H * e, (kept + T) * H * e
+    srcs = {n: torch.randn(b // e // 2, generator=g).to(dtype) for n, b in (("d", d_bytes), ("c", c_bytes))}
+    dsts = {n: torch.empty_like(v) for n, v in srcs.items()}
+    t = measure({
+        "dispatch": lambda: ops.capacity_dispatch(x, ids, E, C, "kmajor"),
+        "combine": lambda: ops.capacity_combine(buf, ids, pos, w),
+        "copy_d": lambda: dsts["d"].copy_(srcs["d"]),
+        "copy_c": lambda: dsts["c"].copy_(srcs["c"]),
+    }, reps, threads)
+    return C, {"d_ms": t["dispatch"] * 1e3, "d_gbs": d_bytes / t["dispatch"] / 1e9, "d_ratio": t["copy_d"] / t["dispatch"],
+               "c_ms": t["combine"] * 1e3, "c_gbs": c_bytes / t["combine"] / 1e9, "c_ratio": t["copy_c"] / t["combine"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="512,4096")
@@ -91,6 +117,8 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--capacity", type=float, default=0.0,
+                    help="also time capacity_dispatch/combine with this capacity factor (e.g. 1.25)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, load {open('/proc/loadavg').read().split()[0]}, "
           f"MOE_OPS_CPU_CACHE_MB={os.environ.get('MOE_OPS_CPU_CACHE_MB', '(default)')}, "
@@ -109,6 +137,19 @@ def main():
                           f"{r['unp_ms']:.3f} | {r['unp_gbs']:.1f} | **{r['unp_gbs'] / r['copy_u']:.2f}** | "
                           f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
                           f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
+    if a.capacity > 0:
+        print(f"\n| dtype | T | k | threads (clock) | C | capacity_dispatch ms | GB/s | / copy_ | "
+              f"capacity_combine ms | GB/s | / copy_ |")
+        print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for dn in a.dtypes.split(","):
+            for T in (int(v) for v in a.T.split(",")):
+                for k in (int(v) for v in a.k.split(",")):
+                    for th in (int(v) for v in a.threads.split(",")):
+                        C, r = run_capacity_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps, a.capacity)
+                        clock = "cpu" if th == 1 else "wall"
+                        print(f"| {dn} | {T} | {k} | {th} ({clock}) | {C} | {r['d_ms']:.3f} | {r['d_gbs']:.1f} | "
+                              f"**{r['d_ratio']:.2f}** | {r['c_ms']:.3f} | {r['c_gbs']:.1f} | **{r['c_ratio']:.2f}** |",
+                              flush=True)
     try:  # absent in builds without csrc/cpu/host_alloc.cpp
         s = torch.ops.moe_cpu_cache.stats()
         print(f"\nhost cache: cached {s[0] / 2**20:.0f} MiB (cap {s[1] / 2**20:.0f} MiB), "

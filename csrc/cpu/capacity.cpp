@@ -35,24 +35,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu
   at::Tensor kept = at::empty({E}, i32);
 
   const int32_t* id = ids.data_ptr<int32_t>();
-  // i-th slot in priority order -> slot index s = t*k + j
-  auto slot_at = [&](int64_t i) { return kmajor ? (i % T_) * k + i / T_ : i; };
+  // The i-th slot in priority order is s = t*k + j with i = j*T + t (kmajor) or i = s; the
+  // experts are laid out in that order first (nested loops: no division per slot, which cost
+  // more than the ranking itself: T=4096 k=2 H=8 0.26 -> 0.07 ms).
+  std::vector<int32_t> key;
+  const int32_t* prio = id;
+  if (kmajor && k > 1) {
+    key.resize(static_cast<size_t>(S));
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t t = 0; t < T_; ++t) key[j * T_ + t] = id[t * k + j];
+    prio = key.data();
+  }
   std::vector<int32_t> rank(static_cast<size_t>(S));
   std::vector<int64_t> counts(E);
-  stable_ranks(S, E, [&](int64_t i) { return static_cast<int64_t>(id[slot_at(i)]); }, rank.data(), counts.data());
+  stable_ranks(S, E, [&](int64_t i) { return static_cast<int64_t>(prio[i]); }, rank.data(), counts.data());
   int32_t* pos = slot_pos.data_ptr<int32_t>();
   std::vector<int64_t> src_token(static_cast<size_t>(E * C), -1);
-  at::parallel_for(0, S, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = slot_at(i);
-      const int32_t r = rank[i];
-      if (r >= 0 && r < C) {
-        pos[s] = r;
-        src_token[id[s] * C + r] = s / k;
-      } else {
-        pos[s] = -1;
+  at::parallel_for(0, T_, 4096, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = t * k + j;
+        const int32_t r = rank[kmajor ? j * T_ + t : s];
+        if (r >= 0 && r < C) {
+          pos[s] = r;
+          src_token[id[s] * C + r] = t;
+        } else {
+          pos[s] = -1;
+        }
       }
-    }
   });
   for (int64_t e = 0; e < E; ++e) {
     demand.data_ptr<int32_t>()[e] = static_cast<int32_t>(counts[e]);
