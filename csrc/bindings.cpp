@@ -9,7 +9,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
-#include "cpu/vnni.h"
+#include "cpu/avx512_bf16.h"
 #include "schemas.h"
 
 #ifndef MOE_OPS_VERSION
@@ -61,15 +61,13 @@ pybind11::dict build_info() {
   }
   info["native_kernels"] = kernels;
   // Which CPU kernels run here: AVX2/FMA (else portable scalar code), AVX512-BF16 natively (the
-  // packed 'vnni' layout's kernel), and whether that kernel is built emulated (SIMDe) as well.
+  // packed 'vnni' GEMM, the bf16 combine), whether those are built emulated (SIMDe) as well, and
+  // whether the bf16 combine uses them (natively, or emulated under MOE_OPS_CPU_EMULATE_AVX512=1).
   pybind11::dict isa;
   isa["avx2"] = moe_cpu::have_avx2();
   isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();
-#ifdef MOE_OPS_HAVE_SIMDE
-  isa["vnni_emulated"] = true;
-#else
-  isa["vnni_emulated"] = false;
-#endif
+  isa["avx512_emulated"] = moe_cpu::avx512_emulation_built();
+  isa["avx512_combine"] = moe_cpu::avx512_combine_enabled();
   info["cpu"] = isa;
   return info;
 }

@@ -144,7 +144,8 @@ def test_unpermute_matches_reference_bitwise(H, k, weighted, dtype, all_through_
 @pytest.mark.parametrize("dtype", DTYPES[:3], ids=str)
 def test_unpermute_nan_inf_and_signed_zero(dtype, all_through_cache):
     """NaN/Inf propagate like the reference (bf16 NaN -> the canonical 0x7FC0 via the rare path);
-    a sum of -0.0 products is +0.0 (the accumulator starts at +0.0)."""
+    a sum of -0.0 products is +0.0 (the accumulator starts at +0.0); denormal sums round like
+    c10 (the AVX-512 bf16 convert would flush them: its rare path)."""
     T, k, H = 6, 2, 70
     y = make_x(T * k, H, seed=1, dtype=dtype)
     y[0, 3] = float("nan")
@@ -153,6 +154,8 @@ def test_unpermute_nan_inf_and_signed_zero(dtype, all_through_cache):
     y[4, 9] = -float("nan")
     y[6].zero_()                    # token 3: w * (+0) with w < 0 -> -0.0 products
     y[7].zero_()
+    y[8, 10], y[9, 10] = 1e-39, 0.0  # token 4: a denormal sum (float32, bfloat16; 0 in float16)
+    y[10, 40], y[11, 40] = 2e-38, -1e-38  # token 5: normal values, denormal products and sum
     rows = torch.arange(T * k, dtype=torch.int32)
     w = torch.rand(T, k) + 0.1
     w[3] = -w[3]
@@ -382,6 +385,23 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
                 assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)), (dt, H, k)
 print("ok")
 """
+
+
+@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+                    reason="no SIMDe build: no emulated AVX-512 kernels")
+def test_avx512_combine_emulated():
+    """The AVX-512 bf16 combine (vcvtne2ps2bf16 + the c10 rare path), emulated through SIMDe: the
+    unpermute and capacity tests of this file again, in a subprocess with
+    MOE_OPS_CPU_EMULATE_AVX512=1 (CPUs with AVX512-BF16 run it natively in the tests above)."""
+    e = dict(os.environ, MOE_OPS_CPU_EMULATE_AVX512="1")
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    on = subprocess.run([sys.executable, "-c", "import moe_ops; print(moe_ops.build_info()['cpu']['avx512_combine'])"],
+                        env=e, capture_output=True, text=True, timeout=300)
+    assert on.stdout.strip() == "True", on.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                          "-k", "unpermute or capacity or thread_count"], env=e, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
 
 def test_portable_combine_without_avx2():

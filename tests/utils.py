@@ -73,7 +73,7 @@ def vnni_kernel_runs() -> bool:
     if not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
         return False
     cpu = moe_ops.build_info().get("cpu", {})
-    return bool(cpu.get("avx512_bf16") or cpu.get("vnni_emulated"))
+    return bool(cpu.get("avx512_bf16") or cpu.get("avx512_emulated"))
 
 
 def seed_for(*parts) -> int:

@@ -6,6 +6,7 @@
 // per token and nothing but the output row is written. The AVX2 code is compiled with a
 // function-level target (no global -mavx2) and chosen at run time, like kernels.cpp.
 #include "combine_kernels.h"
+#include "avx512_bf16.h"
 #include "dtype_io.h"
 
 #include <c10/util/BFloat16.h>
@@ -243,6 +244,8 @@ namespace moe_cpu {
 
 void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
                  int64_t H, const void* const* next, int n_next) {
+  if (sdt == DType::BF16 && odt == DType::BF16 && avx512_combine_enabled())
+    return combine_row_bf16_avx512(src, w, n, out, H, next, n_next);
 #ifdef MOE_CPU_COMBINE_X86
   if (have_avx2()) {
     switch (sdt) {

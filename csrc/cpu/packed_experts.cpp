@@ -28,7 +28,7 @@
 
 #include "combine.h"
 #include "host_alloc.h"
-#include "vnni.h"
+#include "avx512_bf16.h"
 
 namespace moe_cpu {
 namespace {

@@ -1,6 +1,6 @@
-// VNNI panel GEMM: packing and the run-time choice between the native AVX512-BF16 kernel
-// (vnni_avx512.cpp) and its SIMDe emulation (vnni_emu.cpp); see vnni.h.
-#include "vnni.h"
+// AVX512-BF16 kernels: VNNI packing and the run-time choice between the native builds
+// (avx512_bf16_native.cpp) and their SIMDe emulation (avx512_bf16_emu.cpp); see avx512_bf16.h.
+#include "avx512_bf16.h"
 
 #include <c10/util/Exception.h>
 
@@ -12,19 +12,21 @@
 namespace moe_cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
-#define MOE_VNNI_NATIVE 1
-namespace vnni_native {
+#define MOE_AVX512_NATIVE 1
+namespace avx512_native {
 void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-}
+void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
+}  // namespace avx512_native
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
-namespace vnni_emu {
+namespace avx512_emu {
 void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-}
+void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
+}  // namespace avx512_emu
 #endif
 
 bool have_avx512_bf16() {
-#ifdef MOE_VNNI_NATIVE
+#ifdef MOE_AVX512_NATIVE
   static const bool ok = [] {
     __builtin_cpu_init();  // also checks that the OS saves the zmm state (XCR0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -37,12 +39,18 @@ bool have_avx512_bf16() {
 #endif
 }
 
-bool vnni_available() {
+bool avx512_emulation_built() {
 #ifdef MOE_OPS_HAVE_SIMDE
   return true;
 #else
-  return have_avx512_bf16();
+  return false;
 #endif
+}
+
+bool avx512_combine_enabled() {
+  static const bool on = have_avx512_bf16() ||
+                         (avx512_emulation_built() && std::getenv("MOE_OPS_CPU_EMULATE_AVX512") != nullptr);
+  return on;
 }
 
 void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst) {
@@ -63,19 +71,26 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
 void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
                       int64_t np, float* C, int64_t ldc, int64_t M) {
   if (M <= 0 || np <= 0) return;
-#ifdef MOE_VNNI_NATIVE
-  if (have_avx512_bf16()) return vnni_native::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
+#ifdef MOE_AVX512_NATIVE
+  if (have_avx512_bf16()) return avx512_native::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
 #endif
-  gemm_panels_vnni_emulated(A, lda, P, pstride, K2, np, C, ldc, M);
-}
-
-void gemm_panels_vnni_emulated(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride,
-                               int64_t K2, int64_t np, float* C, int64_t ldc, int64_t M) {
 #ifdef MOE_OPS_HAVE_SIMDE
-  if (M > 0 && np > 0) vnni_emu::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
+  avx512_emu::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
 #else
   TORCH_CHECK(false, "moe_ops (cpu): the bf16 'vnni' packed layout needs a CPU with AVX512-BF16, or a build with "
                      "SIMDe (pip install simde-py, then rebuild)");
+#endif
+}
+
+void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
+                             const void* const* next, int n_next) {
+#ifdef MOE_AVX512_NATIVE
+  if (have_avx512_bf16()) return avx512_native::combine_bf16(src, w, n, out, H, next, n_next);
+#endif
+#ifdef MOE_OPS_HAVE_SIMDE
+  avx512_emu::combine_bf16(src, w, n, out, H, next, n_next);
+#else
+  TORCH_CHECK(false, "moe_ops (cpu): no AVX-512 combine in this build");
 #endif
 }
 
