@@ -67,7 +67,7 @@ pybind11::dict build_info() {
   isa["avx2"] = moe_cpu::have_avx2();
   isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();
   isa["avx512_emulated"] = moe_cpu::avx512_emulation_built();
-  isa["avx512_combine"] = moe_cpu::avx512_combine_enabled();
+  isa["avx512_kernels"] = moe_cpu::use_avx512_bf16();
   info["cpu"] = isa;
   return info;
 }

@@ -18,7 +18,8 @@ import torch
 import moe_ops
 from moe_ops import reference as R
 from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_thread_count_independent,
-                         make_ids, make_logits, make_offsets, make_x, poison, seed_for, vnni_kernel_runs)
+                         make_ids, make_logits, make_offsets, make_x, poison, rerun_with_emulated_avx512, seed_for,
+                         vnni_kernel_runs)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -242,6 +243,16 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     assert torch.equal(torch.ops.moe_ops.unpermute(y, rows, w, 2), R.unpermute(y, rows, w, 2))
 print("ok")
 """
+
+
+@pytest.mark.skipif(not _has_fused() or not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+                    reason="no SIMDe build: no emulated AVX-512 kernels")
+def test_avx512_fused_experts_emulated():
+    """fused_experts on bf16 weights as stored with the AVX512-BF16 GEMM (vdpbf16ps, weights as
+    stored), emulated through SIMDe: this file's bf16 fused_experts tests (reference cases, dropped
+    ids, NaN-poisoned scratch) and the thread-count test again, in a subprocess."""
+    rerun_with_emulated_avx512(os.path.abspath(__file__),
+                               "(fused_experts and bfloat16 and not packed) or thread_count")
 
 
 def test_portable_kernels_without_avx2():

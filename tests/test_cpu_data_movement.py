@@ -29,7 +29,7 @@ import torch
 import moe_ops
 from moe_ops import reference as R
 from tests.utils import (assert_bitwise_equal, assert_exact, assert_thread_count_independent, make_ids, make_x,
-                         poison, seed_for)
+                         poison, rerun_with_emulated_avx512, seed_for)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -391,17 +391,9 @@ print("ok")
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_avx512_combine_emulated():
     """The AVX-512 bf16 combine (vcvtne2ps2bf16 + the c10 rare path), emulated through SIMDe: the
-    unpermute and capacity tests of this file again, in a subprocess with
-    MOE_OPS_CPU_EMULATE_AVX512=1 (CPUs with AVX512-BF16 run it natively in the tests above)."""
-    e = dict(os.environ, MOE_OPS_CPU_EMULATE_AVX512="1")
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    on = subprocess.run([sys.executable, "-c", "import moe_ops; print(moe_ops.build_info()['cpu']['avx512_combine'])"],
-                        env=e, capture_output=True, text=True, timeout=300)
-    assert on.stdout.strip() == "True", on.stderr[-2000:]
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                          "-k", "unpermute or capacity or thread_count"], env=e, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    unpermute, capacity and thread-count tests of this file again with the AVX512-BF16 kernels on
+    (CPUs with AVX512-BF16 run them natively in the tests above)."""
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "unpermute or capacity or thread_count")
 
 
 def test_portable_combine_without_avx2():

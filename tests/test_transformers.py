@@ -9,6 +9,7 @@ non-gated layout flag, and checkpoint compatibility (state_dict keys unchanged).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import moe_ops
 transformers = pytest.importorskip("transformers")
 
 from moe_ops.integrations import transformers as moe_hf  # noqa: E402
+from tests.utils import rerun_with_emulated_avx512  # noqa: E402
 
 V, H, L = 96, 32, 2
 
@@ -266,6 +268,14 @@ def test_bfloat16_fused_experts_layerwise():
                                              backend="reference")
         err, ref_err = (out.double() - ref).abs().max(), (opbyop.double() - ref).abs().max()
         assert err <= 2 * ref_err + 1e-3 * float(ref.abs().max()), (float(err), float(ref_err))
+
+
+@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+                    reason="no SIMDe build: no emulated AVX-512 kernels")
+def test_bfloat16_fused_experts_layerwise_avx512_emulated():
+    """The layerwise bf16 check again with the AVX512-BF16 kernels on (emulated here, see
+    tests/utils.rerun_with_emulated_avx512)."""
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "test_bfloat16_fused_experts_layerwise and not avx512")
 
 
 def test_checkpoint_roundtrip_and_from_pretrained(tmp_path):

@@ -16,12 +16,14 @@ namespace moe_cpu {
 namespace avx512_native {
 void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
+void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 }  // namespace avx512_native
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
 namespace avx512_emu {
 void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
+void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 }  // namespace avx512_emu
 #endif
 
@@ -47,7 +49,7 @@ bool avx512_emulation_built() {
 #endif
 }
 
-bool avx512_combine_enabled() {
+bool use_avx512_bf16() {
   static const bool on = have_avx512_bf16() ||
                          (avx512_emulation_built() && std::getenv("MOE_OPS_CPU_EMULATE_AVX512") != nullptr);
   return on;
@@ -91,6 +93,19 @@ void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void
   avx512_emu::combine_bf16(src, w, n, out, H, next, n_next);
 #else
   TORCH_CHECK(false, "moe_ops (cpu): no AVX-512 combine in this build");
+#endif
+}
+
+void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                         int64_t ldc, int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return;
+#ifdef MOE_AVX512_NATIVE
+  if (have_avx512_bf16()) return avx512_native::gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
+#endif
+#ifdef MOE_OPS_HAVE_SIMDE
+  avx512_emu::gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
+#else
+  TORCH_CHECK(false, "moe_ops (cpu): no AVX-512 GEMM in this build");
 #endif
 }
 

@@ -244,7 +244,7 @@ namespace moe_cpu {
 
 void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
                  int64_t H, const void* const* next, int n_next) {
-  if (sdt == DType::BF16 && odt == DType::BF16 && avx512_combine_enabled())
+  if (sdt == DType::BF16 && odt == DType::BF16 && use_avx512_bf16())
     return combine_row_bf16_avx512(src, w, n, out, H, next, n_next);
 #ifdef MOE_CPU_COMBINE_X86
   if (have_avx2()) {

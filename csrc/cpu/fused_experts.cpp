@@ -13,13 +13,52 @@
 //
 // The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
 // cross-backend contract); a Meta kernel gives its shape for torch.compile.
+#include <cstring>
 #include <string>
 
+#include "avx512_bf16.h"
 #include "combine.h"
 #include "host_alloc.h"
 
 namespace moe_cpu {
 namespace {
+
+// Steps 2-4 on CPUs with AVX512-BF16 (avx512_bf16.h): the same dataflow with bf16 operands for
+// vdpbf16ps -- the gathered x rows as they are, and the activation output, which the epilogue
+// rounds to bf16 anyway (so nothing is lost) -- and the weights as stored.
+void bf16_avx512_experts(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd, const Placement& pl,
+                         int64_t k, bool swiglu, at::Tensor& ybuf) {
+  const int64_t H = x.size(1), I = wgu.size(1) / 2, Sv = pl.rows();
+  at::Tensor a1 = empty_cached({Sv, H}, x.options());
+  at::Tensor a2 = empty_cached({Sv, I}, x.options());  // every element written by GEMM1's tiles
+  uint16_t* A1 = static_cast<uint16_t*>(a1.data_ptr());
+  uint16_t* A2 = static_cast<uint16_t*>(a2.data_ptr());
+  const uint16_t* xp = static_cast<const uint16_t*>(x.data_ptr());
+  at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(A1 + r * H, xp + (pl.row_slot[r] / k) * H, H * 2);
+  });
+  const uint16_t* wgup = static_cast<const uint16_t*>(wgu.data_ptr());
+  run_tiles(make_tiles(pl.offs, I, H, nt_col_block(pl.offs, I, H, 4), 256, 16.0), [&](const Tile& t, const Tile*) {
+    thread_local std::vector<float> g, u;
+    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+    g.resize(static_cast<size_t>(rows * cols));
+    u.resize(static_cast<size_t>(rows * cols));
+    const uint16_t* we = wgup + t.e * 2 * I * H;
+    gemm_nt_bf16_avx512(A1 + t.m0 * H, H, we + t.n0 * H, H, H, g.data(), cols, rows, cols);
+    gemm_nt_bf16_avx512(A1 + t.m0 * H, H, we + (I + t.n0) * H, H, H, u.data(), cols, rows, cols);
+    gated_act_rows(g.data(), u.data(), g.data(), rows * cols, DType::BF16, swiglu);
+    for (int64_t i = 0; i < rows; ++i) row_from_f32(g.data() + i * cols, A2 + (t.m0 + i) * I + t.n0, DType::BF16, cols);
+  });
+  const uint16_t* wdp = static_cast<const uint16_t*>(wd.data_ptr());
+  float* Y = ybuf.data_ptr<float>();
+  run_tiles(make_tiles(pl.offs, H, I, nt_col_block(pl.offs, H, I, 2), 256, 8.0), [&](const Tile& t, const Tile*) {
+    thread_local std::vector<float> c;
+    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+    c.resize(static_cast<size_t>(rows * cols));
+    gemm_nt_bf16_avx512(A2 + t.m0 * I, I, wdp + (t.e * H + t.n0) * I, I, I, c.data(), cols, rows, cols);
+    for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, DType::BF16);
+  });
+}
 
 at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                              const c10::optional<at::Tensor>& weights, const at::Tensor& wgu_in,
@@ -53,7 +92,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   const int64_t Sv = pl.rows();
 
   at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
-  if (Sv > 0 && I > 0) {
+  if (Sv > 0 && I > 0 && dt == DType::BF16 && use_avx512_bf16()) {
+    bf16_avx512_experts(x, wgu, wd, pl, k, swiglu, ybuf);
+  } else if (Sv > 0 && I > 0) {
     // 2. gather + pack the routed rows (GEMM1's A operand).
     const int64_t Hp = padded_k(H), Ip = padded_k(I);
     // Scratch from the host cache (no page faults at steady state); a2's padded columns must be 0.
