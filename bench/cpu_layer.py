@@ -131,7 +131,7 @@ def main(argv=None):
     floor_n = [med[n] for n in ("dense", "dense_fp32") if n in med]
     floor = max(min(floor_n) if floor_n else 0.0, med.get("weight_read", 0.0))
     print(f"E={E} T={T} H={H} I={I} k={k} {a.dtype} threads={torch.get_num_threads()} touched={hit} "
-          f"reps={a.reps} load={load} rel_err(cpu vs hf)={err:.2e}")
+          f"reps={a.reps} load={load} rel_err(cpu vs hf)={err:.2e} kernels={moe_ops.build_info().get('cpu')}")
     print(f"{'impl':14s} {'wall ms':>9s} {'(min..max)':>19s} {'cpu ms':>9s} {'GFLOP/s':>8s} {'vs cpu':>7s}")
     for n in impls:
         v = wall[n]

@@ -122,7 +122,7 @@ def main():
     a = ap.parse_args()
     print(f"torch {torch.__version__}, load {open('/proc/loadavg').read().split()[0]}, "
           f"MOE_OPS_CPU_CACHE_MB={os.environ.get('MOE_OPS_CPU_CACHE_MB', '(default)')}, "
-          f"E={a.E}, H={a.H}, medians of {a.reps}\n")
+          f"E={a.E}, H={a.H}, medians of {a.reps}, kernels {moe_ops.build_info().get('cpu')}\n")
     print("| dtype | T | k | threads (clock) | permute ms | GB/s | / copy_ | / clone | "
           "unpermute ms | GB/s | / copy_ | / clone | copy_ GB/s (p / u) | clone GB/s (p / u) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

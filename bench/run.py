@@ -118,17 +118,27 @@ def commit_hash() -> str:
     return h
 
 
+def cpu_kernel_isa() -> str:
+    """Which of the cpu backend's kernel sets runs here (csrc/cpu: AVX512-BF16 / AVX2 / portable)."""
+    cpu = moe_ops.build_info().get("cpu", {})
+    return "AVX512-BF16" if cpu.get("avx512_bf16") else "AVX2" if cpu.get("avx2") else "portable"
+
+
 def device_name(device: str) -> str:
+    """GPU name, or the CPU model with the moe_ops kernel set it runs (numbers from different
+    kernel sets must not be compared as one device)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    name = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name} [{cpu_kernel_isa()} kernels]"
 
 
 def _loadavg() -> str:
