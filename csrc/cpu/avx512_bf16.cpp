@@ -11,20 +11,20 @@
 
 namespace moe_cpu {
 
+#define MOE_AVX512_DECLS                                                                                 \
+  void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t); \
+  void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);             \
+  void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #define MOE_AVX512_NATIVE 1
 namespace avx512_native {
-void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
-void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-}  // namespace avx512_native
+MOE_AVX512_DECLS
+}
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
 namespace avx512_emu {
-void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);
-void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-}  // namespace avx512_emu
+MOE_AVX512_DECLS
+}
 #endif
 
 bool have_avx512_bf16() {
@@ -70,43 +70,48 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
   }
 }
 
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
-                      int64_t np, float* C, int64_t ldc, int64_t M) {
-  if (M <= 0 || np <= 0) return;
+namespace {
+
+// One build of the kernels: native where the CPU has AVX512-BF16, else the SIMDe emulation.
+struct Kernels {
+  decltype(&gemm_panels_vnni) gemm_panels;
+  decltype(&combine_row_bf16_avx512) combine_bf16;
+  decltype(&gemm_nt_bf16_avx512) gemm_nt;
+};
+
+const Kernels& kernels() {
+  static const Kernels* k = []() -> const Kernels* {
 #ifdef MOE_AVX512_NATIVE
-  if (have_avx512_bf16()) return avx512_native::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
+    static const Kernels native{avx512_native::gemm_panels, avx512_native::combine_bf16, avx512_native::gemm_nt};
+    if (have_avx512_bf16()) return &native;
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
-  avx512_emu::gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
+    static const Kernels emu{avx512_emu::gemm_panels, avx512_emu::combine_bf16, avx512_emu::gemm_nt};
+    return &emu;
 #else
-  TORCH_CHECK(false, "moe_ops (cpu): the bf16 'vnni' packed layout needs a CPU with AVX512-BF16, or a build with "
-                     "SIMDe (pip install simde-py, then rebuild)");
+    return nullptr;
 #endif
+  }();
+  TORCH_CHECK(k, "moe_ops (cpu): the AVX512-BF16 kernels (the bf16 'vnni' packed layout) need a CPU with "
+                 "AVX512-BF16, or a build with SIMDe (pip install simde-py, then rebuild)");
+  return *k;
+}
+
+}  // namespace
+
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
+                      int64_t np, float* C, int64_t ldc, int64_t M) {
+  if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
 }
 
 void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
                              const void* const* next, int n_next) {
-#ifdef MOE_AVX512_NATIVE
-  if (have_avx512_bf16()) return avx512_native::combine_bf16(src, w, n, out, H, next, n_next);
-#endif
-#ifdef MOE_OPS_HAVE_SIMDE
-  avx512_emu::combine_bf16(src, w, n, out, H, next, n_next);
-#else
-  TORCH_CHECK(false, "moe_ops (cpu): no AVX-512 combine in this build");
-#endif
+  kernels().combine_bf16(src, w, n, out, H, next, n_next);
 }
 
 void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
                          int64_t ldc, int64_t M, int64_t N) {
-  if (M <= 0 || N <= 0) return;
-#ifdef MOE_AVX512_NATIVE
-  if (have_avx512_bf16()) return avx512_native::gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
-#endif
-#ifdef MOE_OPS_HAVE_SIMDE
-  avx512_emu::gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
-#else
-  TORCH_CHECK(false, "moe_ops (cpu): no AVX-512 GEMM in this build");
-#endif
+  if (M > 0 && N > 0) kernels().gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
 }
 
 }  // namespace moe_cpu

@@ -1,4 +1,4 @@
-// SIMDe build of the AVX-512 kernels (vnni_kernel.inc, bf16_combine_kernel.inc, nt_bf16_kernel.inc): the same source
+// SIMDe build of the AVX-512 kernels (avx512_kernels.inc): the same source
 // as the native build, its AVX-512 intrinsics mapped by SIMDe onto portable code. Runs anywhere
 // (tens of times slower than native); the tests use it to execute the kernels on CPUs without
 // AVX512-BF16, as the SIMT emulator does for the CUDA kernels. Built when CMake finds SIMDe (the
@@ -81,26 +81,20 @@ static inline uint32_t moe_fpclass_ps_mask(simde__m512 a, int imm) {
 // Masked loads and stores touch only the selected elements (the SDM; the hardware suppresses
 // faults on the others). SIMDe's versions load all 32 bytes and store all 64 (zeros where the
 // mask is clear), which would read and write past a row's end.
-static inline simde__m256i moe_maskz_loadu_epi16(uint16_t k, const void* p) {
-  uint16_t v[16] = {0};
-  for (int i = 0; i < 16; ++i)
+template <class V>  // simde__m256i (16 elements) or simde__m512i (32)
+static inline V moe_maskz_loadu_epi16(uint32_t k, const void* p) {
+  constexpr int n = sizeof(V) / 2;
+  uint16_t v[n] = {0};
+  for (int i = 0; i < n; ++i)
     if ((k >> i) & 1u) std::memcpy(v + i, static_cast<const char*>(p) + 2 * i, 2);
-  simde__m256i r;
+  V r;
   std::memcpy(&r, v, sizeof(r));
   return r;
 }
 #undef _mm256_maskz_loadu_epi16
-#define _mm256_maskz_loadu_epi16 moe_maskz_loadu_epi16
-static inline simde__m512i moe_maskz_loadu_epi16_512(uint32_t k, const void* p) {
-  uint16_t v[32] = {0};
-  for (int i = 0; i < 32; ++i)
-    if ((k >> i) & 1u) std::memcpy(v + i, static_cast<const char*>(p) + 2 * i, 2);
-  simde__m512i r;
-  std::memcpy(&r, v, sizeof(r));
-  return r;
-}
+#define _mm256_maskz_loadu_epi16(k, p) moe_maskz_loadu_epi16<simde__m256i>((k), (p))
 #undef _mm512_maskz_loadu_epi16
-#define _mm512_maskz_loadu_epi16 moe_maskz_loadu_epi16_512
+#define _mm512_maskz_loadu_epi16(k, p) moe_maskz_loadu_epi16<simde__m512i>((k), (p))
 static inline void moe_mask_storeu_epi16(void* p, uint32_t k, simde__m512i a) {
   uint16_t v[32];
   std::memcpy(v, &a, sizeof(v));
@@ -112,15 +106,7 @@ static inline void moe_mask_storeu_epi16(void* p, uint32_t k, simde__m512i a) {
 
 namespace moe_cpu::avx512_emu {
 #define MOE_NO_CONTRACT(v) ((void)0)  // no FMA in this translation unit to contract into
-#define MOE_VNNI_ENTRY gemm_panels
-#define MOE_C512_ENTRY combine_bf16
-#define MOE_NT_ENTRY gemm_nt
-#include "vnni_kernel.inc"
-#include "bf16_combine_kernel.inc"
-#include "nt_bf16_kernel.inc"
-#undef MOE_NT_ENTRY
-#undef MOE_C512_ENTRY
-#undef MOE_VNNI_ENTRY
+#include "avx512_kernels.inc"
 #undef MOE_NO_CONTRACT
 }  // namespace moe_cpu::avx512_emu
 #endif
