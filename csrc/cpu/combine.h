@@ -14,6 +14,7 @@
 
 #include "combine_kernels.h"
 #include "common.h"
+#include "host_alloc.h"
 
 namespace moe_cpu {
 
@@ -92,12 +93,25 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
   });
 }
 
-// The last stage of both fused expert ops: ybuf[r] holds the expert output of the routed slot
-// of row r (float32); out[t] = sum_j w[t,j] * ybuf[slot_rows[t*k+j]] in j order.
-inline void combine_slots(const at::Tensor& ybuf, const Placement& pl, int64_t T_, int64_t k,
-                          const c10::optional<at::Tensor>& weights, at::Tensor& out) {
+// The frame both fused expert ops share (x, ids contiguous and checked): 1. stable placement of
+// the T*k slots by expert; 2-4. `experts(pl, ybuf)`, the op's own stage, writes the float32
+// expert output of every routed row r into ybuf[r] (called only when there are routed rows and
+// I > 0; with I == 0 every expert outputs zeros); 5. out[t] = sum_j w[t,j] *
+// ybuf[slot_rows[t*k+j]] in j order, rounded to x's dtype. Output and ybuf come from the host
+// cache (host_alloc.h): no page faults at steady state.
+template <class Experts>
+at::Tensor fused_experts_frame(const at::Tensor& x, const at::Tensor& ids, const c10::optional<at::Tensor>& weights,
+                               int64_t E, int64_t I, Experts experts) {
+  const int64_t T_ = x.size(0), H = x.size(1), k = ids.size(1);
+  at::Tensor out = empty_cached({T_, H}, x.options());
+  if (T_ == 0 || H == 0) return out;
+  const Placement pl = place_slots(ids.data_ptr<int32_t>(), T_ * k, E);
+  at::Tensor ybuf = empty_cached({std::max<int64_t>(pl.rows(), 1), H}, x.options().dtype(at::kFloat));
+  if (pl.rows() > 0 && I > 0) experts(pl, ybuf);
+  else if (pl.rows() > 0) ybuf.zero_();
   combine_rows(ybuf, pl.rows(), T_, k, weights,
                [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
+  return out;
 }
 
 }  // namespace moe_cpu

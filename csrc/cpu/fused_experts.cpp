@@ -2,11 +2,11 @@
 //
 //   x[T,H], ids[T,k], weights[T,k]?, w_gate_up[E,2I,H], w_down[E,H,I] -> out[T,H]
 //
-// Dataflow: stable placement of the T*k slots by expert (as permute, block_m=1) -> gather the
-// routed token rows straight into the packed float32 A operand (no x_sorted tensor) ->
-// GEMM1 tiles (expert, I-column block, row chunk) compute the gate and up columns of the same
-// block together and apply the gated activation in the epilogue, writing the packed A operand
-// of GEMM2 -> GEMM2 tiles write each slot's expert output -> weighted combine per token in j
+// Dataflow (steps 1 and 5 are combine.h's fused_experts_frame): stable placement of the T*k
+// slots by expert (as permute, block_m=1) -> gather the routed token rows straight into the
+// packed float32 A operand (no x_sorted tensor) -> GEMM1 tiles (expert, I-column block, row
+// chunk) compute the gate and up columns of the same block together and apply the gated
+// activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each slot's expert output -> weighted combine per token in j
 // order. Intermediates are rounded through the model dtype exactly where the unfused pipeline
 // stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
 // -> unpermute up to the activation's libm rounding. Thread-count independent (see kernels.h).
@@ -70,7 +70,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
   check_cpu(wd_in, op, "w_down");
   TORCH_CHECK(wgu_in.scalar_type() == x_in.scalar_type() && wd_in.scalar_type() == x_in.scalar_type(),
               "moe_ops::fused_experts (cpu): x, w_gate_up and w_down must share a dtype");
-  const int64_t T_ = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), S = T_ * k;
+  const int64_t H = x_in.size(1), k = ids_in.size(1);
   TORCH_CHECK(wgu_in.dim() == 3 && wgu_in.size(1) % 2 == 0 && wgu_in.size(2) == H,
               "moe_ops::fused_experts (cpu): w_gate_up must be [E, 2I, H=", H, "], got ", wgu_in.sizes());
   const int64_t E = wgu_in.size(0), I = wgu_in.size(1) / 2;
@@ -78,23 +78,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
               "moe_ops::fused_experts (cpu): w_down must be [E=", E, ", H=", H, ", I=", I, "], got ", wd_in.sizes());
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
-  at::Tensor out = empty_cached({T_, H}, x.options());
-  if (T_ == 0 || H == 0) return out;
-
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
-
-  // 1. placement: row of every slot, grouped by expert, slots ascending within an expert.
-  const Placement pl = place_slots(ids.data_ptr<int32_t>(), S, E);
-  const std::vector<int64_t>& offs = pl.offs;
-  const std::vector<int64_t>& row_slot = pl.row_slot;
-  const int64_t Sv = pl.rows();
-
-  at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
-  if (Sv > 0 && I > 0 && dt == DType::BF16 && use_avx512_bf16()) {
-    bf16_avx512_experts(x, wgu, wd, pl, k, swiglu, ybuf);
-  } else if (Sv > 0 && I > 0) {
+  return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
+    if (dt == DType::BF16 && use_avx512_bf16()) return bf16_avx512_experts(x, wgu, wd, pl, k, swiglu, ybuf);
+    const std::vector<int64_t>& offs = pl.offs;
+    const int64_t Sv = pl.rows();
     // 2. gather + pack the routed rows (GEMM1's A operand).
     const int64_t Hp = padded_k(H), Ip = padded_k(I);
     // Scratch from the host cache (no page faults at steady state); a2's padded columns must be 0.
@@ -104,7 +94,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
     float* A2 = a2.data_ptr<float>();
     const char* xp = static_cast<const char*>(x.data_ptr());
     at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) pack_row_nt(xp + (row_slot[r] / k) * H * es, dt, H, dt, A1 + r * Hp);
+      for (int64_t r = r0; r < r1; ++r) pack_row_nt(xp + (pl.row_slot[r] / k) * H * es, dt, H, dt, A1 + r * Hp);
     });
 
     // 3. GEMM1 + gated activation: gate and up columns of one block in the same tile.
@@ -144,13 +134,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                     pf ? wdp + (nx->e * H + nx->n0) * I * es : nullptr);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, dt);
     });
-  } else if (Sv > 0) {
-    ybuf.zero_();  // I == 0: every expert outputs zeros
-  }
-
-  // 5. weighted combine in j order.
-  combine_slots(ybuf, pl, T_, k, weights, out);
-  return out;
+  });
 }
 
 }  // namespace

@@ -15,8 +15,9 @@
 // IPEX weight prepacking); it costs one pass over the weights, and the packed copy replaces the
 // original if the caller drops it.
 //
-// Dataflow of fused_experts_packed: stable placement of the T*k slots by expert (as permute,
-// block_m=1) -> gather the routed rows into plain float32 rows (A1) -> GEMM1 tiles = (expert,
+// Dataflow of fused_experts_packed (steps 1 and 5 are combine.h's fused_experts_frame): stable
+// placement of the T*k slots by expert (as permute, block_m=1) -> gather the routed rows into
+// plain float32 rows (A1; bf16 rows for the vnni layout) -> GEMM1 tiles = (expert,
 // panel p, row chunk): gate and up panels of p in one call, gated activation in the epilogue,
 // written into A2 (plain float32 rows of I) -> GEMM2 tiles = (expert, panels of H, row chunk) ->
 // y rows (float32, rounded through the model dtype) -> weighted combine per token in j order.
@@ -119,7 +120,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   TORCH_CHECK(pgu_in.scalar_type() == x_in.scalar_type() && pd_in.scalar_type() == x_in.scalar_type(),
               "moe_ops::fused_experts_packed (cpu): x and the packed weights must share a dtype, got ",
               x_in.scalar_type(), ", ", pgu_in.scalar_type(), " and ", pd_in.scalar_type());
-  const int64_t T_ = x_in.size(0), H = x_in.size(1), k = ids_in.size(1), S = T_ * k;
+  const int64_t H = x_in.size(1), k = ids_in.size(1);
   // The layout is in the rank: panel16 [E,P1,2,H,16] / [E,P2,I,16]; vnni one more (pair) dim.
   const bool vnni = pgu_in.dim() == 6;
   const int64_t ex = vnni ? 1 : 0;
@@ -147,26 +148,18 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   }
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor pgu = pgu_in.contiguous(), pd = pd_in.contiguous();
-  at::Tensor out = empty_cached({T_, H}, x.options());
-  if (T_ == 0 || H == 0) return out;
-
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
-
-  // 1. placement.
-  const Placement pl = place_slots(ids.data_ptr<int32_t>(), S, E);
-  const std::vector<int64_t>& offs = pl.offs;
-  const int64_t Sv = pl.rows();
-
-  at::Tensor ybuf = empty_cached({std::max<int64_t>(Sv, 1), H}, x.options().dtype(at::kFloat));
-  if (Sv > 0 && I > 0) {
+  return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
+    const std::vector<int64_t>& offs = pl.offs;
+    const int64_t Sv = pl.rows();
     // 2. gather the routed rows as GEMM1's A operand: plain float32 rows (panel16) or bf16 rows
     // of H padded to pairs (vnni; a zero pad). Scratch and output come from the host cache
     // (host_alloc.h): no page faults at steady state.
-    const int64_t Hp = 2 * vnni_pairs(H), Ip = I;  // vnni row lengths (I is even there)
+    const int64_t Hp = 2 * vnni_pairs(H);  // vnni A1 row length (A2's is I, even there)
     at::Tensor a1 = vnni ? empty_cached({Sv, Hp}, x.options()) : empty_cached({Sv, H}, x.options().dtype(at::kFloat));
-    at::Tensor a2 = vnni ? empty_cached({Sv, Ip}, x.options()) : empty_cached({Sv, I}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = vnni ? empty_cached({Sv, I}, x.options()) : empty_cached({Sv, I}, x.options().dtype(at::kFloat));
     char* A1 = static_cast<char*>(a1.data_ptr());
     char* A2 = static_cast<char*>(a2.data_ptr());
     const char* xp = static_cast<const char*>(x.data_ptr());
@@ -201,7 +194,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
         h.resize(static_cast<size_t>(rows * kPanel));
         gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
         for (int64_t i = 0; i < rows; ++i)
-          row_from_f32(h.data() + i * kPanel, A2 + ((t.m0 + i) * Ip + p * kPanel) * 2, dt, cols);
+          row_from_f32(h.data() + i * kPanel, A2 + ((t.m0 + i) * I + p * kPanel) * 2, dt, cols);
         return;
       }
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
@@ -212,19 +205,18 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     });
 
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
-    const int64_t K2 = vnni ? Ip : I;
     const char* wd = static_cast<const char*>(pd.data_ptr());
     float* Y = ybuf.data_ptr<float>();
-    const int64_t panel = K2 * kPanel * es;  // bytes of one GEMM2 panel
-    const int64_t np2 = nt_col_block(offs, P2, K2 * kPanel, es, 1);  // panels per tile
-    run_tiles(make_tiles(offs, P2, K2 * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
+    const int64_t panel = I * kPanel * es;  // bytes of one GEMM2 panel
+    const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile
+    run_tiles(make_tiles(offs, P2, I * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, np = t.n1 - t.n0;
       c.resize(static_cast<size_t>(rows * np * kPanel));
       const char* w = wd + (t.e * P2 + t.n0) * panel;
       if (vnni) {
-        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A2) + t.m0 * Ip, Ip, reinterpret_cast<const uint16_t*>(w),
-                         Ip * kPanel, Ip / 2, np, c.data(), np * kPanel, rows);
+        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A2) + t.m0 * I, I, reinterpret_cast<const uint16_t*>(w),
+                         I * kPanel, I / 2, np, c.data(), np * kPanel, rows);
       } else {
         const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
         gemm_panels(reinterpret_cast<const float*>(A2) + t.m0 * I, I, w, dt, I * kPanel, I, np, c.data(), np * kPanel,
@@ -233,13 +225,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
       const int64_t c0 = t.n0 * kPanel, cols = std::min<int64_t>(np * kPanel, H - c0);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * np * kPanel, Y + (t.m0 + i) * H + c0, cols, dt);
     });
-  } else if (Sv > 0) {
-    ybuf.zero_();  // I == 0: every expert outputs zeros
-  }
-
-  // 5. weighted combine in j order.
-  combine_slots(ybuf, pl, T_, k, weights, out);
-  return out;
+  });
 }
 
 }  // namespace
