@@ -61,8 +61,9 @@ pybind11::dict build_info() {
   }
   info["native_kernels"] = kernels;
   // Which CPU kernels run here: AVX2/FMA (else portable scalar code), AVX512-BF16 natively (the
-  // packed 'vnni' GEMM, the bf16 combine), whether those are built emulated (SIMDe) as well, and
-  // whether the bf16 combine uses them (natively, or emulated under MOE_OPS_CPU_EMULATE_AVX512=1).
+  // packed 'vnni' GEMM, the bf16 as-stored GEMM and combine), whether those are built emulated
+  // (SIMDe) as well, and whether the ops that also have AVX2 code use them (natively, or emulated
+  // under MOE_OPS_CPU_EMULATE_AVX512=1).
   pybind11::dict isa;
   isa["avx2"] = moe_cpu::have_avx2();
   isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();

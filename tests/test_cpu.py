@@ -19,7 +19,7 @@ import moe_ops
 from moe_ops import reference as R
 from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_thread_count_independent,
                          make_ids, make_logits, make_offsets, make_x, poison, rerun_with_emulated_avx512, seed_for,
-                         vnni_kernel_runs)
+                         vnni_kernel_runs, avx512_emulation_built)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -245,7 +245,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not _has_fused() or not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+@pytest.mark.skipif(not avx512_emulation_built(),
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_avx512_fused_experts_emulated():
     """fused_experts on bf16 weights as stored with the AVX512-BF16 GEMM (vdpbf16ps, weights as

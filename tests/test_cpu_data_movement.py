@@ -29,7 +29,7 @@ import torch
 import moe_ops
 from moe_ops import reference as R
 from tests.utils import (assert_bitwise_equal, assert_exact, assert_thread_count_independent, make_ids, make_x,
-                         poison, rerun_with_emulated_avx512, seed_for)
+                         poison, rerun_with_emulated_avx512, seed_for, avx512_emulation_built)
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -387,7 +387,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+@pytest.mark.skipif(not avx512_emulation_built(),
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_avx512_combine_emulated():
     """The AVX-512 bf16 combine (vcvtne2ps2bf16 + the c10 rare path), emulated through SIMDe: the

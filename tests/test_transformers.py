@@ -19,7 +19,7 @@ import moe_ops
 transformers = pytest.importorskip("transformers")
 
 from moe_ops.integrations import transformers as moe_hf  # noqa: E402
-from tests.utils import rerun_with_emulated_avx512  # noqa: E402
+from tests.utils import avx512_emulation_built, rerun_with_emulated_avx512  # noqa: E402
 
 V, H, L = 96, 32, 2
 
@@ -270,7 +270,7 @@ def test_bfloat16_fused_experts_layerwise():
         assert err <= 2 * ref_err + 1e-3 * float(ref.abs().max()), (float(err), float(ref_err))
 
 
-@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_emulated"),
+@pytest.mark.skipif(not avx512_emulation_built(),
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_bfloat16_fused_experts_layerwise_avx512_emulated():
     """The layerwise bf16 check again with the AVX512-BF16 kernels on (emulated here, see

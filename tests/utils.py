@@ -65,15 +65,23 @@ UNSUPPORTED: Dict[Tuple[str, str, torch.dtype], str] = {}
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-# ------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------- CPU kernel sets
+
+def _cpu_isa() -> dict:
+    """moe_ops.build_info()["cpu"] (which CPU kernel sets are built and run), {} without _C."""
+    return moe_ops.build_info().get("cpu", {}) if hasattr(torch.ops.moe_ops, "fused_experts") else {}
+
+
+def avx512_emulation_built() -> bool:
+    """Whether the CPU kernels' AVX512-BF16 code is also built emulated (SIMDe), so that
+    rerun_with_emulated_avx512 can run it on any CPU."""
+    return bool(_cpu_isa().get("avx512_emulated"))
+
 
 def vnni_kernel_runs() -> bool:
     """Whether the CPU backend's bf16 'vnni' packed layout runs here: natively (AVX512-BF16) or
     emulated (a build with SIMDe)."""
-    if not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
-        return False
-    cpu = moe_ops.build_info().get("cpu", {})
-    return bool(cpu.get("avx512_bf16") or cpu.get("avx512_emulated"))
+    return bool(_cpu_isa().get("avx512_bf16")) or avx512_emulation_built()
 
 
 def rerun_with_emulated_avx512(test_file: str, k_expr: str) -> None:
@@ -93,6 +101,8 @@ def rerun_with_emulated_avx512(test_file: str, k_expr: str) -> None:
                          env=env, capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
+
+# ------------------------------------------------------------------------------------ inputs
 
 def seed_for(*parts) -> int:
     """A stable seed from a test's parameters (so each parametrization gets fresh values)."""
