@@ -20,7 +20,8 @@ moe_forward           ``hf_eager`` / ``hf_grouped_mm`` (transformers' MixtralExp
                       ``weight_read``, ``floor``
 ====================  =====================================================================
 
-``floor`` is derived, not timed: max(dense, weight_read), the roofline lower bound.
+``floor`` is derived, not timed: ``bench.report.FLOOR_DEFINITION``
+(max(min(dense, dense_fp32), weight_read)), the roofline lower bound.
 """
 from __future__ import annotations
 
@@ -370,7 +371,7 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                  _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
                                  note=_stage_note(b, dev)))
         if dev == "cpu" and "cpu" in backends and pt.dtype != torch.float64 \
-                and hasattr(torch.ops.moe_ops, "fused_experts_packed"):
+                and moe_ops.backend.native_op("fused_experts_packed") is not None:
             # The cpu backend on weights packed once at load (moe_ops.pack_experts): not timed.
             packed = moe_ops.pack_experts(inp.w_gate_up, inp.w_down)
             ob.cases.append(Case("cpu_packed", "backend",

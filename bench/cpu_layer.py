@@ -14,20 +14,25 @@ time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Im
 * ``hf_grouped_mm`` / ``hf_eager``: transformers' MixtralExperts (default grouped_mm path /
   eager per-expert loop) behind transformers' router math;
 * ``dense``: matmuls with the layer's FLOPs in the layer dtype; ``dense_fp32``: the same in
-  float32 (MKL sgemm: this CPU has no native bf16 GEMM, so this is its real compute ceiling);
+  float32 (MKL sgemm: on a CPU without native bf16 GEMM this is the real compute ceiling);
 * ``weight_read``: one read of the touched experts' weights (amax over an int32 view).
 
-floor = max(min(dense, dense_fp32), weight_read).
+floor = max(min(dense, dense_fp32), weight_read) (``bench.report.floor_ms``, the harness's definition).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 import moe_ops
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.report import floor_ms  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -128,8 +133,7 @@ def main(argv=None):
         load = "?"
     med = {n: statistics.median(v) for n, v in wall.items()}
     medc = {n: statistics.median(v) for n, v in cpu.items()}
-    floor_n = [med[n] for n in ("dense", "dense_fp32") if n in med]
-    floor = max(min(floor_n) if floor_n else 0.0, med.get("weight_read", 0.0))
+    floor = floor_ms(med) or float("nan")  # bench/report.py FLOOR_DEFINITION
     print(f"E={E} T={T} H={H} I={I} k={k} {a.dtype} threads={torch.get_num_threads()} touched={hit} "
           f"reps={a.reps} load={load} rel_err(cpu vs hf)={err:.2e} kernels={moe_ops.build_info().get('cpu')}")
     print(f"{'impl':14s} {'wall ms':>9s} {'(min..max)':>19s} {'cpu ms':>9s} {'GFLOP/s':>8s} {'vs cpu':>7s}")

@@ -21,6 +21,23 @@ FIELDS = [
 
 GROUP_KEY = ("model", "op", "E", "k", "T", "H", "I", "dtype")
 
+# The roofline floor of a layer / grouped GEMM point, derived (never timed) from baselines timed in
+# the same run: the faster of the two dense GEMMs with the same FLOPs (bf16/fp16 ``dense`` and, on
+# CPU, ``dense_fp32``: without native low-precision GEMM the float32 sgemm is the real compute
+# ceiling, with it the bf16 one is), or the time to read the weights once, whichever is larger.
+# The harness (bench/run.py), bench/cpu_layer.py, the report and tests/test_bench_smoke.py all use
+# :func:`floor_ms`, so which dense GEMM wins on a given CPU never changes the definition.
+FLOOR_DEFINITION = "max(min(dense, dense_fp32), weight_read)"
+
+
+def floor_ms(times: Dict[str, float]):
+    """:data:`FLOOR_DEFINITION` from ``{baseline: median ms}`` (missing or ``None`` entries are
+    absent); ``None`` when no dense GEMM or no weight read was timed."""
+    dense = [times[n] for n in ("dense", "dense_fp32") if times.get(n) is not None]
+    if not dense or times.get("weight_read") is None:
+        return None
+    return max(min(dense), times["weight_read"])
+
 
 def add_ratios(rows: List[dict]) -> None:
     """Fill ``speedup_vs_*`` within each (point, op) group, for every row with a time."""

@@ -297,14 +297,12 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
                         pass
             group.append(r)
         if ob.derived_floor:
-            t = {r["backend"]: r.get("median_ms") for r in group if r["status"] == "ok"}
-            dense = [t[n] for n in ("dense", "dense_fp32") if t.get(n) is not None]
-            if dense and t.get("weight_read") is not None:
-                fl = max(min(dense), t["weight_read"])
+            fl = report.floor_ms({r["backend"]: r.get("median_ms") for r in group if r["status"] == "ok"})
+            if fl is not None:
                 group.append(dict(base, op=op, backend="floor", kind="derived", C=ob.C, status="ok", median_ms=fl,
                                   min_ms=fl, reps=0, check="", flops=ob.flops or "", bytes=ob.bytes or "",
                                   tflops=ob.flops / (fl * 1e-3) / 1e12 if ob.flops else None,
-                                  note="max(min(dense, dense_fp32), weight_read)"))
+                                  note=report.FLOOR_DEFINITION))
         report.add_ratios(group)
         rows.extend(group)
     del inp

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys as _sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -118,6 +119,16 @@ def _load(name: str) -> Optional[Backend]:
                 from . import autograd
                 autograd.register_all()
     return _BACKENDS.get(name)
+
+
+def native_op(name: str) -> Optional[Callable]:
+    """``torch.ops.moe_ops.<name>`` from the compiled extension, loading it first (its ops exist
+    only once ``moe_ops._C`` is imported, which happens lazily), or None when the extension was
+    not built or lacks the op (:func:`load_errors` says why). For the native-only ops
+    (``fused_experts``, ``pack_experts``, ...) that live outside the backend table."""
+    _load("cpu")
+    import torch
+    return getattr(torch.ops.moe_ops, name, None) if "moe_ops._C" in _sys.modules else None
 
 
 def load_errors() -> Dict[str, str]:

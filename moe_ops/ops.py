@@ -460,8 +460,12 @@ def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "a
         raise ValueError(f"moe_ops.pack_experts: layout must be 'auto', 'panel16' or 'vnni', got {layout!r}")
     if layout == "vnni" and w_gate_up.dtype != torch.bfloat16:
         raise TypeError(f"moe_ops.pack_experts: layout 'vnni' is for bfloat16 weights, got {w_gate_up.dtype}")
+    pack = _backend.native_op("pack_experts")
+    if pack is None:
+        raise RuntimeError("moe_ops.pack_experts needs the compiled CPU extension: "
+                           f"{_backend.load_errors().get('cpu', 'moe_ops._C has no pack_experts')}")
     with torch.no_grad():
-        pgu, pd = torch.ops.moe_ops.pack_experts(w_gate_up.detach(), w_down.detach(), layout)
+        pgu, pd = pack(w_gate_up.detach(), w_down.detach(), layout)
     return PackedExperts(pgu, pd, (_identity(w_gate_up), _identity(w_down)))
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backend as _backend
 from .. import ops
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
@@ -87,7 +88,7 @@ def _cpu_fused_ok(self, x, w1, w2, has_gate, transposed, has_bias, top_k_weights
     path, which calls the module's own ``_apply_gate``)."""
     if x.device.type != "cpu" or not has_gate or transposed or has_bias or x.dtype == torch.float64:
         return False
-    if getattr(self, "has_post_expert_norm", False) or not hasattr(torch.ops.moe_ops, "fused_experts"):
+    if getattr(self, "has_post_expert_norm", False) or _backend.native_op("fused_experts") is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, top_k_weights)):
         return False
@@ -113,7 +114,7 @@ def cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2) -> torch.Tens
 
 def _cpu_packing(self, w1, w2):
     """The module's packed weights (re-packed when the weights changed), if it asked for them."""
-    if not getattr(self, "_moe_ops_pack_cpu", False) or not hasattr(torch.ops.moe_ops, "fused_experts_packed"):
+    if not getattr(self, "_moe_ops_pack_cpu", False) or _backend.native_op("fused_experts_packed") is None:
         return None
     self._moe_ops_packed = ops.repack_if_stale(getattr(self, "_moe_ops_packed", None), w1, w2)
     return self._moe_ops_packed
