@@ -405,19 +405,76 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w
     return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
 
 
-class PackedExperts(NamedTuple):
+class _WeightGuard:
+    """Knows, without reading it, whether a weight tensor still holds the bytes it held when packed.
+
+    Version counters cannot tell: ``w.data.mul_(2)`` writes through a tensor with a counter of its
+    own, and inference tensors have none. Instead the guard shares the weight's storage
+    copy-on-write (``torch._lazy_clone``): any write to that storage, through any alias, makes
+    PyTorch give the writer a private copy, so "still sharing the buffer with the guard" proves
+    "unchanged" in O(1) at no memory cost. When the sharing was broken (a write, or a read through
+    a mutable data pointer, which PyTorch treats alike) the guard compares the bytes once and,
+    if they are equal, shares again. A storage that cannot be shared copy-on-write (memory owned
+    by NumPy or another library) is kept as a private copy and compared on every check: exact,
+    at the cost of one read of the weights per call and one more copy in memory.
+    """
+
+    def __init__(self, t: torch.Tensor):
+        t = t.detach()
+        self._meta = _meta(t)
+        self._arm(t)
+
+    def _arm(self, t: torch.Tensor) -> None:
+        self.cow = False
+        try:
+            self._copy = torch._lazy_clone(t)
+            self.cow = bool(torch._C._is_cow_tensor(t)) and t.const_data_ptr() == self._copy.const_data_ptr()
+        except (RuntimeError, AttributeError):  # no COW for this storage (or this torch)
+            pass
+        if not self.cow:
+            self._copy = t.clone()
+
+    def fresh(self, t: torch.Tensor) -> bool:
+        t = t.detach()
+        if _meta(t) != self._meta:
+            return False
+        if self.cow and torch._C._is_cow_tensor(t) and t.const_data_ptr() == self._copy.const_data_ptr():
+            return True
+        if not _same_bytes(t, self._copy):
+            return False
+        if self.cow:
+            self._arm(t)  # unchanged after all (a read materialized it): share again, free the copy
+        return True
+
+
+def _meta(t: torch.Tensor):
+    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.is_inference())
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads and -0.0 included, which ``torch.equal`` on floats is not)."""
+    it = _INT_OF_SIZE[a.element_size()]
+    return bool(torch.equal(a.view(it), b.view(it)))
+
+
+class PackedExperts:
     """Expert weights repacked once for the CPU backend's panel GEMM (:func:`pack_experts`).
 
     Layout ``panel16``: ``w_gate_up[E, ceil(I/16), 2, H, 16]`` and ``w_down[E, ceil(H/16), I, 16]``,
     16-column panels of the logical ``[K, N]`` operands, in the weights' dtype (the same bytes,
     zero-padded columns). Layout ``vnni`` (bf16, for AVX512-BF16's ``vdpbf16ps``): the same panels
     with the K rows as ``ceil(K/2)`` (k even, k odd) pairs, ``[E, ceil(I/16), 2, ceil(H/2), 16, 2]``
-    and ``[E, ceil(H/16), ceil(I/2), 16, 2]``. ``source`` identifies the weights they were packed from (``(data_ptr, _version)``
-    of each), so a call with weights changed since the packing is refused instead of silently
-    using stale values."""
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    source: Tuple[Tuple[int, int], Tuple[int, int]]
+    and ``[E, ceil(H/16), ceil(I/2), 16, 2]``. :meth:`matches` says whether given weights still
+    hold exactly the values packed (a copy-on-write guard, :class:`_WeightGuard`; docs/cpu.md), so
+    a packing of other or since-modified weights is refused instead of silently used."""
+
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, sources):
+        self.w_gate_up = w_gate_up
+        self.w_down = w_down
+        self._guards = tuple(_WeightGuard(t) for t in sources)
 
     @property
     def layout(self) -> str:
@@ -425,14 +482,8 @@ class PackedExperts(NamedTuple):
         return "vnni" if self.w_gate_up.dim() == 6 else "panel16"
 
     def matches(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-        """Whether these are still the packed form of ``w_gate_up`` / ``w_down``."""
-        return self.source == (_identity(w_gate_up), _identity(w_down))
-
-
-def _identity(t: torch.Tensor) -> Tuple[int, int]:
-    """``(data_ptr, version)``; inference tensors keep no version counter (-1: only the storage
-    is compared for them)."""
-    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+        """Whether these weights still hold exactly the values that were packed."""
+        return all(g.fresh(t) for g, t in zip(self._guards, (w_gate_up, w_down)))
 
 
 def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "auto") -> PackedExperts:
@@ -466,7 +517,7 @@ def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "a
                            f"{_backend.load_errors().get('cpu', 'moe_ops._C has no pack_experts')}")
     with torch.no_grad():
         pgu, pd = pack(w_gate_up.detach(), w_down.detach(), layout)
-    return PackedExperts(pgu, pd, (_identity(w_gate_up), _identity(w_down)))
+    return PackedExperts(pgu, pd, (w_gate_up, w_down))
 
 
 def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,

@@ -181,6 +181,77 @@ def test_moe_forward_refuses_stale_packing():
         moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=(wgu, wd))
 
 
+def _mutations():
+    """Ways a user changes weights in place, each invisible to version counters or not."""
+    def data_mul(w):
+        w.data.mul_(2)
+
+    def inference_mode_add(w):
+        with torch.inference_mode():
+            w.add_(1)
+
+    def no_grad_one_element(w):
+        with torch.no_grad():
+            w.view(-1)[-1] += 1
+
+    def set_other_storage(w):
+        with torch.no_grad():
+            w.set_(w.clone().neg_())
+
+    def numpy_write(w):
+        w.detach().numpy().reshape(-1)[0] += 1  # float32 only: numpy has no bfloat16
+
+    return [data_mul, inference_mode_add, no_grad_one_element, set_other_storage, numpy_write]
+
+
+@pytest.mark.parametrize("which", ["w_gate_up", "w_down"])
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("inference_weights", [False, True], ids=["normal", "inference_tensors"])
+def test_stale_packing_is_never_used(mutate, which, inference_weights):
+    x, logits, wgu, wd = _layer_case(torch.float32)
+    if inference_weights:  # weights made under inference_mode have no version counter at all
+        with torch.inference_mode():
+            wgu, wd = wgu.clone(), wd.clone()
+    packed = moe_ops.pack_experts(wgu, wd)
+    assert packed.matches(wgu, wd)
+    w = wgu if which == "w_gate_up" else wd
+    if inference_weights and mutate.__name__ != "inference_mode_add":
+        with torch.inference_mode():
+            mutate(w)
+    else:
+        mutate(w)
+    assert not packed.matches(wgu, wd)
+    with pytest.raises(ValueError, match="pack_experts"):
+        moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packing_survives_reads_and_numpy_owned_weights(dtype):
+    x, logits, wgu, wd = _layer_case(dtype)
+    arr = None
+    if dtype == torch.float32:  # memory owned by NumPy cannot be shared copy-on-write: the copy path
+        arr = wgu.numpy().copy()
+        wgu = torch.from_numpy(arr)
+    packed = moe_ops.pack_experts(wgu, wd)
+    wgu.data_ptr(), wd.data_ptr()  # mutable pointers: PyTorch breaks the sharing as for a write
+    torch.bmm(x.expand(wd.shape[0], -1, -1), wgu.transpose(1, 2))
+    assert packed.matches(wgu, wd)  # same bytes: still the packing, and shared again
+    assert packed.matches(wgu, wd)
+    out = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    lowp = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="reference")
+    hi = moe_ops.moe_forward(x.double(), logits.double(), wgu.double(), wd.double(), 2, backend="reference")
+    assert_close_to_reference(out, lowp, hi, name="moe_forward(packed, after reads)")
+    if arr is not None:  # a write torch never sees
+        v = arr[-1, -1, -1].copy()
+        arr[-1, -1, -1] = v + 1
+        assert not packed.matches(wgu, wd)
+        arr[-1, -1, -1] = v  # the very bytes packed again: the packing is valid again
+        assert packed.matches(wgu, wd)
+    with torch.no_grad():
+        wd[0, 0, 0] = wd[0, 0, 0] * 2 + 1
+    assert not packed.matches(wgu, wd)
+
+
 def test_moe_forward_packed_autograd_uses_the_differentiable_path():
     x, logits, wgu, wd = _layer_case(torch.float32)
     wgu.requires_grad_(True)
@@ -207,5 +278,8 @@ def test_layer_pack_for_cpu_tracks_weight_updates():
         flipped = layer(x)
         assert layer._packed is not first
         torch.testing.assert_close(flipped.float(), (-plain).float(), rtol=2e-2, atol=2e-2)
+        layer.w_gate_up.data.normal_()  # through .data: no version counter sees it
+        changed = layer(x)
         layer.pack_for_cpu(False)
+        torch.testing.assert_close(changed.float(), layer(x).float(), rtol=2e-2, atol=2e-2)
         assert layer._current_packing() is None
