@@ -20,6 +20,7 @@ import torch
 from . import backend as _backend
 
 INT32_MAX = 2**31 - 1
+MAX_EXPERTS = INT32_MAX - 1  # offsets[E + 1] and ids are int32
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCORINGS = ("softmax", "sigmoid")
@@ -90,16 +91,32 @@ def _check_rows(what, n):
         raise ValueError(f"moe_ops: {what} = {n} overflows int32 row indexing (max {INT32_MAX})")
 
 
+def _check_num_experts(num_experts):
+    # E + 1 expert offsets and every expert id must be int32
+    _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+
+
 def _as_ids(ids, num_experts, name="ids", allow_invalid=False):
+    """``ids[T, k]`` as the int32 the kernels take. Shape and size are checked before anything
+    reads or copies the values (an expanded view may claim 2**31 elements)."""
     _check_tensor(name, ids, INDEX_DTYPES, 2)
     if not 1 <= ids.shape[1] <= MAX_K:
         raise ValueError(f"moe_ops: {name} must have k in [1, {MAX_K}] columns, got shape {tuple(ids.shape)}")
+    _check_rows("T*k", ids.numel())
     if not allow_invalid and ids.numel() and value_checks_enabled(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"moe_ops: {name} must lie in [0, {num_experts}), found values in "
                              f"[{lo}, {hi}] (pass allow_invalid_ids=True to drop such slots)")
-    return ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+    return _to_int32_ids(ids, num_experts)
+
+
+def _to_int32_ids(ids, num_experts):
+    """int64 ids -> int32; an id outside ``[0, num_experts)`` becomes -1 first, since a plain cast
+    would wrap ``2**32 + 1`` onto expert 1 instead of dropping it (device-side, no sync)."""
+    if ids.dtype == torch.int32:
+        return ids
+    return torch.where((ids >= 0) & (ids < num_experts), ids, -1).to(torch.int32)
 
 
 def _as_weights(weights, shape, name="weights"):
@@ -142,8 +159,8 @@ def to_local_ids(ids: torch.Tensor, expert_range: Tuple[int, int]) -> torch.Tens
     ``expert_map`` does: local id ``id - start``, or -1 for experts held elsewhere (every op
     drops such slots). Device-side, no host sync."""
     start, count = _check_expert_range(expert_range)
-    local = ids.to(torch.int32) - start
-    return torch.where((local >= 0) & (local < count), local, torch.full_like(local, -1))
+    local = ids - start  # in ids' own dtype: an int64 id past int32 must not wrap into the range
+    return torch.where((local >= 0) & (local < count), local, -1).to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------- ops
@@ -216,7 +233,7 @@ def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *, block_m: in
     slots of other experts are dropped (``slot_rows == -1``), as with vLLM's expert map.
     """
     _check_tensor("x", x, FLOAT_DTYPES, 2)
-    _check_int("num_experts", num_experts, 1)
+    _check_num_experts(num_experts)
     _check_int("block_m", block_m, 1, 4096)
     ids = _as_ids(ids, num_experts, allow_invalid=allow_invalid_ids)
     if expert_range is not None:
@@ -238,6 +255,7 @@ def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional
     Returns ``out[T, H]`` in ``y_sorted``'s dtype."""
     _check_tensor("y_sorted", y_sorted, FLOAT_DTYPES, 2)
     _check_tensor("slot_rows", slot_rows, INDEX_DTYPES)
+    _check_rows("T*k", slot_rows.numel())  # before reshape(-1), which copies an expanded view
     slot_rows = slot_rows.reshape(-1)
     if weights is not None:
         _check_tensor("weights", weights, FLOAT_DTYPES, 2)
@@ -290,7 +308,7 @@ def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capa
     ``slot_pos`` is -1 for dropped slots. ``demand``/``kept`` count slots per expert before/after
     drops."""
     _check_tensor("x", x, FLOAT_DTYPES, 2)
-    _check_int("num_experts", num_experts, 1)
+    _check_num_experts(num_experts)
     _check_int("capacity", capacity, 0)
     if priority not in PRIORITIES:
         raise ValueError(f"moe_ops: priority must be one of {PRIORITIES}, got {priority!r}")
@@ -358,7 +376,7 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
     if a.dtype != dc.dtype or a.shape[0] != dc.shape[0]:
         raise ValueError(f"moe_ops: a {tuple(a.shape)} {a.dtype} and dc {tuple(dc.shape)} {dc.dtype} "
                          "must share rows and dtype")
-    _check_int("num_experts", num_experts, 1)
+    _check_num_experts(num_experts)
     _check_offsets(expert_offsets, num_experts, a.shape[0])
     _check_same_device(a=a, dc=dc, expert_offsets=expert_offsets)
     _check_rows("M", a.shape[0])

@@ -152,25 +152,78 @@ def no_value_checks(monkeypatch):
     monkeypatch.setenv("MOE_OPS_VALUE_CHECKS", "0")
 
 
-def _big_ids(rows, k):
-    return torch.zeros(1, k, dtype=I32).expand(rows, k)
+class _Unreadable(torch.Tensor):
+    """A tensor whose values must not be touched: metadata queries only. Size checks must refuse
+    a 2**31-element expanded view before anything reads, converts or reshapes it (each of which
+    would allocate or scan gigabytes first)."""
+    _META = {torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.size, torch.Tensor.stride,
+             torch.Tensor.is_inference, torch.Tensor.element_size, torch.Tensor.is_contiguous}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func not in cls._META and getattr(func, "__name__", "") != "__get__":  # properties: shape, dtype..
+            raise AssertionError(f"read {getattr(func, '__name__', func)} of a 2**31-element view before its size check")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _big(*shape, dtype=F32):
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(*shape).as_subclass(_Unreadable)
+
+
+def _big_ids(rows, k, dtype=I32):
+    return _big(rows, k, dtype=dtype)
 
 
 OVERFLOW = [
-    ("gating T*k", lambda: moe_ops.topk_gating(z(1, 32).expand(2**26, 32), 32)),
-    ("permute T*k", lambda: moe_ops.permute(z(1, 1).expand(2**26, 1), _big_ids(2**26, 32), 4)),
-    ("unpermute T*k", lambda: moe_ops.unpermute(z(4, 1), torch.zeros(1, dtype=I32).expand(BIG), k=1)),
-    ("dispatch T*k", lambda: moe_ops.capacity_dispatch(z(1, 1).expand(2**26, 1), _big_ids(2**26, 32), 4, 1)),
+    ("gating T*k", lambda: moe_ops.topk_gating(_big(2**26, 32), 32)),
+    ("permute T*k", lambda: moe_ops.permute(_big(2**26, 1), _big_ids(2**26, 32), 4)),
+    ("permute T*k int64", lambda: moe_ops.permute(_big(2**26, 1), _big_ids(2**26, 32, torch.int64), 4)),
+    ("unpermute T*k", lambda: moe_ops.unpermute(z(4, 1), _big(BIG, dtype=I32), k=1)),
+    ("unpermute T*k 2-D", lambda: moe_ops.unpermute(z(4, 1), _big(2**26, 32, dtype=torch.int64), k=32)),
+    ("dispatch T*k", lambda: moe_ops.capacity_dispatch(_big(2**26, 1), _big_ids(2**26, 32), 4, 1)),
+    ("dispatch T*k int64", lambda: moe_ops.capacity_dispatch(_big(2**26, 1), _big_ids(2**26, 32, torch.int64), 4, 1)),
     ("combine T*k", lambda: moe_ops.capacity_combine(z(4, 1, 1), _big_ids(2**26, 32), _big_ids(2**26, 32))),
-    ("gemm M", lambda: moe_ops.grouped_gemm(z(1, 1).expand(BIG, 1), z(1, 1, 1), offs_(0, 1))),
-    ("wgrad M", lambda: moe_ops.grouped_gemm_wgrad(z(1, 1).expand(BIG, 1), z(1, 1).expand(BIG, 1), offs_(0, 1), 1)),
+    ("gemm M", lambda: moe_ops.grouped_gemm(_big(BIG, 1), z(1, 1, 1), offs_(0, 1))),
+    ("wgrad M", lambda: moe_ops.grouped_gemm_wgrad(_big(BIG, 1), _big(BIG, 1), offs_(0, 1), 1)),
 ]
 
 
+@pytest.mark.parametrize("checks", ["0", "auto"], ids=["value_checks_off", "value_checks_on"])
 @pytest.mark.parametrize("call", [pytest.param(c, id=n) for n, c in OVERFLOW])
-def test_rejects_int32_overflow(call, no_value_checks):
+def test_rejects_int32_overflow(call, checks, monkeypatch):
+    monkeypatch.setenv("MOE_OPS_VALUE_CHECKS", checks)
     with pytest.raises(ValueError, match="overflows int32"):
         call()
+
+
+@pytest.mark.parametrize("E", [2**31 - 1, 2**31, 2**40])
+def test_rejects_num_experts_past_int32(E):
+    for call in (lambda: moe_ops.permute(X, IDS, E), lambda: moe_ops.capacity_dispatch(X, IDS, E, 1),
+                 lambda: moe_ops.grouped_gemm_wgrad(X, X, offs_(0, 6), E)):
+        with pytest.raises(ValueError, match="num_experts must be <= 2147483646"):
+            call()
+
+
+# int64 ids past int32: a plain cast would wrap 2**32 + 1 onto expert 1; they must be dropped
+_WIDE = torch.tensor([[0, 2**32 + 1], [1, 2], [3, -2**32 + 2], [2**31, 2]])
+_WIDE_AS_DROPPED = torch.tensor([[0, -1], [1, 2], [3, -1], [-1, 2]], dtype=I32)
+
+
+@pytest.mark.parametrize("backend", [b for b in moe_ops.available_backends("permute", "cpu")])
+def test_int64_ids_past_int32_are_dropped(backend):
+    x = torch.randn(4, 5)
+    w = torch.rand(4, 2)
+    kw = dict(allow_invalid_ids=True, backend=backend)
+    for a, b in zip(moe_ops.permute(x, _WIDE, 4, **kw), moe_ops.permute(x, _WIDE_AS_DROPPED, 4, **kw)):
+        assert torch.equal(a, b)
+    got, want = moe_ops.capacity_dispatch(x, _WIDE, 4, 2, **kw), moe_ops.capacity_dispatch(x, _WIDE_AS_DROPPED, 4, 2, **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    out = moe_ops.capacity_combine(want.buf, _WIDE, want.slot_pos, w, backend=backend)
+    assert torch.equal(out, moe_ops.capacity_combine(want.buf, _WIDE_AS_DROPPED, want.slot_pos, w, backend=backend))
+    assert torch.equal(moe_ops.to_local_ids(_WIDE, (0, 4)), _WIDE_AS_DROPPED)
+    assert moe_ops.to_local_ids(torch.tensor([[2**32 + 5]]), (4, 4)).tolist() == [[-1]]
 
 
 def test_value_checks_can_be_disabled(monkeypatch):

@@ -134,7 +134,7 @@ struct Ops {
     const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
     TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::permute: ids has ", ids.size(0), " rows but x has ",
                 x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::permute: num_experts must be >= 1, got ", E);
+    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::permute: num_experts must be in [1, ", kInt32Max, "] (ids and offsets are int32), got ", E);
     TORCH_CHECK(block_m >= 1 && block_m <= 1 << 20, "moe_ops::permute: block_m must be in [1, 2^20], got ", block_m);
     const int64_t T = ids.size(0), k = ids.size(1), H = x_in.size(1);
     const int64_t P = T * k + E * (block_m - 1);
@@ -190,7 +190,7 @@ struct Ops {
     const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
     TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::capacity_dispatch: ids has ", ids.size(0),
                 " rows but x has ", x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::capacity_dispatch: num_experts must be >= 1, got ", E);
+    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::capacity_dispatch: num_experts must be in [1, ", kInt32Max, "] (ids and offsets are int32), got ", E);
     TORCH_CHECK(C >= 0, "moe_ops::capacity_dispatch: capacity must be >= 0, got ", C);
     TORCH_CHECK(E * C <= kInt32Max, "moe_ops::capacity_dispatch: E*C overflows int32");
     bool kmajor;
