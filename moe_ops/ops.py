@@ -200,9 +200,9 @@ def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renor
         if E % n_group:
             raise ValueError(f"moe_ops: num_experts {E} is not divisible by n_group {n_group}")
         _check_int("topk_group", topk_group, 1, n_group)
-        if k > topk_group * (E // n_group):
-            raise ValueError(f"moe_ops: k={k} exceeds the {topk_group * (E // n_group)} experts in "
-                             f"topk_group={topk_group} groups of {E // n_group}")
+        # k may exceed the topk_group * E/n_group experts of the kept groups: then masked experts
+        # (key -inf) fill the rest, lowest index first, as transformers' DeepSeek-V3 router lets
+        # torch.topk pick them (its order among those ties is arbitrary; ours is the ranking rule).
     if correction_bias is not None:
         _check_tensor("correction_bias", correction_bias, FLOAT_DTYPES, 1)
         if correction_bias.numel() != E:

@@ -74,7 +74,7 @@ def _cases_for(op, name, device, dtype):
             and (dtype == torch.float32 or c not in EMU_FP32_ONLY)]
 
 
-GATING_VARIANTS = ["softmax", "softmax_renorm_scaled", "sigmoid_bias", "grouped", "nan", "ties"]
+GATING_VARIANTS = ["softmax", "softmax_renorm_scaled", "sigmoid_bias", "grouped", "nan", "ties", "grouped_fill"]
 IDS_MODES = [("uniform", 0.0), ("skew", 0.0), ("one", 0.0), ("dup", 0.0), ("uniform", 0.2)]
 
 
@@ -115,6 +115,10 @@ def _inputs(op, case, idx, dtype, device):
         if v == "grouped":
             ng, tg = _group_args(E, k)
             kw.update(n_group=ng, topk_group=tg, scaling_factor=2.5)
+        elif v == "grouped_fill":  # k beyond the kept groups' experts: masked (-inf) ones fill in
+            G = k - 1 if k > 1 and E % (k - 1) == 0 else 1
+            kw.update(scoring="sigmoid", renormalize=True, n_group=E // G, topk_group=1,
+                      correction_bias=make_logits(1, E, seed=s + 1, device=device, scale=0.2)[0])
         return dict(logits=logits, k=k, kw=kw)
     ids = make_ids(T, k, E, seed=s + 2, mode=mode, invalid=invalid, device=device)
     x = make_x(T, H, seed=s + 3, dtype=dtype, device=device)

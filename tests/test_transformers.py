@@ -67,6 +67,18 @@ def _cfg_deepseek():
         v_head_dim=8, rope_scaling=None)
 
 
+def _cfg_deepseek_hf_tiny():
+    """transformers' own DeepSeek-V3 test config routes k=8 of 8 experts with 1 of 2 groups kept:
+    more experts than the kept groups hold, which stock top-k fills with masked ones."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    return DeepseekV3ForCausalLM, DeepseekV3Config(
+        vocab_size=V, hidden_size=H, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=L,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=8, n_group=2, topk_group=1, first_k_dense_replace=0, norm_topk_prob=True,
+        routed_scaling_factor=1.0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, rope_scaling=None)
+
+
 def _cfg_gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
     return GptOssForCausalLM, GptOssConfig(
@@ -85,7 +97,7 @@ def _cfg_llama4():
 
 
 FAMILIES = {"mixtral": _cfg_mixtral, "qwen2_moe": _cfg_qwen2, "qwen3_moe": _cfg_qwen3, "olmoe": _cfg_olmoe,
-            "deepseek_v3": _cfg_deepseek, "gpt_oss": _cfg_gpt_oss, "llama4": _cfg_llama4}
+            "deepseek_v3": _cfg_deepseek, "deepseek_v3_hf_tiny": _cfg_deepseek_hf_tiny, "gpt_oss": _cfg_gpt_oss, "llama4": _cfg_llama4}
 
 
 def build(family, seed=0):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 from torch.library import wrap_triton
 
 _LAUNCHES = [0]
+_INTERPRETER_LOCK = threading.RLock()
 
 
 def interpreted() -> bool:
@@ -45,6 +47,14 @@ def launch(kernel, grid, *args, **meta):
         raise RuntimeError("moe_ops.triton_kernels: tracing Triton kernels (torch.compile / AOT "
                            "dispatch, functional tensors) is not supported under TRITON_INTERPRET=1; "
                            "call the ops eagerly, or trace on a GPU")
+    if interpreted():
+        # The interpreter patches triton.language module-wide while a kernel runs, so two
+        # threads interpreting at once break each other ("Did you forget @triton.jit"):
+        # one interpreted launch at a time.
+        with _INTERPRETER_LOCK:
+            _LAUNCHES[0] += 1
+            wrap_triton(kernel)[grid](*args, **meta)
+        return
     _LAUNCHES[0] += 1
     wrap_triton(kernel)[grid](*args, **meta)
 

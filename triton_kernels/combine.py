@@ -19,7 +19,7 @@ MODE_SLOT = 2      # y[s]                              (fused layer: already wei
 
 
 @triton.jit
-def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, T, H, E, C, stride_y,
+def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, T, H, E, C, R, stride_y,
                     K: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -35,12 +35,14 @@ def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, T, H, E, C, stride_
             ok = tm
         else:
             r = tl.load(map_ptr + s, mask=tm, other=-1)
+            # out-of-range indices (value checks off) contribute nothing, as -1 does: never a
+            # read outside y (the CUDA/CPU kernels drop them the same way)
             if MODE == 1:
                 e = tl.load(ids_ptr + s, mask=tm, other=-1)
-                ok = (r >= 0) & (e >= 0) & (e < E)
+                ok = (r >= 0) & (r < C) & (e >= 0) & (e < E)
                 row = e.to(tl.int64) * C + r
             else:
-                ok = r >= 0
+                ok = (r >= 0) & (r < R)
                 row = r.to(tl.int64)
         row = tl.where(ok, row, 0)
         y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=hm & ok[:, None], other=0.0).to(ACC)
@@ -53,10 +55,10 @@ def _combine_kernel(y_ptr, map_ptr, ids_ptr, w_ptr, out_ptr, T, H, E, C, stride_
 def combine(y: torch.Tensor, T: int, k: int, mode: int, slot_map=None, ids=None, weights=None,
             E: int = 1, C: int = 1) -> torch.Tensor:
     H = y.shape[-1]
-    y2 = y.reshape(-1, H)
     out = torch.empty((T, H), device=y.device, dtype=y.dtype)
     if T == 0 or H == 0:
         return out
+    y2 = y.reshape(-1, H)
     y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
     dummy = out
     block_h = min(256, next_pow2(H))
@@ -65,7 +67,7 @@ def combine(y: torch.Tensor, T: int, k: int, mode: int, slot_map=None, ids=None,
            slot_map.contiguous() if slot_map is not None else dummy,
            ids.contiguous() if ids is not None else dummy,
            weights.contiguous() if weights is not None else dummy,
-           out, T, H, E, C, y2.stride(0), K=k, MODE=mode, HAS_W=weights is not None,
+           out, T, H, E, C, y2.shape[0], y2.stride(0), K=k, MODE=mode, HAS_W=weights is not None,
            BLOCK_T=block_t, BLOCK_H=block_h,
            ACC=tl.float64 if y.dtype == torch.float64 else tl.float32)
     return out

@@ -232,6 +232,13 @@ def run_gemm(a, b, c, offsets, sched, E, N, K, cfg, *, rows, trans_b, slots=None
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _clamped_offsets(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """``expert_offsets`` clamped into ``[0, rows]`` and made non-decreasing (as the CPU backend
+    reads them), on the device: with value checks off, offsets outside the rows of ``a`` must not
+    make a kernel read past them or loop over a huge range."""
+    return torch.cummax(offsets.clamp(0, rows), dim=0).values.to(torch.int32)
+
+
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, trans_b: bool) -> torch.Tensor:
     M, K = a.shape
     E = b.shape[0]
@@ -242,6 +249,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     if K == 0:
         return c.zero_()
     cfg = get_config(E, N, K, a.dtype, a.device, M)
+    expert_offsets = _clamped_offsets(expert_offsets, M)
     sched = build_schedule(expert_offsets, E, cfg["BLOCK_M"], M)
     run_gemm(a, b, c, expert_offsets, sched, E, N, K, cfg, rows=M, trans_b=trans_b, zero_outside=True)
     return c
@@ -253,6 +261,7 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
     db = torch.empty((num_experts, K, N), device=a.device, dtype=a.dtype)
     if db.numel() == 0:
         return db
+    expert_offsets = _clamped_offsets(expert_offsets, M)
     cfg = get_config(num_experts, N, K, a.dtype, a.device, M, wgrad=True)
     grid = max(1, min(num_programs(a.device), num_experts * cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"])))
     launch(_wgrad_kernel, (grid,), a, dc, db, expert_offsets, num_experts, K, N,

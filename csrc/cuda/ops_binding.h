@@ -96,8 +96,6 @@ struct Ops {
       TORCH_CHECK(E % n_group == 0, "moe_ops::topk_gating: E=", E, " is not divisible by n_group=", n_group);
       TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_ops::topk_gating: topk_group must be in [1, ",
                   n_group, "], got ", topk_group);
-      TORCH_CHECK(k <= topk_group * (E / n_group), "moe_ops::topk_gating: k=", k, " exceeds the ",
-                  topk_group * (E / n_group), " experts of the kept groups");
       TORCH_CHECK(launchers::topk_gating_supported(static_cast<int>(E), static_cast<int>(n_group)),
                   "moe_ops::topk_gating (", B::kName, "): group-limited routing with E=", E,
                   " needs more than 48 KiB of shared memory per row");

@@ -48,8 +48,8 @@ void topk_gating(const void* logits, DType dtype, const float* bias, int64_t T, 
   if (k < 1 || k > 32 || k > E) throw std::invalid_argument("moe_ops: topk_gating needs 1 <= k <= min(E, 32)");
   if (scoring != kern::kScoreSoftmax && scoring != kern::kScoreSigmoid)
     throw std::invalid_argument("moe_ops: topk_gating scoring must be 0 (softmax) or 1 (sigmoid)");
-  if (n_group > 0 && (E % n_group != 0 || topk_group < 1 || topk_group > n_group ||
-                      k > topk_group * (E / n_group)))
+  // k may exceed the kept groups' experts: masked ones (-inf keys) fill in by index (DESIGN.md)
+  if (n_group > 0 && (E % n_group != 0 || topk_group < 1 || topk_group > n_group))
     throw std::invalid_argument("moe_ops: topk_gating group arguments are inconsistent");
   if (T <= 0) return;
   kern::GatingParams p;
