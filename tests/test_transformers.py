@@ -364,3 +364,52 @@ def test_non_gated_layout():
     from transformers.integrations.moe import batched_mm_experts_forward
     torch.testing.assert_close(moe_hf.moe_ops_experts_forward(ex, x, ids, w),
                                batched_mm_experts_forward(ex, x, ids, w), atol=1e-5, rtol=1e-5)
+
+
+# transformers' own tiny test configs: its CausalLMModelTester defaults (tests/causal_lm_tester.py),
+# mapped onto each config class the way the tester maps them, plus the overrides the family's own
+# tester makes where they matter to routing (DeepSeek-V3: 8 experts, 2 groups, 1 kept, top-8).
+_HF_TESTER = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=37, hidden_act="gelu", max_position_embeddings=512, initializer_range=0.02,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, moe_intermediate_size=12,
+                  shared_expert_intermediate_size=36, num_experts_per_tok=2, num_experts=8, head_dim=16,
+                  tie_word_embeddings=False)
+_HF_TESTER_FAMILIES = {
+    "Mixtral": {}, "Qwen2Moe": {}, "Qwen3Moe": {}, "Olmoe": {}, "GptOss": {},
+    "DeepseekV3": dict(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=8, first_k_dense_replace=0),
+}
+
+
+def _hf_tester_config(family):
+    import inspect
+
+    import transformers
+    cls = getattr(transformers, family + "Config")
+    vals = dict(_HF_TESTER, **_HF_TESTER_FAMILIES[family])
+    by_attr = {v: k for k, v in getattr(cls, "attribute_map", {}).items()}
+    kw = {}
+    for name in list(inspect.signature(cls.__init__).parameters) + ["pad_token_id"]:
+        if name in vals:
+            kw[name] = vals[name]
+        elif name in by_attr and by_attr[name] in vals:
+            kw[name] = vals[by_attr[name]]
+    return getattr(transformers, family + "ForCausalLM"), cls(**kw)
+
+
+@pytest.mark.parametrize("family", list(_HF_TESTER_FAMILIES))
+def test_transformers_own_tiny_configs(family):
+    """The stock model as transformers' tests build it (its init, gelu experts, its routing
+    config) and the patched one agree: logits and greedy generation."""
+    cls, cfg = _hf_tester_config(family)
+    torch.manual_seed(0)
+    stock = cls(cfg).eval()
+    if hasattr(stock, "set_experts_implementation") and stock._can_set_experts_implementation():
+        stock.set_experts_implementation("eager")
+    fast = patched(stock)
+    ids = torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = stock(ids).logits, fast(ids).logits
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        ga = stock.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        gb = fast.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(ga, gb)
