@@ -60,14 +60,14 @@ MAX_OUT_FILES = 8
 # Per step: (cap on a GPU, cap on the CPU rehearsal, least time worth starting it), seconds.
 STEPS = OrderedDict([
     ("env", (60, 60, 5)),
-    ("build", (240, 480, 30)),
+    ("build", (240, 1500, 30)),   # CPU: incremental after `make test` (CI); from scratch on 2 cores, ~15 min
     ("load", (60, 90, 10)),
     ("tests", (150, 100, 30)),
     ("bench", (150, 75, 30)),
     ("profile", (45, 60, 15)),
 ])
 # The whole run; a step killed at its limit takes up to 20 s more (SIGTERM, then SIGKILL).
-BUDGET_S = {"cuda": 450, "cpu": 600}
+BUDGET_S = {"cuda": 450, "cpu": 1800}
 TEST_SAMPLE = {"cuda": 60, "cpu": 24}      # tests not marked gpu, spread over the files
 TEST_TIMEOUT_S = 120                       # one test (pytest-timeout)
 # The rehearsal's bench points (the preset's CPU tokens x these E).
@@ -300,7 +300,8 @@ class Check:
     # 4 ---------------------------------------------------------------------------------- tests
     def tests(self, timeout):
         cores = int(self.info.get("env", {}).get("cores") or os.cpu_count() or 1)
-        shards = self.args.shards or (min(4, max(1, cores // 4)) if self.device == "cuda" else 1)
+        # GPU: Triton compiles (one core each) in parallel; CPU: 2, so CI runs the same sharded path
+        shards = self.args.shards or (min(4, max(1, cores // 4)) if self.device == "cuda" else 2)
         sample = TEST_SAMPLE[self.device] if self.args.sample is None else self.args.sample
         grace = 30 if self.device == "cuda" else 20   # collection, then the last test finishing
         deadline = time.time() + timeout - grace
@@ -320,25 +321,32 @@ class Check:
             procs.append((start(cmd, env, out), out, results))
         end = time.monotonic() + timeout
         rcs = []
-        for proc, out, _ in procs:
-            try:
-                rcs.append(proc.wait(max(1.0, end - time.monotonic())))
-            except subprocess.TimeoutExpired:
+        try:
+            for proc, out, _ in procs:
+                try:
+                    rcs.append(proc.wait(max(1.0, end - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
+                    rcs.append(None)
+                out.close()
+        except BaseException:
+            for proc, _, _ in procs:
                 _kill(proc)
-                rcs.append(None)
-            out.close()
+            raise
         for i, (_, out, _) in enumerate(procs):
             with open(out.name, "rb") as f:
                 self.log.write(f"----- pytest shard {i}/{shards} (exit {rcs[i]}) -----\n"
                                + f.read().decode(errors="replace"))
-        res = collect_test_results([r for _, _, r in procs])
+        res = collect_test_results([r for _, _, r in procs], stopped=time.time())
         res.update(shards=shards, sample=sample, exit_codes=rcs)
         self.info["tests"] = res
         write_tests_txt(self.path("tests"), res)
         c = res["counts"]
         for i, rc in enumerate(rcs):
-            if rc is None:
-                self.fail(f"pytest shard {i} killed at the time limit ({timeout:.0f} s)")
+            if rc is None and not res["shards_selected"][i]:
+                self.fail(f"pytest shard {i} killed at the time limit ({timeout:.0f} s) before it selected tests")
+            elif rc is None:
+                self.warn(f"pytest shard {i} stopped at the time limit ({timeout:.0f} s)")
             elif rc not in (0, 1, 5):  # 5: this shard got no test (reported below if none did)
                 self.fail(f"pytest shard {i} exited {rc} (collection or internal error; see the log)")
         if not res["tests"]:
@@ -352,8 +360,9 @@ class Check:
                 self.fail("no GPU test selected in tests/test_ops.py (the gpu marker selects nothing?)")
             if not per_file.get("tests/test_triton.py"):
                 self.fail("no GPU test selected in tests/test_triton.py")
-        if c["all"].get("not run"):
-            self.warn(f"{c['all']['not run']} selected test(s) not run (time budget); listed in {OUT_FILES['tests']}")
+        short = c["all"].get("not run", 0) + c["all"].get("cut", 0)
+        if short:
+            self.warn(f"{short} selected test(s) not run or cut short by the time budget; listed in {OUT_FILES['tests']}")
 
     # 5 ---------------------------------------------------------------------------------- bench
     def bench(self, timeout):
@@ -429,11 +438,14 @@ class Check:
 
 # ---------------------------------------------------------------------------- test results
 
-def collect_test_results(paths):
-    """Outcomes from the plugin's JSON lines (scripts/gpu_check_pytest.py): per test the last
-    outcome; started without one = killed; selected but never started = not run."""
-    selected, gpu, started, done = [], set(), set(), {}
+def collect_test_results(paths, stopped=None):
+    """Outcomes from the plugin's JSON lines (scripts/gpu_check_pytest.py), one file per shard:
+    per test its outcome; selected but never started = "not run"; started without an outcome
+    (its process was stopped at ``stopped``, a time.time()) = "cut" if it had run less than a
+    test may (TEST_TIMEOUT_S; the budget ended), else "killed" (hung past pytest-timeout)."""
+    selected, gpu, started, done, shards_selected = [], set(), {}, {}, []
     for p in paths:
+        shards_selected.append(False)
         if not os.path.exists(p):
             continue
         with open(p) as f:
@@ -445,13 +457,20 @@ def collect_test_results(paths):
                 if "selected" in rec:
                     selected += rec["selected"]
                     gpu.update(rec["gpu"])
+                    shards_selected[-1] = True
                 elif "outcome" in rec:
                     done[rec["id"]] = rec
                 elif "start" in rec:
-                    started.add(rec["id"])
+                    started[rec["id"]] = rec["start"]
     tests = []
     for tid in selected:
-        rec = done.get(tid) or dict(id=tid, outcome="killed" if tid in started else "not run", s=0.0, why="")
+        rec = done.get(tid)
+        if rec is None and tid in started:
+            ran = (stopped or time.time()) - started[tid]
+            rec = dict(id=tid, outcome="cut" if ran < TEST_TIMEOUT_S else "killed", s=ran,
+                       why=f"stopped after {ran:.0f} s")
+        elif rec is None:
+            rec = dict(id=tid, outcome="not run", s=0.0, why="")
         tests.append(dict(rec, group="gpu" if tid in gpu else "sample"))
     counts = {"gpu": Counter(), "sample": Counter(), "all": Counter()}
     for t in tests:
@@ -460,11 +479,11 @@ def collect_test_results(paths):
     failed = [f"{t['id']}: {t['why']}" for t in tests if t["outcome"] in ("failed", "error", "killed")]
     skips = Counter(t["why"] for t in tests if t["outcome"] == "skipped" and t["group"] == "gpu")
     return dict(tests=tests, gpu=sorted(gpu), counts={k: dict(v) for k, v in counts.items()}, failed=failed,
-                gpu_skip_reasons=skips.most_common(5))
+                gpu_skip_reasons=skips.most_common(5), shards_selected=shards_selected)
 
 
 def write_tests_txt(path, res) -> None:
-    order = {"failed": 0, "error": 0, "killed": 0, "not run": 1}
+    order = {"failed": 0, "error": 0, "killed": 0, "cut": 1, "not run": 1}
     with open(path, "w") as f:
         f.write(f"# {len(res['tests'])} selected tests; counts {json.dumps(res['counts'])}\n")
         f.write("# outcome\tseconds\tgroup\ttest\treason\n")
@@ -530,13 +549,14 @@ def summary(info, device, out) -> str:
     lines = [f"== moe-ops gpu-check: {head} in {info.get('total_s', 0):.0f} s"
              + ("" if device == "cuda" else " (no GPU: CPU rehearsal)") + " =="]
     if e:
-        gpu = f"{e.get('gpu')} sm_{''.join(map(str, e.get('capability', [])))} x{e.get('gpu_count')}" \
-            if device == "cuda" else "no GPU"
-        lines.append(f"machine: {gpu}, {e.get('cores')} cores | python {e.get('python')} | torch {e.get('torch')} "
-                     f"(CUDA {e.get('torch_cuda')}) | triton {e.get('triton')} | transformers {e.get('transformers')} "
-                     f"| numpy {e.get('numpy')}")
+        gpu = f"{e.get('gpu')} sm_{''.join(map(str, e.get('capability', [])))} x{e.get('gpu_count')} " \
+              f"({e.get('gpu_memory_gib')} GiB)" if device == "cuda" else "no GPU"
         smi = (e.get("nvidia_smi") or "").split(": ", 1)[-1]
-        lines.append(f"nvcc: {(e.get('nvcc') or 'none').split(': ', 1)[-1]}" + (f" | nvidia-smi: {smi}" if smi else ""))
+        nvcc = re.search(r"release ([\d.]+)", e.get("nvcc") or "")
+        lines.append(f"machine: {gpu}, {e.get('cores')} cores | nvcc {nvcc.group(1) if nvcc else 'none'}"
+                     + (f" | nvidia-smi: {smi}" if smi else ""))
+        lines.append(f"python {e.get('python')} | torch {e.get('torch')} (CUDA {e.get('torch_cuda')}) | triton "
+                     f"{e.get('triton')} | transformers {e.get('transformers')} | numpy {e.get('numpy')}")
     lines.append("steps: " + ", ".join(f"{n} {s['status']} {s['s']:.0f}s" for n, s in info["steps"].items()))
     if "build_env" in info:
         lines.append("build: " + " ".join(f"{k}={v}" for k, v in info["build_env"].items()))
@@ -544,8 +564,12 @@ def summary(info, device, out) -> str:
     if ld:
         lines.append(f"backends on {device}: {', '.join(ld['backends'])} | needed: "
                      + ", ".join(f"{b} {ld.get('smoke', {}).get(b, 'missing')}" for b in ld["required"]))
-        lines.append(f"build_info: cuda={ld['build_info'].get('cuda')} archs={ld['build_info'].get('cuda_archs')} "
-                     f"cpu={ld['build_info'].get('cpu')} | load_errors: {ld['load_errors'] or 'none'}")
+        bi = ld["build_info"]
+        cpu = bi.get("cpu") or {}
+        isa = "AVX512-BF16" if cpu.get("avx512_bf16") else "AVX2" if cpu.get("avx2") else "portable"
+        lines.append(f"build_info: cuda={bi.get('cuda')} {bi.get('cuda_version') or ''} archs={bi.get('cuda_archs')} "
+                     f"cpu kernels={isa} | load_errors: "
+                     + ("; ".join(f"{b}: {m[:70]}" for b, m in ld["load_errors"].items()) or "none"))
     t = info.get("tests")
     if t:
         def cnt(g):
@@ -572,7 +596,8 @@ def summary(info, device, out) -> str:
                          f"{_x(r['permute_of_copy']):>9} {_x(r['unpermute_of_copy']):>11}")
     p = info.get("profile")
     if p:
-        lines.append(f"profile: moe_forward {p['shape']} {p['kernels']} GPU kernels, {p['events']} events; "
+        shape = " ".join(f"{k}={v}" for k, v in p["shape"].items())
+        lines.append(f"profile: moe_forward {shape}: {p['kernels']} GPU kernels, {p['events']} events; "
                      f"moe_ops ranges: {', '.join(p['moe_ops_ranges']) or 'none'}")
         lines.append("  top: " + "; ".join(p["top"][:3]))
     for w in info["warnings"][:4]:
@@ -595,7 +620,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run (default {BUDGET_S['cuda']} on a GPU, {BUDGET_S['cpu']} on CPU)")
     p.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST to build for (default: the GPU present's)")
-    p.add_argument("--shards", type=int, help="parallel pytest processes (default: cores/4 up to 4 on a GPU, 1 on CPU)")
+    p.add_argument("--shards", type=int, help="parallel pytest processes (default: cores/4 up to 4 on a GPU, 2 on CPU)")
     p.add_argument("--sample", type=int, help="tests not marked gpu to run (default: "
                    f"{TEST_SAMPLE['cuda']} on a GPU, {TEST_SAMPLE['cpu']} on CPU)")
     p.add_argument("--no-build", action="store_true", help="use the extension already built in place")
@@ -603,4 +628,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(Check(parse_args()).main())
+    _args = parse_args()
+    if _args.budget is not None and _args.budget < sum(s[2] for s in STEPS.values()):
+        sys.exit(f"--budget {_args.budget:g}: the steps need at least {sum(s[2] for s in STEPS.values())} s")
+    sys.exit(Check(_args).main())

@@ -106,7 +106,7 @@ def load(device: str) -> int:
                backends=moe_ops.available_backends(device=device), failures=[])
     print("moe_ops.build_info():", json.dumps(out["build_info"], indent=1, default=str))
     print("moe_ops.load_errors():", json.dumps(out["load_errors"], indent=1))
-    if not os.path.abspath(moe_ops.__file__).startswith(ROOT + os.sep):
+    if not os.path.realpath(moe_ops.__file__).startswith(os.path.realpath(ROOT) + os.sep):
         out["failures"].append(f"imported moe_ops from {moe_ops.__file__}, not from this checkout {ROOT}")
     need = ["cuda", "triton"] if device == "cuda" else ["cpu"] + (["triton"] if _version("triton") else [])
     out["required"] = need

@@ -151,20 +151,24 @@ def test_select_keeps_gpu_tests_first_and_samples_every_file():
 
 
 def test_results_say_what_did_not_run(tmp_path):
-    recs = [dict(selected=["a", "b", "c", "d", "e"], gpu=["a", "b", "c"]),
+    stop = 1000.0
+    recs = [dict(selected=["a", "b", "c", "d", "e", "f"], gpu=["a", "b", "c", "f"]),
             dict(id="a", start=1.0), dict(id="a", outcome="passed", s=0.5, why=""),
             dict(id="b", start=2.0), dict(id="b", outcome="failed", s=0.1, why="AssertionError: no"),
-            dict(id="c", start=3.0),                       # killed while running
+            dict(id="c", start=stop - G.TEST_TIMEOUT_S - 1),   # running past the per-test limit: hung
             dict(id="d", start=4.0), dict(id="d", outcome="skipped", s=0.0, why="no bf16")]
-    path = tmp_path / "r.jsonl"
+    shard2 = [dict(selected=[], gpu=[]), dict(id="f", start=stop - 5)]   # stopped by the budget
+    path, path2 = tmp_path / "r.jsonl", tmp_path / "r2.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"id": "e", "sta')  # cut by a kill
-    res = G.collect_test_results([str(path), str(tmp_path / "missing.jsonl")])
-    assert res["counts"]["gpu"] == {"passed": 1, "failed": 1, "killed": 1}
+    path2.write_text("".join(json.dumps(r) + "\n" for r in shard2))
+    res = G.collect_test_results([str(path), str(tmp_path / "missing.jsonl"), str(path2)], stopped=stop)
+    assert res["counts"]["gpu"] == {"passed": 1, "failed": 1, "killed": 1, "cut": 1}
     assert res["counts"]["sample"] == {"skipped": 1, "not run": 1}
-    assert res["failed"] == ["b: AssertionError: no", "c: "]
+    assert [f.split(":")[0] for f in res["failed"]] == ["b", "c"]
+    assert res["shards_selected"] == [True, False, True]
     G.write_tests_txt(str(tmp_path / "tests.txt"), res)
     lines = (tmp_path / "tests.txt").read_text().splitlines()
-    assert lines[2].startswith("failed\t") and lines[4].startswith("not run\t") and len(lines) == 7
+    assert [ln.split("\t")[0] for ln in lines[2:]] == ["failed", "killed", "not run", "cut", "passed", "skipped"]
 
 
 # ----------------------------------------------------------------------------------- bench
