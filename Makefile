@@ -1,6 +1,8 @@
-# moe-ops: the two entry points are `make bench` and `make test` (each sets up what it needs).
+# moe-ops: the entry points are `make bench` and `make test` (each sets up what it needs).
 #   make bench   venv + build + the quick benchmark matrix on the device present
 #   make test    venv + build (extension, emulator, sanitizer builds) + the whole test suite
+#   make gpu-check PYTHON=python3 OUT=dir   the offline one-command check of a GPU machine with the
+#                interpreter given (no venv, no downloads); a rehearsal on CPU where no GPU is
 # Knobs: PYTHON (interpreter used to create the venv), VENV, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # MOE_OPS_CUDA=auto|0|1, BENCH_ARGS, PYTEST_ARGS.
 PYTHON ?= python3
@@ -9,7 +11,9 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
-.PHONY: setup install build sim-sanitizers test test-py bench plots ptxas clean
+OUT ?= gpu-check-out
+
+.PHONY: setup install build sim-sanitizers test test-py bench gpu-check plots ptxas clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +45,10 @@ test: install
 
 bench: install
 	$(PY) -m bench --preset quick $(BENCH_ARGS)
+
+# No venv prerequisite: the check uses $(PYTHON) as it is (scripts/gpu_check.py; README).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(OUT)
 
 plots: setup
 	$(PY) bench/plot.py

@@ -38,7 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_TIMED = {"cuda_sim"}  # an emulator, not a performance path
 
 # Per preset: models, experts, tokens (per device type), top-k ("native" or "sweep"), default
-# H/I scale per device type, timing settings, and a wall-clock limit (s, since process start).
+# H/I scale per device type, timing settings, and a wall-clock limit (s, since process start);
+# optionally its own ops and baselines (default: all; --ops/--baselines override).
 PRESETS: Dict[str, dict] = {
     "smoke": dict(models=["tiny"], experts=[8], tokens={"cpu": [16], "cuda": [16]}, topk="native",
                   scale={"cpu": 1, "cuda": 1}, warmup=2, reps=3, budget_s=0.05, time_limit=None,
@@ -55,6 +56,14 @@ PRESETS: Dict[str, dict] = {
                  "cuda": [1, 8, 64, 512, 4096]}, topk="sweep", scale={"cpu": 8, "cuda": 1},
                  warmup=3, reps=30, budget_s=0.5, time_limit=None,
                  reference_max_gflop={"cpu": 100.0, "cuda": 5000.0}),
+    # `make gpu-check` (scripts/gpu_check.py), ~2 min on one H100/H200: the layer and the grouped GEMM
+    # against torch._grouped_mm (hf_grouped_mm is transformers' default path, built on it) and cuBLAS
+    # at equal FLOPs, permute/unpermute against the device copy. Its own ops and baselines.
+    "gpu": dict(models=["qwen3-30b-a3b"], experts=[8, 64, 256], tokens={"cpu": [64], "cuda": [64, 512, 4096]},
+                topk="native", scale={"cpu": 16, "cuda": 1}, warmup=2, reps=20, budget_s=0.1, time_limit=150,
+                reference_max_gflop={"cpu": 2.0, "cuda": 2000.0},
+                ops=["moe_forward", "grouped_gemm", "permute", "unpermute"],
+                baselines=["hf_eager", "hf_grouped_mm", "torch_grouped_mm", "dense", "weight_read", "floor", "copy"]),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -335,11 +344,11 @@ def main(argv=None) -> int:
                 commit=commit_hash(), device=device, device_name=device_name(device), torch=torch.__version__,
                 transformers=tf_version, moe_ops=moe_ops.__version__, threads=threads if device == "cpu" else "",
                 preset=args.preset, load=_loadavg())
-    ops = _csv_list(args.ops) or list(OPS)
+    ops = _csv_list(args.ops) or cfg.get("ops") or list(OPS)
     bad = [o for o in ops if o not in OPS]
     if bad:
         raise SystemExit(f"unknown ops {bad}; known: {list(OPS)}")
-    baselines = None
+    baselines = cfg.get("baselines")
     if args.baselines is not None:
         baselines = [] if args.baselines == "none" else _csv_list(args.baselines)
     only_backends = _csv_list(args.backends)

@@ -8,7 +8,9 @@
   CPU kernels still run multi-threaded.
 * Sets ``TRITON_INTERPRET=1`` when there is no GPU (the Triton backend then runs on CPU).
 * Registers the markers the suite uses (mirrored in pyproject's ``[tool.pytest.ini_options]``):
-  ``slow`` (long-running; deselect with ``-m "not slow"``), ``cuda`` (needs a GPU).
+  ``slow`` (long-running; deselect with ``-m "not slow"``), ``cuda`` (needs a GPU), and ``gpu``,
+  which it applies itself to every test that runs on a CUDA device (:func:`runs_on_gpu`):
+  ``pytest -m gpu`` is every test that touches a GPU backend (what ``make gpu-check`` runs).
 """
 import os
 import sys
@@ -32,6 +34,37 @@ if os.environ.get("MOE_OPS_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["MOE_OPS_TEST_THREADS"]))
 
 
+def _is_cuda(value) -> bool:
+    import torch
+
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    return isinstance(value, torch.device) and value.type == "cuda"
+
+
+def runs_on_gpu(item) -> bool:
+    """Whether a collected test runs on a CUDA device: one of its parameters is a CUDA device
+    (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")``, or the ``cuda`` backend), its module's
+    ``DEVICE`` is ``"cuda"`` (tests/test_triton.py runs on the GPU when there is one), or it
+    carries ``@pytest.mark.gpu`` itself. Tests are parametrized on ``tests.utils.DEVICES`` /
+    ``available_backends(op, "cuda")``, so without a GPU nothing matches."""
+    if item.get_closest_marker("gpu") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(_is_cuda(v) for v in callspec.params.values()):
+        return True
+    return _is_cuda(getattr(getattr(item, "module", None), "DEVICE", None))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device (applied by conftest.runs_on_gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if runs_on_gpu(item):
+            item.add_marker(pytest.mark.gpu)
