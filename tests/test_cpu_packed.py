@@ -252,6 +252,18 @@ def test_packing_survives_reads_and_numpy_owned_weights(dtype):
     assert not packed.matches(wgu, wd)
 
 
+def test_guard_survives_the_as_stored_path():
+    """The CPU kernels read weights through const pointers: running the as-stored path on packed
+    weights keeps the copy-on-write sharing (a mutable read would copy the weights on every call
+    and make the next packed call compare them byte by byte)."""
+    x, logits, wgu, wd = _layer_case(torch.bfloat16)
+    packed = moe_ops.pack_experts(wgu, wd)
+    with torch.no_grad():
+        moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu")
+        moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="cpu", packed=packed)
+    assert torch._C._is_cow_tensor(wgu) and torch._C._is_cow_tensor(wd)
+
+
 def test_moe_forward_packed_autograd_uses_the_differentiable_path():
     x, logits, wgu, wd = _layer_case(torch.float32)
     wgu.requires_grad_(True)

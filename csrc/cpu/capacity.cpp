@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu
   at::Tensor demand = at::empty({E}, i32);
   at::Tensor kept = at::empty({E}, i32);
 
-  const int32_t* id = ids.data_ptr<int32_t>();
+  const int32_t* id = ids.const_data_ptr<int32_t>();
   // The i-th slot in priority order is s = t*k + j with i = j*T + t (kmajor) or i = s; the
   // experts are laid out in that order first (nested loops: no division per slot, which cost
   // more than the ranking itself: T=4096 k=2 H=8 0.26 -> 0.07 ms).
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu
     kept.data_ptr<int32_t>()[e] = static_cast<int32_t>(std::min<int64_t>(counts[e], C));
   }
   const int64_t rb = H * x.element_size();
-  const char* src = static_cast<const char*>(x.data_ptr());
+  const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(buf.data_ptr());
   at::parallel_for(0, E * C, row_grain(rb), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -104,8 +104,8 @@ at::Tensor capacity_combine_cpu(const at::Tensor& buf_in, const at::Tensor& ids_
   }
   const at::Tensor buf = buf_in.contiguous().view({E * C, H});
   const at::Tensor ids = ids_in.contiguous(), pos = pos_in.contiguous();
-  const int32_t* id = ids.data_ptr<int32_t>();
-  const int32_t* p = pos.data_ptr<int32_t>();
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+  const int32_t* p = pos.const_data_ptr<int32_t>();
   at::Tensor out = empty_cached({T_, H}, buf.options());
   combine_rows(buf, E * C, T_, k, weights, [&](int64_t t, int64_t j) -> int64_t {
     const int64_t e = id[t * k + j], q = p[t * k + j];

@@ -32,8 +32,8 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
   const int64_t H = src.size(-1);
   if (src.scalar_type() == at::kDouble) {  // the gradcheck dtype: scalar, not a fast path
     at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
-    const double* wp = w.defined() ? w.data_ptr<double>() : nullptr;
-    const double* s = src.data_ptr<double>();
+    const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
+    const double* s = src.const_data_ptr<double>();
     double* o = out.data_ptr<double>();
     at::parallel_for(0, T_, row_grain(H * 8), [&](int64_t t0, int64_t t1) {
       std::vector<double> acc(H);
@@ -55,8 +55,8 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
   const DType odt = to_dtype(out.scalar_type());  // may differ (fused path: f32 rows -> x dtype)
   const int64_t es = dtype_size(dt), oes = dtype_size(odt);
   at::Tensor w = weights.has_value() ? weights->to(at::kFloat).contiguous() : at::Tensor();
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  const char* s = static_cast<const char*>(src.data_ptr());
+  const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  const char* s = static_cast<const char*>(src.const_data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   // Valid source rows of token t (j ascending) and their weights; returns their count.
   auto gather = [&](int64_t t, const void** rows, float* ws) {

@@ -193,7 +193,7 @@ inline int64_t weight_col_block(int64_t K, int64_t elem_size, int64_t N, int64_t
 // index out of bounds (the Python layer rejects them before we get here).
 inline std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M) {
   std::vector<int64_t> o(static_cast<size_t>(E + 1));
-  const int32_t* p = offsets.data_ptr<int32_t>();
+  const int32_t* p = offsets.const_data_ptr<int32_t>();
   int64_t prev = 0;
   for (int64_t e = 0; e <= E; ++e) {
     int64_t v = std::min<int64_t>(std::max<int64_t>(p[e], 0), M);

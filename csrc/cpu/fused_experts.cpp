@@ -33,11 +33,11 @@ void bf16_avx512_experts(const at::Tensor& x, const at::Tensor& wgu, const at::T
   at::Tensor a2 = empty_cached({Sv, I}, x.options());  // every element written by GEMM1's tiles
   uint16_t* A1 = static_cast<uint16_t*>(a1.data_ptr());
   uint16_t* A2 = static_cast<uint16_t*>(a2.data_ptr());
-  const uint16_t* xp = static_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
   at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) std::memcpy(A1 + r * H, xp + (pl.row_slot[r] / k) * H, H * 2);
   });
-  const uint16_t* wgup = static_cast<const uint16_t*>(wgu.data_ptr());
+  const uint16_t* wgup = static_cast<const uint16_t*>(wgu.const_data_ptr());
   run_tiles(make_tiles(pl.offs, I, H, nt_col_block(pl.offs, I, H, 4), 256, 16.0), [&](const Tile& t, const Tile*) {
     thread_local std::vector<float> g, u;
     const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
@@ -49,7 +49,7 @@ void bf16_avx512_experts(const at::Tensor& x, const at::Tensor& wgu, const at::T
     gated_act_rows(g.data(), u.data(), g.data(), rows * cols, DType::BF16, swiglu);
     for (int64_t i = 0; i < rows; ++i) row_from_f32(g.data() + i * cols, A2 + (t.m0 + i) * I + t.n0, DType::BF16, cols);
   });
-  const uint16_t* wdp = static_cast<const uint16_t*>(wd.data_ptr());
+  const uint16_t* wdp = static_cast<const uint16_t*>(wd.const_data_ptr());
   float* Y = ybuf.data_ptr<float>();
   run_tiles(make_tiles(pl.offs, H, I, nt_col_block(pl.offs, H, I, 2), 256, 8.0), [&](const Tile& t, const Tile*) {
     thread_local std::vector<float> c;
@@ -92,13 +92,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
     at::Tensor a2 = empty_cached({Sv, Ip}, x.options().dtype(at::kFloat)).zero_();
     float* A1 = a1.data_ptr<float>();
     float* A2 = a2.data_ptr<float>();
-    const char* xp = static_cast<const char*>(x.data_ptr());
+    const char* xp = static_cast<const char*>(x.const_data_ptr());
     at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) pack_row_nt(xp + (pl.row_slot[r] / k) * H * es, dt, H, dt, A1 + r * Hp);
     });
 
     // 3. GEMM1 + gated activation: gate and up columns of one block in the same tile.
-    const char* wgup = static_cast<const char*>(wgu.data_ptr());
+    const char* wgup = static_cast<const char*>(wgu.const_data_ptr());
     const int64_t nb1 = nt_col_block(offs, I, H, 2 * es);
     run_tiles(make_tiles(offs, I, H, nb1, 256, 8.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> g, u;
@@ -122,7 +122,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
     });
 
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
-    const char* wdp = static_cast<const char*>(wd.data_ptr());
+    const char* wdp = static_cast<const char*>(wd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
     const int64_t nb2 = nt_col_block(offs, H, I, es);
     run_tiles(make_tiles(offs, H, I, nb2, 256, 4.0 * es), [&](const Tile& t, const Tile* nx) {

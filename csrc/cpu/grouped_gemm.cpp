@@ -89,8 +89,8 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, cons
   const DType dt = to_dtype(a.scalar_type());
   const int64_t es = dtype_size(dt);
   const int64_t Mv = oE - o0;
-  const char* ap = static_cast<const char*>(a.data_ptr());
-  const char* bp = static_cast<const char*>(b.data_ptr());
+  const char* ap = static_cast<const char*>(a.const_data_ptr());
+  const char* bp = static_cast<const char*>(b.const_data_ptr());
   char* cp = static_cast<char*>(c.data_ptr());
 
   if (trans_b) {
@@ -175,8 +175,8 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& dc_i
   const DType dt = to_dtype(a.scalar_type());
   const int64_t es = dtype_size(dt);
   const int64_t o0 = offs[0], Mv = offs[E] - o0;
-  const char* ap = static_cast<const char*>(a.data_ptr());
-  const char* dp = static_cast<const char*>(dc.data_ptr());
+  const char* ap = static_cast<const char*>(a.const_data_ptr());
+  const char* dp = static_cast<const char*>(dc.const_data_ptr());
   char* out = static_cast<char*>(db.data_ptr());
   for (int64_t e = 0; e < E; ++e)
     if (offs[e + 1] == offs[e]) db.select(0, e).zero_();

@@ -75,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, co
   const int64_t es = dtype_size(dt);
   // K rows of one panel: K (panel16) or 2*ceil(K/2) (vnni pairs)
   const int64_t K1 = vnni ? 2 * vnni_pairs(H) : H, K2 = vnni ? 2 * vnni_pairs(I) : I;
-  const char* src1 = static_cast<const char*>(wgu.data_ptr());
-  const char* src2 = static_cast<const char*>(wd.data_ptr());
+  const char* src1 = static_cast<const char*>(wgu.const_data_ptr());
+  const char* src2 = static_cast<const char*>(wd.const_data_ptr());
   char* dst1 = static_cast<char*>(pgu.data_ptr());
   char* dst2 = static_cast<char*>(pd.data_ptr());
   const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) {
@@ -162,7 +162,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     at::Tensor a2 = vnni ? empty_cached({Sv, I}, x.options()) : empty_cached({Sv, I}, x.options().dtype(at::kFloat));
     char* A1 = static_cast<char*>(a1.data_ptr());
     char* A2 = static_cast<char*>(a2.data_ptr());
-    const char* xp = static_cast<const char*>(x.data_ptr());
+    const char* xp = static_cast<const char*>(x.const_data_ptr());
     at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const char* src = xp + (pl.row_slot[r] / k) * H * es;
@@ -179,7 +179,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     // 3. GEMM1 + gated activation: tile = (expert, panel p, rows); the gate and up panels of p
     // are adjacent, so one call computes both ([rows, 32] scratch: 16 gate | 16 up columns).
     const int64_t K1 = vnni ? Hp : H;  // values per panel column
-    const char* wgu = static_cast<const char*>(pgu.data_ptr());
+    const char* wgu = static_cast<const char*>(pgu.const_data_ptr());
     const int64_t pair = 2 * K1 * kPanel * es;  // bytes of one (gate, up) panel pair
     run_tiles(make_tiles(offs, P1, 2 * K1 * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c, h;
@@ -205,7 +205,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     });
 
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
-    const char* wd = static_cast<const char*>(pd.data_ptr());
+    const char* wd = static_cast<const char*>(pd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
     const int64_t panel = I * kPanel * es;  // bytes of one GEMM2 panel
     const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile

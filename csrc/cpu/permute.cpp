@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at:
   at::Tensor offsets = at::empty({E + 1}, i32);
   at::Tensor slot_rows = at::empty({S}, i32);
 
-  const int32_t* id = ids.data_ptr<int32_t>();
+  const int32_t* id = ids.const_data_ptr<int32_t>();
   int32_t* rows = slot_rows.data_ptr<int32_t>();
   int32_t* sorted = sorted_slots.data_ptr<int32_t>();
   int32_t* offs = offsets.data_ptr<int32_t>();
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at:
     }
   });
   const int64_t rb = H * x.element_size();
-  const char* src = static_cast<const char*>(x.data_ptr());
+  const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(x_sorted.data_ptr());
   at::parallel_for(0, P, row_grain(rb), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -89,7 +89,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& slot_rows_in,
   }
   const at::Tensor y = y_in.contiguous(), slot_rows = slot_rows_in.contiguous();
   at::Tensor out = empty_cached({T_, y.size(1)}, y.options());
-  const int32_t* rows = slot_rows.data_ptr<int32_t>();
+  const int32_t* rows = slot_rows.const_data_ptr<int32_t>();
   combine_rows(y, y.size(0), T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(rows[t * k + j]); }, out);
   return out;
 }
