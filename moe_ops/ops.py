@@ -584,6 +584,8 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
         raise ValueError(f"moe_ops: router_logits must be [T={T}, E={E}], got {tuple(router_logits.shape)}")
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise TypeError("moe_ops: x, w_gate_up and w_down must share a dtype")
+    _check_int("k", k, 1, min(E, MAX_K))
+    _check_rows("T*k", T * k)  # before anything picks a backend or allocates
 
     extra = {}
     if packed is not None:

@@ -188,6 +188,24 @@ OVERFLOW = [
 ]
 
 
+def _meta(*shape, dtype=F32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+OVERFLOW += [  # the same sizes as meta tensors: no memory at all, refused by size alone
+    ("meta gating T*k", lambda: moe_ops.topk_gating(_meta(2**26, 64), 32)),
+    ("meta permute T*k", lambda: moe_ops.permute(_meta(2**26, 8), _meta(2**26, 32, dtype=I32), 4)),
+    ("meta unpermute T*k", lambda: moe_ops.unpermute(_meta(4, 8), _meta(BIG, dtype=I32), k=1)),
+    ("meta dispatch T*k", lambda: moe_ops.capacity_dispatch(_meta(2**26, 8), _meta(2**26, 32, dtype=I32), 4, 1)),
+    ("meta combine T*k", lambda: moe_ops.capacity_combine(_meta(4, 1, 8), _meta(2**26, 32, dtype=I32),
+                                                          _meta(2**26, 32, dtype=I32))),
+    ("meta gemm M", lambda: moe_ops.grouped_gemm(_meta(BIG, 8), _meta(1, 8, 8), _meta(2, dtype=I32))),
+    ("meta moe_forward T*k", lambda: moe_ops.moe_forward(_meta(2**26, 8), _meta(2**26, 64), _meta(64, 16, 8),
+                                                         _meta(64, 8, 8), 32)),
+    ("moe_forward T*k", lambda: moe_ops.moe_forward(_big(2**26, 8), _big(2**26, 64), z(64, 16, 8), z(64, 8, 8), 32)),
+]
+
+
 @pytest.mark.parametrize("checks", ["0", "auto"], ids=["value_checks_off", "value_checks_on"])
 @pytest.mark.parametrize("call", [pytest.param(c, id=n) for n, c in OVERFLOW])
 def test_rejects_int32_overflow(call, checks, monkeypatch):
