@@ -72,28 +72,23 @@ def _clamped(offs, M):
 BAD_OFFSETS = [[-5, 3, 2**30, 7], [0, 2**31 - 1, 2, 9], [9, 4, 0, -2**31], [0, 3, 5, 9]]
 
 
+def _gemm_cases():
+    return [pytest.param(op, b, id=f"{op}-{b}") for op in ("grouped_gemm", "grouped_gemm_wgrad") for b in _backends(op)]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("offs", BAD_OFFSETS, ids=str)
-@pytest.mark.parametrize("backend", _backends("grouped_gemm_wgrad"))
-def test_wgrad_offsets_outside_the_rows_are_clamped(backend, offs, checks_off):
+@pytest.mark.parametrize("op,backend", _gemm_cases())
+def test_gemm_offsets_outside_the_rows_are_clamped(op, backend, offs, checks_off):
     g = torch.Generator().manual_seed(3)
     M, K, N = 9, 8, 16
-    a, dc = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    a, b, dc = torch.randn(M, K, generator=g), torch.randn(3, K, N, generator=g), torch.randn(M, N, generator=g)
     o = torch.tensor(offs, dtype=torch.int32)
-    got = moe_ops.grouped_gemm_wgrad(a, dc, o, 3, backend=backend)
-    torch.testing.assert_close(got, R.grouped_gemm_wgrad(a, dc, _clamped(o, M), 3), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("offs", BAD_OFFSETS, ids=str)
-@pytest.mark.parametrize("backend", _backends("grouped_gemm"))
-def test_gemm_offsets_outside_the_rows_are_clamped(backend, offs, checks_off):
-    g = torch.Generator().manual_seed(4)
-    M, K, N = 9, 8, 16
-    a, b = torch.randn(M, K, generator=g), torch.randn(3, K, N, generator=g)
-    o = torch.tensor(offs, dtype=torch.int32)
-    got = moe_ops.grouped_gemm(a, b, o, backend=backend)
-    torch.testing.assert_close(got, R.grouped_gemm(a, b, _clamped(o, M), False), rtol=1e-5, atol=1e-5)
+    if op == "grouped_gemm":
+        got, want = moe_ops.grouped_gemm(a, b, o, backend=backend), R.grouped_gemm(a, b, _clamped(o, M), False)
+    else:
+        got, want = moe_ops.grouped_gemm_wgrad(a, dc, o, 3, backend=backend), R.grouped_gemm_wgrad(a, dc, _clamped(o, M), 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", moe_ops.available_backends(device="cpu"))
