@@ -24,6 +24,10 @@ A backend that cannot run a dtype for an op declares it in the module that regis
 (e.g. Triton's interpreter and bf16 ``tl.dot``); those combinations are skipped with the reason. ``tests.utils.UNSUPPORTED`` is the
 test-side equivalent keyed ``(backend, op, dtype)``.
 
+Probes beyond the random matrix: ``topk_gating`` on +-inf / NaN logits in every routing mode
+(softmax/sigmoid x bias x groups x renormalize), with exact cases where only the magnitude
+separates two keys (0 against a denormal); every CPU backend in a child forked after it ran.
+
 ``test_machinery_catches_broken_backend`` registers deliberately broken backends under a
 test-only name and asserts this very comparison fails on each, so the suite provably can fail.
 """
@@ -437,6 +441,7 @@ def _gate_or_skip(name, logits, k, **kw):
         raise
 
 
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # inf - inf on purpose
 @pytest.mark.parametrize("device,name,dtype,mode", _probe_params())
 def test_gating_special_logits(device, name, dtype, mode):
     """+-inf / NaN logits in every routing mode: the ranking rule (NaN below -inf, masked groups
@@ -479,6 +484,7 @@ def _exact_params():
             for dtype in (torch.float32, torch.float64) for case in GATING_EXACT_CASES]
 
 
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 @pytest.mark.parametrize("device,name,dtype,case", _exact_params())
 def test_gating_special_logits_exact(device, name, dtype, case):
     reason = unsupported_reason(name, "topk_gating", dtype, device)

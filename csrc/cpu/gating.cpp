@@ -9,6 +9,7 @@
 // float32 scores use the AVX2 exp of kernels.cpp (8-lane sums in a fixed order: deterministic,
 // within an ulp or two of libm, +-inf and denormals as libm); rows with a NaN logit take the
 // scalar path, which defines NaN propagation.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,19 +29,21 @@ namespace {
 // through the same map. Softmax scores are NaN for a row holding +inf or only -inf logits
 // (inf - inf), so NaN keys occur in rows without a NaN logit: they must rank below the -inf keys
 // of masked groups, as in the reference.
+// Branch-free, so the per-row loop over E vectorises: x + 0 turns -0.0 into +0.0; a negative
+// pattern flips all bits, a positive one only the sign bit.
 inline uint32_t order_key(float f) {
-  if (std::isnan(f)) return 0;
+  const float z = f + 0.0f;
   uint32_t u;
-  if (f == 0.0f) f = 0.0f;  // -0.0 ties with +0.0
-  std::memcpy(&u, &f, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // -inf -> 0x007FFFFF > 0
+  std::memcpy(&u, &z, sizeof u);
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;
+  return f == f ? u ^ flip : 0u;  // -inf -> 0x007FFFFF > 0 = NaN
 }
 inline uint64_t order_key(double f) {
-  if (std::isnan(f)) return 0;
+  const double z = f + 0.0;
   uint64_t u;
-  if (f == 0.0) f = 0.0;
-  std::memcpy(&u, &f, sizeof u);
-  return (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
+  std::memcpy(&u, &z, sizeof u);
+  const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (uint64_t(1) << 63);
+  return f == f ? u ^ flip : 0u;
 }
 template <class T>
 using OrderKey = decltype(order_key(T()));
@@ -73,7 +76,8 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
   const int64_t G = n_group > 0 ? E / n_group : E;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(E, 1));
   at::parallel_for(0, T_, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<T> scores(E), keys(n_group > 0 ? E : 0);
+    std::vector<T> scores(E), keys(bias ? E : 0);
+    std::vector<char> keep(std::max<int64_t>(n_group, 1));
     std::vector<U> ord(E), gord(std::max<int64_t>(n_group, 1));
     std::vector<int32_t> top(std::max<int64_t>({k, n_group, int64_t(2)}));
     for (int64_t t = t0; t < t1; ++t) {
@@ -90,20 +94,22 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
         for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(x[e] - m));
         for (int64_t e = 0; e < E; ++e) scores[e] = scores[e] / sum;
       }
-      for (int64_t e = 0; e < E; ++e) {
-        const T key = key_is_logit ? x[e] : scores[e] + (bias ? bias[e] : T(0));
-        ord[e] = order_key(key);
-        if (n_group > 0) keys[e] = key;  // group scores add the keys themselves
+      // keys (group scores add the keys themselves), then their order
+      const T* key = key_is_logit ? x : scores.data();
+      if (bias) {
+        for (int64_t e = 0; e < E; ++e) keys[e] = scores[e] + bias[e];
+        key = keys.data();
       }
+      for (int64_t e = 0; e < E; ++e) ord[e] = order_key(key[e]);
       if (n_group > 0) {
         const int64_t two = std::min<int64_t>(2, G);
         for (int64_t g = 0; g < n_group; ++g) {
           top_n(ord.data() + g * G, G, two, top.data());
-          const T sc = two == 2 ? keys[g * G + top[0]] + keys[g * G + top[1]] : keys[g * G + top[0]];
+          const T sc = two == 2 ? key[g * G + top[0]] + key[g * G + top[1]] : key[g * G + top[0]];
           gord[g] = order_key(sc);  // +inf + -inf is a NaN group score: it ranks last
         }
         top_n(gord.data(), n_group, topk_group, top.data());
-        std::vector<char> keep(n_group, 0);
+        std::fill(keep.begin(), keep.end(), 0);
         for (int64_t i = 0; i < topk_group; ++i) keep[top[i]] = 1;
         const U masked = order_key(-std::numeric_limits<T>::infinity());
         for (int64_t g = 0; g < n_group; ++g)
