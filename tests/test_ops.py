@@ -475,6 +475,7 @@ GATING_EXACT_CASES = {
     # a group whose top-2 keys are +inf and -inf scores NaN and loses to any real group
     "logit_keys_nan_group_score": ([[_inf, -_inf, -5.0, -6.0]], 2, "softmax", 2, 1, None, [[2, 3]]),
     "sigmoid_nan_logit_below_minus_inf": ([[_nan, -_inf, -88.5, _nan]], 4, "sigmoid", 0, 0, None, [[2, 1, 0, 3]]),
+    "signed_zeros_tie": ([[-1.0, -0.0, 0.0, -0.0]], 3, "softmax", 0, 0, None, [[1, 2, 3]]),
 }
 
 
