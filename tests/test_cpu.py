@@ -223,6 +223,44 @@ def test_gemm_ignores_rows_outside_offsets():
     assert (c[:lo] == 0).all() and (c[hi:] == 0).all()
 
 
+# ------------------------------------------------- router scores at the ends of the float range
+
+def _cpu_scores(logits, scoring):
+    """Every expert's score as the CPU op computes it (k = E: the weights are all the scores)."""
+    E = logits.shape[1]
+    w, ids = torch.ops.moe_ops.topk_gating(logits, E, scoring, False, 0, 0, None, 1.0)
+    return torch.zeros_like(w).scatter(1, ids.long(), w)
+
+
+def _assert_scores_like_torch(got, want, what):
+    """Equal to torch's float32 scores up to a few ulps (one ulp of a denormal too), and exactly 0
+    where torch's are 0: a masked expert's score must not be a tiny positive number."""
+    assert torch.equal(got == 0, want == 0), \
+        f"{what}: zero pattern differs, e.g. got {got[(got == 0) != (want == 0)][:4].tolist()} " \
+        f"want {want[(got == 0) != (want == 0)][:4].tolist()}"
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs"
+    err = (got - want).abs().nan_to_num(0.0)
+    bound = 4e-7 * want.abs().nan_to_num(0.0) + 2 * 1.5e-45
+    assert bool((err <= bound).all()), f"{what}: max error {float((err - bound).max()):.3g} above the bound"
+
+
+def test_router_scores_match_torch_over_the_float_range():
+    """sigmoid / softmax where exp overflows, gives a denormal, underflows to 0, and at +-inf, on
+    the vectorised (AVX2) path: 12 experts per row, one full 8-lane vector and a partial one."""
+    inf = float("inf")
+    grid = torch.arange(-120.0, 120.0 + 0.125, 0.25)  # steps of 1/4 stay clear of exp's cut-offs
+    vals = torch.cat([grid, torch.tensor([inf, -inf, -88.5, -88.7, -87.4, 88.7, 103.9, -103.9])])
+    vals = torch.cat([vals, vals.new_zeros(-vals.numel() % 12)]).reshape(-1, 12)
+    _assert_scores_like_torch(_cpu_scores(vals, "sigmoid"), torch.sigmoid(vals), "sigmoid")
+    # softmax rows [0, d1..d11], d <= 0: the scores of the d's are exp(d) / (1 + ...), down to denormals
+    d = torch.cat([-grid[grid >= 0], torch.tensor([-inf, -88.5, -103.9])])
+    d = torch.cat([d, d.new_zeros(-d.numel() % 11)]).reshape(-1, 11)
+    rows = torch.cat([d.new_zeros(d.shape[0], 1), d], 1)
+    _assert_scores_like_torch(_cpu_scores(rows, "softmax"), torch.softmax(rows, -1), "softmax")
+    rows = torch.tensor([[-inf] * 12, [inf] + [0.0] * 11, [inf, inf] + [-inf] * 10])
+    _assert_scores_like_torch(_cpu_scores(rows, "softmax"), torch.softmax(rows, -1), "softmax +-inf rows")
+
+
 _SCALAR_SCRIPT = r"""
 import torch, moe_ops
 from moe_ops import reference as R
@@ -241,6 +279,13 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     rows = torch.randint(-1, M, (20,), generator=g, dtype=torch.int32)
     w = torch.rand(10, 2, generator=g)
     assert torch.equal(torch.ops.moe_ops.unpermute(y, rows, w, 2), R.unpermute(y, rows, w, 2))
+# the router's scalar path: sigmoid(-inf) = 0 below a denormal; NaN keys (softmax of only -inf)
+# below the masked groups' -inf
+inf = float("inf")
+_, ids = torch.ops.moe_ops.topk_gating(torch.tensor([[-inf, -88.5]]), 1, "sigmoid", False, 0, 0, None, 1.0)
+assert ids.tolist() == [[1]], ids
+_, ids = torch.ops.moe_ops.topk_gating(torch.full((1, 16), -inf), 4, "softmax", False, 4, 2, torch.zeros(16), 1.0)
+assert ids.tolist() == [[8, 9, 10, 11]], ids
 print("ok")
 """
 

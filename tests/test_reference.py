@@ -156,7 +156,33 @@ GATING_CASES = [
     (5, 16, 4, "sigmoid", True, 16, 4, False, 1.0, "randn"),       # G = 1
     (0, 16, 4, "sigmoid", True, 4, 2, True, 1.0, "randn"),         # T = 0
     (10, 256, 8, "sigmoid", True, 8, 4, True, 2.5, "randn"),
+    # +-inf / NaN logits (issue 13): softmax rows with +inf or only -inf are all NaN, so with a
+    # bias the keys are NaN and must rank below the -inf of the masked groups; +inf + -inf group
+    # scores are NaN; sigmoid(-inf) = 0 below a denormal sigmoid(-88.5)
+    (14, 16, 4, "softmax", False, 4, 2, True, 1.0, "special"),
+    (14, 16, 4, "sigmoid", True, 4, 2, True, 2.5, "special"),
+    (14, 16, 3, "softmax", False, 4, 2, False, 1.0, "special"),
+    (14, 16, 4, "softmax", True, 0, 0, True, 1.0, "special"),
+    (14, 16, 5, "sigmoid", False, 0, 0, False, 1.0, "special"),
 ]
+
+
+def _with_specials(logits, seed):
+    """Rows 0-2 all -inf / +inf / NaN; row 3 -inf next to logits with a denormal sigmoid; the
+    rest with -inf (often a whole group), +inf and NaN sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    lg = logits.clone()
+    inf = float("inf")
+    for t, v in enumerate((-inf, inf, float("nan"))):
+        lg[t] = v
+    lg[3, : 8] = torch.tensor([-inf, -88.5, -1000.0, -88.6, -inf, -87.5, -90.0, -inf])
+    u = torch.rand(lg.shape, generator=g).to(lg.device)
+    rest = lg[4:]
+    rest[u[4:] < 0.35] = -inf
+    rest[(u[4:] >= 0.35) & (u[4:] < 0.42)] = inf
+    rest[(u[4:] >= 0.42) & (u[4:] < 0.47)] = float("nan")
+    lg[5, 4:8] = -inf
+    return lg
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -165,6 +191,8 @@ def test_topk_gating_vs_loop(case, device):
     T, E, k, scoring, renorm, ng, tg, use_bias, scaling, kind = case
     seed = seed_for("gating", case)
     logits = make_logits(T, E, seed=seed, ties=kind == "ties", nan_rows=2 if kind == "nan" else 0, device=device)
+    if kind == "special":
+        logits = _with_specials(logits, seed)
     bias = make_logits(1, E, seed=seed + 1, scale=0.3, device=device)[0] if use_bias else None
     w, ids = R.topk_gating(logits, k, scoring, renorm, ng, tg, bias, scaling)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32

@@ -175,3 +175,67 @@ def test_reverse_block_order_gives_the_same_results(monkeypatch):
     rev = sim.block_sum(x, 32, 7), sim.histogram(ids, 37, 5, 64), sim.thread_coords([3, 2, 1], [8, 1, 1])
     for a, b in zip(fwd, rev):
         assert torch.equal(a, b)
+
+
+FORK_THREADS = (32, 256, 1024)
+
+
+# ThreadSanitizer kills a child of a multi-threaded process that starts threads (die_after_fork).
+UNDER_TSAN = "libtsan" in os.environ.get("LD_PRELOAD", "")
+
+
+def _fork_child(conn, x, want):
+    import faulthandler
+    import sys
+
+    try:
+        # a hang shows where before the parent gives up (fd 2: pytest may have replaced sys.stderr)
+        faulthandler.dump_traceback_later(90, exit=True, file=sys.__stderr__)
+        torch.set_num_threads(1)  # torch's own OpenMP team does not survive a fork either
+        for t in FORK_THREADS:  # larger blocks than the parent's running launches: the pool grows
+            assert torch.equal(sim.block_sum(x, t, 3), want[t]), f"{t} threads: wrong sums"
+        conn.send("ok")
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent
+        conn.send(f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.skipif(UNDER_TSAN, reason="TSan does not support threads started after a multi-threaded fork")
+def test_forked_child_builds_its_own_pool():
+    """Threads do not survive fork(): a child must not hand its launches to the parent's workers
+    (it hung forever, with no thread at a barrier for the deadlock detector to see). A fork while
+    another thread is in a launch waits for it, so the child never inherits a held launch lock;
+    the parent's pool keeps working after the fork."""
+    import multiprocessing
+    import threading
+
+    x = torch.randn(5000, generator=_gen(11))
+    want = {t: sim.block_sum(x, t, 3) for t in FORK_THREADS}
+    stop = threading.Event()
+
+    def launch_until_stopped():
+        while not stop.is_set():
+            sim.block_sum(x, 256, 3)
+
+    busy = threading.Thread(target=launch_until_stopped)
+    busy.start()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_fork_child, args=(send, x, want))
+        child.start()
+        send.close()
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            pytest.fail("the forked child hung in its first launch")
+    finally:
+        stop.set()
+        busy.join()
+    try:
+        msg = recv.recv()
+    except EOFError:  # the child died without a word
+        msg = f"no report, exit code {child.exitcode}"
+    assert msg == "ok", msg
+    for t in FORK_THREADS:
+        assert torch.equal(sim.block_sum(x, t, 3), want[t])

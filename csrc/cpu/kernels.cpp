@@ -461,10 +461,16 @@ inline __m256 round8(__m256 x) {
   }
 }
 
-// exp(x), Cephes-style range reduction + degree-5 polynomial (~1-2 ulp); NaN propagates.
+// exp(x), Cephes-style range reduction + degree-5 polynomial (~1-2 ulp), over the whole float
+// range like libm and torch: exp(+inf) = +inf (and x > ~88.72 overflows to it), exp(-inf) = 0,
+// results below FLT_MIN are denormals (down to 0 below ~-103.97); NaN propagates. Clamping x to
+// the range where the result is normal instead would make sigmoid(-inf) = 4e-39 > 0 (a masked
+// expert beating a real denormal score) and silu(-inf) = -inf (torch: NaN). 2^n is applied as
+// two factors 2^(n>>1) * 2^(n - (n>>1)), so neither exponent field overflows and the one
+// rounding is that of the final (possibly denormal) product.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // NaN in x is kept (2nd operand)
-  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);  // exp(89) overflows anyway; NaN in x is kept (2nd operand)
+  x = _mm256_max_ps(_mm256_set1_ps(-110.0f), x);  // exp(-110) rounds to 0 anyway
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -475,8 +481,12 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  const __m256i n = _mm256_cvttps_epi32(fx);  // in [-159, 128]
+  const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
 }
 
 // n floats from p, the lanes past n filled with `fill`.
@@ -499,12 +509,8 @@ bool softmax_row_avx(const float* x, float* out, int64_t n) {
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
   const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
-  // exp(x - m), 0 where x - m < -88.37 (exp8 clamps there; a -inf logit must weigh exactly 0).
-  const __m256 lo = _mm256_set1_ps(-88.3762626647949f);
-  auto expd = [&](__m256 v) {
-    const __m256 d = _mm256_sub_ps(v, m);
-    return _mm256_andnot_ps(_mm256_cmp_ps(d, lo, _CMP_LT_OQ), exp8(d));
-  };
+  // exp(x - m): a -inf logit weighs exactly 0, a very negative one a denormal, as in torch.softmax.
+  auto expd = [&](__m256 v) { return exp8(_mm256_sub_ps(v, m)); };
   __m256 sum = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     if (i + 8 <= n) {

@@ -80,7 +80,8 @@ void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t p
                  int64_t np, float* C, int64_t ldc, int64_t M, const void* next = nullptr);
 
 // Router scores of one row of n float32 logits (topk_gating): softmax (max-subtracted exp, 8-lane
-// sum in a fixed order, then x/sum) or sigmoid 1/(1+exp(-x)). Return false, writing nothing
+// sum in a fixed order, then x/sum) or sigmoid 1/(1+exp(-x)), with libm's exp at +-inf and in the
+// denormal range (sigmoid(-inf) = 0, as torch). Return false, writing nothing
 // meaningful, when the row holds a NaN (the caller's scalar path defines that case) or the CPU
 // lacks AVX2 (the caller's scalar path is the portable version).
 bool softmax_row_f32(const float* x, float* out, int64_t n);

@@ -2,11 +2,12 @@
 //
 // Dataflow of one launch (run_grid, serialised by a global mutex):
 //   host thread -> validates the configuration -> hands the Launch to blockDim worker threads of
-//   a process-wide pool (grown on demand, never shrunk) -> each worker is one CUDA thread and
-//   walks the blocks of the grid in order: run the kernel body, then drop out of the block's
-//   barriers, then meet every other thread at the end-of-block barrier, whose last arriver resets
-//   the block state (barrier counts, warp membership, poisoned dynamic shared memory) -> host
-//   waits for all workers, watching for deadlock, and rethrows the first kernel error.
+//   a process-wide pool (grown on demand, never shrunk; a forked child starts a new one) -> each
+//   worker is one CUDA thread and walks the blocks of the grid in order: run the kernel body,
+//   then drop out of the block's barriers, then meet every other thread at the end-of-block
+//   barrier, whose last arriver resets the block state (barrier counts, warp membership, poisoned
+//   dynamic shared memory) -> host waits for all workers, watching for deadlock, and rethrows the
+//   first kernel error.
 //
 // Every barrier is a std::mutex + std::condition_variable: ThreadSanitizer understands both, so
 // the happens-before edges it sees are exactly those a GPU's bar.sync / shfl.sync provide.
@@ -426,10 +427,26 @@ void* worker_main(void* arg) {
 
 std::mutex g_launch_mutex;  // one launch at a time (torch may call ops from several threads)
 // Workers live for the whole process (leaked on purpose: they are blocked on their cv at exit).
-std::vector<Worker*>& pool() {
+std::vector<Worker*>*& pool_ptr() {
   static auto* p = new std::vector<Worker*>();
-  return *p;
+  return p;
 }
+std::vector<Worker*>& pool() { return *pool_ptr(); }
+
+// fork() copies the pool's Worker objects into the child but none of their threads: a launch
+// there would hand its job to workers that never run it and wait forever (nothing is blocked at a
+// barrier, so the deadlock detector stays silent). So the child starts from an empty pool and
+// grows a new one on its first launch. Holding the launch mutex across fork() means no launch is
+// in flight: the abandoned Workers are idle and nothing of theirs is needed (or freed: a worker
+// of the parent may have held its mutex at that instant). The child's copy of the mutex is the
+// one the forking thread locked, so it unlocks it.
+void atfork_prepare() { g_launch_mutex.lock(); }
+void atfork_parent() { g_launch_mutex.unlock(); }
+void atfork_child() {
+  pool_ptr() = new std::vector<Worker*>();
+  g_launch_mutex.unlock();
+}
+[[maybe_unused]] const int g_atfork_registered = pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 
 void grow_pool(int n) {
   auto& p = pool();
