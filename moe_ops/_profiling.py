@@ -6,9 +6,9 @@ as an NVTX range under ``torch.autograd.profiler.emit_nvtx``), opened only while
 ``record_function`` costs ~15 us per range even with no profiler, so the check is torch's own
 Python-side flag ``torch.autograd.profiler._is_profiler_enabled`` (set by ``torch.profiler.profile``,
 ``torch.autograd.profiler.profile``, ``emit_nvtx`` and ``emit_itt`` in torch 2.11 through 2.14; the
-flag torch._dynamo reads for the same purpose), ~25 ns per call. ``torch.compiler.is_compiling()``
-is asked first: dynamo folds it to True, so it never reads (and guards on) the profiler flag, and
-starting a profiler does not recompile a compiled model.
+flag torch._dynamo reads for the same purpose), ~15 ns. ``torch.compiler.is_dynamo_compiling()``
+(``return False`` in eager, ~35 ns) is asked first: dynamo folds it to True, so it never reads
+(and guards on) the profiler flag, and starting a profiler does not recompile a compiled model.
 
 ``MOE_OPS_NVTX=1`` (or :func:`set_nvtx`) additionally pushes plain NVTX ranges by the same names
 when CUDA is available, so ``nsys profile -t cuda,nvtx`` shows them without ``emit_nvtx`` (which
@@ -33,7 +33,7 @@ from torch.autograd import profiler as _autograd_profiler
 STAGES = ("router", "dispatch", "experts", "combine")
 
 _NULL = contextlib.nullcontext()
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _cuda_nvtx_usable() -> bool:
