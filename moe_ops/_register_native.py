@@ -8,6 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from . import autograd, backend
+from ._profiling import stage
 
 
 def _ops_with_kernel(key: str):
@@ -31,7 +32,6 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
     With ``packed`` (:func:`moe_ops.pack_experts`) the experts run ``moe_ops::fused_experts_packed``
     (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
     from . import ops
-    from ._profiling import stage
 
     with stage("router"):
         weights, ids = ops.topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
