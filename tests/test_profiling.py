@@ -259,3 +259,54 @@ def test_unknown_stage_is_an_error(monkeypatch):
     monkeypatch.setattr(autograd_profiler, "_is_profiler_enabled", True)
     with pytest.raises(ValueError, match="unknown stage"):
         _profiling.stage("gating")
+
+
+# ------------------------------------------------------------------------------ GPU (skipped on CPU)
+
+def _cuda_layer(seed, dtype=torch.bfloat16):
+    return [t.to("cuda", dtype if t.is_floating_point() and i != 1 else t.dtype)
+            for i, t in enumerate(_layer(seed))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("capacity", [None, 1.0], ids=["dropless", "capacity"])
+def test_gpu_trace_holds_stages_and_their_kernels(capacity):
+    x, logits, wgu, wd = _cuda_layer(seed_for("profiling-gpu", capacity))
+    call = lambda: moe_ops.moe_forward(x, logits, wgu, wd, K, capacity_factor=capacity)  # noqa: E731
+    want = call()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        got = call()
+        torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    ranges = {a.key: a for a in prof.key_averages() if a.key.startswith("moe_ops.")}
+    assert {"moe_ops.moe_forward", *STAGES} <= set(ranges), sorted(ranges)
+    for name in ["moe_ops.moe_forward", "moe_ops.experts"]:  # the GEMM kernels are attributed to them
+        assert ranges[name].device_time_total > 0, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("ranges", ["record_function", "nvtx"])
+@pytest.mark.parametrize("capacity", [None, 1.0], ids=["dropless", "capacity"])
+def test_cuda_graph_capture_with_ranges_open(ranges, capacity, monkeypatch):
+    """The ranges are host-side: a moe_forward captured while they are open replays the same result."""
+    if ranges == "nvtx":
+        monkeypatch.setattr(_profiling, "_NVTX", _profiling._NVTX)  # restored after the test
+        assert _profiling.set_nvtx(True)
+    else:
+        monkeypatch.setattr(autograd_profiler, "_is_profiler_enabled", True)
+    x, logits, wgu, wd = _cuda_layer(seed_for("profiling-graph", ranges, capacity))
+    call = lambda: moe_ops.moe_forward(x, logits, wgu, wd, K, capacity_factor=capacity)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (lazy init, configs) off the capture
+        want = call()
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
