@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 import torch  # noqa: E402
 
 import moe_ops  # noqa: E402
+from bench import profiling as bench_profiling  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import BASELINES, OPS, Inputs, Point, op_cases  # noqa: E402
 from bench.shapes import MODELS, TINY  # noqa: E402
@@ -108,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench_profiling.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -367,6 +369,7 @@ def main(argv=None) -> int:
         log(f"[bench] skipped {n}")
     rows: List[dict] = []
     skipped = 0
+    prof = bench_profiling.Profiler.from_args(args, cfg, device, meta, backends_for)
     with torch.inference_mode():
         for i, pt in enumerate(points):
             elapsed = time.perf_counter() - _T_START
@@ -384,6 +387,8 @@ def main(argv=None) -> int:
             prow = run_point(pt, ops, args, cfg, meta, only_backends, baselines, deadline)
             report.append_csv(csv_path, prow)
             rows.extend(prow)
+            if prof is not None:  # after the timing: the traces never perturb it
+                prof.point(pt, ops)
             log(f"[bench] {i + 1}/{len(points)} {pt.shape.name} E={pt.E} k={pt.k} T={pt.T} H={pt.H} I={pt.I}: "
                 f"{len(prow)} rows in {time.perf_counter() - t0:.1f}s (total {time.perf_counter() - _T_START:.0f}s)")
     if device == "cpu":
@@ -393,6 +398,8 @@ def main(argv=None) -> int:
     tail = f"\n{len(rows)} rows appended to {csv_path}"
     if skipped:
         tail += f"; {skipped} points not run (time/memory limit)"
+    if prof is not None:
+        tail += "\n" + prof.finish()
     text = md + ("\n" + summary if summary else "") + tail + "\n"
     with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
         f.write(text)

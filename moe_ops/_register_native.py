@@ -8,6 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from . import autograd, backend
+from ._profiling import stage
 
 
 def _ops_with_kernel(key: str):
@@ -32,16 +33,21 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
     (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
     from . import ops
 
-    weights, ids = ops.topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
-                                   n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
-                                   scaling_factor=scaling_factor, backend="cpu")
+    with stage("router"):
+        weights, ids = ops.topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
+                                       n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
+                                       scaling_factor=scaling_factor, backend="cpu")
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
     if x.dtype == torch.float64 or needs_grad:
         return ops.experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
-    if packed is not None:
-        return torch.ops.moe_ops.fused_experts_packed(x, ids, weights, packed.w_gate_up, packed.w_down, activation)
-    return torch.ops.moe_ops.fused_experts(x, ids, weights, w_gate_up, w_down, activation)
+    # One op runs dispatch, experts and combine interleaved per expert: its three stage ranges
+    # nest around it (equal spans), so every trace of the layer names all four stages.
+    with stage("dispatch"), stage("experts"), stage("combine"):
+        if packed is not None:
+            return torch.ops.moe_ops.fused_experts_packed(x, ids, weights, packed.w_gate_up, packed.w_down,
+                                                          activation)
+        return torch.ops.moe_ops.fused_experts(x, ids, weights, w_gate_up, w_down, activation)
 
 
 if "cpu" in backend._BACKENDS and hasattr(torch.ops.moe_ops, "fused_experts"):

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import backend as _backend
+from ._profiling import profiled, stage
 
 INT32_MAX = 2**31 - 1
 MAX_EXPERTS = INT32_MAX - 1  # offsets[E + 1] and ids are int32
@@ -165,6 +166,7 @@ def to_local_ids(ids: torch.Tensor, expert_range: Tuple[int, int]) -> torch.Tens
 
 # --------------------------------------------------------------------------------------- ops
 
+@profiled
 def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
                 correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
@@ -218,6 +220,7 @@ def topk_gating(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renor
     return (weights, ids) if expert_range is None else (weights, to_local_ids(ids, expert_range))
 
 
+@profiled
 def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *, block_m: int = 1,
             allow_invalid_ids: bool = False, expert_range: Optional[Tuple[int, int]] = None,
             backend: Optional[str] = None) -> PermuteResult:
@@ -248,6 +251,7 @@ def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, *, block_m: in
     return PermuteResult(*fn(x, ids, num_experts, block_m))
 
 
+@profiled
 def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor] = None,
               *, k: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Combine: ``out[t] = sum_j w[t,j] * y_sorted[slot_rows[t*k+j]]`` (float32 accumulation in
@@ -297,6 +301,7 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
     return -(-cap // multiple_of) * multiple_of
 
 
+@profiled
 def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capacity: int, *,
                       priority: str = "kmajor", allow_invalid_ids: bool = False,
                       backend: Optional[str] = None) -> DispatchResult:
@@ -322,6 +327,7 @@ def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capa
     return DispatchResult(*fn(x, ids, num_experts, capacity, priority))
 
 
+@profiled
 def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor,
                      weights: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """``out[t] = sum_j w[t,j] * buf_out[ids[t,j], slot_pos[t,j]]`` over kept slots (float32
@@ -346,6 +352,7 @@ def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.T
     return fn(buf_out, ids, slot_pos, weights)
 
 
+@profiled
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, trans_b: bool = False,
                  backend: Optional[str] = None) -> torch.Tensor:
     """Experts: ``c[M, N]``; rows ``offs[e]:offs[e+1]`` of ``a[M, K]`` multiply ``b[e]``
@@ -367,6 +374,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     return fn(a, b, expert_offsets, bool(trans_b))
 
 
+@profiled
 def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int, *,
                        backend: Optional[str] = None) -> torch.Tensor:
     """Weight gradient of :func:`grouped_gemm`: ``db[e] = a[offs[e]:offs[e+1]]^T @ dc[same rows]``,
@@ -393,6 +401,7 @@ def gated_activation(h: torch.Tensor, activation: str = "swiglu") -> torch.Tenso
     return (act * up).to(h.dtype)
 
 
+@profiled
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gate_up: torch.Tensor,
                     w_down: torch.Tensor, *, activation: str = "swiglu", capacity_factor: Optional[float] = None,
                     min_capacity: int = 0, priority: str = "kmajor", allow_invalid_ids: bool = False,
@@ -409,18 +418,24 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w
         return _backend.resolved_name(op, dev, backend, strict=False)
 
     if capacity_factor is None:
-        x_sorted, _, offsets, slot_rows = permute(x, ids, E, allow_invalid_ids=allow_invalid_ids,
-                                                  backend=be("permute"))
-        h = grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
-        y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
-        return unpermute(y, slot_rows, weights, backend=be("unpermute"))
+        with stage("dispatch"):
+            x_sorted, _, offsets, slot_rows = permute(x, ids, E, allow_invalid_ids=allow_invalid_ids,
+                                                      backend=be("permute"))
+        with stage("experts"):
+            h = grouped_gemm(x_sorted, w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+            y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
+        with stage("combine"):
+            return unpermute(y, slot_rows, weights, backend=be("unpermute"))
     C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
-    d = capacity_dispatch(x, ids, E, C, priority=priority, allow_invalid_ids=allow_invalid_ids,
-                          backend=be("capacity_dispatch"))
-    offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
-    h = grouped_gemm(d.buf.reshape(E * C, H), w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
-    y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
-    return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
+    with stage("dispatch"):
+        d = capacity_dispatch(x, ids, E, C, priority=priority, allow_invalid_ids=allow_invalid_ids,
+                              backend=be("capacity_dispatch"))
+    with stage("experts"):
+        offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+        h = grouped_gemm(d.buf.reshape(E * C, H), w_gate_up, offsets, trans_b=True, backend=be("grouped_gemm"))
+        y = grouped_gemm(gated_activation(h, activation), w_down, offsets, trans_b=True, backend=be("grouped_gemm"))
+    with stage("combine"):
+        return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
 
 
 class _WeightGuard:
@@ -504,6 +519,7 @@ class PackedExperts:
         return all(g.fresh(t) for g, t in zip(self._guards, (w_gate_up, w_down)))
 
 
+@profiled
 def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "auto") -> PackedExperts:
     """Repack CPU expert weights (``w_gate_up[E, 2I, H]``, ``w_down[E, H, I]``; float32,
     float16 or bfloat16) for ``moe_forward(..., packed=...)`` on the ``cpu`` backend, whose
@@ -547,6 +563,7 @@ def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,
     return pack_experts(w_gate_up, w_down)
 
 
+@profiled
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
@@ -597,16 +614,17 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
         if x.device.type == "cpu":
             extra["packed"] = packed
     fused = _backend.resolve_fused_moe(x.device.type, backend)
-    if fused is not None and capacity_factor is None:
+    if fused is not None and capacity_factor is None:  # it opens the stage ranges it runs
         return fused(x, router_logits, w_gate_up, w_down, k, activation=activation, scoring=scoring,
                      renormalize=renormalize, n_group=n_group, topk_group=topk_group,
                      correction_bias=correction_bias, scaling_factor=scaling_factor, **extra)
 
     # Router: validated by topk_gating, then run through the chosen backend's kernel.
-    weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,
-                               topk_group=topk_group, correction_bias=correction_bias,
-                               scaling_factor=scaling_factor,
-                               backend=_backend.resolved_name("topk_gating", x.device.type, backend, strict=False))
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize, n_group=n_group,
+                                   topk_group=topk_group, correction_bias=correction_bias,
+                                   scaling_factor=scaling_factor,
+                                   backend=_backend.resolved_name("topk_gating", x.device.type, backend, strict=False))
     return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation,
                            capacity_factor=capacity_factor, min_capacity=min_capacity, priority=priority,
                            backend=backend)

@@ -50,20 +50,20 @@ def variants():
                           SCATTER=scatter, ZERO_OUTSIDE=zero, PRECISION=prec, ACC_DTYPE=acc)
             out.append((f"grouped_gemm {dt} act={act} gather={gather} scatter={scatter}", GG._grouped_gemm_kernel,
                         ptrs, consts, ("stride_ak", "stride_bk", "stride_cn"), gemm_div, nw, ns))
-        out.append((f"wgrad {dt}", GG._wgrad_kernel, dict(a_ptr=P + dt, dc_ptr=P + dt, db_ptr=P + dt, offs_ptr="*i32"),
+        out.append((f"wgrad {dt}", GG._grouped_gemm_wgrad_kernel, dict(a_ptr=P + dt, dc_ptr=P + dt, db_ptr=P + dt, offs_ptr="*i32"),
                     dict(NUM_PROGS=132, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, PRECISION=prec, ACC_DTYPE=acc),
                     ("stride_ak", "stride_dn"), ("K", "N", "stride_am", "stride_dm"), 4, 3))
     i32 = "*i32"
-    out.append(("schedule", GG._schedule_kernel, dict(offs_ptr=i32, sched_ptr=i32),
+    out.append(("schedule", GG._gemm_tile_schedule_kernel, dict(offs_ptr=i32, sched_ptr=i32),
                 dict(BLOCK_M=64, BLOCK_EXP=128, SEARCH_STEPS=9), (), (), 4, 1))
     for km in (False, True):
-        out.append((f"rank kmajor={km}", IX._rank_kernel, dict(ids_ptr=i32, rank_ptr=i32, counts_ptr=i32, inv_ptr=i32),
+        out.append((f"rank kmajor={km}", IX._expert_rank_kernel, dict(ids_ptr=i32, rank_ptr=i32, counts_ptr=i32, inv_ptr=i32),
                     dict(K=8, KMAJOR=km, BLOCK=IX.BLOCK_S, BLOCK_EXP=IX.BLOCK_E, FILL=IX.FILL_BLOCK), (), (), 4, 1))
-        out.append((f"place capacity={km}", IX._place_kernel,
+        out.append((f"place capacity={km}", IX._slot_place_kernel,
                     dict(ids_ptr=i32, rank_ptr=i32, base_ptr=i32, offs_ptr=i32, slotmap_ptr=i32, inv_ptr=i32),
                     dict(K=8, KMAJOR=km, CAPACITY=km, BLOCK=IX.BLOCK_S), (), (), 4, 1))
     for cap, sched in ((False, True), (True, False)):
-        out.append((f"scan capacity={cap} sched={sched}", IX._scan_kernel,
+        out.append((f"scan capacity={cap} sched={sched}", IX._expert_scan_kernel,
                     dict(counts_ptr=i32, base_ptr=i32, out0_ptr=i32, out1_ptr=i32, sched_ptr=i32),
                     dict(CAPACITY=cap, SCHED=sched, BLOCK_EXP=IX.BLOCK_E, BLOCK_BLK=IX.BLOCK_B, SEARCH_STEPS=9),
                     (), (), 4, 1))

@@ -24,6 +24,7 @@ from torch._library.triton import set_wrap_triton_enabled
 
 from . import _common, combine, index, routing
 from .configs import get_config
+from moe_ops._profiling import stage
 from moe_ops.ops import gated_activation
 from .grouped_gemm import run_gemm
 
@@ -46,33 +47,39 @@ def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
     if T == 0 or H == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
-    weights, ids = routing.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
-                                       correction_bias, scaling_factor)
+    with stage("router"):
+        weights, ids = routing.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                           correction_bias, scaling_factor)
     M = T * k
     cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
     cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
-    slot_rows, sorted_slots, offsets, _, sched = index.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
-    h = torch.empty((M, I), device=x.device, dtype=x.dtype)
-    run_gemm(x, w_gate_up, h, offsets, sched, E, I, H, cfg1, rows=M, trans_b=True, slots=sorted_slots,
-             topk=k, act=ACT_CODES[activation])
-    y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
-    run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg2, rows=M, trans_b=True, slots=sorted_slots,
-             weights=weights.view(-1), scatter=True)
-    if k == 1:
-        return out
-    return combine.combine(y, T, k, combine.MODE_SLOT)
+    with stage("dispatch"):  # the index only: GEMM1 gathers the x rows itself
+        slot_rows, sorted_slots, offsets, _, sched = index.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
+    with stage("experts"):  # GEMM2 also weights and scatters the rows, the first half of the combine
+        h = torch.empty((M, I), device=x.device, dtype=x.dtype)
+        run_gemm(x, w_gate_up, h, offsets, sched, E, I, H, cfg1, rows=M, trans_b=True, slots=sorted_slots,
+                 topk=k, act=ACT_CODES[activation])
+        y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
+        run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg2, rows=M, trans_b=True, slots=sorted_slots,
+                 weights=weights.view(-1), scatter=True)
+    with stage("combine"):  # empty for k == 1: GEMM2's scatter wrote out
+        return out if k == 1 else combine.combine(y, T, k, combine.MODE_SLOT)
 
 
 def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group,
              correction_bias, scaling_factor):
     ops = torch.ops.moe_ops_triton
     E = w_gate_up.shape[0]
-    weights, ids = ops.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
-                                   correction_bias, scaling_factor)
-    x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, 1)
-    h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, True)
-    y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, True)
-    return ops.unpermute(y, slot_rows, weights, k)
+    with stage("router"):
+        weights, ids = ops.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                       correction_bias, scaling_factor)
+    with stage("dispatch"):
+        x_sorted, _, offsets, slot_rows = ops.permute(x, ids, E, 1)
+    with stage("experts"):
+        h = ops.grouped_gemm(x_sorted, w_gate_up, offsets, True)
+        y = ops.grouped_gemm(gated_activation(h, activation), w_down, offsets, True)
+    with stage("combine"):
+        return ops.unpermute(y, slot_rows, weights, k)
 
 
 def fused_moe_forward(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",

@@ -1,7 +1,7 @@
 """Grouped expert GEMM: all experts in ONE persistent launch over a device-built tile schedule.
 
 Schedule (one fixed-size int32 buffer, built on the device from ``expert_offsets`` by
-``_schedule_kernel``, or by the index build's scan in the fused layer):
+``_gemm_tile_schedule_kernel``, or by the index build's scan in the fused layer):
 ``sched[e]`` = number of BLOCK_M row tiles of experts < e (``sched[E]`` = all of them), then
 ``sched[E+1+t]`` = the expert of row tile t for t < ``cdiv(rows, BLOCK_M) + E`` (a static bound;
 filled by a vectorised binary search). Tiles never straddle experts: expert e's tiles start at
@@ -52,8 +52,8 @@ def fill_tile_experts(sched_ptr, E, max_tiles, SEARCH_STEPS: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _schedule_kernel(offs_ptr, sched_ptr, E, max_tiles, BLOCK_M: tl.constexpr, BLOCK_EXP: tl.constexpr,
-                     SEARCH_STEPS: tl.constexpr):
+def _gemm_tile_schedule_kernel(offs_ptr, sched_ptr, E, max_tiles, BLOCK_M: tl.constexpr, BLOCK_EXP: tl.constexpr,
+                               SEARCH_STEPS: tl.constexpr):
     """sched[e] = sum over e' < e of cdiv(offs[e'+1] - offs[e'], BLOCK_M); then the tile map."""
     carry = 0
     for e0 in range(0, E, BLOCK_EXP):
@@ -158,9 +158,9 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _wgrad_kernel(a_ptr, dc_ptr, db_ptr, offs_ptr, E, K, N, stride_am, stride_ak, stride_dm, stride_dn,
-                  NUM_PROGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _grouped_gemm_wgrad_kernel(a_ptr, dc_ptr, db_ptr, offs_ptr, E, K, N, stride_am, stride_ak, stride_dm, stride_dn,
+                               NUM_PROGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Persistent over the E x K-tiles x N-tiles output tiles: db[e, kt, nt] = sum over expert
     e's rows of a^T dc (zero for an empty expert); the row loop's bounds come from offs."""
     kt_n = (K + BLOCK_K - 1) // BLOCK_K
@@ -205,7 +205,7 @@ def max_row_tiles(rows: int, E: int, block_m: int) -> int:
 
 def build_schedule(offsets: torch.Tensor, E: int, block_m: int, rows: int) -> torch.Tensor:
     sched = torch.empty(schedule_size(rows, E, block_m), device=offsets.device, dtype=torch.int32)
-    launch(_schedule_kernel, (1,), offsets, sched, E, max_row_tiles(rows, E, block_m),
+    launch(_gemm_tile_schedule_kernel, (1,), offsets, sched, E, max_row_tiles(rows, E, block_m),
            BLOCK_M=block_m, BLOCK_EXP=128, SEARCH_STEPS=search_steps(E))
     return sched
 
@@ -264,7 +264,7 @@ def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.
     expert_offsets = _clamped_offsets(expert_offsets, M)
     cfg = get_config(num_experts, N, K, a.dtype, a.device, M, wgrad=True)
     grid = max(1, min(num_programs(a.device), num_experts * cdiv(K, cfg["BLOCK_K"]) * cdiv(N, cfg["BLOCK_N"])))
-    launch(_wgrad_kernel, (grid,), a, dc, db, expert_offsets, num_experts, K, N,
+    launch(_grouped_gemm_wgrad_kernel, (grid,), a, dc, db, expert_offsets, num_experts, K, N,
            a.stride(0), a.stride(1), dc.stride(0), dc.stride(1), NUM_PROGS=grid,
            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
            PRECISION=dot_precision(a.dtype), ACC_DTYPE=_acc_dtype(a.dtype),

@@ -3,15 +3,15 @@ counting sort of the T*k slots by expert, on the device, with no atomics and no 
 
 Kernels, in launch order (all with static grids):
 
-1. ``_rank_kernel`` (one program per block of BLOCK slots, taken in *priority order* q):
+1. ``_expert_rank_kernel`` (one program per block of BLOCK slots, taken in *priority order* q):
    each slot's rank among the earlier slots of its block with the same expert (a BLOCK x BLOCK
    compare), and the block's per-expert counts ``counts[b, e]``. It also fills the inverse map
    (row -> slot) with -1, so rows nobody claims read as padding.
-2. ``_scan_kernel`` (one program): exclusive prefix of ``counts`` over blocks per expert
+2. ``_expert_scan_kernel`` (one program): exclusive prefix of ``counts`` over blocks per expert
    (``base[b, e]``), per-expert totals, and then either the block_m-padded ``expert_offsets``
    (+ optionally the GEMM tile schedule: per-expert M-tile counts and their prefix sum), or
    capacity's ``demand``/``kept``.
-3. ``_place_kernel`` (per block): rank = ``base[b, e]`` + in-block rank -> destination row
+3. ``_slot_place_kernel`` (per block): rank = ``base[b, e]`` + in-block rank -> destination row
    (``offsets[e] + rank``, or ``e*C + rank`` if rank < C), written to the slot map and its inverse.
 4. ``_gather_rows_kernel``: ``out[row] = x[inv[row] // k]`` or 0 where ``inv[row] == -1``.
 
@@ -46,9 +46,9 @@ def _slot_expert(ids_ptr, q, inb, T, E, K: tl.constexpr, KMAJOR: tl.constexpr):
 
 
 @triton.jit
-def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_prog,
-                 K: tl.constexpr, KMAJOR: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_EXP: tl.constexpr, FILL: tl.constexpr):
+def _expert_rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_prog,
+                        K: tl.constexpr, KMAJOR: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_EXP: tl.constexpr, FILL: tl.constexpr):
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
     q = pid * BLOCK + lane
@@ -69,9 +69,9 @@ def _rank_kernel(ids_ptr, rank_ptr, counts_ptr, inv_ptr, S, T, E, R, fill_per_pr
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, block_m, sched_bm, max_tiles,
-                 CAPACITY: tl.constexpr, SCHED: tl.constexpr, BLOCK_EXP: tl.constexpr, BLOCK_BLK: tl.constexpr,
-                 SEARCH_STEPS: tl.constexpr):
+def _expert_scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, block_m, sched_bm, max_tiles,
+                        CAPACITY: tl.constexpr, SCHED: tl.constexpr, BLOCK_EXP: tl.constexpr, BLOCK_BLK: tl.constexpr,
+                        SEARCH_STEPS: tl.constexpr):
     """out0/out1: expert_offsets[E+1] (permute) or demand[E]/kept[E] (capacity)."""
     carry = 0
     carry_mt = 0
@@ -105,8 +105,8 @@ def _scan_kernel(counts_ptr, base_ptr, out0_ptr, out1_ptr, sched_ptr, nb, E, C, 
 
 
 @triton.jit
-def _place_kernel(ids_ptr, rank_ptr, base_ptr, offs_ptr, slotmap_ptr, inv_ptr, S, T, E, C,
-                  K: tl.constexpr, KMAJOR: tl.constexpr, CAPACITY: tl.constexpr, BLOCK: tl.constexpr):
+def _slot_place_kernel(ids_ptr, rank_ptr, base_ptr, offs_ptr, slotmap_ptr, inv_ptr, S, T, E, C,
+                       K: tl.constexpr, KMAJOR: tl.constexpr, CAPACITY: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     q = pid * BLOCK + tl.arange(0, BLOCK)
     inb = q < S
@@ -163,12 +163,12 @@ def build_index(ids: torch.Tensor, E: int, *, block_m: int = 1, capacity: int = 
     sched = (torch.empty(schedule_size(S, E, sched_bm), device=dev, dtype=torch.int32)
              if sched_bm > 0 else out0)
     Tq = max(T, 1)
-    launch(_rank_kernel, (nb,), ids, rank, counts, inv, S, Tq, E, R, cdiv(R, nb),
+    launch(_expert_rank_kernel, (nb,), ids, rank, counts, inv, S, Tq, E, R, cdiv(R, nb),
            K=k, KMAJOR=kmajor, BLOCK=BLOCK_S, BLOCK_EXP=BLOCK_E, FILL=FILL_BLOCK)
-    launch(_scan_kernel, (1,), counts, base, out0, out1, sched, nb, E, max(capacity, 0), block_m,
+    launch(_expert_scan_kernel, (1,), counts, base, out0, out1, sched, nb, E, max(capacity, 0), block_m,
            max(sched_bm, 1), max_row_tiles(S, E, max(sched_bm, 1)), CAPACITY=cap, SCHED=sched_bm > 0,
            BLOCK_EXP=BLOCK_E, BLOCK_BLK=BLOCK_B, SEARCH_STEPS=search_steps(E))
-    launch(_place_kernel, (nb,), ids, rank, base, out0, slot_map, inv, S, Tq, E, max(capacity, 0),
+    launch(_slot_place_kernel, (nb,), ids, rank, base, out0, slot_map, inv, S, Tq, E, max(capacity, 0),
            K=k, KMAJOR=kmajor, CAPACITY=cap, BLOCK=BLOCK_S)
     return slot_map, inv, out0, out1, sched
 
