@@ -86,7 +86,7 @@ def _op_calls(backend):
         ("moe_forward", lambda: moe_ops.moe_forward(lx, llog, wgu, wd, K, backend=backend)),
     ]
     if backend == "cpu":
-        calls.append(("pack_experts", lambda: tuple(moe_ops.pack_experts(wgu, wd)[:2])))
+        calls.append(("pack_experts", lambda: (lambda p: (p.w_gate_up, p.w_down))(moe_ops.pack_experts(wgu, wd))))
     return calls
 
 
@@ -310,3 +310,23 @@ def test_cuda_graph_capture_with_ranges_open(ranges, capacity, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_fused", "op_by_op"])
+def test_patched_transformers_model_shows_the_stages(fused, monkeypatch):
+    """A model patched by apply_moe_ops: each MoE layer's router and expert stages are ranges."""
+    transformers = pytest.importorskip("transformers")
+    from moe_ops.integrations import transformers as moe_hf
+    if not fused:
+        monkeypatch.setattr(moe_hf, "_cpu_fused_ok", lambda *a: False)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = moe_hf.apply_moe_ops(transformers.MixtralForCausalLM(cfg).eval())
+    with torch.no_grad():
+        _, events = _trace(lambda: model(torch.randint(1, 64, (2, 5))))
+    for name in STAGES:
+        assert len(_named(events, name)) == 2, (name, [e.name for e in events if e.name.startswith("moe_ops")])
+    for gate in _named(events, "moe_ops.topk_gating"):
+        assert any(_inside(gate, r) for r in _named(events, "moe_ops.router"))

@@ -25,6 +25,7 @@ Three levels, each optional:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from .. import backend as _backend
 from .. import ops
+from .._profiling import stage
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
@@ -62,22 +64,28 @@ def moe_ops_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     x = hidden_states.to(w1.dtype)  # autocast may hand fp32 activations to bf16 experts
     if _cpu_fused_ok(self, x, w1, w2, has_gate, transposed, has_bias, top_k_weights):
         # The CPU backend's fused expert op (one pass: gather -> GEMM1 + SwiGLU -> GEMM2 ->
-        # combine), on packed weights when apply_moe_ops(..., pack_cpu=True) asked for them.
-        return cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2).to(hidden_states.dtype)
+        # combine), on packed weights when apply_moe_ops(..., pack_cpu=True) asked for them;
+        # its three stage ranges nest around it, as in moe_forward's fused path.
+        with stage("dispatch"), stage("experts"), stage("combine"):
+            out = cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2)
+        return out.to(hidden_states.dtype)
     # Sentinel ids >= E (expert parallelism) are dropped by permute, never computed.
-    x_sorted, _, offsets, slot_rows = ops.permute(x, top_k_index, E, allow_invalid_ids=True)
-    row_e = _row_experts(offsets, x_sorted.shape[0]) if has_bias else None
+    with stage("dispatch"):
+        x_sorted, _, offsets, slot_rows = ops.permute(x, top_k_index, E, allow_invalid_ids=True)
+        row_e = _row_experts(offsets, x_sorted.shape[0]) if has_bias else None
 
-    h = ops.grouped_gemm(x_sorted, w1, offsets, trans_b=not transposed)
-    if b1 is not None:
-        h = h + b1[row_e].to(h.dtype)
-    h = self._apply_gate(h) if has_gate else self.act_fn(h)
-    y = ops.grouped_gemm(h.to(w2.dtype), w2, offsets, trans_b=not transposed)
-    if b2 is not None:
-        y = y + b2[row_e].to(y.dtype)
-    if getattr(self, "has_post_expert_norm", False):
-        y = self.post_expert_norm(y)
-    out = ops.unpermute(y, slot_rows, top_k_weights)
+    with stage("experts"):
+        h = ops.grouped_gemm(x_sorted, w1, offsets, trans_b=not transposed)
+        if b1 is not None:
+            h = h + b1[row_e].to(h.dtype)
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+        y = ops.grouped_gemm(h.to(w2.dtype), w2, offsets, trans_b=not transposed)
+        if b2 is not None:
+            y = y + b2[row_e].to(y.dtype)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+    with stage("combine"):
+        out = ops.unpermute(y, slot_rows, top_k_weights)
     return out.to(hidden_states.dtype)
 
 
@@ -132,6 +140,16 @@ def _ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.long()  # transformers' eager experts one_hot the ids: keep their int64 contract
 
 
+def _router_stage(forward):
+    """A patched router forward inside the ``moe_ops.router`` range (docs/profiling.md)."""
+    @functools.wraps(forward)
+    def routed(self, hidden_states):
+        with stage("router"):
+            return forward(self, hidden_states)
+    return routed
+
+
+@_router_stage
 def _softmax_router_forward(self, hidden_states):
     """Mixtral (always renormalised, float32 weights), Qwen2/3-MoE and OLMoE (``norm_topk_prob``,
     weights in the logits' dtype)."""
@@ -144,6 +162,7 @@ def _softmax_router_forward(self, hidden_states):
     return router_logits, weights, _ids(ids)
 
 
+@_router_stage
 def _deepseek_v3_router_forward(self, hidden_states):
     """DeepSeek-V3: float32 router, sigmoid scores, selection on score + e_score_correction_bias
     within the best ``topk_group`` of ``n_group`` groups, unbiased weights renormalised and
@@ -158,6 +177,7 @@ def _deepseek_v3_router_forward(self, hidden_states):
     return router_logits, weights, _ids(ids)
 
 
+@_router_stage
 def _gpt_oss_router_forward(self, hidden_states):
     """GPT-OSS: top-k of the (biased) logits, softmax over the k chosen = renormalised softmax."""
     router_logits = F.linear(hidden_states, self.weight, self.bias)
@@ -165,6 +185,7 @@ def _gpt_oss_router_forward(self, hidden_states):
     return router_logits, weights.to(router_logits.dtype), _ids(ids)
 
 
+@_router_stage
 def _llama4_router_forward(self, hidden_states):
     """Llama4 router for the sparse block: ``(weights[T, k], router_logits, ids[T, k])`` --
     router_logits stays at index 1, where transformers records it. Selection on the logits
