@@ -118,6 +118,9 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMOE_OPS_OUTPUT_DIR={out_dir}",
+            # both, every time: a cached sim output dir from an earlier (pip, temporary) build
+            # would leave a stale _C_sim next to a fresh _C
+            f"-DMOE_OPS_SIM_OUTPUT_DIR={out_dir}",
             f"-DMOE_OPS_VERSION={VERSION}",
             f"-DMOE_OPS_TORCH_VERSION={torch.__version__}",
             f"-DMOE_OPS_TORCH_INCLUDE_DIRS={';'.join(cpp.include_paths())}",
