@@ -79,10 +79,13 @@ def interpreter_defect() -> Optional[str]:
     try:
         _runtime_loop_probe[(1,)](out, 3)
     except Exception as e:  # the interpreter wraps the TypeError in its own error type
-        import numpy
-        return (f"triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under "
-                f"numpy {numpy.__version__} ({type(e).__name__}: {e}); use numpy<2.4 with this triton "
-                "(requirements-torch211.txt) or triton >= 3.8")
+        if "0-dimensional" in str(e):
+            import numpy
+            return (f"triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under "
+                    f"numpy {numpy.__version__} ({type(e).__name__}: {e}); use numpy<2.4 with this triton "
+                    "(requirements-torch211.txt) or triton >= 3.8")
+        return (f"the Triton interpreter cannot run a probe kernel ({type(e).__name__}: {e}); "
+                "TRITON_INTERPRET=1 must be set before triton is first imported")
     return None if int(out[0]) == 3 else f"triton interpreter probe loop ran {int(out[0])} times, not 3"
 
 
