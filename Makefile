@@ -3,22 +3,24 @@
 #   make test    venv + build (extension, emulator, sanitizer builds) + the whole test suite
 #   make gpu-check PYTHON=python3 OUT=dir   the offline one-command check of a GPU machine with the
 #                interpreter given (no venv, no downloads); a rehearsal on CPU where no GPU is
-# Knobs: PYTHON (interpreter used to create the venv), VENV, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
-# MOE_OPS_CUDA=auto|0|1, BENCH_ARGS, PYTEST_ARGS.
+#   make test-torch211   the same suite on the oldest supported stack (docs/supported-stacks.md)
+# Knobs: PYTHON (interpreter used to create the venv), VENV, REQUIREMENTS (what the venv gets),
+# MAX_JOBS, TORCH_CUDA_ARCH_LIST, MOE_OPS_CUDA=auto|0|1, MOE_OPS_BUILD_DIR, BENCH_ARGS, PYTEST_ARGS.
 PYTHON ?= python3
 VENV ?= .venv
+REQUIREMENTS ?= requirements-dev.txt
 PY := $(VENV)/bin/python
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
 OUT ?= gpu-check-out
 
-.PHONY: setup install build sim-sanitizers test test-py bench gpu-check plots ptxas clean
+.PHONY: setup install build sim-sanitizers test test-py test-torch211 bench gpu-check plots ptxas clean
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	touch $@
 
 setup: $(VENV)/.deps
@@ -43,6 +45,11 @@ test: install
 	@if command -v nvcc >/dev/null; then bash scripts/ptxas_report.sh && cat build/ptxas_report.txt; \
 	  else echo "nvcc not found: ptxas report skipped"; fi
 
+# Own venv and CMake build folder, so the two stacks' builds never mix (the last install's
+# moe_ops/_C*.so is the one in place: rerun `make install` before using the other venv).
+test-torch211:
+	$(MAKE) test VENV=.venv-torch211 REQUIREMENTS=requirements-torch211.txt MOE_OPS_BUILD_DIR=build-torch211
+
 bench: install
 	$(PY) -m bench --preset quick $(BENCH_ARGS)
 
@@ -57,4 +64,4 @@ ptxas:
 	bash scripts/ptxas_report.sh
 
 clean:
-	rm -rf build build-asan build-tsan moe_ops/_C*.so *.egg-info
+	rm -rf build build-asan build-tsan build-torch211 moe_ops/_C*.so *.egg-info

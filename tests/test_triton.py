@@ -6,7 +6,7 @@ registers for cpu tensors only then). The generic matrix in tests/test_ops.py al
 GEMM tiles straddling two experts' segments, the fused layer (gather + SwiGLU / weight +
 scatter) and its launch count for E=8 vs E=256, determinism, configs, fake-tensor shapes.
 
-bfloat16: the Triton 3.8 *interpreter* computes ``tl.dot`` on bf16 operands wrongly (fp16 and
+bfloat16: the Triton *interpreter* (3.6, 3.8) computes ``tl.dot`` on bf16 operands wrongly (fp16 and
 fp32 are right), so under the interpreter every dot-product test runs in fp16/fp32/fp64 and
 the bf16 GEMM variants are skipped (the backend declares them in UNSUPPORTED_DTYPES). On a GPU
 the same code path runs bf16 and these tests include it. Kernels without tl.dot (gating,

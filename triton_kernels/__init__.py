@@ -19,13 +19,19 @@ from torch.library import triton_op
 
 from .. import backend as _backend
 from . import combine, fused_moe, grouped_gemm, index, routing
-from ._common import interpreted, launch_count
+from ._common import interpreted, interpreter_defect, launch_count
 from .fused_moe import fused_moe_forward, last_launch_count
 
 NAMESPACE = "moe_ops_triton"
 
-# (op, dtype) pairs the Triton 3.8 *interpreter* computes wrongly: tl.dot on bfloat16 operands
-# returns garbage there (fp16/fp32 are right). The code path on a GPU is identical; tests skip
+# A broken interpreter makes the backend fail to load with the reason (moe_ops.load_errors(),
+# a test failure in tests/test_backends_load.py), rather than every kernel failing obscurely.
+_defect = interpreter_defect()
+if _defect is not None:
+    raise ImportError(f"moe_ops.triton_kernels: {_defect}")
+
+# (op, dtype) pairs the Triton *interpreter* computes wrongly (3.6 and 3.8 alike): tl.dot on bfloat16
+# operands returns garbage there (fp16/fp32 are right). The code path on a GPU is identical; tests skip
 # these pairs only when ``interpreted()``. "moe_forward" is the fused layer.
 UNSUPPORTED_UNDER_INTERPRETER = frozenset({
     ("grouped_gemm", torch.bfloat16),
@@ -36,7 +42,7 @@ UNSUPPORTED_UNDER_INTERPRETER = frozenset({
 
 # The form tests/utils.py reads (``unsupported_reason``): {(op, dtype): reason}, only where it applies.
 UNSUPPORTED_DTYPES = {
-    key: "Triton 3.8 interpreter computes tl.dot on bfloat16 wrongly (GPU path is identical and supported)"
+    key: "the Triton interpreter computes tl.dot on bfloat16 wrongly (GPU path is identical and supported)"
     for key in UNSUPPORTED_UNDER_INTERPRETER} if interpreted() else {}
 
 
@@ -67,6 +73,8 @@ def _define():
         name = name.strip()
         if name not in _IMPLS:
             raise RuntimeError(f"moe_ops.triton_kernels: no Triton implementation for op {name!r}")
+        # torch 2.11's triton_op ignores schema= and infers it from the annotations, which
+        # therefore spell the same schema (tests/test_triton_schemas.py; int -> SymInt there).
         triton_op(f"{NAMESPACE}::{name}", _IMPLS[name], mutates_args=(), schema="(" + rest)
         defined[name] = getattr(torch.ops.moe_ops_triton, name)
     return defined

@@ -3,15 +3,19 @@ the fused layer can report how many kernels it ran), interpreter detection and t
 grid size.
 
 Launches use ``torch.library.wrap_triton`` so ``torch.compile`` sees the kernels inside the
-``triton_op`` bodies; in eager mode that is a plain launch on the current stream.
+``triton_op`` bodies; in eager mode that is a plain launch on the current stream. Under
+``TRITON_INTERPRET=1`` kernels are launched directly (eager only).
 """
 from __future__ import annotations
 
 import functools
 import os
 import threading
+from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch.library import wrap_triton
 
 _LAUNCHES = [0]
@@ -48,15 +52,47 @@ def launch(kernel, grid, *args, **meta):
                            "dispatch, functional tensors) is not supported under TRITON_INTERPRET=1; "
                            "call the ops eagerly, or trace on a GPU")
     if interpreted():
-        # The interpreter patches triton.language module-wide while a kernel runs, so two
-        # threads interpreting at once break each other ("Did you forget @triton.jit"):
-        # one interpreted launch at a time.
+        # The interpreter's kernels are not JITFunctions: torch 2.11's wrap_triton rejects them
+        # (later versions hand them back unwrapped), and nothing can trace them anyway (above).
+        # It also patches triton.language module-wide while a kernel runs, so two threads
+        # interpreting at once break each other ("Did you forget @triton.jit"): one at a time.
         with _INTERPRETER_LOCK:
             _LAUNCHES[0] += 1
-            wrap_triton(kernel)[grid](*args, **meta)
+            kernel[grid](*args, **meta)
         return
     _LAUNCHES[0] += 1
     wrap_triton(kernel)[grid](*args, **meta)
+
+
+@triton.jit
+def _runtime_loop_probe(out_ptr, n):
+    acc = 0
+    for _ in range(n):
+        acc += 1
+    tl.store(out_ptr, acc)
+
+
+def interpreter_defect() -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels here, or None (also None on a GPU).
+
+    triton 3.6's interpreter takes a runtime loop bound with ``int()`` of a 1-element array,
+    which numpy >= 2.4 refuses (triton-lang/triton#9171; 3.8 is fixed). Every kernel with a
+    runtime-bounded loop then fails, so probe one such loop once instead of guessing versions.
+    """
+    if not interpreted():
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _runtime_loop_probe[(1,)](out, 3)
+    except Exception as e:  # the interpreter wraps the TypeError in its own error type
+        if "0-dimensional" in str(e):
+            import numpy
+            return (f"triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under "
+                    f"numpy {numpy.__version__} ({type(e).__name__}: {e}); use numpy<2.4 with this triton "
+                    "(requirements-torch211.txt) or triton >= 3.8")
+        return (f"the Triton interpreter cannot run a probe kernel ({type(e).__name__}: {e}); "
+                "TRITON_INTERPRET=1 must be set before triton is first imported")
+    return None if int(out[0]) == 3 else f"triton interpreter probe loop ran {int(out[0])} times, not 3"
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,8 @@ a NaN weight). A fixed j order and no atomics make the sum bitwise deterministic
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -73,12 +75,14 @@ def combine(y: torch.Tensor, T: int, k: int, mode: int, slot_map=None, ids=None,
     return out
 
 
-def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights, k: int) -> torch.Tensor:
+def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor],
+              k: int) -> torch.Tensor:
     T = slot_rows.numel() // k
     return combine(y_sorted, T, k, MODE_ROWS, slot_map=slot_rows, weights=weights)
 
 
-def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor, weights) -> torch.Tensor:
+def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor,
+                     weights: Optional[torch.Tensor]) -> torch.Tensor:
     E, C, _ = buf_out.shape
     T, k = ids.shape
     return combine(buf_out, T, k, MODE_CAPACITY, slot_map=slot_pos, ids=ids, weights=weights, E=E, C=C)

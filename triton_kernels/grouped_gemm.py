@@ -255,7 +255,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     return c
 
 
-def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.Tensor, num_experts: int):
+def grouped_gemm_wgrad(a: torch.Tensor, dc: torch.Tensor, expert_offsets: torch.Tensor,
+                       num_experts: int) -> torch.Tensor:
     M, K = a.shape
     N = dc.shape[1]
     db = torch.empty((num_experts, K, N), device=a.device, dtype=a.dtype)

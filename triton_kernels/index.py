@@ -186,14 +186,16 @@ def gather_rows(x: torch.Tensor, inv: torch.Tensor, k: int, R: int) -> torch.Ten
     return out
 
 
-def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int, block_m: int):
+def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int,
+            block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, k = ids.shape
     slot_rows, sorted_slots, offsets, _, _ = build_index(ids, num_experts, block_m=block_m)
     x_sorted = gather_rows(x, sorted_slots, k, sorted_slots.shape[0])
     return x_sorted, sorted_slots, offsets, slot_rows
 
 
-def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capacity: int, priority: str):
+def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capacity: int,
+                      priority: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, k = ids.shape
     H = x.shape[1]
     slot_pos, inv, demand, kept, _ = build_index(ids, num_experts, capacity=capacity,

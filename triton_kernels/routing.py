@@ -13,6 +13,8 @@ float32.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -132,7 +134,8 @@ def _topk_gating_kernel(
 
 
 def topk_gating(logits: torch.Tensor, k: int, scoring: str, renormalize: bool, n_group: int,
-                topk_group: int, correction_bias, scaling_factor: float):
+                topk_group: int, correction_bias: Optional[torch.Tensor],
+                scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     T, E = logits.shape
     wdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     weights = torch.empty((T, k), device=logits.device, dtype=wdtype)
