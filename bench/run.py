@@ -365,6 +365,8 @@ def main(argv=None) -> int:
     log(f"[bench] {args.preset}: {len(points)} points x {len(ops)} ops on {meta['device_name']} ({device}, "
         f"{str(dtype).replace('torch.', '')}, threads={threads}); backends: "
         f"{ {op: backends_for(op, device, only_backends, args.include_interpreted) for op in ops} }")
+    for b, why in moe_ops.load_errors().items():  # a backend missing from the rows says why here
+        log(f"[bench] backend {b} not loaded: {why}")
     for n in notes:
         log(f"[bench] skipped {n}")
     rows: List[dict] = []
