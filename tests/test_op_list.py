@@ -1,0 +1,62 @@
+"""The op list is kept in one place: the schemas of csrc/schemas.h (``moe_ops._C.op_schemas()``).
+
+Every other list of ops -- the backend switch's ``OP_NAMES``, the fakes, the autograd formulas,
+the Triton implementations, the C++ registrations of every namespace, the public functions in
+``moe_ops.__all__`` -- must name exactly those ops (plus the native-only ones where they apply),
+so adding an op and forgetting one of them fails here, not in a user's torch.compile.
+"""
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import _fake, autograd, backend
+
+_C = pytest.importorskip("moe_ops._C")
+
+
+def _schema_names():
+    return [s.split("(", 1)[0].strip() for s in _C.op_schemas()]
+
+
+CONTRACT = _schema_names()
+NATIVE_ONLY = {"fused_experts", "fused_experts_packed", "pack_experts"}
+
+
+def test_backend_switch_lists_the_schemas():
+    assert list(backend.OP_NAMES) == CONTRACT
+
+
+def test_every_op_has_a_fake_and_an_autograd_formula():
+    assert set(CONTRACT) <= set(_fake.FAKES), set(CONTRACT) - set(_fake.FAKES)
+    formulas = autograd.formulas("moe_ops")
+    assert set(CONTRACT) <= set(formulas), set(CONTRACT) - set(formulas)
+
+
+def test_every_op_is_public():
+    assert set(CONTRACT) <= set(moe_ops.__all__), set(CONTRACT) - set(moe_ops.__all__)
+    for name in CONTRACT:
+        assert callable(getattr(moe_ops, name))
+
+
+def test_native_namespace_defines_the_schemas_and_only_its_extensions():
+    backend._load("cpu")
+    defined = set(_fake.op_names("moe_ops"))
+    assert set(CONTRACT) <= defined, set(CONTRACT) - defined
+    assert defined - set(CONTRACT) <= NATIVE_ONLY, defined - set(CONTRACT)
+
+
+@pytest.mark.parametrize("name,ns", [("cuda_sim", "moe_ops_sim"), ("triton", "moe_ops_triton")])
+def test_other_namespaces_define_exactly_the_schemas(name, ns):
+    if backend._load(name) is None:
+        pytest.skip(f"{name} not available here: {backend.load_errors().get(name)}")
+    assert set(_fake.op_names(ns)) == set(CONTRACT)
+
+
+def test_triton_implements_every_schema():
+    backend._load("triton")
+    import sys
+    module = sys.modules.get("moe_ops.triton_kernels")
+    if module is None:
+        pytest.skip(f"triton not loaded: {backend.load_errors().get('triton')}")
+    assert set(module._IMPLS) == set(CONTRACT)
+    assert torch.ops.moe_ops_triton is not None
