@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 
 import torch
 from torch.autograd import profiler as _autograd_profiler
+
+from . import envs
 
 STAGES = ("router", "dispatch", "experts", "combine")
 
@@ -55,7 +56,7 @@ def set_nvtx(enabled: bool) -> bool:
 
 
 _NVTX = False
-if os.environ.get("MOE_OPS_NVTX", "0") not in ("", "0"):
+if envs.flag("MOE_OPS_NVTX"):
     set_nvtx(True)
 
 

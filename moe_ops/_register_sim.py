@@ -9,9 +9,9 @@ import os
 import torch
 
 from . import _C  # noqa: F401  (the sim library defines its own namespace, but shares schemas)
-from . import autograd, backend
+from . import autograd, backend, envs
 
-_path = os.environ.get("MOE_OPS_SIM_LIB")
+_path = envs.get("MOE_OPS_SIM_LIB")
 if not _path:
     found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_C_sim*.so")))
     if not found:

@@ -26,10 +26,11 @@ backend unavailable; :func:`load_errors` says why.
 from __future__ import annotations
 
 import importlib
-import os
 import sys as _sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
+
+from . import envs
 
 OP_NAMES = (
     "topk_gating",
@@ -96,7 +97,7 @@ def register_fused_moe(name: str, fn: Callable) -> None:
 
 def resolve_fused_moe(device_type: str, backend: Optional[str] = None) -> Optional[Callable]:
     """The fused layer path of the chosen backend, or of the first automatic one that has one."""
-    name = backend if backend is not None else os.environ.get("MOE_OPS_BACKEND") or None
+    name = backend if backend is not None else envs.get("MOE_OPS_BACKEND")
     names = (name,) if name is not None else AUTO_ORDER.get(device_type, ())
     for n in names:
         b = _load(n) if n in _LOADERS else None
@@ -158,7 +159,7 @@ def resolve(op: str, device_type: str, backend: Optional[str] = None, *, strict:
     """The implementation of ``op`` to run for tensors on ``device_type``."""
     if op not in OP_NAMES:
         raise ValueError(f"moe_ops: unknown op {op!r}")
-    name = backend if backend is not None else os.environ.get("MOE_OPS_BACKEND") or None
+    name = backend if backend is not None else envs.get("MOE_OPS_BACKEND")
     if name is not None:
         if name not in _LOADERS:
             raise ValueError(f"moe_ops: unknown backend {name!r}; known: {sorted(_LOADERS)}")

@@ -12,12 +12,12 @@ Pipeline names follow vLLM's fused_moe: router (``topk_gating``) -> dispatch/per
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from . import backend as _backend
+from . import envs
 from ._profiling import profiled, stage
 
 INT32_MAX = 2**31 - 1
@@ -53,7 +53,7 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     tensors too (a device sync per op: debugging only), ``0`` never. Never while tracing for
     ``torch.compile`` or capturing a CUDA graph.
     """
-    mode = os.environ.get("MOE_OPS_VALUE_CHECKS", "auto")
+    mode = envs.get("MOE_OPS_VALUE_CHECKS")
     if mode == "0" or torch.compiler.is_compiling():
         return False
     if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":

@@ -9,7 +9,6 @@ Launches use ``torch.library.wrap_triton`` so ``torch.compile`` sees the kernels
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Optional
 
@@ -18,13 +17,15 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .. import envs
+
 _LAUNCHES = [0]
 _INTERPRETER_LOCK = threading.RLock()
 
 
 def interpreted() -> bool:
     """Whether Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.get("TRITON_INTERPRET") == "1"
 
 
 def launch_count() -> int:

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import envs
 from ._common import interpreted
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -44,7 +45,7 @@ def config_filename(E: int, N: int, K: int, device: str, dtype: torch.dtype, wgr
 
 
 def _dirs():
-    extra = os.environ.get("MOE_OPS_TRITON_CONFIG_DIR")
+    extra = envs.get("MOE_OPS_TRITON_CONFIG_DIR")
     return ([extra] if extra else []) + [CONFIG_DIR]
 
 

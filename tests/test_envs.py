@@ -1,0 +1,55 @@
+"""The settings table (moe_ops/envs.py) is the whole list of environment variables moe-ops reads,
+and the README shows it as it is."""
+import os
+import re
+
+from moe_ops import envs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a read: getenv("X"), os.environ.get("X") / ["X"], envs.get/flag("X"), the emulator's env_seconds("X")
+_READ = re.compile(r"""(?:getenv|environ\.get|env_seconds|envs\.get|envs\.flag)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
+                   r"""|environ\[\s*["']([A-Z][A-Z0-9_]+)["']""")
+
+
+def _sources():
+    for folder in ("moe_ops", "triton_kernels", "csrc", "tests", "bench", "scripts"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".inc", ".sh")):
+                    yield os.path.join(dirpath, f)
+
+
+def test_every_variable_read_is_in_the_table():
+    read = {}
+    for path in _sources():
+        for groups in _READ.findall(open(path, errors="replace").read()):
+            name = groups[0] or groups[1]
+            if name.startswith(("MOE_", "TRITON_INTERPRET")):
+                read.setdefault(name, os.path.relpath(path, ROOT))
+    assert {"MOE_OPS_CPU_CACHE_MB", "MOE_SIM_DEADLOCK_SECONDS", "MOE_OPS_VALUE_CHECKS"} <= set(read)  # the scan works
+    missing = {n: p for n, p in read.items() if n not in envs.SETTINGS}
+    assert not missing, f"environment variables read but not in moe_ops/envs.py: {missing}"
+
+
+def test_python_package_reads_only_through_the_table():
+    for folder in ("moe_ops", "triton_kernels"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                if f.endswith(".py") and not path.endswith(os.path.join("moe_ops", "envs.py")):
+                    text = open(path).read()
+                    assert "os.environ" not in text and "getenv" not in text, path
+
+
+def test_readme_lists_the_table():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert envs.markdown_table() in readme, "README's settings table is out of date: paste envs.markdown_table()"
+
+
+def test_get_default_and_empty(monkeypatch):
+    monkeypatch.delenv("MOE_OPS_VALUE_CHECKS", raising=False)
+    assert envs.get("MOE_OPS_VALUE_CHECKS") == "auto"
+    monkeypatch.setenv("MOE_OPS_VALUE_CHECKS", "")
+    assert envs.get("MOE_OPS_VALUE_CHECKS") == "auto"
+    monkeypatch.setenv("MOE_OPS_VALUE_CHECKS", "0")
+    assert envs.get("MOE_OPS_VALUE_CHECKS") == "0"
