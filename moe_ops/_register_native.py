@@ -54,4 +54,4 @@ if "cpu" in backend._BACKENDS and hasattr(torch.ops.moe_ops, "fused_experts"):
     backend.register_fused_moe("cpu", _cpu_fused_moe)
 
 # Fakes (torch.compile, meta) and autograd formulas for every moe_ops op.
-autograd.register_for_namespace("moe_ops")
+autograd.register_all()

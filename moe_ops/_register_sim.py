@@ -22,4 +22,4 @@ torch.ops.load_library(_path)
 backend.register("cuda_sim", ("cpu",), {
     op: getattr(torch.ops.moe_ops_sim, op) for op in backend.OP_NAMES
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ops_sim::{op}", "CPU")})
-autograd.register_for_namespace("moe_ops_sim")
+autograd.register_all()  # moe_ops_sim, and moe_ops which importing _C defined

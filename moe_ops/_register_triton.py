@@ -31,8 +31,7 @@ except ModuleNotFoundError as e:
         raise
 
 # Fakes and autograd for the triton namespace (ops it already gave them to keep theirs).
-if autograd._fake.op_names("moe_ops_triton"):
-    autograd.register_for_namespace("moe_ops_triton")
+autograd.register_all()
 
 # What the Triton backend cannot compute here ({(op, dtype): reason}; bf16 tl.dot under the
 # Triton interpreter), re-exported for tests/utils.unsupported_reason, which reads the loader.

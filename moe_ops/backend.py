@@ -115,10 +115,8 @@ def _load(name: str) -> Optional[Backend]:
                 importlib.import_module(module)
             except Exception as e:  # an unbuilt extension or missing triton is not fatal
                 _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
-            else:
-                # fakes (torch.compile) + autograd for whatever op namespaces exist now; idempotent
-                from . import autograd
-                autograd.register_all()
+            # (each loader gives the op namespaces it defines their fakes and autograd formulas
+            # itself, so this module imports nothing else of the package: no import cycle)
     return _BACKENDS.get(name)
 
 
