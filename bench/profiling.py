@@ -129,20 +129,13 @@ def _tables(averages, cuda: bool, top: int) -> str:
     for a in ranges:
         out.append(f"\n| {_cell(a.key)} | {a.count} | {_ms(a.cpu_time_total)} |"
                    + (f" {_ms(a.device_time_total)} |" if cuda else ""))
-    if cuda:
-        rows = sorted((a for a in averages if a.self_device_time_total > 0), key=lambda a: -a.self_device_time_total)
-        total = sum(a.self_device_time_total for a in rows) or 1.0
-        out.append(f"\n\nTop {top} by self device time:\n\n| kernel / op | calls | self device ms | share |"
-                   "\n| --- | ---: | ---: | ---: |")
-        for a in rows[:top]:
-            out.append(f"\n| {_cell(a.key)} | {a.count} | {_ms(a.self_device_time_total)} | "
-                       f"{100 * a.self_device_time_total / total:.1f}% |")
-    else:
-        rows = sorted(averages, key=lambda a: -a.self_cpu_time_total)
-        total = sum(a.self_cpu_time_total for a in rows) or 1.0
-        out.append(f"\n\nTop {top} by self CPU time:\n\n| op / range | calls | self CPU ms | share |"
-                   "\n| --- | ---: | ---: | ---: |")
-        for a in rows[:top]:
-            out.append(f"\n| {_cell(a.key)} | {a.count} | {_ms(a.self_cpu_time_total)} | "
-                       f"{100 * a.self_cpu_time_total / total:.1f}% |")
+    # the same table on either device: self device time of kernels on GPU, self CPU time on CPU
+    attr, what, label = (("self_device_time_total", "kernel / op", "self device") if cuda
+                         else ("self_cpu_time_total", "op / range", "self CPU"))
+    rows = sorted((a for a in averages if not cuda or getattr(a, attr) > 0), key=lambda a: -getattr(a, attr))
+    total = sum(getattr(a, attr) for a in rows) or 1.0
+    out.append(f"\n\nTop {top} by {label} time:\n\n| {what} | calls | {label} ms | share |"
+               "\n| --- | ---: | ---: | ---: |")
+    for a in rows[:top]:
+        out.append(f"\n| {_cell(a.key)} | {a.count} | {_ms(getattr(a, attr))} | {100 * getattr(a, attr) / total:.1f}% |")
     return "".join(out) + "\n"
