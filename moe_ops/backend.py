@@ -26,7 +26,6 @@ backend unavailable; :func:`load_errors` says why.
 from __future__ import annotations
 
 import importlib
-import sys as _sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -127,7 +126,7 @@ def native_op(name: str) -> Optional[Callable]:
     (``fused_experts``, ``pack_experts``, ...) that live outside the backend table."""
     _load("cpu")
     import torch
-    return getattr(torch.ops.moe_ops, name, None) if "moe_ops._C" in _sys.modules else None
+    return getattr(torch.ops.moe_ops, name, None)  # an op namespace without the op: AttributeError
 
 
 def load_errors() -> Dict[str, str]:

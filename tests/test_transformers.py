@@ -57,26 +57,20 @@ def _cfg_olmoe():
         output_router_logits=True, router_aux_loss_coef=0.02)
 
 
-def _cfg_deepseek():
+def _cfg_deepseek(**routing):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    kw = {**dict(num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5), **routing}
     return DeepseekV3ForCausalLM, DeepseekV3Config(
         vocab_size=V, hidden_size=H, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=L,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=0, norm_topk_prob=True,
-        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, rope_scaling=None)
+        first_k_dense_replace=0, norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, rope_scaling=None, **kw)
 
 
 def _cfg_deepseek_hf_tiny():
     """transformers' own DeepSeek-V3 test config routes k=8 of 8 experts with 1 of 2 groups kept:
     more experts than the kept groups hold, which stock top-k fills with masked ones."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    return DeepseekV3ForCausalLM, DeepseekV3Config(
-        vocab_size=V, hidden_size=H, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=L,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=8, n_group=2, topk_group=1, first_k_dense_replace=0, norm_topk_prob=True,
-        routed_scaling_factor=1.0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, rope_scaling=None)
+    return _cfg_deepseek(num_experts_per_tok=8, n_group=2, topk_group=1, routed_scaling_factor=1.0)
 
 
 def _cfg_gpt_oss():
