@@ -10,6 +10,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/avx512_bf16.h"
+#include "arg_limits.h"
 #include "schemas.h"
 
 #ifndef MOE_OPS_VERSION
@@ -70,6 +71,11 @@ pybind11::dict build_info() {
   isa["avx512_emulated"] = moe_cpu::avx512_emulation_built();
   isa["avx512_kernels"] = moe_cpu::use_avx512_bf16();
   info["cpu"] = isa;
+  pybind11::dict limits;  // the argument limits of csrc/limits.h (moe_ops/ops.py uses the same)
+  limits["max_k"] = moe_ops::limits::kMaxK;
+  limits["max_experts"] = moe_ops::limits::kMaxExperts;
+  limits["int32_max"] = moe_ops::limits::kInt32Max;
+  info["limits"] = limits;
   return info;
 }
 

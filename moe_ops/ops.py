@@ -20,14 +20,15 @@ from . import backend as _backend
 from . import envs
 from ._profiling import profiled, stage
 
+# The argument limits: the same values as csrc/arg_limits.h (tests/test_limits.py checks they agree).
 INT32_MAX = 2**31 - 1
 MAX_EXPERTS = INT32_MAX - 1  # offsets[E + 1] and ids are int32
+MAX_K = 32  # top-k per token (the gating kernels keep k candidates in registers)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCORINGS = ("softmax", "sigmoid")
 PRIORITIES = ("kmajor", "token_major")
 ACTIVATIONS = ("swiglu", "geglu")
-MAX_K = 32
 
 
 class PermuteResult(NamedTuple):

@@ -9,6 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a read: getenv("X"), os.environ.get("X") / ["X"], envs.get/flag("X"), the emulator's env_seconds("X")
 _READ = re.compile(r"""(?:getenv|environ\.get|env_seconds|envs\.get|envs\.flag)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
                    r"""|environ\[\s*["']([A-Z][A-Z0-9_]+)["']""")
+# a C++ read through csrc/env.h: env::get("CPU_CACHE_MB") / env::flag(...) reads MOE_OPS_CPU_CACHE_MB
+_CPP_READ = re.compile(r"""env::(?:get|flag)\(\s*"([A-Z][A-Z0-9_]+)"""")
 
 
 def _sources():
@@ -22,10 +24,13 @@ def _sources():
 def test_every_variable_read_is_in_the_table():
     read = {}
     for path in _sources():
-        for groups in _READ.findall(open(path, errors="replace").read()):
+        text = open(path, errors="replace").read()
+        for groups in _READ.findall(text):
             name = groups[0] or groups[1]
             if name.startswith(("MOE_", "TRITON_INTERPRET")):
                 read.setdefault(name, os.path.relpath(path, ROOT))
+        for name in _CPP_READ.findall(text):
+            read.setdefault("MOE_OPS_" + name, os.path.relpath(path, ROOT))
     assert {"MOE_OPS_CPU_CACHE_MB", "MOE_SIM_DEADLOCK_SECONDS", "MOE_OPS_VALUE_CHECKS"} <= set(read)  # the scan works
     missing = {n: p for n, p in read.items() if n not in envs.SETTINGS}
     assert not missing, f"environment variables read but not in moe_ops/envs.py: {missing}"
