@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _READ = re.compile(r"""(?:getenv|environ\.get|env_seconds|envs\.get|envs\.flag)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
                    r"""|environ\[\s*["']([A-Z][A-Z0-9_]+)["']""")
 # a C++ read through csrc/env.h: env::get("CPU_CACHE_MB") / env::flag(...) reads MOE_OPS_CPU_CACHE_MB
-_CPP_READ = re.compile(r"""env::(?:get|flag)\(\s*"([A-Z][A-Z0-9_]+)"""")
+_CPP_READ = re.compile(r'env::(?:get|flag)\(\s*"([A-Z][A-Z0-9_]+)"')
 
 
 def _sources():
