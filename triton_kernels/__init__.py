@@ -7,9 +7,11 @@ csrc/schemas.h). Each op is a ``torch.library.triton_op`` whose body launches it
 tensors) is the shape function. Devices: cuda; cpu too under ``TRITON_INTERPRET=1`` (the Triton
 interpreter, for tests).
 
-Kernels: routing.py (topk_gating) · index.py (permute, capacity_dispatch) · combine.py
-(unpermute, capacity_combine, the fused layer's k-sum) · grouped_gemm.py (grouped_gemm,
-grouped_gemm_wgrad, the fused layer's GEMMs) · fused_moe.py (the whole layer).
+Ops, one file per op family (the same stems as csrc/ and tests/): topk_gating.py · permute.py
+(permute, unpermute) · capacity.py (capacity_dispatch, capacity_combine) · grouped_gemm.py
+(grouped_gemm, grouped_gemm_wgrad, the fused layer's GEMMs) · fused_moe.py (the whole layer).
+Kernels several of them share: index_build.py (the counting sort of slots by expert) ·
+weighted_combine.py (the weighted k-sum) · launch.py (launching, interpreter detection).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import triton  # noqa: F401  (a missing triton makes the backend unavailable, no
 from torch.library import triton_op
 
 from .. import backend as _backend
-from . import combine, fused_moe, grouped_gemm, index, routing
-from ._common import interpreted, interpreter_defect, launch_count
+from . import capacity, fused_moe, grouped_gemm, permute, topk_gating
+from .launch import interpreted, interpreter_defect, launch_count
 from .fused_moe import fused_moe_forward, last_launch_count
 
 NAMESPACE = "moe_ops_triton"
@@ -52,11 +54,11 @@ def supported(op: str, dtype: torch.dtype, device_type: str = "cpu") -> bool:
 
 
 _IMPLS = {
-    "topk_gating": routing.topk_gating,
-    "permute": index.permute,
-    "unpermute": combine.unpermute,
-    "capacity_dispatch": index.capacity_dispatch,
-    "capacity_combine": combine.capacity_combine,
+    "topk_gating": topk_gating.topk_gating,
+    "permute": permute.permute,
+    "unpermute": permute.unpermute,
+    "capacity_dispatch": capacity.capacity_dispatch,
+    "capacity_combine": capacity.capacity_combine,
     "grouped_gemm": grouped_gemm.grouped_gemm,
     "grouped_gemm_wgrad": grouped_gemm.grouped_gemm_wgrad,
 }
