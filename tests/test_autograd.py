@@ -235,7 +235,7 @@ CHAIN["fused_experts"] = CHAIN["fused_moe"] = CHAIN["moe_forward"]
 
 
 def _skip_unsupported(backend, op, dtype):
-    from tests.utils import unsupported_reason
+    from tests.backends import unsupported_reason
     for o in CHAIN[op]:
         why = unsupported_reason(backend, o, dtype)
         if why:

@@ -1,7 +1,7 @@
 """Triton backend against the reference, on CPU through the Triton interpreter.
 
 Without a GPU this module sets ``TRITON_INTERPRET=1`` before triton is imported (the backend
-registers for cpu tensors only then). The generic matrix in tests/test_ops.py also covers the
+registers for cpu tensors only then). The generic matrix (tests/op_matrix.py, run by tests/test_<op stem>.py) also covers the
 ``triton`` backend; this file adds what is specific to it: E=257 and k=8, empty experts, T=1,
 GEMM tiles straddling two experts' segments, the fused layer (gather + SwiGLU / weight +
 scatter) and its launch count for E=8 vs E=256, determinism, configs, fake-tensor shapes.
@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 import moe_ops  # noqa: E402
 from moe_ops import backend as _backend  # noqa: E402
 from moe_ops import reference as R  # noqa: E402
-from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_exact,  # noqa: E402
-                         assert_gating_equal, make_ids, make_logits, make_offsets, make_x,
-                         reference_hi, seed_for)
+from tests.compare import (assert_bitwise_equal, assert_close_to_reference, assert_exact,  # noqa: E402
+                           assert_gating_equal, reference_hi)
+from tests.inputs import make_ids, make_logits, make_offsets, make_x, seed_for  # noqa: E402
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

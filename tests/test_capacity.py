@@ -1,0 +1,17 @@
+"""``capacity_dispatch`` and ``capacity_combine`` (the capacity-limited dispatch and combine) on
+every backend against the reference.
+
+``test_op_matches_reference`` runs the shared per-op backend matrix (tests/op_matrix.py) for
+``capacity_dispatch``, ``capacity_combine``: every available backend but the reference, on fresh random inputs
+compared with ``moe_ops.reference``.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.op_matrix import params, run_case
+
+
+@pytest.mark.parametrize("op,device,name,dtype,case,idx", params(("capacity_dispatch", "capacity_combine")))
+def test_op_matches_reference(op, device, name, dtype, case, idx):
+    run_case(op, device, name, dtype, case, idx)
