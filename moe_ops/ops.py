@@ -564,6 +564,33 @@ def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,
     return pack_experts(w_gate_up, w_down)
 
 
+def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
+                  renormalize=False, n_group=None, topk_group=None, correction_bias=None,
+                  scaling_factor=1.0, packed=None):
+    """:func:`moe_forward`'s dropless layer on the ``cpu`` backend (its fused path, registered by
+    ``moe_ops._register_native``): router kernel, then the fused expert op ``moe_ops::fused_experts``
+    (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated activation -> GEMM2 -> weighted combine,
+    no intermediate permuted tensors). The fused op has no autograd formula and no float64
+    kernel: those calls run the unfused ``cpu`` ops instead. With ``packed``
+    (:func:`pack_experts`) the experts run ``moe_ops::fused_experts_packed``
+    (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
+                                   n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
+                                   scaling_factor=scaling_factor, backend="cpu")
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
+    if x.dtype == torch.float64 or needs_grad:
+        return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
+    # One op runs dispatch, experts and combine interleaved per expert: its three stage ranges
+    # nest around it (equal spans), so every trace of the layer names all four stages.
+    with stage("dispatch"), stage("experts"), stage("combine"):
+        if packed is not None:
+            return _backend.native_op("fused_experts_packed")(x, ids, weights, packed.w_gate_up, packed.w_down,
+                                                              activation)
+        return _backend.native_op("fused_experts")(x, ids, weights, w_gate_up, w_down, activation)
+
+
 @profiled
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
