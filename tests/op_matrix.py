@@ -22,10 +22,10 @@ Shapes: E in {1, 2, 7, 8, 64, 257, 1024, 4096}, k up to 32, T in {0, 1, ~13, ~10
 interpreter, SIMT emulator: see ``EMULATED``) get the smaller ``EMU_CASES`` matrix unless
 ``MOE_OPS_TEST_FULL=1``.
 
-A backend that cannot run a dtype for an op declares it in the module that registers it:
-``UNSUPPORTED_DTYPES = {(op, dtype): "reason"}`` or ``supported(op, dtype, device_type)``
-(e.g. Triton's interpreter and bf16 ``tl.dot``); those combinations are skipped with the reason.
-``tests.backends.UNSUPPORTED`` is the test-side equivalent keyed ``(backend, op, dtype)``.
+A backend that cannot run a dtype for an op declares it when it registers
+(``moe_ops.backend.register(..., unsupported={(op, dtype, device_type): reason})``, e.g. Triton's
+interpreter and bf16 ``tl.dot``); ``moe_ops.backend.unsupported_reason`` reports it and those
+combinations are skipped with the reason.
 
 The router probes (+-inf / NaN logits) live in tests/test_topk_gating.py; the check that this
 machinery fails on broken backends, and the forked-child check, in tests/test_op_matrix.py.
@@ -40,7 +40,8 @@ import torch
 import moe_ops
 from moe_ops import backend as _backend
 from moe_ops import reference as R
-from tests.backends import DEVICES, backends_for, unsupported_reason
+from moe_ops.backend import unsupported_reason
+from tests.backends import DEVICES, backends_for
 from tests.compare import assert_bitwise_equal, assert_close_to_reference, assert_exact, assert_gating_equal, reference_hi
 from tests.inputs import make_ids, make_logits, make_offsets, make_x, seed_for
 

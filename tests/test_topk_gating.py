@@ -15,7 +15,8 @@ import torch
 
 import moe_ops
 from moe_ops import reference as R
-from tests.backends import DEVICES, backends_for, unsupported_reason
+from moe_ops.backend import unsupported_reason
+from tests.backends import DEVICES, backends_for
 from tests.compare import assert_gating_equal
 from tests.inputs import make_logits, seed_for
 from tests.op_matrix import params, run_case
@@ -54,9 +55,16 @@ def _special_logits(seed, dtype):
         r = rnd()
         r[torch.randperm(E, generator=g)[: len(specials)]] = torch.tensor(specials, dtype=torch.float64)
         rows.append(r)
-    r = rnd(); r[: E // 2] = -inf; rows.append(r)            # the first groups entirely masked
-    r = rnd(); r[2 * G: 3 * G] = -inf; rows.append(r)       # one group at -inf
-    r = rnd(); r[0], r[1] = inf, -inf; r[2:G] = -inf; rows.append(r)  # group 0's top-2 are +inf, -inf
+    r = rnd()
+    r[: E // 2] = -inf  # the first groups entirely masked
+    rows.append(r)
+    r = rnd()
+    r[2 * G: 3 * G] = -inf  # one group at -inf
+    rows.append(r)
+    r = rnd()
+    r[0], r[1] = inf, -inf  # group 0's top-2 are +inf, -inf
+    r[2:G] = -inf
+    rows.append(r)
     under = torch.tensor([-inf, -1000.0, -88.6, -100.0, -88.5, -90.0, -87.5, -inf])
     rows.append(torch.cat([under, under.flip(0)]).double())   # sigmoid: 0 vs denormals vs 0
     for _ in range(8):

@@ -20,7 +20,7 @@ import triton  # noqa: F401  (a missing triton makes the backend unavailable, no
 from torch.library import triton_op
 
 from .. import backend as _backend
-from . import capacity, fused_moe, grouped_gemm, permute, topk_gating
+from . import capacity, grouped_gemm, permute, topk_gating
 from .launch import interpreted, interpreter_defect, launch_count
 from .fused_moe import fused_moe_forward, last_launch_count
 
@@ -32,25 +32,15 @@ _defect = interpreter_defect()
 if _defect is not None:
     raise ImportError(f"moe_ops.triton_kernels: {_defect}")
 
-# (op, dtype) pairs the Triton *interpreter* computes wrongly (3.6 and 3.8 alike): tl.dot on bfloat16
-# operands returns garbage there (fp16/fp32 are right). The code path on a GPU is identical; tests skip
-# these pairs only when ``interpreted()``. "moe_forward" is the fused layer.
-UNSUPPORTED_UNDER_INTERPRETER = frozenset({
-    ("grouped_gemm", torch.bfloat16),
-    ("grouped_gemm_wgrad", torch.bfloat16),
-    ("moe_forward", torch.bfloat16),
-})
-
-
-# The form tests/utils.py reads (``unsupported_reason``): {(op, dtype): reason}, only where it applies.
-UNSUPPORTED_DTYPES = {
-    key: "the Triton interpreter computes tl.dot on bfloat16 wrongly (GPU path is identical and supported)"
-    for key in UNSUPPORTED_UNDER_INTERPRETER} if interpreted() else {}
-
-
-def supported(op: str, dtype: torch.dtype, device_type: str = "cpu") -> bool:
-    """False for the (op, dtype) pairs this backend cannot compute right here."""
-    return not (device_type == "cpu" and interpreted() and (op, dtype) in UNSUPPORTED_UNDER_INTERPRETER)
+# What the Triton *interpreter* computes wrongly (3.6 and 3.8 alike): tl.dot on bfloat16 operands
+# returns garbage there (fp16/fp32 are right). The code path on a GPU is identical, so this is declared
+# (moe_ops.backend.unsupported_reason) for CPU tensors under the interpreter only. "moe_forward" is the
+# fused layer.
+_BF16_DOT_OPS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_forward")
+UNSUPPORTED = {
+    (op, torch.bfloat16, "cpu"): "the Triton interpreter computes tl.dot on bfloat16 wrongly (GPU path is "
+                                 "identical and supported)"
+    for op in _BF16_DOT_OPS} if interpreted() else {}
 
 
 _IMPLS = {
@@ -88,8 +78,7 @@ else:  # module re-imported (e.g. importlib.reload): the ops exist already
     OPS = {n: getattr(torch.ops.moe_ops_triton, n) for n in _IMPLS}
 
 _devices = ("cuda",) + (("cpu",) if interpreted() else ())
-_backend.register("triton", _devices, OPS)
+_backend.register("triton", _devices, OPS, unsupported=UNSUPPORTED)
 _backend.register_fused_moe("triton", fused_moe_forward)
 
-__all__ = ["OPS", "UNSUPPORTED_UNDER_INTERPRETER", "UNSUPPORTED_DTYPES", "supported", "fused_moe_forward", "last_launch_count",
-           "launch_count", "interpreted"]
+__all__ = ["OPS", "UNSUPPORTED", "fused_moe_forward", "last_launch_count", "launch_count", "interpreted"]
