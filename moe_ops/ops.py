@@ -524,9 +524,9 @@ class PackedExperts:
 def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "auto") -> PackedExperts:
     """Repack CPU expert weights (``w_gate_up[E, 2I, H]``, ``w_down[E, H, I]``; float32,
     float16 or bfloat16) for ``moe_forward(..., packed=...)`` on the ``cpu`` backend, whose
-    panel GEMM runs at the FMA peak where the as-stored layout tops out near 75-80% (docs/cpu.md).
-    One pass over the weights (a load-time cost, like oneDNN/IPEX weight prepacking); the
-    packed copy is as large as the weights.
+    panel GEMM needs half the loads per FMA of the as-stored layout and streams each panel
+    contiguously (figures in docs/cpu.md). One pass over the weights (a load-time cost, like
+    oneDNN/IPEX weight prepacking); the packed copy is as large as the weights.
 
     ``layout``: ``"auto"`` (``"vnni"`` for bfloat16 on a CPU with AVX512-BF16, else
     ``"panel16"``), ``"panel16"`` (AVX2/FMA kernel, any dtype) or ``"vnni"`` (bfloat16 only: the
