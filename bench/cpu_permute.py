@@ -138,8 +138,8 @@ def main():
                           f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
                           f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
     if a.capacity > 0:
-        print(f"\n| dtype | T | k | threads (clock) | C | capacity_dispatch ms | GB/s | / copy_ | "
-              f"capacity_combine ms | GB/s | / copy_ |")
+        print("\n| dtype | T | k | threads (clock) | C | capacity_dispatch ms | GB/s | / copy_ | "
+              "capacity_combine ms | GB/s | / copy_ |")
         print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for dn in a.dtypes.split(","):
             for T in (int(v) for v in a.T.split(",")):

@@ -83,7 +83,7 @@ def loop_permute(x, ids, E, block_m):
             slot_rows[s] = start + i
             x_sorted[start + i] = x[s // k]
         offsets.append(start + -(-len(rows_of[e]) // block_m) * block_m)
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     return x_sorted, i32(sorted_slots), i32(offsets), i32(slot_rows)
 
 
@@ -118,8 +118,10 @@ def loop_capacity(x, ids, E, C, priority):
             buf[e, p] = x[t]
     demand = [count[e] for e in range(E)]
     kept = [min(d, C) for d in demand]
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32).reshape(-1) if not v or not isinstance(v[0], list) \
-        else torch.tensor(v, dtype=torch.int32)
+
+    def i32(v):
+        return torch.tensor(v, dtype=torch.int32).reshape(-1) if not v or not isinstance(v[0], list) \
+            else torch.tensor(v, dtype=torch.int32)
     return buf, torch.tensor(slot_pos, dtype=torch.int32).reshape(T, k), i32(demand), i32(kept)
 
 
