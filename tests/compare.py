@@ -10,6 +10,8 @@
                                           decision is a near-tie; weights vs the reference
                                           weights of the ids the kernel picked
     reference_hi(op, *args)               the reference run on float64 copies of float args
+    reference_layer(x, logits, w1, w2, k) moe_forward on the reference backend, in the dtype and
+                                          in float64
 """
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ def _to64(v):
 def reference_hi(op: str, *args):
     """Run ``moe_ops.reference.<op>`` on float64 copies of the float tensor arguments."""
     return getattr(R, op)(*[_to64(a) for a in args])
+
+
+def reference_layer(x, logits, w1, w2, k, **kw):
+    """``moe_forward`` on the reference backend in the inputs' dtype and in float64 (the pair
+    :func:`assert_close_to_reference` takes)."""
+    import moe_ops
+    lowp = moe_ops.moe_forward(x, logits, w1, w2, k, backend="reference", **kw)
+    hi = moe_ops.moe_forward(x.double(), logits, w1.double(), w2.double(), k, backend="reference", **kw)
+    return lowp, hi
 
 
 def assert_exact(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> None:

@@ -8,6 +8,7 @@ same values for a seed:
     make_x(T, H, seed=, ...)              activations
     make_offsets(M, E, seed=, ...)        monotone int32 expert_offsets with empty experts and
                                           unused head/tail rows
+    make_layer(T, H, I, E, seed=, ...)    x, router logits, w_gate_up, w_down of an MoE layer
 """
 from __future__ import annotations
 
@@ -99,3 +100,13 @@ def make_offsets(M: int, E: int, *, seed: int, device="cpu", head: int = 0, tail
     counts = torch.zeros(E, dtype=torch.long).scatter_add(0, bucket.clamp(max=E - 1), torch.ones_like(bucket))
     offs = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]) + head
     return offs.to(torch.int32).to(device)
+
+
+def make_layer(T: int, H: int, I: int, E: int, *, seed: int, dtype=torch.float32, device="cpu"):
+    """``(x[T, H], logits[T, E], w_gate_up[E, 2I, H], w_down[E, H, I])``, the weights scaled by
+    fan-in so activations stay O(1)."""
+    x = make_x(T, H, seed=seed, dtype=dtype, device=device)
+    logits = make_logits(T, E, seed=seed + 1, device=device)
+    w1 = make_x(E * 2 * I, H, seed=seed + 2, dtype=dtype, device=device, scale=H ** -0.5).reshape(E, 2 * I, H)
+    w2 = make_x(E * H, I, seed=seed + 3, dtype=dtype, device=device, scale=I ** -0.5).reshape(E, H, I)
+    return x, logits, w1, w2

@@ -1,7 +1,7 @@
 """The per-op backend matrix: every op on every available backend against the reference.
 
 Used by the op test files (tests/test_<stem>.py: topk_gating, permute, capacity, grouped_gemm),
-each of which parametrises ``test_op_matches_reference`` with :func:`params` for its ops.
+each of which binds ``test_op_matches_reference = matrix_test(<its ops>)``.
 
 For each op and each backend in ``moe_ops.available_backends(op, device)`` except
 ``"reference"`` (devices: cpu, and cuda when present), the public function is called with
@@ -256,3 +256,12 @@ def run_case(op, device, name, dtype, case, idx):
         pytest.skip(f"{name} does not support {op} in {dtype}: {reason}")
     # salt the case index with the dtype so each dtype sees a different variant of the case
     check_op(op, name, device, dtype, case, idx + LOWP_DTYPES.index(dtype))
+
+
+def matrix_test(ops):
+    """``test_op_matches_reference`` over the matrix of ``ops``, for an op test file to bind at
+    module level (pytest collects it there, as tests/test_<stem>.py::test_op_matches_reference)."""
+    @pytest.mark.parametrize("op,device,name,dtype,case,idx", params(ops))
+    def test_op_matches_reference(op, device, name, dtype, case, idx):
+        run_case(op, device, name, dtype, case, idx)
+    return test_op_matches_reference

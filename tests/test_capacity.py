@@ -1,17 +1,9 @@
-"""``capacity_dispatch`` and ``capacity_combine`` (the capacity-limited dispatch and combine) on
-every backend against the reference.
+"""``capacity_dispatch`` and ``capacity_combine`` (the capacity-limited dispatch and combine) on every
+backend.
 
-``test_op_matches_reference`` runs the shared per-op backend matrix (tests/op_matrix.py) for
-``capacity_dispatch``, ``capacity_combine``: every available backend but the reference, on fresh random inputs
-compared with ``moe_ops.reference``.
+Every available backend but the reference, on fresh random inputs, against ``moe_ops.reference``:
+the shared per-op backend matrix of tests/op_matrix.py.
 """
-from __future__ import annotations
+from tests.op_matrix import matrix_test
 
-import pytest
-
-from tests.op_matrix import params, run_case
-
-
-@pytest.mark.parametrize("op,device,name,dtype,case,idx", params(("capacity_dispatch", "capacity_combine")))
-def test_op_matches_reference(op, device, name, dtype, case, idx):
-    run_case(op, device, name, dtype, case, idx)
+test_op_matches_reference = matrix_test(("capacity_dispatch", "capacity_combine"))

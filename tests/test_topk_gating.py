@@ -4,9 +4,8 @@ Beyond the matrix: ``topk_gating`` on +-inf / NaN logits in every routing mode
 (softmax/sigmoid x bias x groups x renormalize), with exact cases where only the magnitude
 separates two keys (0 against a denormal).
 
-``test_op_matches_reference`` runs the shared per-op backend matrix (tests/op_matrix.py) for
-``topk_gating``: every available backend but the reference, on fresh random inputs
-compared with ``moe_ops.reference``.
+``test_op_matches_reference``: every available backend but the reference, on fresh random inputs,
+against ``moe_ops.reference`` (the shared per-op backend matrix of tests/op_matrix.py).
 """
 from __future__ import annotations
 
@@ -19,12 +18,10 @@ from moe_ops.backend import unsupported_reason
 from tests.backends import DEVICES, backends_for
 from tests.compare import assert_gating_equal
 from tests.inputs import make_logits, seed_for
-from tests.op_matrix import params, run_case
+from tests.op_matrix import matrix_test
 
 
-@pytest.mark.parametrize("op,device,name,dtype,case,idx", params(("topk_gating",)))
-def test_op_matches_reference(op, device, name, dtype, case, idx):
-    run_case(op, device, name, dtype, case, idx)
+test_op_matches_reference = matrix_test(("topk_gating",))
 
 
 # ---------------------------------------- router probes: +-inf / NaN logits in every routing mode
