@@ -4,6 +4,7 @@
 #   make gpu-check PYTHON=python3 OUT=dir   the offline one-command check of a GPU machine with the
 #                interpreter given (no venv, no downloads); a rehearsal on CPU where no GPU is
 #   make test-torch211   the same suite on the oldest supported stack (docs/supported-stacks.md)
+#   make lint    ruff over the Python code (pyproject.toml [tool.ruff])
 # Knobs: PYTHON (interpreter used to create the venv), VENV, REQUIREMENTS (what the venv gets),
 # MAX_JOBS, TORCH_CUDA_ARCH_LIST, MOE_OPS_CUDA=auto|0|1, MOE_OPS_BUILD_DIR, BENCH_ARGS, PYTEST_ARGS.
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export MAX_JOBS
 
 OUT ?= gpu-check-out
 
-.PHONY: setup install build sim-sanitizers test test-py test-torch211 bench gpu-check plots ptxas clean
+.PHONY: setup install build sim-sanitizers test test-py test-torch211 bench gpu-check plots ptxas clean lint
 
 $(VENV)/.deps: $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,10 @@ test-torch211:
 
 bench: install
 	$(PY) -m bench --preset quick $(BENCH_ARGS)
+
+# Python lint (pyproject.toml [tool.ruff]); ruff is in requirements-dev.txt.
+lint: setup
+	$(PY) -m ruff check .
 
 # No venv prerequisite: the check uses $(PYTHON) as it is (scripts/gpu_check.py; README).
 gpu-check:

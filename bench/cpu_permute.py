@@ -108,6 +108,15 @@ def run_capacity_point(T, E, k, H, dtype, threads, reps, factor):
                "c_ms": t["combine"] * 1e3, "c_gbs": c_bytes / t["combine"] / 1e9, "c_ratio": t["copy_c"] / t["combine"]}
 
 
+def _points(a):
+    """(dtype name, T, k, threads) of every point the arguments ask for, in table order."""
+    for dn in a.dtypes.split(","):
+        for T in (int(v) for v in a.T.split(",")):
+            for k in (int(v) for v in a.k.split(",")):
+                for th in (int(v) for v in a.threads.split(",")):
+                    yield dn, T, k, th
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", default="512,4096")
@@ -126,30 +135,24 @@ def main():
     print("| dtype | T | k | threads (clock) | permute ms | GB/s | / copy_ | / clone | "
           "unpermute ms | GB/s | / copy_ | / clone | copy_ GB/s (p / u) | clone GB/s (p / u) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for dn in a.dtypes.split(","):
-        for T in (int(v) for v in a.T.split(",")):
-            for k in (int(v) for v in a.k.split(",")):
-                for th in (int(v) for v in a.threads.split(",")):
-                    r = run_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps)
-                    clock = "cpu" if th == 1 else "wall"
-                    print(f"| {dn} | {T} | {k} | {th} ({clock}) | {r['perm_ms']:.3f} | {r['perm_gbs']:.1f} | "
-                          f"**{r['perm_gbs'] / r['copy_p']:.2f}** | {r['perm_gbs'] / r['clone_p']:.2f} | "
-                          f"{r['unp_ms']:.3f} | {r['unp_gbs']:.1f} | **{r['unp_gbs'] / r['copy_u']:.2f}** | "
-                          f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
-                          f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
+    for dn, T, k, th in _points(a):
+        r = run_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps)
+        clock = "cpu" if th == 1 else "wall"
+        print(f"| {dn} | {T} | {k} | {th} ({clock}) | {r['perm_ms']:.3f} | {r['perm_gbs']:.1f} | "
+              f"**{r['perm_gbs'] / r['copy_p']:.2f}** | {r['perm_gbs'] / r['clone_p']:.2f} | "
+              f"{r['unp_ms']:.3f} | {r['unp_gbs']:.1f} | **{r['unp_gbs'] / r['copy_u']:.2f}** | "
+              f"{r['unp_gbs'] / r['clone_u']:.2f} | {r['copy_p']:.1f} / {r['copy_u']:.1f} | "
+              f"{r['clone_p']:.1f} / {r['clone_u']:.1f} |", flush=True)
     if a.capacity > 0:
-        print(f"\n| dtype | T | k | threads (clock) | C | capacity_dispatch ms | GB/s | / copy_ | "
-              f"capacity_combine ms | GB/s | / copy_ |")
+        print("\n| dtype | T | k | threads (clock) | C | capacity_dispatch ms | GB/s | / copy_ | "
+              "capacity_combine ms | GB/s | / copy_ |")
         print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for dn in a.dtypes.split(","):
-            for T in (int(v) for v in a.T.split(",")):
-                for k in (int(v) for v in a.k.split(",")):
-                    for th in (int(v) for v in a.threads.split(",")):
-                        C, r = run_capacity_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps, a.capacity)
-                        clock = "cpu" if th == 1 else "wall"
-                        print(f"| {dn} | {T} | {k} | {th} ({clock}) | {C} | {r['d_ms']:.3f} | {r['d_gbs']:.1f} | "
-                              f"**{r['d_ratio']:.2f}** | {r['c_ms']:.3f} | {r['c_gbs']:.1f} | **{r['c_ratio']:.2f}** |",
-                              flush=True)
+        for dn, T, k, th in _points(a):
+            C, r = run_capacity_point(T, a.E, k, a.H, DTYPES[dn], th, a.reps, a.capacity)
+            clock = "cpu" if th == 1 else "wall"
+            print(f"| {dn} | {T} | {k} | {th} ({clock}) | {C} | {r['d_ms']:.3f} | {r['d_gbs']:.1f} | "
+                  f"**{r['d_ratio']:.2f}** | {r['c_ms']:.3f} | {r['c_gbs']:.1f} | **{r['c_ratio']:.2f}** |",
+                  flush=True)
     try:  # absent in builds without csrc/cpu/host_alloc.cpp
         s = torch.ops.moe_cpu_cache.stats()
         print(f"\nhost cache: cached {s[0] / 2**20:.0f} MiB (cap {s[1] / 2**20:.0f} MiB), "

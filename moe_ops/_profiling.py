@@ -3,12 +3,13 @@
 
 A range is a ``torch.profiler.record_function`` (seen by ``torch.profiler`` on CPU and GPU, and
 as an NVTX range under ``torch.autograd.profiler.emit_nvtx``), opened only while a profiler runs:
-``record_function`` costs 6-18 us per range even with no profiler, so the check is torch's own
-Python-side flag ``torch.autograd.profiler._is_profiler_enabled`` (set by ``torch.profiler.profile``,
-``torch.autograd.profiler.profile``, ``emit_nvtx`` and ``emit_itt`` in torch 2.11 through 2.14; the
-flag torch._dynamo reads for the same purpose), ~15 ns. ``torch.compiler.is_dynamo_compiling()``
-(``return False`` in eager, ~35 ns) is asked first: dynamo folds it to True, so it never reads
-(and guards on) the profiler flag, and starting a profiler does not recompile a compiled model.
+``record_function`` costs microseconds per range even with no profiler (docs/profiling.md has the
+figures), so the check is torch's own Python-side flag ``torch.autograd.profiler._is_profiler_enabled``
+(set by ``torch.profiler.profile``, ``torch.autograd.profiler.profile``, ``emit_nvtx`` and
+``emit_itt`` in torch 2.11 through 2.14; the flag torch._dynamo reads for the same purpose), a
+plain attribute read. ``torch.compiler.is_dynamo_compiling()`` (``return False`` in eager) is asked
+first: dynamo folds it to True, so it never reads (and guards on) the profiler flag, and starting a
+profiler does not recompile a compiled model.
 
 ``MOE_OPS_NVTX=1`` (or :func:`set_nvtx`) additionally pushes plain NVTX ranges by the same names
 when CUDA is available, so ``nsys profile -t cuda,nvtx`` shows them without ``emit_nvtx`` (which
@@ -116,7 +117,7 @@ def stage(name: str):
 
 def profiled(fn):
     """Decorator: run ``fn`` inside the range ``moe_ops.<fn.__name__>`` while a profiler (or NVTX)
-    is on. Off, the added cost is one call frame and three flag tests, ~0.2 us (docs/profiling.md)."""
+    is on. Off, the added cost is one call frame and three flag tests (measured in docs/profiling.md)."""
     name = "moe_ops." + fn.__name__
 
     @functools.wraps(fn)

@@ -32,7 +32,3 @@ except ModuleNotFoundError as e:
 
 # Fakes and autograd for the triton namespace (ops it already gave them to keep theirs).
 autograd.register_all()
-
-# What the Triton backend cannot compute here ({(op, dtype): reason}; bf16 tl.dot under the
-# Triton interpreter), re-exported for tests/utils.unsupported_reason, which reads the loader.
-UNSUPPORTED_DTYPES = dict(getattr(sys.modules["moe_ops.triton_kernels"], "UNSUPPORTED_DTYPES", {}))

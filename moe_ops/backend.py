@@ -21,13 +21,14 @@ automatic order for the ops that backend does not have.
 
 Backends register lazily: a *loader* imports whatever module provides them and calls
 :func:`register`. Loaders that fail (extension not built, triton not installed) leave the
-backend unavailable; :func:`load_errors` says why.
+backend unavailable; :func:`load_errors` says why. A backend that cannot compute some (op, dtype)
+on a device declares it when it registers; :func:`unsupported_reason` answers for any backend.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import envs
 
@@ -54,6 +55,8 @@ class Backend:
     devices: frozenset
     ops: Dict[str, Callable] = field(default_factory=dict)
     fused_moe: Optional[Callable] = None  # a whole-layer path with moe_forward's signature
+    # (op, dtype, device type) -> why this backend cannot compute it there ("moe_forward" = its fused layer)
+    unsupported: Dict[Tuple[str, Any, str], str] = field(default_factory=dict)
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -70,11 +73,15 @@ _LOADERS = {
 _LOADED: set = set()
 
 
-def register(name: str, devices: Iterable[str], ops: Dict[str, Callable]) -> None:
+def register(name: str, devices: Iterable[str], ops: Dict[str, Callable], *,
+             unsupported: Optional[Dict[Tuple[str, Any, str], str]] = None) -> None:
     """Register (or extend) backend ``name`` with op implementations.
 
     Each callable takes the op's schema arguments positionally, in schema order
-    (see ``csrc/schemas.h``), and returns what the schema returns.
+    (see ``csrc/schemas.h``), and returns what the schema returns. ``unsupported`` maps
+    ``(op, dtype, device_type)`` to the reason the backend cannot compute that op in that dtype
+    there (``op`` may be ``"moe_forward"``, the backend's fused layer); :func:`unsupported_reason`
+    reports it.
     """
     unknown = set(ops) - set(OP_NAMES)
     if unknown:
@@ -85,6 +92,7 @@ def register(name: str, devices: Iterable[str], ops: Dict[str, Callable]) -> Non
     else:
         b.devices = b.devices | frozenset(devices)
     b.ops.update(ops)
+    b.unsupported.update(unsupported or {})
 
 
 def register_fused_moe(name: str, fn: Callable) -> None:
@@ -134,6 +142,22 @@ def load_errors() -> Dict[str, str]:
     for name in _LOADERS:
         _load(name)
     return dict(_LOAD_ERRORS)
+
+
+def unsupported_reason(backend: str, op: str, dtype: Any, device: Any = "cpu") -> Optional[str]:
+    """Why backend ``backend`` cannot compute ``op`` on ``dtype`` tensors on ``device`` (a device
+    type such as ``"cpu"``, or a ``torch.device``), or None when nothing stops it.
+
+    The reason is the backend's own declaration (e.g. the Triton interpreter's bfloat16
+    ``tl.dot``), or that the backend is not available here. Whether the backend has a kernel for
+    ``op`` at all is :func:`available_backends`'s question (``moe_forward`` falls back to other
+    backends for ops one lacks)."""
+    if backend not in _LOADERS and backend not in _BACKENDS:
+        return f"no backend named {backend!r}; known: {sorted(_LOADERS)}"
+    b = _load(backend) if backend in _LOADERS else _BACKENDS.get(backend)
+    if b is None:
+        return f"backend {backend!r} is not available here: {_LOAD_ERRORS.get(backend, 'not registered')}"
+    return b.unsupported.get((op, dtype, getattr(device, "type", device)))
 
 
 def available_backends(op: Optional[str] = None, device: Optional[str] = None) -> List[str]:

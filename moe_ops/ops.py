@@ -524,9 +524,9 @@ class PackedExperts:
 def pack_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, layout: str = "auto") -> PackedExperts:
     """Repack CPU expert weights (``w_gate_up[E, 2I, H]``, ``w_down[E, H, I]``; float32,
     float16 or bfloat16) for ``moe_forward(..., packed=...)`` on the ``cpu`` backend, whose
-    panel GEMM runs at the FMA peak where the as-stored layout tops out near 75-80% (docs/cpu.md).
-    One pass over the weights (a load-time cost, like oneDNN/IPEX weight prepacking); the
-    packed copy is as large as the weights.
+    panel GEMM needs half the loads per FMA of the as-stored layout and streams each panel
+    contiguously (figures in docs/cpu.md). One pass over the weights (a load-time cost, like
+    oneDNN/IPEX weight prepacking); the packed copy is as large as the weights.
 
     ``layout``: ``"auto"`` (``"vnni"`` for bfloat16 on a CPU with AVX512-BF16, else
     ``"panel16"``), ``"panel16"`` (AVX2/FMA kernel, any dtype) or ``"vnni"`` (bfloat16 only: the
@@ -562,6 +562,33 @@ def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,
     if packed is not None and packed.matches(w_gate_up, w_down):
         return packed
     return pack_experts(w_gate_up, w_down)
+
+
+def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
+                  renormalize=False, n_group=None, topk_group=None, correction_bias=None,
+                  scaling_factor=1.0, packed=None):
+    """:func:`moe_forward`'s dropless layer on the ``cpu`` backend (its fused path, registered by
+    ``moe_ops._register_native``): router kernel, then the fused expert op ``moe_ops::fused_experts``
+    (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated activation -> GEMM2 -> weighted combine,
+    no intermediate permuted tensors). The fused op has no autograd formula and no float64
+    kernel: those calls run the unfused ``cpu`` ops instead. With ``packed``
+    (:func:`pack_experts`) the experts run ``moe_ops::fused_experts_packed``
+    (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
+                                   n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
+                                   scaling_factor=scaling_factor, backend="cpu")
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
+    if x.dtype == torch.float64 or needs_grad:
+        return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
+    # One op runs dispatch, experts and combine interleaved per expert: its three stage ranges
+    # nest around it (equal spans), so every trace of the layer names all four stages.
+    with stage("dispatch"), stage("experts"), stage("combine"):
+        if packed is not None:
+            return _backend.native_op("fused_experts_packed")(x, ids, weights, packed.w_gate_up, packed.w_down,
+                                                              activation)
+        return _backend.native_op("fused_experts")(x, ids, weights, w_gate_up, w_down, activation)
 
 
 @profiled

@@ -69,6 +69,8 @@ STEPS = OrderedDict([
 # The whole run; a step killed at its limit takes up to 20 s more (SIGTERM, then SIGKILL).
 BUDGET_S = {"cuda": 450, "cpu": 1800}
 TEST_SAMPLE = {"cuda": 60, "cpu": 24}      # tests not marked gpu, spread over the files
+OP_TEST_FILES = ("tests/test_topk_gating.py", "tests/test_permute.py", "tests/test_capacity.py",
+                 "tests/test_grouped_gemm.py")  # the per-op backend matrix (tests/op_matrix.py)
 TEST_TIMEOUT_S = 120                       # one test (pytest-timeout)
 # The rehearsal's bench points (the preset's CPU tokens x these E).
 CPU_BENCH_ARGS = ["--device", "cpu", "--experts", "8,64"]
@@ -356,8 +358,9 @@ class Check:
             self.fail(f"{bad} test(s) failed: " + "; ".join(res["failed"][:3]) + (" ..." if bad > 3 else ""))
         if self.device == "cuda":
             per_file = Counter(t.split("::")[0] for t in res["gpu"])
-            if not per_file.get("tests/test_ops.py"):
-                self.fail("no GPU test selected in tests/test_ops.py (the gpu marker selects nothing?)")
+            for op_tests in OP_TEST_FILES:
+                if not per_file.get(op_tests):
+                    self.fail(f"no GPU test selected in {op_tests} (the gpu marker selects nothing?)")
             if not per_file.get("tests/test_triton.py"):
                 self.fail("no GPU test selected in tests/test_triton.py")
         short = c["all"].get("not run", 0) + c["all"].get("cut", 0)

@@ -10,7 +10,7 @@
 #   3. runs tests/test_sanitizers.py: the planted-bug kernels must be reported (a missing
 #      __syncthreads by TSan, out-of-bounds writes by ASan).
 # Exits non-zero on any failure. Knobs: PY (python), MAX_JOBS, SANITIZERS ("address thread"),
-# SAN_OPS_K / SAN_EMU_K (the -k selections of tests/test_ops.py / test_sim_emulator.py), SAN_PYTEST_ARGS (extra pytest args, e.g.
+# SAN_OPS_K / SAN_EMU_K (the -k selections of the op tests tests/test_<op stem>.py / test_sim_emulator.py), SAN_PYTEST_ARGS (extra pytest args, e.g.
 # "-x"), SKIP_BUILD=1 (reuse the builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +20,12 @@ PY=$(command -v "$PY" || echo "$PY")
 case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a venv's python is one)
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
-# Default: the whole cuda_sim matrix of tests/test_ops.py (every op, every kernel path: E from 1
+# Default: the whole cuda_sim matrix of the op tests (every op, every kernel path: E from 1
 # to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16; ~1 min under TSan on 2 quiet cores) plus the
 # CUDA kernels' own edge cases (tests/test_cuda_kernels.py).
 SAN_OPS_K=${SAN_OPS_K:-"cuda_sim"}
+# the per-op backend matrix (tests/op_matrix.py), one file per op family
+OP_TESTS="tests/test_topk_gating.py tests/test_permute.py tests/test_capacity.py tests/test_grouped_gemm.py"
 # The emulator self-tests minus the 1024-thread blocks (the slowest to emulate under TSan).
 SAN_EMU_K=${SAN_EMU_K:-"not 1024 and not 4096"}
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
@@ -93,10 +95,10 @@ for san in $SANITIZERS; do
   fi
   log "$san: emulator tests (tests/test_sim_emulator.py)"
   run_under "$san" tests/test_sim_emulator.py -k "$SAN_EMU_K" || status=1
-  if [ -f tests/test_ops.py ]; then
-    log "$san: cuda_sim op tests (tests/test_ops.py -k \"$SAN_OPS_K\")"
+  if [ -f tests/op_matrix.py ]; then
+    log "$san: cuda_sim op tests ($OP_TESTS -k \"$SAN_OPS_K\")"
     # pytest exits 5 when nothing is selected (no cuda_sim kernels registered yet): not a failure.
-    rc=0; run_under "$san" tests/test_ops.py -k "$SAN_OPS_K" || rc=$?
+    rc=0; run_under "$san" $OP_TESTS -k "$SAN_OPS_K" || rc=$?
     if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=1; fi
   fi
   if [ -f tests/test_cuda_kernels.py ]; then

@@ -1,7 +1,7 @@
 """pytest setup shared by every test file.
 
 * Puts the repository root on ``sys.path`` so tests import ``moe_ops`` from the working tree
-  (in-place build) and helpers as ``from tests.utils import ...``.
+  (in-place build) and helpers as ``from tests.compare import ...``.
 * ``MOE_OPS_TEST_THREADS=n`` sets ``torch.set_num_threads(n)`` for the run. On a small,
   oversubscribed CI box ``1`` makes the many tiny matmuls of the tests ~1000x faster (an
   OpenMP team of 2 spin-waits ~50 ms per GEMM under load); the default leaves torch alone so
@@ -46,7 +46,7 @@ def runs_on_gpu(item) -> bool:
     """Whether a collected test runs on a CUDA device: one of its parameters is a CUDA device
     (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")``, or the ``cuda`` backend), its module's
     ``DEVICE`` is ``"cuda"`` (tests/test_triton.py runs on the GPU when there is one), or it
-    carries ``@pytest.mark.gpu`` itself. Tests are parametrized on ``tests.utils.DEVICES`` /
+    carries ``@pytest.mark.gpu`` itself. Tests are parametrized on ``tests.backends.DEVICES`` /
     ``available_backends(op, "cuda")``, so without a GPU nothing matches."""
     if item.get_closest_marker("gpu") is not None:
         return True

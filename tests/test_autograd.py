@@ -235,7 +235,9 @@ CHAIN["fused_experts"] = CHAIN["fused_moe"] = CHAIN["moe_forward"]
 
 
 def _skip_unsupported(backend, op, dtype):
-    from tests.utils import unsupported_reason
+    from moe_ops.backend import unsupported_reason
+    if backend == "testref":  # the reference's own math in a test namespace: every dtype
+        return
     for o in CHAIN[op]:
         why = unsupported_reason(backend, o, dtype)
         if why:

@@ -17,9 +17,10 @@ import torch
 
 import moe_ops
 from moe_ops import reference as R
-from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_thread_count_independent,
-                         make_ids, make_logits, make_offsets, make_x, poison, rerun_with_emulated_avx512, seed_for,
-                         vnni_kernel_runs, avx512_emulation_built)
+from tests.compare import assert_close_to_reference, assert_thread_count_independent
+from tests.cpu_isa import avx512_emulation_built, rerun_with_emulated_avx512, vnni_kernel_runs
+from tests.inputs import make_ids, make_logits, make_offsets, make_x, seed_for
+from tests.poison import poison
 
 pytestmark = pytest.mark.skipif("cpu" not in moe_ops.available_backends(device="cpu"),
                                 reason="moe_ops._C CPU kernels not built")

@@ -16,7 +16,8 @@ import torch
 
 import moe_ops
 from tests.test_cpu import _layer_inputs
-from tests.utils import assert_bitwise_equal, assert_close_to_reference, vnni_kernel_runs
+from tests.compare import assert_bitwise_equal, assert_close_to_reference
+from tests.cpu_isa import vnni_kernel_runs
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.moe_ops, "fused_experts_packed"),
                                 reason="moe_ops._C CPU kernels not built")

@@ -21,8 +21,9 @@ import torch
 
 import moe_ops
 from moe_ops import reference as R
-from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_exact, assert_gating_equal,
-                         make_ids, make_logits, make_x, reference_hi, seed_for)
+from tests.compare import (assert_bitwise_equal, assert_close_to_reference, assert_exact, assert_gating_equal,
+                           reference_hi)
+from tests.inputs import make_ids, make_logits, make_x, seed_for
 
 pytestmark = pytest.mark.skipif("cuda_sim" not in moe_ops.available_backends(),
                                 reason="the SIMT emulator library _C_sim is not built")

@@ -94,10 +94,11 @@ FAKE_GPU = "import torch\ntorch.cuda.is_available = lambda: True\n"
 
 @pytest.mark.slow
 def test_gpu_marker_selects_the_suites_gpu_tests(tmp_path):
-    """Collect with torch believing in a GPU: test_ops and test_reference parametrize on the
+    """Collect with torch believing in a GPU: the op tests and test_reference parametrize on the
     cuda device and test_triton runs on it, so ``-m gpu`` must select tests in each."""
     (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
-    files = ["tests/test_ops.py", "tests/test_reference.py", "tests/test_triton.py"]
+    files = ["tests/test_topk_gating.py", "tests/test_permute.py", "tests/test_capacity.py", "tests/test_grouped_gemm.py",
+             "tests/test_reference.py", "tests/test_triton.py"]
 
     def collect(*plugin):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import moe_ops
-from tests.utils import unsupported_reason
+from moe_ops.backend import unsupported_reason
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig  # noqa: E402

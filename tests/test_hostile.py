@@ -18,7 +18,7 @@ import torch
 import moe_ops
 from moe_ops import reference as R
 
-from tests.utils import assert_bitwise_equal
+from tests.compare import assert_bitwise_equal
 
 
 def _backends(op):

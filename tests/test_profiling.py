@@ -19,7 +19,7 @@ from torch.autograd import profiler as autograd_profiler
 
 import moe_ops
 from moe_ops import _profiling
-from tests.utils import make_ids, make_logits, make_offsets, make_x, seed_for
+from tests.inputs import make_ids, make_logits, make_offsets, make_x, seed_for
 
 STAGES = [f"moe_ops.{s}" for s in _profiling.STAGES]
 T, H, I, E, K = 12, 32, 24, 8, 2

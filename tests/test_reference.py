@@ -15,8 +15,10 @@ import torch
 
 import moe_ops
 from moe_ops import reference as R
-from tests.utils import (DEVICES, assert_close_to_reference, assert_exact, make_ids, make_logits,
-                         make_offsets, make_x, poison, reference_hi, seed_for)
+from tests.backends import DEVICES
+from tests.compare import assert_close_to_reference, assert_exact, reference_hi
+from tests.inputs import make_ids, make_logits, make_offsets, make_x, seed_for
+from tests.poison import poison
 
 
 # ---------------------------------------------------------------------------- loop oracles
@@ -81,7 +83,7 @@ def loop_permute(x, ids, E, block_m):
             slot_rows[s] = start + i
             x_sorted[start + i] = x[s // k]
         offsets.append(start + -(-len(rows_of[e]) // block_m) * block_m)
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     return x_sorted, i32(sorted_slots), i32(offsets), i32(slot_rows)
 
 
@@ -116,8 +118,10 @@ def loop_capacity(x, ids, E, C, priority):
             buf[e, p] = x[t]
     demand = [count[e] for e in range(E)]
     kept = [min(d, C) for d in demand]
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32).reshape(-1) if not v or not isinstance(v[0], list) \
-        else torch.tensor(v, dtype=torch.int32)
+
+    def i32(v):
+        return torch.tensor(v, dtype=torch.int32).reshape(-1) if not v or not isinstance(v[0], list) \
+            else torch.tensor(v, dtype=torch.int32)
     return buf, torch.tensor(slot_pos, dtype=torch.int32).reshape(T, k), i32(demand), i32(kept)
 
 
@@ -507,7 +511,7 @@ def test_expert_range_is_local_ids_then_drop():
 # ----------------------------------------------------------------- the helpers themselves
 
 def test_assert_close_to_reference_judges_against_reference_error():
-    from tests.utils import assert_close_to_reference as close
+    from tests.compare import assert_close_to_reference as close
     hi = torch.linspace(-3, 3, 101, dtype=torch.float64)
     lo = hi.to(torch.bfloat16)
     close(lo.clone(), lo, hi)                                    # the oracle passes itself
@@ -523,7 +527,7 @@ def test_assert_close_to_reference_judges_against_reference_error():
 
 
 def test_assert_gating_equal_near_ties_only():
-    from tests.utils import assert_gating_equal
+    from tests.compare import assert_gating_equal
     logits = torch.tensor([[0.0, 1.0, 1.0 + 1e-6, -1.0], [2.0, 2.0, 0.0, 1.0]])
     w, ids = R.topk_gating(logits, 2, "softmax", False, 0, 0, None, 1.0)
     assert_gating_equal(w, ids, logits, 2)

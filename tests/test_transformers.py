@@ -19,7 +19,7 @@ import moe_ops
 transformers = pytest.importorskip("transformers")
 
 from moe_ops.integrations import transformers as moe_hf  # noqa: E402
-from tests.utils import avx512_emulation_built, rerun_with_emulated_avx512  # noqa: E402
+from tests.cpu_isa import avx512_emulation_built, rerun_with_emulated_avx512  # noqa: E402
 
 V, H, L = 96, 32, 2
 
@@ -280,7 +280,7 @@ def test_bfloat16_fused_experts_layerwise():
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_bfloat16_fused_experts_layerwise_avx512_emulated():
     """The layerwise bf16 check again with the AVX512-BF16 kernels on (emulated here, see
-    tests/utils.rerun_with_emulated_avx512)."""
+    tests/cpu_isa.rerun_with_emulated_avx512)."""
     rerun_with_emulated_avx512(os.path.abspath(__file__), "test_bfloat16_fused_experts_layerwise and not avx512")
 
 

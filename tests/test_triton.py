@@ -1,14 +1,14 @@
 """Triton backend against the reference, on CPU through the Triton interpreter.
 
 Without a GPU this module sets ``TRITON_INTERPRET=1`` before triton is imported (the backend
-registers for cpu tensors only then). The generic matrix in tests/test_ops.py also covers the
+registers for cpu tensors only then). The generic matrix (tests/op_matrix.py, run by tests/test_<op stem>.py) also covers the
 ``triton`` backend; this file adds what is specific to it: E=257 and k=8, empty experts, T=1,
 GEMM tiles straddling two experts' segments, the fused layer (gather + SwiGLU / weight +
 scatter) and its launch count for E=8 vs E=256, determinism, configs, fake-tensor shapes.
 
 bfloat16: the Triton *interpreter* (3.6, 3.8) computes ``tl.dot`` on bf16 operands wrongly (fp16 and
 fp32 are right), so under the interpreter every dot-product test runs in fp16/fp32/fp64 and
-the bf16 GEMM variants are skipped (the backend declares them in UNSUPPORTED_DTYPES). On a GPU
+the bf16 GEMM variants are skipped (the backend declares them: moe_ops.backend.unsupported_reason). On a GPU
 the same code path runs bf16 and these tests include it. Kernels without tl.dot (gating,
 permute, combine) are tested in bf16 everywhere.
 
@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 import moe_ops  # noqa: E402
 from moe_ops import backend as _backend  # noqa: E402
 from moe_ops import reference as R  # noqa: E402
-from tests.utils import (assert_bitwise_equal, assert_close_to_reference, assert_exact,  # noqa: E402
-                         assert_gating_equal, make_ids, make_logits, make_offsets, make_x,
-                         reference_hi, seed_for)
+from tests.compare import (assert_bitwise_equal, assert_close_to_reference, assert_exact,  # noqa: E402
+                           assert_gating_equal, reference_hi, reference_layer)
+from tests.inputs import make_ids, make_layer, make_logits, make_offsets, make_x, seed_for  # noqa: E402
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,48 +232,18 @@ def test_strided_b_views():
 
 @pytest.mark.skipif(not INTERP, reason="only the interpreter mis-computes bf16 tl.dot")
 def test_bf16_dot_declared_unsupported_under_interpreter():
-    assert TK.UNSUPPORTED_DTYPES[("grouped_gemm", torch.bfloat16)]
-    assert not TK.supported("moe_forward", torch.bfloat16, "cpu")
-    assert TK.supported("grouped_gemm", torch.float16, "cpu")
+    assert _backend.unsupported_reason("triton", "grouped_gemm", torch.bfloat16, "cpu")
+    assert _backend.unsupported_reason("triton", "moe_forward", torch.bfloat16, "cpu")
+    assert _backend.unsupported_reason("triton", "grouped_gemm", torch.float16, "cpu") is None
 
 
 # ----------------------------------------------------------------------------- fused layer
 
 def _layer_inputs(T, H, I, E, dtype, seed):
-    x = make_x(T, H, seed=seed, dtype=dtype, device=DEVICE)
-    logits = make_logits(T, E, seed=seed + 1, device=DEVICE)
-    w1 = make_x(E * 2 * I, H, seed=seed + 2, dtype=dtype, device=DEVICE, scale=H ** -0.5).reshape(E, 2 * I, H)
-    w2 = make_x(E * H, I, seed=seed + 3, dtype=dtype, device=DEVICE, scale=I ** -0.5).reshape(E, H, I)
-    return x, logits, w1, w2
+    return make_layer(T, H, I, E, seed=seed, dtype=dtype, device=DEVICE)
 
 
-def _reference_layer(x, logits, w1, w2, k, **kw):
-    lowp = moe_ops.moe_forward(x, logits, w1, w2, k, backend="reference", **kw)
-    hi = moe_ops.moe_forward(x.double(), logits, w1.double(), w2.double(), k, backend="reference", **kw)
-    return lowp, hi
-
-
-LAYER = [
-    # (T, H, I, E, k, extra kwargs)
-    (13, 32, 16, 8, 2, {}),
-    (1, 16, 32, 4, 1, {"activation": "geglu"}),                       # T=1, k=1: direct scatter
-    (9, 16, 16, 64, 8, {"scoring": "sigmoid", "renormalize": True, "n_group": 8, "topk_group": 4}),
-    (40, 16, 16, 5, 2, {"renormalize": True}),                        # segments straddle 16-row tiles
-    (0, 16, 16, 4, 2, {}),
-]
-
-
-@pytest.mark.parametrize("case", LAYER, ids=lambda c: f"T{c[0]}-E{c[3]}-k{c[4]}")
-@pytest.mark.parametrize("dtype", DOT_DTYPES)
-def test_fused_moe_forward(case, dtype):
-    T, H, I, E, k, kw = case
-    x, logits, w1, w2 = _layer_inputs(T, H, I, E, dtype, seed_for("layer", case, str(dtype)))
-    with torch.no_grad():
-        got = _run_twice(lambda: moe_ops.moe_forward(x, logits, w1, w2, k, backend="triton", **kw),
-                         dtype == torch.float32)
-    assert TK.last_launch_count() == (0 if T == 0 else (6 if k == 1 else 7))
-    lowp, hi = _reference_layer(x, logits, w1, w2, k, **kw)
-    assert_close_to_reference(got, lowp, hi, name="fused moe_forward")
+# The fused layer against the reference on every backend with one: tests/test_fused_moe.py.
 
 
 def test_fused_launch_count_independent_of_E():
@@ -286,7 +256,7 @@ def test_fused_launch_count_independent_of_E():
             out = moe_ops.moe_forward(x, logits, w1, w2, 2, backend="triton")
             counts[E] = TK.launch_count() - before
         assert counts[E] == TK.last_launch_count()
-        lowp, hi = _reference_layer(x, logits, w1, w2, 2)
+        lowp, hi = reference_layer(x, logits, w1, w2, 2)
         assert_close_to_reference(out, lowp, hi, name=f"E={E}")
     assert counts[8] == counts[256] == 7, counts
 
@@ -299,7 +269,7 @@ def test_fused_layer_autograd_falls_back_to_op_chain():
     assert TK.last_launch_count() > 7  # permute/gemm/unpermute as separate ops
     with torch.no_grad():
         fused = moe_ops.moe_forward(x, logits, w1, w2, 2, backend="triton")
-    lowp, hi = _reference_layer(x, logits, w1.detach(), w2, 2)
+    lowp, hi = reference_layer(x, logits, w1.detach(), w2, 2)
     assert_close_to_reference(out.detach(), lowp, hi, name="unfused chain")
     assert_close_to_reference(fused, lowp, hi, name="fused")
 

@@ -7,9 +7,11 @@ csrc/schemas.h). Each op is a ``torch.library.triton_op`` whose body launches it
 tensors) is the shape function. Devices: cuda; cpu too under ``TRITON_INTERPRET=1`` (the Triton
 interpreter, for tests).
 
-Kernels: routing.py (topk_gating) · index.py (permute, capacity_dispatch) · combine.py
-(unpermute, capacity_combine, the fused layer's k-sum) · grouped_gemm.py (grouped_gemm,
-grouped_gemm_wgrad, the fused layer's GEMMs) · fused_moe.py (the whole layer).
+Ops, one file per op family (the same stems as csrc/ and tests/): topk_gating.py · permute.py
+(permute, unpermute) · capacity.py (capacity_dispatch, capacity_combine) · grouped_gemm.py
+(grouped_gemm, grouped_gemm_wgrad, the fused layer's GEMMs) · fused_moe.py (the whole layer).
+Kernels several of them share: index_build.py (the counting sort of slots by expert) ·
+weighted_combine.py (the weighted k-sum) · launch.py (launching, interpreter detection).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import triton  # noqa: F401  (a missing triton makes the backend unavailable, no
 from torch.library import triton_op
 
 from .. import backend as _backend
-from . import combine, fused_moe, grouped_gemm, index, routing
-from ._common import interpreted, interpreter_defect, launch_count
+from . import capacity, grouped_gemm, permute, topk_gating
+from .launch import interpreted, interpreter_defect, launch_count
 from .fused_moe import fused_moe_forward, last_launch_count
 
 NAMESPACE = "moe_ops_triton"
@@ -30,33 +32,23 @@ _defect = interpreter_defect()
 if _defect is not None:
     raise ImportError(f"moe_ops.triton_kernels: {_defect}")
 
-# (op, dtype) pairs the Triton *interpreter* computes wrongly (3.6 and 3.8 alike): tl.dot on bfloat16
-# operands returns garbage there (fp16/fp32 are right). The code path on a GPU is identical; tests skip
-# these pairs only when ``interpreted()``. "moe_forward" is the fused layer.
-UNSUPPORTED_UNDER_INTERPRETER = frozenset({
-    ("grouped_gemm", torch.bfloat16),
-    ("grouped_gemm_wgrad", torch.bfloat16),
-    ("moe_forward", torch.bfloat16),
-})
-
-
-# The form tests/utils.py reads (``unsupported_reason``): {(op, dtype): reason}, only where it applies.
-UNSUPPORTED_DTYPES = {
-    key: "the Triton interpreter computes tl.dot on bfloat16 wrongly (GPU path is identical and supported)"
-    for key in UNSUPPORTED_UNDER_INTERPRETER} if interpreted() else {}
-
-
-def supported(op: str, dtype: torch.dtype, device_type: str = "cpu") -> bool:
-    """False for the (op, dtype) pairs this backend cannot compute right here."""
-    return not (device_type == "cpu" and interpreted() and (op, dtype) in UNSUPPORTED_UNDER_INTERPRETER)
+# What the Triton *interpreter* computes wrongly (3.6 and 3.8 alike): tl.dot on bfloat16 operands
+# returns garbage there (fp16/fp32 are right). The code path on a GPU is identical, so this is declared
+# (moe_ops.backend.unsupported_reason) for CPU tensors under the interpreter only. "moe_forward" is the
+# fused layer.
+_BF16_DOT_OPS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_forward")
+UNSUPPORTED = {
+    (op, torch.bfloat16, "cpu"): "the Triton interpreter computes tl.dot on bfloat16 wrongly (GPU path is "
+                                 "identical and supported)"
+    for op in _BF16_DOT_OPS} if interpreted() else {}
 
 
 _IMPLS = {
-    "topk_gating": routing.topk_gating,
-    "permute": index.permute,
-    "unpermute": combine.unpermute,
-    "capacity_dispatch": index.capacity_dispatch,
-    "capacity_combine": combine.capacity_combine,
+    "topk_gating": topk_gating.topk_gating,
+    "permute": permute.permute,
+    "unpermute": permute.unpermute,
+    "capacity_dispatch": capacity.capacity_dispatch,
+    "capacity_combine": capacity.capacity_combine,
     "grouped_gemm": grouped_gemm.grouped_gemm,
     "grouped_gemm_wgrad": grouped_gemm.grouped_gemm_wgrad,
 }
@@ -86,8 +78,7 @@ else:  # module re-imported (e.g. importlib.reload): the ops exist already
     OPS = {n: getattr(torch.ops.moe_ops_triton, n) for n in _IMPLS}
 
 _devices = ("cuda",) + (("cpu",) if interpreted() else ())
-_backend.register("triton", _devices, OPS)
+_backend.register("triton", _devices, OPS, unsupported=UNSUPPORTED)
 _backend.register_fused_moe("triton", fused_moe_forward)
 
-__all__ = ["OPS", "UNSUPPORTED_UNDER_INTERPRETER", "UNSUPPORTED_DTYPES", "supported", "fused_moe_forward", "last_launch_count",
-           "launch_count", "interpreted"]
+__all__ = ["OPS", "UNSUPPORTED", "fused_moe_forward", "last_launch_count", "launch_count", "interpreted"]

@@ -36,7 +36,7 @@ def _compile(fn, ptrs, consts, ones=(), div=(), arch=90, num_warps=4, num_stages
 
 def variants():
     """(name, kernel, pointer types, constexprs, unit-stride args, divisible args, warps, stages)."""
-    from . import combine as CB, grouped_gemm as GG, index as IX, routing as RT
+    from . import grouped_gemm as GG, index_build as IX, topk_gating as RT, weighted_combine as CB
     out = []
     gemm_div = ("N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm")
     for dt, acc, prec, (bm, bn, bk, nw, ns) in (

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from . import index, routing
+from . import index_build, topk_gating
 from .configs import CONFIG_DIR, DTYPE_NAMES, config_filename, device_name, get_config
 from .grouped_gemm import build_schedule, run_gemm
 
@@ -59,9 +59,9 @@ def tune(E, H, I, topk, dtype, T, repeats=20, verbose=True):
     logits = torch.randn(T, E, device=dev)
     w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * H ** -0.5
     w2 = torch.randn(E, H, I, device=dev, dtype=dtype) * I ** -0.5
-    weights, ids = routing.topk_gating(logits, topk, "softmax", False, 0, 0, None, 1.0)
+    weights, ids = topk_gating.topk_gating(logits, topk, "softmax", False, 0, 0, None, 1.0)
     M = T * topk
-    _, sorted_slots, offsets, _, _ = index.build_index(ids, E, block_m=1)
+    _, sorted_slots, offsets, _, _ = index_build.build_index(ids, E, block_m=1)
     h = torch.empty(M, I, device=dev, dtype=dtype)
     y = torch.empty(M, H, device=dev, dtype=dtype)
 

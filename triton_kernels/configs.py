@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import envs
-from ._common import interpreted
+from .launch import interpreted
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

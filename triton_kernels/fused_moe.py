@@ -1,11 +1,11 @@
 """The whole dropless MoE layer on the Triton backend, with a launch count independent of E.
 
-    topk_gating                       1 launch   (routing.py)
-    index build (rank, scan, place)   3 launches (index.py; the scan also writes the GEMM tile
-                                                  schedule, so no separate schedule kernel)
+    topk_gating                       1 launch   (topk_gating.py)
+    index build (rank, scan, place)   3 launches (index_build.py; the scan also writes the GEMM
+                                                  tile schedule, so no separate schedule kernel)
     GEMM1: gather x rows + SwiGLU     1 launch   -> h[T*k, I]  (rows in expert order)
     GEMM2: * router weight, scatter   1 launch   -> y[T*k, H]  (rows in slot order; out[T, H] if k == 1)
-    k-sum                             1 launch   (combine.py; skipped when k == 1)
+    k-sum                             1 launch   (weighted_combine.py; skipped when k == 1)
 
 No permuted copy of x and no separate permute/unpermute passes. The scatter writes each slot's
 weighted row (in x's dtype, as vLLM's fused_moe) and a fixed-order k-sum adds them in float32:
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-from . import _common, combine, index, routing
+from . import index_build, launch, topk_gating, weighted_combine
 from .configs import get_config
 from moe_ops._profiling import stage
 from moe_ops.ops import gated_activation
@@ -48,13 +48,13 @@ def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     with stage("router"):
-        weights, ids = routing.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+        weights, ids = topk_gating.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
                                            correction_bias, scaling_factor)
     M = T * k
     cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
     cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
     with stage("dispatch"):  # the index only: GEMM1 gathers the x rows itself
-        slot_rows, sorted_slots, offsets, _, sched = index.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
+        slot_rows, sorted_slots, offsets, _, sched = index_build.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
     with stage("experts"):  # GEMM2 also weights and scatters the rows, the first half of the combine
         h = torch.empty((M, I), device=x.device, dtype=x.dtype)
         run_gemm(x, w_gate_up, h, offsets, sched, E, I, H, cfg1, rows=M, trans_b=True, slots=sorted_slots,
@@ -63,7 +63,7 @@ def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
         run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg2, rows=M, trans_b=True, slots=sorted_slots,
                  weights=weights.view(-1), scatter=True)
     with stage("combine"):  # empty for k == 1: GEMM2's scatter wrote out
-        return out if k == 1 else combine.combine(y, T, k, combine.MODE_SLOT)
+        return out if k == 1 else weighted_combine.combine(y, T, k, weighted_combine.MODE_SLOT)
 
 
 def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group,
@@ -96,9 +96,9 @@ def fused_moe_forward(x, router_logits, w_gate_up, w_down, k, *, activation="swi
         fn = fused_moe_impl  # dynamo traces the wrap_triton launches into the graph
     else:
         fn = _eager_fused
-    before = _common.launch_count()
+    before = launch.launch_count()
     out = fn(*args)
-    _LAST[0] = _common.launch_count() - before
+    _LAST[0] = launch.launch_count() - before
     return out
 
 

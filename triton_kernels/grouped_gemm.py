@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, launch, num_programs
+from .launch import cdiv, dot_precision, launch, num_programs
 from .configs import get_config
 
 

@@ -116,8 +116,9 @@ def cpu_fused_experts(self, x, top_k_index, top_k_weights, w1, w2) -> torch.Tens
     ids = top_k_index.to(torch.int32)
     packed = _cpu_packing(self, w1, w2)
     if packed is not None:
-        return torch.ops.moe_ops.fused_experts_packed(x, ids, top_k_weights, packed.w_gate_up, packed.w_down, "swiglu")
-    return torch.ops.moe_ops.fused_experts(x, ids, top_k_weights, w1, w2, "swiglu")
+        return _backend.native_op("fused_experts_packed")(x, ids, top_k_weights, packed.w_gate_up, packed.w_down,
+                                                          "swiglu")
+    return _backend.native_op("fused_experts")(x, ids, top_k_weights, w1, w2, "swiglu")
 
 
 def _cpu_packing(self, w1, w2):

@@ -17,13 +17,13 @@ reverse exchange); replicated parameters only see local tokens, so sum them over
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layer import MoE, MoEAux
+from ..layer import MoE
 from . import exchange as _x
 from .functional import DISPATCHES, expert_parallel_experts
 

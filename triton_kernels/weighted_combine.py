@@ -1,4 +1,5 @@
-"""Combine: ``unpermute``, ``capacity_combine`` and the fused layer's k-sum, one kernel.
+"""The weighted k-sum behind ``unpermute`` (permute.py), ``capacity_combine`` (capacity.py) and the
+fused layer's combine: one kernel.
 
 One program per (block of tokens, H block): for j = 0..k-1 in order, look up the row holding slot
 ``t*k+j`` (``slot_rows`` / ``ids*C + slot_pos`` / the slot itself for the fused layer's
@@ -7,13 +8,11 @@ a NaN weight). A fixed j order and no atomics make the sum bitwise deterministic
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreted, launch, next_pow2
+from .launch import cdiv, interpreted, launch, next_pow2
 
 MODE_ROWS = 0      # y_sorted[slot_rows[s]]           (unpermute)
 MODE_CAPACITY = 1  # buf_out[ids[s] * C + slot_pos[s]] (capacity_combine)
@@ -74,15 +73,3 @@ def combine(y: torch.Tensor, T: int, k: int, mode: int, slot_map=None, ids=None,
            ACC=tl.float64 if y.dtype == torch.float64 else tl.float32)
     return out
 
-
-def unpermute(y_sorted: torch.Tensor, slot_rows: torch.Tensor, weights: Optional[torch.Tensor],
-              k: int) -> torch.Tensor:
-    T = slot_rows.numel() // k
-    return combine(y_sorted, T, k, MODE_ROWS, slot_map=slot_rows, weights=weights)
-
-
-def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.Tensor,
-                     weights: Optional[torch.Tensor]) -> torch.Tensor:
-    E, C, _ = buf_out.shape
-    T, k = ids.shape
-    return combine(buf_out, T, k, MODE_CAPACITY, slot_map=slot_pos, ids=ids, weights=weights, E=E, C=C)

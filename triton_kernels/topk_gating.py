@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreted, launch, next_pow2
+from .launch import cdiv, interpreted, launch, next_pow2
 
 # Below every real key (NaN maps just above it).
 _MASKED = tl.constexpr(-9223372036854775807)

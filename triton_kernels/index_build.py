@@ -1,5 +1,6 @@
-"""Index build for ``permute`` and ``capacity_dispatch`` (and the fused layer): a stable
-counting sort of the T*k slots by expert, on the device, with no atomics and no host sync.
+"""Index build for ``permute`` and ``capacity_dispatch`` (permute.py, capacity.py) and the fused
+layer: a stable counting sort of the T*k slots by expert, on the device, with no atomics and no
+host sync.
 
 Kernels, in launch order (all with static grids):
 
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, launch, next_pow2
+from .launch import cdiv, launch, next_pow2
 from .grouped_gemm import fill_tile_experts, max_row_tiles, schedule_size, search_steps
 
 BLOCK_S = 128      # slots per rank/place program (the in-block compare is BLOCK_S^2)
@@ -185,20 +186,3 @@ def gather_rows(x: torch.Tensor, inv: torch.Tensor, k: int, R: int) -> torch.Ten
            K=k, BLOCK_R=block_r, BLOCK_H=block_h)
     return out
 
-
-def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int,
-            block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, k = ids.shape
-    slot_rows, sorted_slots, offsets, _, _ = build_index(ids, num_experts, block_m=block_m)
-    x_sorted = gather_rows(x, sorted_slots, k, sorted_slots.shape[0])
-    return x_sorted, sorted_slots, offsets, slot_rows
-
-
-def capacity_dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int, capacity: int,
-                      priority: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, k = ids.shape
-    H = x.shape[1]
-    slot_pos, inv, demand, kept, _ = build_index(ids, num_experts, capacity=capacity,
-                                                 kmajor=priority == "kmajor")
-    buf = gather_rows(x, inv, k, num_experts * capacity).view(num_experts, capacity, H)
-    return buf, slot_pos.view(T, k), demand, kept
