@@ -4,7 +4,7 @@
 #   make gpu-check PYTHON=python3 OUT=dir   the offline one-command check of a GPU machine with the
 #                interpreter given (no venv, no downloads); a rehearsal on CPU where no GPU is
 #   make test-torch211   the same suite on the oldest supported stack (docs/supported-stacks.md)
-#   make lint    ruff over the Python code (pyproject.toml [tool.ruff])
+#   make lint    ruff (pyproject.toml [tool.ruff]) and clang-format (.clang-format) over the tree; CI runs it
 # Knobs: PYTHON (interpreter used to create the venv), VENV, REQUIREMENTS (what the venv gets),
 # MAX_JOBS, TORCH_CUDA_ARCH_LIST, MOE_OPS_CUDA=auto|0|1, MOE_OPS_BUILD_DIR, BENCH_ARGS, PYTEST_ARGS.
 PYTHON ?= python3
@@ -56,7 +56,7 @@ bench: install
 
 # Python lint (pyproject.toml [tool.ruff]); ruff is in requirements-dev.txt.
 lint: setup
-	$(PY) -m ruff check .
+	PY=$(PY) bash scripts/lint.sh
 
 # No venv prerequisite: the check uses $(PYTHON) as it is (scripts/gpu_check.py; README).
 gpu-check:
