@@ -1,6 +1,6 @@
 """Semantics of the SIMT host emulator (csrc/sim), checked with its own test kernels.
 
-The kernels (csrc/sim/simtest_kernels.cuh) are plain CUDA; the ops that run them live in the
+The kernels (tests/csrc/simtest_kernels.cuh) are plain CUDA; the ops that run them live in the
 ``moe_ops_simtest`` namespace of the emulator library. Each result is compared with the same
 computation done in torch on fresh random inputs; outputs start poisoned so an unwritten element
 fails. Also run by scripts/sanitizers.sh under ASan+UBSan and TSan.

@@ -15,7 +15,7 @@
 //
 // Every op: TORCH_CHECKs (device, dtype, shape, ranges), makes inputs contiguous, allocates
 // outputs (and a byte workspace where the kernels need scratch), then calls the torch-free
-// launcher in csrc/cuda/launchers.h. No host synchronisation: nothing reads tensor values here.
+// launcher in csrc/cuda/launcher_api.h. No host synchronisation: nothing reads tensor values here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +26,7 @@
 #include <string>
 #include <tuple>
 
-#include "launchers.h"
+#include "launcher_api.h"
 
 namespace moe_ops {
 namespace binding {

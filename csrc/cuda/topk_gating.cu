@@ -1,7 +1,7 @@
 // Launcher for topk_gating (kernel: csrc/kernels/topk_gating.cuh).
 // E <= 256: warp per row with 8 values per lane; E <= 512: 16 per lane; larger E: one block per
 // row, 16 values per thread, blockDim = E/16 rounded up to a warp (E <= 16384).
-#include "common_launch.h"
+#include "launch_config.h"
 #include "../kernels/topk_gating.cuh"
 
 namespace moe_ops {

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#include "../kernels/launch.cuh"
+#include "kernels/launch.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 #include "planted_bugs.cuh"
 #include "simtest_kernels.cuh"
 

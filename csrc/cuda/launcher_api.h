@@ -1,4 +1,5 @@
-// Torch-free host entry points of the moe_ops CUDA kernels (csrc/cuda/*.cu implement them).
+// Torch-free host entry points of the moe_ops CUDA kernels: the API between the torch binding
+// (ops_binding.h) and the launchers (csrc/cuda/<op family>.cu implement them).
 //
 // Plain pointers, sizes, a dtype enum and an opaque stream (a cudaStream_t under nvcc; nullptr
 // in the SIMT emulator build, which compiles the very same .cu files as host C++ with

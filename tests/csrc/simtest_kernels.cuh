@@ -10,7 +10,7 @@
 //   thread_coords    writes (threadIdx, blockIdx, blockDim, gridDim) of each thread of a 3-D grid
 #pragma once
 
-#include "../kernels/portable.cuh"
+#include "kernels/portable.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 
 namespace moe_ops {
 namespace simtest {
