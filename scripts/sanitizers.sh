@@ -81,7 +81,7 @@ run_under() {
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_odr_violation=0:allocator_may_return_null=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:suppressions=$ROOT/scripts/tsan.supp" \
-    MOE_SIM_DEADLOCK_SECONDS=20 \
+    MOE_OPS_SIM_DEADLOCK_SECONDS=20 \
     "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${EXTRA[@]}" "$@"
 }
 

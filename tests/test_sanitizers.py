@@ -73,7 +73,7 @@ def _run(san, case):
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_odr_violation=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
                TSAN_OPTIONS="halt_on_error=1:exitcode=66",
-               MOE_SIM_DEADLOCK_SECONDS="10")
+               MOE_OPS_SIM_DEADLOCK_SECONDS="10")
     env.pop("MOE_OPS_SIM_LIB", None)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
