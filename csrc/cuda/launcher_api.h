@@ -51,6 +51,12 @@ void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* 
              void* x_sorted, int* sorted_slots, int* expert_offsets, int* slot_rows, void* workspace,
              StreamHandle stream);
 
+// Largest k the row combine (unpermute, capacity_combine) takes: each block stages 4 warps x k
+// (row, weight) pairs of 16 bytes in shared memory, 64 KiB at this k. unpermute's k is bounded
+// further by limits::kMaxK (its slot_rows come from permute of top-k ids); capacity_combine's
+// only by this.
+constexpr int kCombineMaxK = 1024;
+
 // y[P,H] (dtype), slot_rows[T*k], weights[T,k] or nullptr -> out[T,H] (dtype). weights (and the
 // accumulator) are float32, float64 when dtype is float64.
 void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights,
