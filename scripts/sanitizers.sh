@@ -21,8 +21,8 @@ case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a ven
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
 # Default: the whole cuda_sim matrix of tests/test_ops.py (every op, every kernel path: E from 1
-# to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16; ~1 min under TSan on 2 quiet cores) plus the
-# CUDA kernels' own edge cases (tests/test_cuda_kernels.py).
+# to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16) plus the CUDA kernels' own edge cases
+# (tests/test_cuda_kernels.py); run times are in docs/sim.md ("Speed").
 SAN_OPS_K=${SAN_OPS_K:-"cuda_sim"}
 # The emulator self-tests minus the 1024-thread blocks (the slowest to emulate under TSan).
 SAN_EMU_K=${SAN_EMU_K:-"not 1024 and not 4096"}

@@ -9,8 +9,9 @@
 //   dynamic shared memory) -> host waits for all workers, watching for deadlock, and rethrows the
 //   first kernel error.
 //
-// Every barrier is a std::mutex + std::condition_variable: ThreadSanitizer understands both, so
-// the happens-before edges it sees are exactly those a GPU's bar.sync / shfl.sync provide.
+// Every barrier is a std::mutex plus a futex word (std::atomic::wait, see Gate): ThreadSanitizer
+// understands both, so the happens-before edges it sees are exactly those a GPU's bar.sync /
+// shfl.sync provide.
 // A kernel error (exception) sets the launch's abort flag and wakes every waiter; waiters then
 // unwind with an internal Aborted exception, so one failing thread never deadlocks the others.
 #include <cxxabi.h>
