@@ -40,9 +40,9 @@ _SETTINGS = [
             "them", "c++"),
     Setting("MOE_OPS_CPU_EMULATE_AVX512", None, "set: run the AVX512-BF16 kernels through their "
             "SIMDe emulation (testing on CPUs without them)", "c++"),
-    Setting("MOE_SIM_BLOCK_ORDER", None, "SIMT emulator: `reverse` runs blocks in reverse order "
+    Setting("MOE_OPS_SIM_BLOCK_ORDER", None, "SIMT emulator: `reverse` runs blocks in reverse order "
             "(testing order independence)", "c++"),
-    Setting("MOE_SIM_DEADLOCK_SECONDS", "2.0", "SIMT emulator: a block stuck this long at a "
+    Setting("MOE_OPS_SIM_DEADLOCK_SECONDS", "2.0", "SIMT emulator: a block stuck this long at a "
             "barrier is reported as a deadlock", "c++"),
     # --- build
     Setting("MOE_OPS_CUDA", "auto", "compile the CUDA kernels: auto (when nvcc and a CUDA torch "

@@ -55,7 +55,7 @@ for r, n in zip(rows, names):
     n = re.sub(r"moe_ops::kern::", "", n or r["sym"])
     n = re.sub(r"__nv_bfloat16", "bf16", n).replace("__half", "half").replace("unsigned ", "u")
     r["name"] = n
-# static kernels shared by two translation units (the expert ranking, the row gather) appear once
+# kernels shared by two translation units (the expert ranking, the row gather, the row combine) appear once
 uniq = {}
 for r in rows:
     uniq.setdefault((r["name"], r["arch"]), r)

@@ -21,8 +21,8 @@ case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac  # absolute, symlinks kept (a ven
 JOBS=${MAX_JOBS:-2}
 SANITIZERS=${SANITIZERS:-"address thread"}
 # Default: the whole cuda_sim matrix of the op tests (every op, every kernel path: E from 1
-# to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16; ~1 min under TSan on 2 quiet cores) plus the
-# CUDA kernels' own edge cases (tests/test_cuda_kernels.py).
+# to 4096, k up to 32, T = 0/1/.., fp32/fp16/bf16) plus the CUDA kernels' own edge cases
+# (tests/test_cuda_kernels.py); run times are in docs/sim.md ("Speed").
 SAN_OPS_K=${SAN_OPS_K:-"cuda_sim"}
 # the per-op backend matrix (tests/op_matrix.py), one file per op family
 OP_TESTS="tests/test_topk_gating.py tests/test_permute.py tests/test_capacity.py tests/test_grouped_gemm.py"
@@ -83,7 +83,7 @@ run_under() {
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_odr_violation=0:allocator_may_return_null=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:suppressions=$ROOT/scripts/tsan.supp" \
-    MOE_SIM_DEADLOCK_SECONDS=20 \
+    MOE_OPS_SIM_DEADLOCK_SECONDS=20 \
     "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${EXTRA[@]}" "$@"
 }
 

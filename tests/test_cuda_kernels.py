@@ -246,3 +246,18 @@ def test_binding_rejects_bad_arguments():
         ops.unpermute(torch.randn(6, 4), torch.zeros(6, dtype=torch.int32), torch.ones(3, 3), 2)
     with pytest.raises(RuntimeError, match="slot_pos shape"):
         ops.capacity_combine(torch.randn(4, 2, 4), ids, ids[:, :1].contiguous(), None)
+
+
+def test_binding_limits_are_the_shared_ones():
+    """The binding's k / E invariants use csrc/arg_limits.h (exported by build_info), not local literals."""
+    limits = pytest.importorskip("moe_ops._C").build_info()["limits"]
+    ops, max_k = _ops(), limits["max_k"]
+    lg = torch.randn(2, max_k + 8)
+    w, ids = ops.topk_gating(lg, max_k, "softmax", False, 0, 0, None, 1.0)  # the limit itself is valid
+    assert ids.shape == (2, max_k)
+    with pytest.raises(RuntimeError, match=rf"k must be in \[1, min\(E, {max_k}\)\]"):
+        ops.topk_gating(lg, max_k + 1, "softmax", False, 0, 0, None, 1.0)
+    with pytest.raises(RuntimeError, match=rf"k must be in \[1, {max_k}\]"):
+        ops.unpermute(torch.randn(4, 2), torch.zeros(max_k + 1, dtype=torch.int32), None, max_k + 1)
+    with pytest.raises(RuntimeError, match=rf"num_experts must be in \[1, {limits['max_experts']}\]"):
+        ops.permute(torch.randn(3, 4), torch.zeros(3, 2, dtype=torch.int32), 0, 1)

@@ -31,7 +31,7 @@ def test_every_variable_read_is_in_the_table():
                 read.setdefault(name, os.path.relpath(path, ROOT))
         for name in _CPP_READ.findall(text):
             read.setdefault("MOE_OPS_" + name, os.path.relpath(path, ROOT))
-    assert {"MOE_OPS_CPU_CACHE_MB", "MOE_SIM_DEADLOCK_SECONDS", "MOE_OPS_VALUE_CHECKS"} <= set(read)  # the scan works
+    assert {"MOE_OPS_CPU_CACHE_MB", "MOE_OPS_SIM_DEADLOCK_SECONDS", "MOE_OPS_VALUE_CHECKS"} <= set(read)  # the scan works
     missing = {n: p for n, p in read.items() if n not in envs.SETTINGS}
     assert not missing, f"environment variables read but not in moe_ops/envs.py: {missing}"
 

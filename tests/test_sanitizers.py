@@ -1,7 +1,7 @@
 """The sanitizer builds of the emulator catch what they are there for.
 
 scripts/sanitizers.sh builds _C_sim with ASan+UBSan (build-asan/) and TSan (build-tsan/). Here
-each planted-bug kernel (csrc/sim/planted_bugs.cuh) runs in a subprocess under its sanitizer and
+each planted-bug kernel (tests/csrc/planted_bugs.cuh) runs in a subprocess under its sanitizer and
 the report must appear, naming the kernel; the same harness on correct kernels must stay silent
 (a harness that always reports proves nothing). Skipped when a build is absent, unless
 MOE_OPS_SANITIZERS_REQUIRED=1 (set by scripts/sanitizers.sh, which builds them first).
@@ -73,7 +73,7 @@ def _run(san, case):
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_odr_violation=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
                TSAN_OPTIONS="halt_on_error=1:exitcode=66",
-               MOE_SIM_DEADLOCK_SECONDS="10")
+               MOE_OPS_SIM_DEADLOCK_SECONDS="10")
     env.pop("MOE_OPS_SIM_LIB", None)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=ROOT)

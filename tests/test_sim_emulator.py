@@ -1,6 +1,6 @@
 """Semantics of the SIMT host emulator (csrc/sim), checked with its own test kernels.
 
-The kernels (csrc/sim/simtest_kernels.cuh) are plain CUDA; the ops that run them live in the
+The kernels (tests/csrc/simtest_kernels.cuh) are plain CUDA; the ops that run them live in the
 ``moe_ops_simtest`` namespace of the emulator library. Each result is compared with the same
 computation done in torch on fresh random inputs; outputs start poisoned so an unwritten element
 fails. Also run by scripts/sanitizers.sh under ASan+UBSan and TSan.
@@ -166,12 +166,20 @@ def test_launches_from_several_threads():
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_block_order_setting(monkeypatch):
+    """Blocks run in blockIdx.x order; MOE_OPS_SIM_BLOCK_ORDER=reverse runs them backwards."""
+    monkeypatch.delenv("MOE_OPS_SIM_BLOCK_ORDER", raising=False)
+    assert sim.block_ticket(9).tolist() == list(range(9))
+    monkeypatch.setenv("MOE_OPS_SIM_BLOCK_ORDER", "reverse")
+    assert sim.block_ticket(9).tolist() == list(range(8, -1, -1))
+
+
 def test_reverse_block_order_gives_the_same_results(monkeypatch):
-    """MOE_SIM_BLOCK_ORDER=reverse runs blocks backwards: order-independent kernels must agree."""
+    """MOE_OPS_SIM_BLOCK_ORDER=reverse runs blocks backwards: order-independent kernels must agree."""
     x = torch.randn(3000, generator=_gen(5))
     ids = torch.randint(-1, 40, (2000,), dtype=torch.int32, generator=_gen(6))
     fwd = sim.block_sum(x, 32, 7), sim.histogram(ids, 37, 5, 64), sim.thread_coords([3, 2, 1], [8, 1, 1])
-    monkeypatch.setenv("MOE_SIM_BLOCK_ORDER", "reverse")
+    monkeypatch.setenv("MOE_OPS_SIM_BLOCK_ORDER", "reverse")
     rev = sim.block_sum(x, 32, 7), sim.histogram(ids, 37, 5, 64), sim.thread_coords([3, 2, 1], [8, 1, 1])
     for a, b in zip(fwd, rev):
         assert torch.equal(a, b)

@@ -1,6 +1,9 @@
-// Launcher for capacity_dispatch (kernels: csrc/kernels/capacity.cuh, expert_rank.cuh,
-// row_gather.cuh). capacity_combine's launcher lives with unpermute's (same kernel).
-#include "gather_launch.h"
+// Launchers of the capacity family: capacity_dispatch (kernels: csrc/kernels/capacity.cuh,
+// expert_rank.cuh, row_gather.cuh) and capacity_combine (row_combine.cuh, the combine unpermute
+// shares, reading rows ids*C + slot_pos).
+#include "expert_rank_launch.h"
+#include "row_combine_launch.h"
+#include "row_gather_launch.h"
 #include "../kernels/capacity.cuh"
 
 namespace moe_ops {
@@ -29,6 +32,12 @@ void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, c
   launch(capacity_place_kernel, dim3(detail::grid_stride_blocks(N, 256)), dim3(256), 0, stream, seq, N, E, C,
          plan.chunk, static_cast<const int*>(ws.counts), static_cast<const int*>(ws.local_rank), slot_pos, src_slot);
   detail::gather_rows(x, buf, rows, H * static_cast<long long>(elem_bytes), src_slot, k > 0 ? k : 1, stream);
+}
+
+void capacity_combine(const void* buf, DType dtype, int E, int C, int64_t H, const int* ids, const int* slot_pos,
+                      const void* weights, int64_t T, int k, void* out, StreamHandle stream) {
+  kern::CombineSource src{nullptr, ids, slot_pos, E, C, static_cast<long long>(E) * C};
+  detail::combine(buf, dtype, H, src, weights, T, k, out, detail::to_stream(stream));
 }
 
 }  // namespace launchers

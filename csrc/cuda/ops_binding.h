@@ -15,23 +15,26 @@
 //
 // Every op: TORCH_CHECKs (device, dtype, shape, ranges), makes inputs contiguous, allocates
 // outputs (and a byte workspace where the kernels need scratch), then calls the torch-free
-// launcher in csrc/cuda/launchers.h. No host synchronisation: nothing reads tensor values here.
+// launcher in csrc/cuda/launcher_api.h. No host synchronisation: nothing reads tensor values here.
+// The user-facing argument errors come from moe_ops/ops.py; the checks here are the invariants
+// the launchers rely on, for callers that go straight to torch.ops.*, on the limits every
+// backend shares (csrc/arg_limits.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include "launchers.h"
+#include "../arg_limits.h"
+#include "launcher_api.h"
 
 namespace moe_ops {
 namespace binding {
-
-constexpr int64_t kInt32Max = 2147483647;
 
 inline launchers::DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -85,8 +88,8 @@ struct Ops {
     const int64_t T = logits_in.size(0), E = logits_in.size(1);
     TORCH_CHECK(E >= 1 && E <= launchers::kGatingMaxExperts, "moe_ops::topk_gating (", B::kName,
                 "): needs 1 <= E <= ", launchers::kGatingMaxExperts, ", got E=", E);
-    TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(E, 32), "moe_ops::topk_gating: k must be in [1, min(E, 32)], got ",
-                k);
+    TORCH_CHECK(k >= 1 && k <= std::min(E, limits::kMaxK), "moe_ops::topk_gating: k must be in [1, min(E, ",
+                limits::kMaxK, ")], got ", k);
     int scoring_id;
     if (scoring == "softmax") scoring_id = 0;
     else if (scoring == "sigmoid") scoring_id = 1;
@@ -98,9 +101,9 @@ struct Ops {
                   n_group, "], got ", topk_group);
       TORCH_CHECK(launchers::topk_gating_supported(static_cast<int>(E), static_cast<int>(n_group)),
                   "moe_ops::topk_gating (", B::kName, "): group-limited routing with E=", E,
-                  " needs more than 48 KiB of shared memory per row");
+                  " needs more than ", launchers::kGatingMaxGroupSmem / 1024, " KiB of shared memory per row");
     }
-    TORCH_CHECK(T * k <= kInt32Max, "moe_ops::topk_gating: T*k overflows int32");
+    TORCH_CHECK(T * k <= limits::kInt32Max, "moe_ops::topk_gating: T*k overflows int32");
     std::optional<at::Tensor> bias;
     if (correction_bias.has_value()) {
       check_same_device(logits_in, *correction_bias, op, "correction_bias");
@@ -132,11 +135,12 @@ struct Ops {
     const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
     TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::permute: ids has ", ids.size(0), " rows but x has ",
                 x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::permute: num_experts must be in [1, ", kInt32Max, "] (ids and offsets are int32), got ", E);
+    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::permute: num_experts must be in [1, ",
+                limits::kMaxExperts, "], got ", E);
     TORCH_CHECK(block_m >= 1 && block_m <= 1 << 20, "moe_ops::permute: block_m must be in [1, 2^20], got ", block_m);
     const int64_t T = ids.size(0), k = ids.size(1), H = x_in.size(1);
     const int64_t P = T * k + E * (block_m - 1);
-    TORCH_CHECK(P <= kInt32Max, "moe_ops::permute: P = T*k + E*(block_m-1) = ", P, " overflows int32");
+    TORCH_CHECK(P <= limits::kInt32Max, "moe_ops::permute: P = T*k + E*(block_m-1) = ", P, " overflows int32");
     typename B::Guard guard(x_in);
     const at::Tensor x = x_in.contiguous();
     at::Tensor x_sorted = at::empty({P, H}, x.options());
@@ -162,7 +166,7 @@ struct Ops {
     check_same_device(y_in, slot_rows_in, op, "slot_rows");
     TORCH_CHECK(slot_rows_in.scalar_type() == at::kInt, "moe_ops::unpermute: slot_rows must be int32, got ",
                 slot_rows_in.scalar_type());
-    TORCH_CHECK(k >= 1 && k <= 32, "moe_ops::unpermute: k must be in [1, 32], got ", k);
+    TORCH_CHECK(k >= 1 && k <= limits::kMaxK, "moe_ops::unpermute: k must be in [1, ", limits::kMaxK, "], got ", k);
     TORCH_CHECK(slot_rows_in.numel() % k == 0, "moe_ops::unpermute: slot_rows has ", slot_rows_in.numel(),
                 " entries, not a multiple of k=", k);
     const int64_t T = slot_rows_in.numel() / k, H = y_in.size(1);
@@ -188,16 +192,17 @@ struct Ops {
     const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
     TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::capacity_dispatch: ids has ", ids.size(0),
                 " rows but x has ", x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= kInt32Max, "moe_ops::capacity_dispatch: num_experts must be in [1, ", kInt32Max, "] (ids and offsets are int32), got ", E);
+    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::capacity_dispatch: num_experts must be in [1, ",
+                limits::kMaxExperts, "], got ", E);
     TORCH_CHECK(C >= 0, "moe_ops::capacity_dispatch: capacity must be >= 0, got ", C);
-    TORCH_CHECK(E * C <= kInt32Max, "moe_ops::capacity_dispatch: E*C overflows int32");
+    TORCH_CHECK(E * C <= limits::kInt32Max, "moe_ops::capacity_dispatch: E*C overflows int32");
     bool kmajor;
     if (priority == "kmajor") kmajor = true;
     else if (priority == "token_major") kmajor = false;
     else TORCH_CHECK(false, "moe_ops::capacity_dispatch: priority must be 'kmajor' or 'token_major', got '",
                      std::string(priority), "'");
     const int64_t T = ids.size(0), k = ids.size(1), H = x_in.size(1);
-    TORCH_CHECK(T * k <= kInt32Max, "moe_ops::capacity_dispatch: T*k overflows int32");
+    TORCH_CHECK(T * k <= limits::kInt32Max, "moe_ops::capacity_dispatch: T*k overflows int32");
     typename B::Guard guard(x_in);
     const at::Tensor x = x_in.contiguous();
     at::Tensor buf = at::empty({E, C, H}, x.options());
@@ -227,8 +232,9 @@ struct Ops {
                 " != ids shape ", ids.sizes());
     const int64_t E = buf_in.size(0), C = buf_in.size(1), H = buf_in.size(2);
     const int64_t T = ids.size(0), k = ids.size(1);
-    TORCH_CHECK(E * C <= kInt32Max, "moe_ops::capacity_combine: E*C overflows int32");
-    TORCH_CHECK(k <= 1024, "moe_ops::capacity_combine: k must be <= 1024, got ", k);
+    TORCH_CHECK(E * C <= limits::kInt32Max, "moe_ops::capacity_combine: E*C overflows int32");
+    TORCH_CHECK(k <= launchers::kCombineMaxK, "moe_ops::capacity_combine: k must be <= ", launchers::kCombineMaxK,
+                ", got ", k);
     const auto weights = weights_arg(buf_in, weights_in, T, k, op);
     typename B::Guard guard(buf_in);
     const at::Tensor buf = buf_in.contiguous();

@@ -1,5 +1,9 @@
-// Launcher for permute (kernels: csrc/kernels/permute.cuh, expert_rank.cuh, row_gather.cuh).
-#include "gather_launch.h"
+// Launchers of the permute family: permute (kernels: csrc/kernels/permute.cuh, expert_rank.cuh,
+// row_gather.cuh) and its inverse unpermute (row_combine.cuh, the combine capacity_combine
+// shares).
+#include "expert_rank_launch.h"
+#include "row_combine_launch.h"
+#include "row_gather_launch.h"
 #include "../kernels/permute.cuh"
 
 namespace moe_ops {
@@ -29,6 +33,12 @@ void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* 
          static_cast<const int*>(expert_offsets), slot_rows, sorted_slots);
   detail::gather_rows(x, x_sorted, P, H * static_cast<long long>(elem_bytes), sorted_slots, k > 0 ? k : 1,
                       stream);
+}
+
+void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights,
+               int64_t T, int k, void* out, StreamHandle stream) {
+  kern::CombineSource src{slot_rows, nullptr, nullptr, 0, 0, static_cast<long long>(P)};
+  detail::combine(y, dtype, H, src, weights, T, k, out, detail::to_stream(stream));
 }
 
 }  // namespace launchers

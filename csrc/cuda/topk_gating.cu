@@ -1,11 +1,15 @@
 // Launcher for topk_gating (kernel: csrc/kernels/topk_gating.cuh).
 // E <= 256: warp per row with 8 values per lane; E <= 512: 16 per lane; larger E: one block per
 // row, 16 values per thread, blockDim = E/16 rounded up to a warp (E <= 16384).
-#include "common_launch.h"
+#include "launch_config.h"
+#include "../arg_limits.h"
 #include "../kernels/topk_gating.cuh"
 
 namespace moe_ops {
 namespace launchers {
+
+// Lane j of warp 0 keeps round j's winner (gating_row), so one warp's lanes bound k.
+static_assert(limits::kMaxK <= 32, "topk_gating keeps the k winners in the lanes of one warp");
 
 namespace {
 
@@ -43,9 +47,11 @@ void topk_gating(const void* logits, DType dtype, const float* bias, int64_t T, 
                  StreamHandle stream) {
   if (!topk_gating_supported(E, n_group))
     throw std::invalid_argument("moe_ops: topk_gating supports 1 <= E <= " + std::to_string(kGatingMaxExperts) +
-                                " (group-limited: keys of a row must fit 48 KiB of shared memory), got E=" +
+                                " (group-limited: keys of a row must fit " +
+                                std::to_string(kGatingMaxGroupSmem / 1024) + " KiB of shared memory), got E=" +
                                 std::to_string(E));
-  if (k < 1 || k > 32 || k > E) throw std::invalid_argument("moe_ops: topk_gating needs 1 <= k <= min(E, 32)");
+  if (k < 1 || k > limits::kMaxK || k > E)
+    throw std::invalid_argument("moe_ops: topk_gating needs 1 <= k <= min(E, " + std::to_string(limits::kMaxK) + ")");
   if (scoring != kern::kScoreSoftmax && scoring != kern::kScoreSigmoid)
     throw std::invalid_argument("moe_ops: topk_gating scoring must be 0 (softmax) or 1 (sigmoid)");
   // k may exceed the kept groups' experts: masked ones (-inf keys) fill in by index (DESIGN.md)

@@ -8,12 +8,12 @@
 //   capacity_place_kernel (thread per q): pos < C -> slot_pos[t,j] = pos, src_slot[e*C+pos] = s;
 //       else / invalid id -> slot_pos = -1
 //   gather_rows_kernel (row_gather.cuh): buf[e, p] = x[src_slot / k] or zeros.
-// capacity_combine is combine_kernel (unpermute.cuh) with rows ids[t,j]*C + slot_pos[t,j].
+// capacity_combine is combine_kernel (row_combine.cuh) with rows ids[t,j]*C + slot_pos[t,j].
 #pragma once
 
 #include "expert_rank.cuh"
+#include "row_combine.cuh"
 #include "row_gather.cuh"
-#include "unpermute.cuh"
 
 namespace moe_ops {
 namespace kern {

@@ -14,7 +14,7 @@
 // Invalid ids (outside [0, E)) are skipped everywhere.
 #pragma once
 
-#include "common.cuh"
+#include "device_math.cuh"
 
 namespace moe_ops {
 namespace kern {

@@ -1,6 +1,7 @@
-// permute: group the T*k token copies by expert, stable in slot order, block_m-padded segments.
+// permute / unpermute: group the T*k token copies by expert (stable in slot order, block_m-padded
+// segments), and sum them back per token.
 //
-// Dataflow (five launches, all on one stream, no host sync):
+// permute dataflow (five launches, all on one stream, no host sync):
 //   ids[T,k] --rank_count_kernel--> counts[chunk][E], local_rank[s]         (expert_rank.cuh)
 //            --rank_scan_kernel---> chunk bases, expert_count[E], offsets[E+1] (padded scan)
 //   fill_i32_kernel: sorted_slots[:] = -1 (padding rows and the tail stay -1)
@@ -9,9 +10,11 @@
 //   gather_rows_kernel (warp per row, row_gather.cuh): x_sorted[row] = x[sorted_slots[row] / k]
 //            or zeros.
 // Each row has exactly one writer and every value is a function of ids alone: deterministic.
+// unpermute is combine_kernel (row_combine.cuh) with rows slot_rows[t*k + j].
 #pragma once
 
 #include "expert_rank.cuh"
+#include "row_combine.cuh"
 #include "row_gather.cuh"
 
 namespace moe_ops {

@@ -7,7 +7,7 @@
 // Dtype-agnostic: rows are bytes. Padding rows are written as zero bytes (0.0 in every format).
 #pragma once
 
-#include "common.cuh"
+#include "device_math.cuh"
 
 namespace moe_ops {
 namespace kern {

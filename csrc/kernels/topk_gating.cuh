@@ -15,7 +15,7 @@
 // compile-time indices (unrolled loops) so nothing spills to local memory.
 #pragma once
 
-#include "common.cuh"
+#include "device_math.cuh"
 
 namespace moe_ops {
 namespace kern {

@@ -9,8 +9,9 @@
 //   dynamic shared memory) -> host waits for all workers, watching for deadlock, and rethrows the
 //   first kernel error.
 //
-// Every barrier is a std::mutex + std::condition_variable: ThreadSanitizer understands both, so
-// the happens-before edges it sees are exactly those a GPU's bar.sync / shfl.sync provide.
+// Every barrier is a std::mutex plus a futex word (std::atomic::wait, see Gate): ThreadSanitizer
+// understands both, so the happens-before edges it sees are exactly those a GPU's bar.sync /
+// shfl.sync provide.
 // A kernel error (exception) sets the launch's abort flag and wakes every waiter; waiters then
 // unwind with an internal Aborted exception, so one failing thread never deadlocks the others.
 #include <cxxabi.h>
@@ -31,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "../env.h"
 #include "sim.h"
 
 namespace moe_sim {
@@ -507,11 +509,6 @@ std::string deadlock_report(Launch& L) {
   return os.str();
 }
 
-double env_seconds(const char* name, double dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atof(v) : dflt;
-}
-
 }  // namespace
 
 // ---- public entry points ----------------------------------------------------------------------
@@ -543,7 +540,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel, void
   L.body = body;
   L.ctx = ctx;
   L.kernel_name = kernel_name(kernel);
-  const char* order = std::getenv("MOE_SIM_BLOCK_ORDER");
+  const char* order = moe_ops::env::get("SIM_BLOCK_ORDER");
   L.reverse_blocks = order && std::string(order) == "reverse";
   L.states.reset(new ThreadState[L.nthreads]);
 
@@ -580,7 +577,8 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel, void
   }
 
   // Wait, and declare a deadlock when every thread waits unreleased on two looks a second apart.
-  const double deadlock_s = env_seconds("MOE_SIM_DEADLOCK_SECONDS", 2.0);
+  const char* deadlock_env = moe_ops::env::get("SIM_DEADLOCK_SECONDS");
+  const double deadlock_s = deadlock_env ? std::atof(deadlock_env) : 2.0;
   {
     std::unique_lock<std::mutex> lk(L.done_m);
     int stuck_looks = 0;

@@ -7,8 +7,8 @@
 //   * __syncthreads is a block barrier, warp intrinsics meet at a per-warp barrier and exchange
 //     values through a per-warp buffer; a thread that returns drops out of both for the rest of
 //     its block;
-//   * barriers are std::mutex + std::condition_variable, so ThreadSanitizer sees exactly the
-//     happens-before a __syncthreads gives (and reports a race where one is missing);
+//   * barriers are a std::mutex plus a futex word (std::atomic::wait), so ThreadSanitizer sees
+//     exactly the happens-before a __syncthreads gives (and reports a race where one is missing);
 //   * function-scope `__shared__` variables are function statics (one per kernel template
 //     instantiation), shared by the block's threads -- safe because one block runs at a time;
 //   * int atomics are std::atomic_ref (relaxed, as CUDA atomics); the half types are the CUDA

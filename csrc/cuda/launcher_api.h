@@ -1,4 +1,5 @@
-// Torch-free host entry points of the moe_ops CUDA kernels (csrc/cuda/*.cu implement them).
+// Torch-free host entry points of the moe_ops CUDA kernels: the API between the torch binding
+// (ops_binding.h) and the launchers (csrc/cuda/<op family>.cu implement them).
 //
 // Plain pointers, sizes, a dtype enum and an opaque stream (a cudaStream_t under nvcc; nullptr
 // in the SIMT emulator build, which compiles the very same .cu files as host C++ with
@@ -49,6 +50,12 @@ size_t permute_workspace_bytes(int64_t T, int k, int E);
 void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E, int block_m,
              void* x_sorted, int* sorted_slots, int* expert_offsets, int* slot_rows, void* workspace,
              StreamHandle stream);
+
+// Largest k the row combine (unpermute, capacity_combine) takes: each block stages 4 warps x k
+// (row, weight) pairs of 16 bytes in shared memory, 64 KiB at this k. unpermute's k is bounded
+// further by limits::kMaxK (its slot_rows come from permute of top-k ids); capacity_combine's
+// only by this.
+constexpr int kCombineMaxK = 1024;
 
 // y[P,H] (dtype), slot_rows[T*k], weights[T,k] or nullptr -> out[T,H] (dtype). weights (and the
 // accumulator) are float32, float64 when dtype is float64.

@@ -10,7 +10,7 @@
 //                             -> AddressSanitizer: global-buffer-overflow (statics are globals)
 #pragma once
 
-#include "../kernels/portable.cuh"
+#include "kernels/portable.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 
 namespace moe_ops {
 namespace simtest {

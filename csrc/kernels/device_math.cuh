@@ -1,10 +1,10 @@
-// Small device helpers shared by the moe_ops kernels (csrc/kernels/*.cuh).
+// device_math: the arithmetic every moe_ops kernel (csrc/kernels/*.cuh) shares.
 //
-// Dataflow: none of its own. It holds what every kernel needs and must behave identically under
-// nvcc and under the SIMT host emulator (-DMOE_OPS_SIM): dtype <-> float conversion, a total
-// order on float keys (NaN lowest, ties to the lower index) packed into one 64-bit integer so a
-// plain integer max is an arg-max, warp reductions built from 32-bit shuffles only, and an
-// unroll pragma that host compilers understand.
+// Dataflow: none of its own. It holds what must behave identically under nvcc and under the
+// SIMT host emulator (-DMOE_OPS_SIM): dtype <-> float conversion, a total order on float keys
+// (NaN lowest, ties to the lower index) packed into one 64-bit integer so a plain integer max is
+// an arg-max, warp reductions built from 32-bit shuffles only, 16-byte vector loads/stores, and
+// an unroll pragma that host compilers understand.
 #pragma once
 
 #include <stdint.h>

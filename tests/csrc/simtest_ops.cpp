@@ -4,7 +4,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#include "../kernels/launch.cuh"
+#include "kernels/launch.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 #include "planted_bugs.cuh"
 #include "simtest_kernels.cuh"
 
@@ -80,6 +80,14 @@ at::Tensor thread_coords(at::IntArrayRef grid, at::IntArrayRef block) {
   return out;
 }
 
+at::Tensor block_ticket(int64_t blocks) {
+  auto counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt));
+  auto out = at::full({blocks}, -7, at::TensorOptions().dtype(at::kInt));
+  launch(block_ticket_kernel, dim3(static_cast<unsigned>(blocks)), dim3(32), 0, nullptr, counter.data_ptr<int>(),
+         out.data_ptr<int>());
+  return out;
+}
+
 at::Tensor misuse(const std::string& what, int64_t threads) {
   auto out = at::zeros({threads}, at::TensorOptions().dtype(at::kInt));
   const dim3 block(static_cast<unsigned>(threads));
@@ -128,6 +136,7 @@ TORCH_LIBRARY(moe_ops_simtest, m) {
   m.def("histogram(Tensor ids, int nbins, int blocks, int threads) -> Tensor");
   m.def("block_reverse(Tensor x, int n_per, int threads) -> Tensor");
   m.def("thread_coords(int[] grid, int[] block) -> Tensor");
+  m.def("block_ticket(int blocks) -> Tensor");
   m.def("misuse(str what, int threads) -> Tensor");
   m.def("planted_race(Tensor x) -> Tensor");
   m.def("planted_oob(int n) -> Tensor");
@@ -149,6 +158,7 @@ TORCH_LIBRARY_IMPL(moe_ops_simtest, CPU, m) {
 TORCH_LIBRARY_IMPL(moe_ops_simtest, CompositeExplicitAutograd, m) {
   using namespace moe_ops::simtest;
   m.impl("thread_coords", &thread_coords);
+  m.impl("block_ticket", &block_ticket);
   m.impl("misuse", &misuse);
   m.impl("planted_oob", &planted_oob);
 }

@@ -8,9 +8,10 @@
 //   histogram        int atomics on a __shared__ histogram, then on the global one
 //   block_reverse    reverses each block's slice through dynamic shared memory
 //   thread_coords    writes (threadIdx, blockIdx, blockDim, gridDim) of each thread of a 3-D grid
+//   block_ticket     the order in which the blocks of a grid ran (MOE_OPS_SIM_BLOCK_ORDER)
 #pragma once
 
-#include "../kernels/portable.cuh"
+#include "kernels/portable.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 
 namespace moe_ops {
 namespace simtest {
@@ -139,6 +140,12 @@ __global__ void thread_coords_kernel(int* __restrict__ out) {
   o[3] = blockIdx.x; o[4] = blockIdx.y; o[5] = blockIdx.z;
   o[6] = blockDim.x; o[7] = blockDim.y; o[8] = blockDim.z;
   o[9] = gridDim.x; o[10] = gridDim.y; o[11] = gridDim.z;
+}
+
+// out[block] = how many blocks ran before it: a ticket taken from a global counter. Depends on
+// the block order on purpose (the emulator runs blocks one at a time, so tickets are exact).
+__global__ void block_ticket_kernel(int* __restrict__ counter, int* __restrict__ out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(counter, 1);
 }
 
 // A kernel that misuses a warp intrinsic (reads a lane that returned): the emulator must raise.

@@ -1,4 +1,5 @@
-// unpermute / capacity_combine: out[t] = sum_j w[t,j] * y[row(t,j)], one pass, no atomics.
+// row_combine: out[t] = sum_j w[t,j] * y[row(t,j)], one pass, no atomics -- the kernel of
+// unpermute (permute.cuh) and of capacity_combine (capacity.cuh).
 //
 // Dataflow: one warp per token. The lanes first resolve slot j's source row (unpermute:
 // slot_rows[t*k+j]; capacity_combine: ids[t,j]*C + slot_pos[t,j]; -1 / out-of-range = skip) and
@@ -8,7 +9,7 @@
 // writes out[t] once in y's dtype. Same order on every run: bitwise deterministic.
 #pragma once
 
-#include "common.cuh"
+#include "device_math.cuh"
 
 namespace moe_ops {
 namespace kern {

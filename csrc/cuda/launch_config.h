@@ -1,14 +1,14 @@
-// Helpers shared by the torch-free launchers (csrc/cuda/*.cu): stream conversion, dtype
-// dispatch to the kernel element type, grid sizing. Included only by .cu files (it pulls in the
-// kernel vocabulary through launch.cuh).
+// Launch configuration shared by the torch-free launchers (csrc/cuda/*.cu): stream conversion,
+// dtype dispatch to the kernel element type, grid sizing, workspace alignment. Included only by
+// .cu files and the *_launch.h helpers (it pulls in the kernel vocabulary through launch.cuh).
 #pragma once
 
 #include <stdexcept>
 #include <string>
 
 #include "../kernels/launch.cuh"
-#include "../kernels/common.cuh"
-#include "launchers.h"
+#include "../kernels/device_math.cuh"
+#include "launcher_api.h"
 
 namespace moe_ops {
 namespace launchers {

@@ -1,37 +1,16 @@
-// The row gather shared by the permute and capacity_dispatch launchers: picks the widest word
-// (16/8/4/2/1 bytes) that divides the row and both base pointers' alignment.
+// Launch side of the expert ranking (csrc/kernels/expert_rank.cuh), shared by the permute and
+// capacity_dispatch launchers: the workspace layout counts[nchunks*E] | local_rank[N] |
+// expert_count[E] (sized and carved here, allocated by the torch binding), the two ranking
+// launches, and the -1 fill of the row maps the placement kernels scatter into.
 #pragma once
 
-#include "common_launch.h"
+#include "launch_config.h"
 #include "../kernels/expert_rank.cuh"
-#include "../kernels/row_gather.cuh"
 
 namespace moe_ops {
 namespace launchers {
 namespace detail {
 
-inline void gather_rows(const void* src, void* dst, long long nrows, long long row_bytes, const int* map, int div,
-                        Stream stream) {
-  using namespace kern;
-  if (nrows <= 0 || row_bytes <= 0) return;
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
-                         static_cast<uintptr_t>(row_bytes);
-  const dim3 grid(grid_for(nrows, kGatherWarpsPerBlock)), block(32 * kGatherWarpsPerBlock);
-  const auto* s = static_cast<const unsigned char*>(src);
-  auto* d = static_cast<unsigned char*>(dst);
-  if ((bits & 15u) == 0)
-    launch(gather_rows_kernel<uint4>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-  else if ((bits & 7u) == 0)
-    launch(gather_rows_kernel<uint2>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-  else if ((bits & 3u) == 0)
-    launch(gather_rows_kernel<unsigned int>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-  else if ((bits & 1u) == 0)
-    launch(gather_rows_kernel<unsigned short>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-  else
-    launch(gather_rows_kernel<unsigned char>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-}
-
-// Workspace of the expert ranking: counts[nchunks*E] | local_rank[N] | expert_count[E].
 struct RankWorkspace {
   int* counts;
   int* local_rank;
