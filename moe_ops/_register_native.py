@@ -26,11 +26,11 @@ def _cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu
                    renormalize=False, n_group=None, topk_group=None, correction_bias=None,
                    scaling_factor=1.0, packed=None):
     """``moe_forward``'s dropless layer on the ``cpu`` backend: router kernel, then the fused
-    expert op ``moe_ops::fused_experts`` (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated
+    expert op ``moe_ops::fused_experts`` (csrc/cpu/fused_moe.cpp: gather -> GEMM1 + gated
     activation -> GEMM2 -> weighted combine, no intermediate permuted tensors). The fused op has no
     autograd formula and no float64 kernel: those calls run the unfused ``cpu`` ops instead.
     With ``packed`` (:func:`moe_ops.pack_experts`) the experts run ``moe_ops::fused_experts_packed``
-    (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
+    (csrc/cpu/fused_moe_packed.cpp), the same pipeline on the panel GEMM."""
     from . import ops
 
     with stage("router"):
