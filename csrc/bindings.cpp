@@ -8,8 +8,7 @@
 
 #include <string>
 
-#include "cpu/kernels.h"
-#include "cpu/avx512_bf16.h"
+#include "cpu/cpu_features.h"
 #include "arg_limits.h"
 #include "schemas.h"
 

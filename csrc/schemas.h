@@ -38,12 +38,12 @@ inline constexpr const char* kOpSchemas[] = {
 // Ops only the native (moe_ops) namespace defines: fused paths of one backend, not part of the
 // cross-backend contract (the emulator and Triton do not define them).
 inline constexpr const char* kNativeOnlySchemas[] = {
-    // The CPU backend's whole expert stage (csrc/cpu/fused_experts.cpp): gather -> GEMM1 +
+    // The CPU backend's whole expert stage (csrc/cpu/fused_moe.cpp): gather -> GEMM1 +
     // gated activation -> GEMM2 -> weighted combine. x[T,H], ids[T,k], weights[T,k]? -> out[T,H]
     "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
     "str activation) -> Tensor",
     // The CPU backend's expert weights repacked once into 16-column panels
-    // (csrc/cpu/packed_experts.cpp). layout "panel16": w_gate_up[E,2I,H] -> [E, ceil(I/16),
+    // (csrc/cpu/fused_moe_packed.cpp). layout "panel16": w_gate_up[E,2I,H] -> [E, ceil(I/16),
     // 2 (gate|up), H, 16], w_down[E,H,I] -> [E, ceil(H/16), I, 16]; "vnni" (bf16, for AVX512-BF16):
     // the same with K rows as ceil(K/2) (k even, k odd) pairs: [E, ceil(I/16), 2, ceil(H/2), 16, 2],
     // [E, ceil(H/16), ceil(I/2), 16, 2]; "auto": vnni for bf16 where the CPU has AVX512-BF16,

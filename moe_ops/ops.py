@@ -569,11 +569,11 @@ def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu"
                   scaling_factor=1.0, packed=None):
     """:func:`moe_forward`'s dropless layer on the ``cpu`` backend (its fused path, registered by
     ``moe_ops._register_native``): router kernel, then the fused expert op ``moe_ops::fused_experts``
-    (csrc/cpu/fused_experts.cpp: gather -> GEMM1 + gated activation -> GEMM2 -> weighted combine,
+    (csrc/cpu/fused_moe.cpp: gather -> GEMM1 + gated activation -> GEMM2 -> weighted combine,
     no intermediate permuted tensors). The fused op has no autograd formula and no float64
     kernel: those calls run the unfused ``cpu`` ops instead. With ``packed``
     (:func:`pack_experts`) the experts run ``moe_ops::fused_experts_packed``
-    (csrc/cpu/packed_experts.cpp), the same pipeline on the panel GEMM."""
+    (csrc/cpu/fused_moe_packed.cpp), the same pipeline on the panel GEMM."""
     with stage("router"):
         weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
                                    n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,

@@ -1,5 +1,5 @@
 """The CPU backend's packed-weight path: ``moe_ops::pack_experts`` + ``moe_ops::fused_experts_packed``
-(csrc/cpu/packed_experts.cpp, the panel GEMM in csrc/cpu/kernels.cpp), the public
+(csrc/cpu/fused_moe_packed.cpp, the panel GEMM in csrc/cpu/gemm_panels.cpp), the public
 ``moe_ops.pack_experts`` / ``moe_forward(..., packed=)`` and ``MoE.pack_for_cpu()``.
 
 * the packed layout, element by element (zero padding included);

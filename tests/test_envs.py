@@ -17,7 +17,7 @@ def _sources():
     for folder in ("moe_ops", "triton_kernels", "csrc", "tests", "bench", "scripts"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             for f in files:
-                if f.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".inc", ".sh")):
+                if f.endswith((".py", ".cpp", ".h", ".cu", ".cuh", ".sh")):
                     yield os.path.join(dirpath, f)
 
 

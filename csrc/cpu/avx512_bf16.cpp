@@ -1,59 +1,16 @@
-// AVX512-BF16 kernels: VNNI packing and the run-time choice between the native builds
-// (avx512_bf16_native.cpp) and their SIMDe emulation (avx512_bf16_emu.cpp); see avx512_bf16.h.
+// The AVX512-BF16 kernels' VNNI packing and the run-time choice between their two builds
+// (native, SIMDe-emulated; see avx512_bf16.h and avx512_bf16_isa.h).
 #include "avx512_bf16.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
 
-#include "kernels.h"
+#include "avx512_bf16_isa.h"
+#include "cpu_features.h"
+#include "gemm_panels.h"
 
 namespace moe_cpu {
-
-#define MOE_AVX512_DECLS                                                                                 \
-  void gemm_panels(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, int64_t); \
-  void combine_bf16(const void* const*, const float*, int, void*, int64_t, const void* const*, int);             \
-  void gemm_nt(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
-#define MOE_AVX512_NATIVE 1
-namespace avx512_native {
-MOE_AVX512_DECLS
-}
-#endif
-#ifdef MOE_OPS_HAVE_SIMDE
-namespace avx512_emu {
-MOE_AVX512_DECLS
-}
-#endif
-
-bool have_avx512_bf16() {
-#ifdef MOE_AVX512_NATIVE
-  static const bool ok = [] {
-    __builtin_cpu_init();  // also checks that the OS saves the zmm state (XCR0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16") && std::getenv("MOE_OPS_CPU_NO_AVX512") == nullptr;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool avx512_emulation_built() {
-#ifdef MOE_OPS_HAVE_SIMDE
-  return true;
-#else
-  return false;
-#endif
-}
-
-bool use_avx512_bf16() {
-  static const bool on = have_avx512_bf16() ||
-                         (avx512_emulation_built() && std::getenv("MOE_OPS_CPU_EMULATE_AVX512") != nullptr);
-  return on;
-}
 
 void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst) {
   const int64_t K2 = vnni_pairs(K);
@@ -81,12 +38,14 @@ struct Kernels {
 
 const Kernels& kernels() {
   static const Kernels* k = []() -> const Kernels* {
-#ifdef MOE_AVX512_NATIVE
-    static const Kernels native{avx512_native::gemm_panels, avx512_native::combine_bf16, avx512_native::gemm_nt};
+#ifdef MOE_OPS_HAVE_AVX512_NATIVE
+    static const Kernels native{avx512_native::gemm_panels_vnni, avx512_native::combine_row_bf16_avx512,
+                                avx512_native::gemm_nt_bf16_avx512};
     if (have_avx512_bf16()) return &native;
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
-    static const Kernels emu{avx512_emu::gemm_panels, avx512_emu::combine_bf16, avx512_emu::gemm_nt};
+    static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
+                             avx512_emu::gemm_nt_bf16_avx512};
     return &emu;
 #else
     return nullptr;

@@ -2,49 +2,43 @@
 //
 // Dataflow (grouped_gemm, trans_b -- the layer's layout): pack the routed rows of a once into
 // float32 (parallel over rows), cut the work into (expert, column-block, row-chunk) tiles whose
-// weight block fits in L2, spread the tiles over the threads by cost (common.h run_tiles), and
+// weight block fits in L2, spread the tiles over the threads by cost (tile_schedule.h run_tiles), and
 // per tile run the NT block kernel into a float32 scratch, then round-store into c. So a decode
 // step (one row per expert) still splits each expert's weights across all cores and reads them
 // exactly once; a prefill expert with many rows reads each weight block once per 256 rows.
 // trans_b=False and the weight gradient use the NN kernel the same way. float64 goes through
 // per-expert at::mm (the oracle dtype for gradcheck, not a fast path).
-#include "common.h"
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "arg_checks.h"
+#include "gemm_nt.h"
+#include "gemm_panels.h"
+#include "row_io.h"
+#include "tile_schedule.h"
 
 namespace moe_cpu {
-
-// Tiles over experts [0, E) with row ranges offs, columns [0, N) in blocks of nb, rows in chunks
-// of at most mt. `wcost` weights a weight element relative to one multiply-add row.
-std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb,
-                             int64_t mt, double wcost) {
-  std::vector<Tile> tiles;
-  const int64_t E = static_cast<int64_t>(offs.size()) - 1;
-  for (int64_t e = 0; e < E; ++e) {
-    if (offs[e + 1] <= offs[e]) continue;
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-      const int64_t n1 = std::min(N, n0 + nb);
-      for (int64_t m0 = offs[e]; m0 < offs[e + 1]; m0 += mt) {
-        const int64_t m1 = std::min(offs[e + 1], m0 + mt);
-        tiles.push_back({e, m0, m1, n0, n1, double(n1 - n0) * K * (double(m1 - m0) + wcost)});
-      }
-    }
-  }
-  return tiles;
-}
-
-// Column block (in multiples of `mult` columns of K values): weight block in L2, but small
-// enough that there are a few tiles per thread even for a single token.
-int64_t nt_col_block(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t es, int64_t mult) {
-  int64_t nb = weight_col_block(K, es, N, mult);
-  int64_t active = 0;
-  for (size_t e = 0; e + 1 < offs.size(); ++e) active += offs[e + 1] > offs[e];
-  const int64_t want = 4 * at::get_num_threads();
-  while (nb > mult && active * ((N + nb - 1) / nb) < want) nb = std::max<int64_t>(mult, nb / 2 / mult * mult);
-  return nb;
-}
 
 namespace {
 
 constexpr int64_t kRowChunk = 256;
+
+// Expert row ranges from offsets, clamped to [0, M] and made monotone so bad values can never
+// index out of bounds (the Python layer rejects them before we get here).
+std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t M) {
+  std::vector<int64_t> o(static_cast<size_t>(E + 1));
+  const int32_t* p = offsets.const_data_ptr<int32_t>();
+  int64_t prev = 0;
+  for (int64_t e = 0; e <= E; ++e) {
+    int64_t v = std::min<int64_t>(std::max<int64_t>(p[e], 0), M);
+    if (e > 0) v = std::max(v, prev);
+    o[e] = prev = v;
+  }
+  return o;
+}
+
 
 void check_gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, const char* op) {
   check_cpu(a, op, "a");
@@ -159,7 +153,8 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& dc_i
   check_gemm_args(a_in, dc_in, offs_in, op);
   TORCH_CHECK(a_in.dim() == 2 && dc_in.dim() == 2 && a_in.size(0) == dc_in.size(0),
               "moe_ops::grouped_gemm_wgrad (cpu): need a[M,K] and dc[M,N], got ", a_in.sizes(), " and ", dc_in.sizes());
-  TORCH_CHECK(E >= 0 && offs_in.numel() == E + 1, "moe_ops::grouped_gemm_wgrad (cpu): expert_offsets needs E+1 entries");
+  TORCH_CHECK(E >= 0 && E <= moe_ops::limits::kMaxExperts && offs_in.numel() == E + 1,
+              "moe_ops::grouped_gemm_wgrad (cpu): expert_offsets needs E+1 entries");
   const at::Tensor a = a_in.contiguous(), dc = dc_in.contiguous();
   const int64_t M = a.size(0), K = a.size(1), N = dc.size(1);
   const std::vector<int64_t> offs = read_offsets(offs_in.contiguous(), E, M);

@@ -25,6 +25,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "env.h"
+
 namespace moe_cpu {
 namespace {
 
@@ -66,8 +68,8 @@ void raw_free(void* p, size_t size) {
 }
 
 int64_t env_cap_bytes() {
-  const char* s = std::getenv("MOE_OPS_CPU_CACHE_MB");
-  if (!s || !*s) return int64_t(512) << 20;
+  const char* s = moe_ops::env::get("CPU_CACHE_MB");
+  if (!s) return int64_t(512) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(s, &end, 10);
   if (end == s || mb < 0) return int64_t(512) << 20;

@@ -1,9 +1,9 @@
 // A small, bounded, thread-safe cache of large host buffers for the CPU ops' outputs.
 //
 // Why: glibc serves allocations above its mmap threshold (<= 32 MiB, dynamic) with a fresh mmap
-// and returns them with munmap, so every call of an op with a large output (permute's x_sorted is
-// 64 MiB at T=4096, k=8, H=1024, bf16) pays one page fault per 4 KiB page -- 16k faults, ~6x the
-// cost of the copy itself. In an MoE forward, layer i's permute output is freed before layer
+// and returns them with munmap, so every call of an op with a large output (permute's x_sorted
+// at prefill sizes) pays one page fault per 4 KiB page, which costs more than the copy itself
+// (measured: docs/cpu.md, "Design notes and measured history"). In an MoE forward, layer i's permute output is freed before layer
 // i+1's permute runs, so at steady state the same sizes are requested again and again: like
 // PyTorch's CUDA caching allocator on GPU, we keep freed blocks and hand them out again, so the
 // pages stay mapped (and populated). Fresh blocks are 2 MiB aligned and madvise(MADV_HUGEPAGE)d,

@@ -8,8 +8,12 @@
 // thread count.
 #include <cstring>
 
-#include "combine.h"
+#include <torch/library.h>
+
+#include "arg_checks.h"
 #include "host_alloc.h"
+#include "scan.h"
+#include "token_combine.h"
 
 namespace moe_cpu {
 
@@ -25,10 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at:
   check_int32(ids_in, op, "ids");
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0),
               "moe_ops::permute (cpu): need x[T,H] and ids[T,k], got ", x_in.sizes(), " and ", ids_in.sizes());
-  TORCH_CHECK(E >= 1 && block_m >= 1, "moe_ops::permute (cpu): need num_experts >= 1 and block_m >= 1");
+  TORCH_CHECK(E >= 1 && E <= moe_ops::limits::kMaxExperts && block_m >= 1 && block_m <= moe_ops::limits::kInt32Max,
+              "moe_ops::permute (cpu): need 1 <= num_experts <= ", moe_ops::limits::kMaxExperts,
+              " and 1 <= block_m <= ", moe_ops::limits::kInt32Max);
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const int64_t T_ = x.size(0), H = x.size(1), k = ids.size(1), S = T_ * k;
   const int64_t P = S + E * (block_m - 1);
+  TORCH_CHECK(P <= moe_ops::limits::kInt32Max, "moe_ops::permute (cpu): P = ", P, " rows overflow int32 row indexing");
   auto i32 = ids.options();
   at::Tensor x_sorted = empty_cached({P, H}, x.options());
   at::Tensor sorted_slots = at::empty({P}, i32);

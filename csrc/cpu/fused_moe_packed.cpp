@@ -6,16 +6,16 @@
 //   fused_experts_packed: x[T,H], ids[T,k], weights[T,k]?, packed weights -> out[T,H]
 //
 // Why: the layer's weights are [out, in] with the reduction contiguous, which forces the NT
-// ("dot product") GEMM: every FMA reads its A operand from memory and the kernel tops out near
-// 75-80% of the FMA peak. Repacked once into 16-column panels (K rows of 16 contiguous values, the
+// ("dot product") GEMM: every FMA reads its A operand from memory, so the kernel cannot keep the
+// FMA units busy. Repacked once into 16-column panels (K rows of 16 contiguous values, the
 // weights' own dtype, so the same bytes), each k step is one panel-row load + one broadcast per
-// row + 2 FMAs per row (kernels.h gemm_panels): ~100% of peak in cache, ~90% streaming weights
-// from DRAM. A panel is also one contiguous stream (H*16 or I*16 values), which the hardware
+// row + 2 FMAs per row (gemm_panels.h): half the loads per FMA (measured: docs/cpu.md, "Design
+// notes and measured history"). A panel is also one contiguous stream (H*16 or I*16 values), which the hardware
 // prefetcher follows across pages. This is what CPU inference stacks do at model load (oneDNN /
 // IPEX weight prepacking); it costs one pass over the weights, and the packed copy replaces the
 // original if the caller drops it.
 //
-// Dataflow of fused_experts_packed (steps 1 and 5 are combine.h's fused_experts_frame): stable
+// Dataflow of fused_experts_packed (steps 1 and 5 are fused_moe_frame.h's fused_experts_frame): stable
 // placement of the T*k slots by expert (as permute, block_m=1) -> gather the routed rows into
 // plain float32 rows (A1; bf16 rows for the vnni layout) -> GEMM1 tiles = (expert,
 // panel p, row chunk): gate and up panels of p in one call, gated activation in the epilogue,
@@ -27,9 +27,16 @@
 #include <cstring>
 #include <string>
 
-#include "combine.h"
-#include "host_alloc.h"
+#include <torch/library.h>
+
+#include "activations.h"
 #include "avx512_bf16.h"
+#include "cpu_features.h"
+#include "fused_moe_frame.h"
+#include "gemm_panels.h"
+#include "host_alloc.h"
+#include "row_io.h"
+#include "tile_schedule.h"
 
 namespace moe_cpu {
 namespace {

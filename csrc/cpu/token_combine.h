@@ -1,20 +1,23 @@
-// Row combine shared by unpermute, capacity_combine and the fused experts path:
+// The token combine of unpermute, capacity_combine and the fused expert ops:
 // out[t] = sum_j w[t,j] * src[row(t,j)] with a float32 (float64 for float64) accumulator,
 // j ascending, multiply-then-add like the reference, one rounded store per token.
 //
 // Dataflow per token: gather the valid source rows (row(t,j) in [0, R), j ascending) and their
-// weights -> combine_row (combine_kernels.h): register-resident accumulators per 64-column chunk,
+// weights -> combine_row (combine_row.h): register-resident accumulators per 64-column chunk,
 // each source row read once, the output row written once (no float32 scratch row in memory).
 // Tokens run in parallel; each output row is written by exactly one task, and the per-element
 // arithmetic does not depend on the split, so results are bitwise thread-count independent.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "combine_kernels.h"
-#include "common.h"
-#include "host_alloc.h"
+#include "arg_checks.h"
+#include "combine_row.h"
 
 namespace moe_cpu {
 
@@ -71,9 +74,9 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
     return n;
   };
   // Prefetch the next token's rows while combining this one only for k <= 4: with few scattered
-  // rows in flight the hardware prefetcher leaves memory latency exposed (bf16 T=4096: k=2 1.35 ->
-  // 1.07 ms, k=4 2.9 -> 1.8 ms); with 8 rows the prefetches only add load-port pressure (k=8:
-  // neutral from DRAM, 10-30% slower from L3). A hint: results do not depend on it.
+  // rows in flight the hardware prefetcher leaves memory latency exposed; with 8 rows the
+  // prefetches only add load-port pressure (measured: docs/cpu.md, "Design notes and measured
+  // history"). A hint: results do not depend on it.
   const bool prefetch = k <= 4;
   at::parallel_for(0, T_, row_grain(H * oes), [&](int64_t t0, int64_t t1) {
     std::vector<const void*> rows(static_cast<size_t>(2 * k));
@@ -91,27 +94,6 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
       n = n_next;
     }
   });
-}
-
-// The frame both fused expert ops share (x, ids contiguous and checked): 1. stable placement of
-// the T*k slots by expert; 2-4. `experts(pl, ybuf)`, the op's own stage, writes the float32
-// expert output of every routed row r into ybuf[r] (called only when there are routed rows and
-// I > 0; with I == 0 every expert outputs zeros); 5. out[t] = sum_j w[t,j] *
-// ybuf[slot_rows[t*k+j]] in j order, rounded to x's dtype. Output and ybuf come from the host
-// cache (host_alloc.h): no page faults at steady state.
-template <class Experts>
-at::Tensor fused_experts_frame(const at::Tensor& x, const at::Tensor& ids, const c10::optional<at::Tensor>& weights,
-                               int64_t E, int64_t I, Experts experts) {
-  const int64_t T_ = x.size(0), H = x.size(1), k = ids.size(1);
-  at::Tensor out = empty_cached({T_, H}, x.options());
-  if (T_ == 0 || H == 0) return out;
-  const Placement pl = place_slots(ids.data_ptr<int32_t>(), T_ * k, E);
-  at::Tensor ybuf = empty_cached({std::max<int64_t>(pl.rows(), 1), H}, x.options().dtype(at::kFloat));
-  if (pl.rows() > 0 && I > 0) experts(pl, ybuf);
-  else if (pl.rows() > 0) ybuf.zero_();
-  combine_rows(ybuf, pl.rows(), T_, k, weights,
-               [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
-  return out;
 }
 
 }  // namespace moe_cpu

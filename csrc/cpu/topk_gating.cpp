@@ -6,7 +6,7 @@
 // (descending, NaN lowest, ties to the lower index), optional group limiting (keys outside the
 // topk_group best groups -> -inf), then a stable insertion top-k, weights = unbiased scores of
 // the winners, renormalised and scaled. Any E; O(E*k) worst case per row, O(E) typical.
-// float32 scores use the AVX2 exp of kernels.cpp (8-lane sums in a fixed order: deterministic,
+// float32 scores use the AVX2 exp of router_rows.h (8-lane sums in a fixed order: deterministic,
 // within an ulp or two of libm, +-inf and denormals as libm); rows with a NaN logit take the
 // scalar path, which defines NaN propagation.
 #include <algorithm>
@@ -18,7 +18,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "arg_checks.h"
+#include "router_rows.h"
 
 namespace moe_cpu {
 namespace {
@@ -141,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int
   check_float(logits, op, "logits");
   TORCH_CHECK(logits.dim() == 2, "moe_ops::topk_gating (cpu): logits must be 2-D, got ", logits.sizes());
   const int64_t T_ = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E >= 1 && k >= 1 && k <= E, "moe_ops::topk_gating (cpu): need 1 <= k <= E, got k=", k, " E=", E);
+  TORCH_CHECK(E >= 1 && k >= 1 && k <= E && k <= moe_ops::limits::kMaxK,
+              "moe_ops::topk_gating (cpu): need 1 <= k <= min(E, ", moe_ops::limits::kMaxK, "), got k=", k, " E=", E);
   const std::string sc(scoring.data(), scoring.size());
   TORCH_CHECK(sc == "softmax" || sc == "sigmoid", "moe_ops::topk_gating (cpu): unknown scoring ", sc);
   if (n_group > 0) {

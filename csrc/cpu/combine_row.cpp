@@ -1,19 +1,19 @@
-// Torch-free k-way row combine (see combine_kernels.h).
+// The k-way row combine kernel (see combine_row.h).
 //
 // Dataflow per output row: n source rows (dtype sdt, anywhere in memory) -> 4 float32 8-lane
 // accumulators per 32-column chunk, held in registers across the whole j loop -> one rounded
 // store in dtype odt. The j loop is innermost, so every source row streams through exactly once
 // per token and nothing but the output row is written. The AVX2 code is compiled with a
-// function-level target (no global -mavx2) and chosen at run time, like kernels.cpp.
-#include "combine_kernels.h"
-#include "avx512_bf16.h"
-#include "dtype_io.h"
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+// function-level target (no global -mavx2, simd_avx2.h) and chosen at run time.
+#include "combine_row.h"
 
 #include <algorithm>
 #include <cstring>
+
+#include "avx512_bf16.h"
+#include "cpu_features.h"
+#include "scalar_io.h"
+#include "simd_avx2.h"
 
 namespace moe_cpu {
 namespace {
@@ -46,25 +46,21 @@ void combine_scalar(const void* const* src, const float* w, int n, DType sdt, vo
 }  // namespace
 }  // namespace moe_cpu
 
-// ------------------------------------------------------------------------------------ AVX2
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_CPU_COMBINE_X86 1
-#include <immintrin.h>
+#ifdef MOE_CPU_X86
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #endif
-#include "dtype_io_avx.h"
 
 namespace moe_cpu {
 namespace {
 
 constexpr int64_t esize(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
-using io::load8;
-using io::store8;
+using avx2::load8;
+using avx2::store8;
 
 // acc = acc + w*y (kW) or acc + y; the empty asm keeps GCC/clang from contracting into an FMA.
 template <bool kW>
@@ -238,7 +234,7 @@ void combine_avx_o(const void* const* src, const float* w, int n, DType odt, voi
 #else
 #pragma GCC pop_options
 #endif
-#endif  // x86
+#endif  // MOE_CPU_X86
 
 namespace moe_cpu {
 
@@ -246,7 +242,7 @@ void combine_row(const void* const* src, const float* w, int n, DType sdt, void*
                  int64_t H, const void* const* next, int n_next) {
   if (sdt == DType::BF16 && odt == DType::BF16 && use_avx512_bf16())
     return combine_row_bf16_avx512(src, w, n, out, H, next, n_next);
-#ifdef MOE_CPU_COMBINE_X86
+#ifdef MOE_CPU_X86
   if (have_avx2()) {
     switch (sdt) {
       case DType::F32: combine_avx_o<DType::F32>(src, w, n, odt, out, H, next, n_next); return;

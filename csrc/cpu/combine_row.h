@@ -1,18 +1,18 @@
-// Torch-free k-way row combine used by unpermute, capacity_combine and the fused experts path
-// (combine.h): out[h] = round_odt(sum_j w[j] * src_j[h]).
+// The k-way row combine kernel, torch-free, under unpermute, capacity_combine and the fused
+// experts path (token_combine.h): out[h] = round_odt(sum_j w[j] * src_j[h]).
 //
 // Register-resident: for each 64-column chunk of the output row the float32 accumulators start at
 // +0.0, take `acc = acc + w[j] * y_j[h]` for j = 0..n-1 in order (multiply, then add -- never an
 // FMA: the reference's rounding), and are rounded to the output dtype once. Each source row is
 // read once and the output written once, so there is no float32 scratch row in memory. The
 // partial last chunk (H % 8) goes through zero-filled 8-lane scratch so it rounds exactly like the
-// body. AVX2+F16C code chosen at run time (have_avx2()), portable scalar code otherwise; both give
-// the same bits as the per-slot float32 row accumulator they replaced (and as the reference).
+// body. AVX512-BF16 (bf16 -> bf16), AVX2+F16C or portable scalar code, chosen at run time
+// (cpu_features.h); all give the same bits (and those of the reference).
 #pragma once
 
 #include <cstdint>
 
-#include "kernels.h"
+#include "dtype.h"
 
 namespace moe_cpu {
 

@@ -1,12 +1,16 @@
-// SIMDe build of the AVX-512 kernels (avx512_kernels.inc): the same source
-// as the native build, its AVX-512 intrinsics mapped by SIMDe onto portable code. Runs anywhere
-// (tens of times slower than native); the tests use it to execute the kernels on CPUs without
-// AVX512-BF16, as the SIMT emulator does for the CUDA kernels. Built when CMake finds SIMDe (the
-// simde-py package). The instructions SIMDe lacks or rounds differently from the hardware are
-// modelled below from the Intel SDM.
-#include "avx512_bf16.h"
+// The AVX-512 intrinsics of one compilation of the AVX512-BF16 kernels (gemm_vnni_avx512.cpp,
+// gemm_nt_bf16_avx512.cpp, combine_row_bf16_avx512.cpp; see avx512_bf16_isa.h), and what
+// keeps that compilation's rounding identical to the other's:
+//   native (MOE_CPU_AVX512_EMULATED unset, compiled with the AVX-512 target flags): <immintrin.h>.
+//   emulated (MOE_CPU_AVX512_EMULATED=1): SIMDe's portable AVX-512 (the simde-py headers), so the
+//     kernels run -- and are tested -- on CPUs without AVX512-BF16, as the SIMT emulator does for
+//     the CUDA kernels. The instructions SIMDe lacks or rounds differently from the hardware are
+//     modelled below from the Intel SDM.
+// MOE_NO_CONTRACT(v) keeps the multiply that produced v from being fused into the following add
+// (the reference's multiply-then-add rounding); bits_as<To>(x) reinterprets a vector's bits.
+#pragma once
 
-#ifdef MOE_OPS_HAVE_SIMDE
+#if MOE_CPU_AVX512_EMULATED
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 
@@ -104,9 +108,22 @@ static inline void moe_mask_storeu_epi16(void* p, uint32_t k, simde__m512i a) {
 #undef _mm512_mask_storeu_epi16
 #define _mm512_mask_storeu_epi16 moe_mask_storeu_epi16
 
-namespace moe_cpu::avx512_emu {
-#define MOE_NO_CONTRACT(v) ((void)0)  // no FMA in this translation unit to contract into
-#include "avx512_kernels.inc"
-#undef MOE_NO_CONTRACT
-}  // namespace moe_cpu::avx512_emu
+#define MOE_NO_CONTRACT(v) ((void)0)  // no FMA in the emulated compilation to contract into
+#else
+#include <immintrin.h>
+
+// An empty asm on the product keeps GCC from contracting multiply + add into an FMA.
+#define MOE_NO_CONTRACT(v) __asm__("" : "+v"(v))
 #endif
+
+namespace {  // internal linkage: each compilation keeps its own (differently compiled) copy
+
+template <class To, class From>
+inline To bits_as(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between equal sizes");
+  To t;
+  __builtin_memcpy(&t, &f, sizeof(To));
+  return t;
+}
+
+}  // namespace

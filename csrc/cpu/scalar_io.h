@@ -1,8 +1,6 @@
-// Element and 8-lane loads/stores between the kernel dtypes (float32, float16, bfloat16) and
-// float32, shared by kernels.cpp and combine_kernels.cpp so both round exactly alike.
-//
-//   load_scalar / store_scalar: portable, c10's conversions (round to nearest even).
-//   load8 / store8: in dtype_io_avx.h (x86, included inside the AVX2 target region).
+// One element between a kernel dtype (float32, float16, bfloat16) and float32, through c10's
+// conversions (round to nearest even): the portable kernels' loads and stores, and the rule the
+// 8-lane versions (simd_avx2.h load8 / store8) reproduce bit for bit.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -10,7 +8,7 @@
 
 #include <cstdint>
 
-#include "kernels.h"
+#include "dtype.h"
 
 namespace moe_cpu {
 namespace io {

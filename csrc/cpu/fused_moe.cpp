@@ -2,23 +2,30 @@
 //
 //   x[T,H], ids[T,k], weights[T,k]?, w_gate_up[E,2I,H], w_down[E,H,I] -> out[T,H]
 //
-// Dataflow (steps 1 and 5 are combine.h's fused_experts_frame): stable placement of the T*k
+// Dataflow (steps 1 and 5 are fused_moe_frame.h's fused_experts_frame): stable placement of the T*k
 // slots by expert (as permute, block_m=1) -> gather the routed token rows straight into the
 // packed float32 A operand (no x_sorted tensor) -> GEMM1 tiles (expert, I-column block, row
 // chunk) compute the gate and up columns of the same block together and apply the gated
 // activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each slot's expert output -> weighted combine per token in j
 // order. Intermediates are rounded through the model dtype exactly where the unfused pipeline
 // stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
-// -> unpermute up to the activation's libm rounding. Thread-count independent (see kernels.h).
+// -> unpermute up to the activation's libm rounding. Thread-count independent (see gemm_nt.h).
 //
 // The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
 // cross-backend contract); a Meta kernel gives its shape for torch.compile.
 #include <cstring>
 #include <string>
 
+#include <torch/library.h>
+
+#include "activations.h"
 #include "avx512_bf16.h"
-#include "combine.h"
+#include "cpu_features.h"
+#include "fused_moe_frame.h"
+#include "gemm_nt.h"
 #include "host_alloc.h"
+#include "row_io.h"
+#include "tile_schedule.h"
 
 namespace moe_cpu {
 namespace {

@@ -1,7 +1,5 @@
-// The AVX-512 bf16 -> bf16 k-way row combine (avx512_bf16.h combine_row_bf16_avx512), written with
-// AVX-512 intrinsics and included by avx512_bf16_native.cpp and avx512_bf16_emu.cpp like
-// vnni_kernel.inc. The includer defines MOE_C512_ENTRY (the entry's name) and
-// MOE_NO_CONTRACT(v) (keeps a multiply from being fused into the following add).
+// The bf16 -> bf16 k-way row combine (avx512_bf16.h combine_row_bf16_avx512) in AVX-512
+// intrinsics, compiled once per instruction set (avx512_bf16_isa.h).
 //
 // Dataflow per output row, 64 columns at a time: n source rows -> 16-column bf16 loads widened
 // to float32 (zero-extend + shift) -> acc = acc + w*y in j order in 4 zmm accumulators (the
@@ -10,6 +8,15 @@
 // c10::BFloat16 rounds denormals and stores every NaN as 0x7FC0: a chunk whose sums hold a NaN or
 // a denormal (one vfpclassps per 16 columns) takes the scalar c10 rounding instead. Row tails
 // use masked loads and stores. The result is bitwise that of the AVX2 and portable combines.
+
+#include "avx512_bf16_isa.h"
+#include "avx512_intrinsics.h"
+
+#ifndef MOE_CPU_AVX512_NS
+#error "compiled by cpu.cmake once per instruction set, with -DMOE_CPU_AVX512_NS=avx512_native|avx512_emu"
+#endif
+
+namespace moe_cpu::MOE_CPU_AVX512_NS {
 
 namespace {
 
@@ -60,7 +67,7 @@ void c512_combine(const void* const* src, const float* w, int n, uint16_t* out, 
                            static_cast<unsigned>(_mm512_fpclass_ps_mask(acc[2 * p + 1], 0xA1));  // NaN | denormal
       uint16_t* dst = out + h + c0;
       if (__builtin_expect(bad == 0, 1)) {
-        const __m512i b = vnni_bits<__m512i>(_mm512_cvtne2ps_pbh(acc[2 * p + 1], acc[2 * p]));
+        const __m512i b = bits_as<__m512i>(_mm512_cvtne2ps_pbh(acc[2 * p + 1], acc[2 * p]));
         if (m == 32) _mm512_storeu_si512(dst, b);
         else _mm512_mask_storeu_epi16(dst, static_cast<uint32_t>((1ull << m) - 1ull), b);
       } else {
@@ -75,8 +82,10 @@ void c512_combine(const void* const* src, const float* w, int n, uint16_t* out, 
 
 }  // namespace
 
-void MOE_C512_ENTRY(const void* const* src, const float* w, int n, void* out, int64_t H, const void* const* next,
-                    int n_next) {
+void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
+                             const void* const* next, int n_next) {
   if (w) c512_combine<true>(src, w, n, static_cast<uint16_t*>(out), H, next, n_next);
   else c512_combine<false>(src, w, n, static_cast<uint16_t*>(out), H, next, n_next);
 }
+
+}  // namespace moe_cpu::MOE_CPU_AVX512_NS

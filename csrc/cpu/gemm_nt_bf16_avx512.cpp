@@ -1,12 +1,21 @@
 // The AVX512-BF16 "NT" (dot-product) GEMM for bf16 weights as stored (avx512_bf16.h
-// gemm_nt_bf16_avx512), written with AVX-512 intrinsics and included by avx512_bf16_native.cpp
-// and avx512_bf16_emu.cpp like vnni_kernel.inc (it uses vnni_bits from there).
+// gemm_nt_bf16_avx512) in AVX-512 intrinsics, compiled once per instruction set
+// (avx512_bf16_isa.h).
 //
 // Dataflow: 4x4 blocks of outputs; per 32-step of the reduction, 4 A-row loads and 4 weight-row
 // loads of 32 bf16 (16 (k, k+1) pairs each), 16 vdpbf16ps into 16 zmm accumulators (16 partial
 // sums per output); the last partial step uses masked loads (no padding needed on either
 // operand). Each output is then reduced 16 -> 8 -> 4 -> 2 -> 1 lanes in a fixed tree, so its
 // value depends only on K, never on the block shape, the tile or the thread count.
+
+#include "avx512_bf16_isa.h"
+#include "avx512_intrinsics.h"
+
+#ifndef MOE_CPU_AVX512_NS
+#error "compiled by cpu.cmake once per instruction set, with -DMOE_CPU_AVX512_NS=avx512_native|avx512_emu"
+#endif
+
+namespace moe_cpu::MOE_CPU_AVX512_NS {
 
 namespace {
 
@@ -29,10 +38,10 @@ inline void nt_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t 
   for (int64_t k = 0; k < K32; k += 32) {
     __m512bh b[NR];
 #pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) b[n] = vnni_bits<__m512bh>(_mm512_loadu_si512(B + n * ldb + k));
+    for (int n = 0; n < NR; ++n) b[n] = bits_as<__m512bh>(_mm512_loadu_si512(B + n * ldb + k));
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
-      const __m512bh a = vnni_bits<__m512bh>(_mm512_loadu_si512(A + m * lda + k));
+      const __m512bh a = bits_as<__m512bh>(_mm512_loadu_si512(A + m * lda + k));
 #pragma GCC unroll 4
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, b[n]);
     }
@@ -40,9 +49,9 @@ inline void nt_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t 
   if (K32 < K) {  // masked tail: the lanes past K read as zero on both operands
     const uint32_t mask = static_cast<uint32_t>((1ull << (K - K32)) - 1ull);
     __m512bh b[NR];
-    for (int n = 0; n < NR; ++n) b[n] = vnni_bits<__m512bh>(_mm512_maskz_loadu_epi16(mask, B + n * ldb + K32));
+    for (int n = 0; n < NR; ++n) b[n] = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, B + n * ldb + K32));
     for (int m = 0; m < MR; ++m) {
-      const __m512bh a = vnni_bits<__m512bh>(_mm512_maskz_loadu_epi16(mask, A + m * lda + K32));
+      const __m512bh a = bits_as<__m512bh>(_mm512_maskz_loadu_epi16(mask, A + m * lda + K32));
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, b[n]);
     }
   }
@@ -61,8 +70,8 @@ inline void nt_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* B, in
 
 }  // namespace
 
-void MOE_NT_ENTRY(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C, int64_t ldc,
-                  int64_t M, int64_t N) {
+void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                         int64_t ldc, int64_t M, int64_t N) {
   // Column groups outside, rows inside: 4 weight rows (4*K bf16) stream from memory once and stay
   // in L1 for every row block.
   for (int64_t j = 0; j < N; j += 4) {
@@ -81,3 +90,5 @@ void MOE_NT_ENTRY(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb
     }
   }
 }
+
+}  // namespace moe_cpu::MOE_CPU_AVX512_NS

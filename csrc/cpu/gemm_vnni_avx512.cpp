@@ -1,6 +1,5 @@
-// The VNNI panel micro-kernel (avx512_bf16.h), written with AVX-512 intrinsics and included by two
-// translation units: avx512_bf16_native.cpp (native, <immintrin.h>) and avx512_bf16_emu.cpp (SIMDe's native
-// aliases). No include guard; the includer opens the namespace (MOE_VNNI_ENTRY names the entry).
+// The VNNI panel GEMM (avx512_bf16.h gemm_panels_vnni) in AVX-512 intrinsics, compiled once per
+// instruction set (avx512_bf16_isa.h).
 //
 // Dataflow per call: for each pair of panels (32 columns) -> row blocks of up to 12 rows: 24 zmm
 // accumulators (12 rows x 2 panels); per reduction pair kk, 2 panel loads (16 columns x (k, k+1)
@@ -8,15 +7,16 @@
 // accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay
 // within the 32 zmm registers.
 
-namespace {
+#include "avx512_bf16_isa.h"
+#include "avx512_intrinsics.h"
 
-template <class To, class From>
-inline To vnni_bits(const From& f) {
-  static_assert(sizeof(To) == sizeof(From), "bit cast between equal sizes");
-  To t;
-  __builtin_memcpy(&t, &f, sizeof(To));
-  return t;
-}
+#ifndef MOE_CPU_AVX512_NS
+#error "compiled by cpu.cmake once per instruction set, with -DMOE_CPU_AVX512_NS=avx512_native|avx512_emu"
+#endif
+
+namespace moe_cpu::MOE_CPU_AVX512_NS {
+
+namespace {
 
 template <int MR, int NP>
 inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, float* C,
@@ -29,12 +29,12 @@ inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_
   for (int64_t kk = 0; kk < K2; ++kk) {
     __m512bh b[NP];
 #pragma GCC unroll 2
-    for (int n = 0; n < NP; ++n) b[n] = vnni_bits<__m512bh>(_mm512_loadu_si512(P + n * pstride + kk * 32));
+    for (int n = 0; n < NP; ++n) b[n] = bits_as<__m512bh>(_mm512_loadu_si512(P + n * pstride + kk * 32));
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       int32_t pair;  // A[m][2kk], A[m][2kk+1] as one 32-bit lane
       __builtin_memcpy(&pair, A + m * lda + 2 * kk, sizeof(pair));
-      const __m512bh a = vnni_bits<__m512bh>(_mm512_set1_epi32(pair));
+      const __m512bh a = bits_as<__m512bh>(_mm512_set1_epi32(pair));
 #pragma GCC unroll 2
       for (int n = 0; n < NP; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], a, b[n]);
     }
@@ -59,8 +59,8 @@ inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, 
 
 }  // namespace
 
-void MOE_VNNI_ENTRY(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                    float* C, int64_t ldc, int64_t M) {
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
+                      float* C, int64_t ldc, int64_t M) {
   // Panel pairs outside, rows inside: a pair (2 x K2 x 64 bytes) streams from memory once and is
   // re-read from L2 by the following row blocks.
   for (int64_t p = 0; p < np; p += 2) {
@@ -72,3 +72,5 @@ void MOE_VNNI_ENTRY(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t p
     }
   }
 }
+
+}  // namespace moe_cpu::MOE_CPU_AVX512_NS

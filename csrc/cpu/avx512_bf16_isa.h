@@ -1,0 +1,34 @@
+// The AVX512-BF16 kernels of avx512_bf16.h as compiled once per instruction set, the way ATen's
+// CPU_CAPABILITY files are: gemm_vnni_avx512.cpp, gemm_nt_bf16_avx512.cpp and
+// combine_row_bf16_avx512.cpp are each compiled twice by cpu.cmake, with the namespace given by
+// -DMOE_CPU_AVX512_NS:
+//   avx512_native  with the AVX-512 target flags (GCC >= 10 on x86-64), run where the CPU has them;
+//   avx512_emu     with -DMOE_CPU_AVX512_EMULATED=1 through SIMDe (when simde-py is installed).
+// avx512_bf16.cpp picks one build at run time and is the only caller. Torch-free and std-free on
+// purpose: the native build is compiled for AVX-512, so no inline function it instantiates may be
+// shared with (and picked by the linker for) code that runs on other CPUs.
+#pragma once
+
+#include <cstdint>
+
+namespace moe_cpu {
+
+namespace avx512_native {
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
+                      float* C, int64_t ldc, int64_t M);
+void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                         int64_t ldc, int64_t M, int64_t N);
+void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
+                             const void* const* next, int n_next);
+}  // namespace avx512_native
+
+namespace avx512_emu {
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
+                      float* C, int64_t ldc, int64_t M);
+void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                         int64_t ldc, int64_t M, int64_t N);
+void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
+                             const void* const* next, int n_next);
+}  // namespace avx512_emu
+
+}  // namespace moe_cpu
