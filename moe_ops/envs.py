@@ -56,7 +56,7 @@ _SETTINGS = [
     # --- tests
     Setting("MOE_OPS_TEST_THREADS", None, "torch.set_num_threads(n) for the test run", "tests"),
     Setting("MOE_OPS_TEST_FULL", None, "1: emulated backends get the full test matrix", "tests"),
-    Setting("MOE_OPS_TEST_SELF", None, "1: test_ops also runs the reference as a backend against "
+    Setting("MOE_OPS_TEST_SELF", None, "1: the op tests (tests/op_matrix.py) also run the reference as a backend against "
             "itself", "tests"),
     Setting("MOE_OPS_SANITIZERS_REQUIRED", None, "1: a missing sanitizer build fails the sanitizer "
             "tests (CI) instead of skipping them", "tests"),

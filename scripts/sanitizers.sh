@@ -4,7 +4,7 @@
 #   1. builds _C_sim twice with the top-level CMake (emulator library only):
 #        build-asan/  -DMOE_OPS_SANITIZER=address  (ASan + UBSan)
 #        build-tsan/  -DMOE_OPS_SANITIZER=thread   (TSan)
-#   2. in each, runs the emulator's own tests and the cuda_sim op tests (tests/test_ops.py
+#   2. in each, runs the emulator's own tests and the cuda_sim op tests (tests/test_<op family>.py
 #      -k cuda_sim) with the sanitizer runtime LD_PRELOADed into python and
 #      MOE_OPS_SIM_LIB pointing at that build;
 #   3. runs tests/test_sanitizers.py: the planted-bug kernels must be reported (a missing

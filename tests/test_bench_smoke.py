@@ -34,7 +34,7 @@ def test_smoke_preset_writes_csv_and_markdown(tmp_path, capsys):
     assert {r["op"] for r in rows} == set(OPS)
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(float(r["median_ms"]) > 0 for r in ok)
-    # kernels' own failures are test_ops' business; the harness and its baselines must be clean
+    # kernels' own failures are the op tests' business; the harness and its baselines must be clean
     mine = [r for r in rows if r["kind"] != "backend" or r["backend"] == "reference"]
     errors = [(r["op"], r["backend"], r["status"]) for r in mine if r["status"] != "ok"]
     assert not errors, errors

@@ -1,4 +1,4 @@
-"""CPU-backend specific tests (the generic per-op comparison lives in tests/test_ops.py).
+"""CPU-backend specific tests (the generic per-op comparison lives in tests/test_<op family>.py over tests/op_matrix.py).
 
 * ``moe_ops::fused_experts`` (the fused CPU expert path: gather -> GEMM1 + gated activation ->
   GEMM2 -> weighted combine) against the reference pipeline, in float64 and in the dtype;

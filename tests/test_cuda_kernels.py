@@ -1,7 +1,7 @@
 """The CUDA kernels' own edge cases, run on CPU by the SIMT emulator (backend ``cuda_sim``).
 
-tests/test_ops.py already runs every op against the reference over the brief's shape matrix;
-this file goes after what that matrix does not pin down for *these* kernels:
+The op tests (tests/test_<op family>.py over tests/op_matrix.py) already run every op against
+the reference over the brief's shape matrix; this file goes after what that matrix does not pin down for *these* kernels:
 
 * topk_gating: each launch path and its boundaries (warp with 8 / 16 values per lane, block per
   row up to E = 16384), the 16-byte vector load and its scalar fallback (unaligned rows),
