@@ -49,7 +49,10 @@ pybind11::dict build_info() {
   pybind11::list archs;
   std::string s = MOE_OPS_CUDA_ARCHS, cur;
   for (char c : s + ",") {
-    if (c == ',') { if (!cur.empty()) archs.append(cur); cur.clear(); } else cur += c;
+    if (c == ',') {
+      if (!cur.empty()) archs.append(cur);
+      cur.clear();
+    } else cur += c;
   }
   info["cuda_archs"] = archs;
   pybind11::dict kernels;
@@ -83,9 +86,12 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_ops native extension: op schemas, CPU and CUDA kernels";
   m.def("build_info", &build_info, "What this extension was built with and which kernels it has.");
-  m.def("op_schemas", [] {
-    pybind11::list out;
-    for (const char* s : moe_ops::kOpSchemas) out.append(s);
-    return out;
-  }, "The operator schemas (without namespace), as defined in csrc/schemas.h.");
+  m.def(
+      "op_schemas",
+      [] {
+        pybind11::list out;
+        for (const char* s : moe_ops::kOpSchemas) out.append(s);
+        return out;
+      },
+      "The operator schemas (without namespace), as defined in csrc/schemas.h.");
 }

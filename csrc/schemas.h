@@ -55,8 +55,8 @@ inline constexpr const char* kNativeOnlySchemas[] = {
 };
 
 inline constexpr const char* kOpNames[] = {
-    "topk_gating",       "permute",        "unpermute",          "capacity_dispatch",
-    "capacity_combine",  "grouped_gemm",   "grouped_gemm_wgrad",
+    "topk_gating",      "permute",      "unpermute",          "capacity_dispatch",
+    "capacity_combine", "grouped_gemm", "grouped_gemm_wgrad",
 };
 
 }  // namespace moe_ops

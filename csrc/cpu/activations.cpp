@@ -59,7 +59,10 @@ float silu_f32(float x) { return x / (1.f + std::exp(-x)); }
 
 void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu) {
 #ifdef MOE_CPU_X86
-  if (swiglu && have_avx2()) { MOE_CPU_DISPATCH(dt, swiglu_avx, gate, up, out, n); return; }
+  if (swiglu && have_avx2()) {
+    MOE_CPU_DISPATCH(dt, swiglu_avx, gate, up, out, n);
+    return;
+  }
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const float g = round_through(gate[i], dt), u = round_through(up[i], dt);
@@ -78,7 +81,10 @@ void swiglu_block_avx(const float* g, const float* u, int64_t ldi, float* out, i
 void gated_act_block(const float* gate, const float* up, int64_t ldi, float* out, int64_t ldo, int64_t rows,
                      int64_t cols, DType dt, bool swiglu) {
 #ifdef MOE_CPU_X86
-  if (swiglu && have_avx2()) { MOE_CPU_DISPATCH(dt, swiglu_block_avx, gate, up, ldi, out, ldo, rows, cols); return; }
+  if (swiglu && have_avx2()) {
+    MOE_CPU_DISPATCH(dt, swiglu_block_avx, gate, up, ldi, out, ldo, rows, cols);
+    return;
+  }
 #endif
   for (int64_t r = 0; r < rows; ++r) gated_act_rows(gate + r * ldi, up + r * ldi, out + r * ldo, cols, dt, swiglu);
 }

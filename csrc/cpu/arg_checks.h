@@ -10,9 +10,7 @@
 
 namespace moe_cpu {
 
-inline bool is_kernel_dtype(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
-}
+inline bool is_kernel_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
 
 inline DType to_dtype(at::ScalarType st) {
   switch (st) {
@@ -25,19 +23,17 @@ inline DType to_dtype(at::ScalarType st) {
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "moe_ops::", op, " (cpu): ", name, " must be a CPU tensor, got ",
-              t.device());
+  TORCH_CHECK(t.device().is_cpu(), "moe_ops::", op, " (cpu): ", name, " must be a CPU tensor, got ", t.device());
 }
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              "moe_ops::", op, " (cpu): ", name, " must be float16/bfloat16/float32/float64, got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "moe_ops::", op,
+              " (cpu): ", name, " must be float16/bfloat16/float32/float64, got ", st);
 }
 
 inline void check_int32(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, "moe_ops::", op, " (cpu): ", name,
-              " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "moe_ops::", op, " (cpu): ", name, " must be int32, got ", t.scalar_type());
 }
 
 }  // namespace moe_cpu

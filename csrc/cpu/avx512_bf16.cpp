@@ -51,15 +51,16 @@ const Kernels& kernels() {
     return nullptr;
 #endif
   }();
-  TORCH_CHECK(k, "moe_ops (cpu): the AVX512-BF16 kernels (the bf16 'vnni' packed layout) need a CPU with "
-                 "AVX512-BF16, or a build with SIMDe (pip install simde-py, then rebuild)");
+  TORCH_CHECK(k,
+              "moe_ops (cpu): the AVX512-BF16 kernels (the bf16 'vnni' packed layout) need a CPU with "
+              "AVX512-BF16, or a build with SIMDe (pip install simde-py, then rebuild)");
   return *k;
 }
 
 }  // namespace
 
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
-                      int64_t np, float* C, int64_t ldc, int64_t M) {
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
+                      float* C, int64_t ldc, int64_t M) {
   if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
 }
 

@@ -28,8 +28,8 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero
 // weight). Panels p are at P + p * pstride elements. Each output is one vdpbf16ps chain over
 // the pairs in ascending order: independent of M, the blocking and the thread count.
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
-                      int64_t np, float* C, int64_t ldc, int64_t M);
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
+                      float* C, int64_t ldc, int64_t M);
 
 // C[i*ldc + j] = sum_k A[i*lda + k] * B[j*ldb + k]  for i < M, j < N, k < K: bf16 A rows and
 // bf16 weight rows as stored (trans_b). Per output a vdpbf16ps chain over 32-wide steps of k,

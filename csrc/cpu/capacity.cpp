@@ -16,8 +16,9 @@
 namespace moe_cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu(
-    const at::Tensor& x_in, const at::Tensor& ids_in, int64_t E, int64_t C, c10::string_view priority) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> capacity_dispatch_cpu(const at::Tensor& x_in,
+                                                                                 const at::Tensor& ids_in, int64_t E,
+                                                                                 int64_t C, c10::string_view priority) {
   const char* op = "capacity_dispatch";
   check_cpu(x_in, op, "x");
   check_cpu(ids_in, op, "ids");
@@ -98,25 +99,28 @@ at::Tensor capacity_combine_cpu(const at::Tensor& buf_in, const at::Tensor& ids_
   check_int32(pos_in, op, "slot_pos");
   TORCH_CHECK(buf_in.dim() == 3, "moe_ops::capacity_combine (cpu): buf_out must be [E,C,H], got ", buf_in.sizes());
   TORCH_CHECK(ids_in.dim() == 2 && pos_in.sizes() == ids_in.sizes(),
-              "moe_ops::capacity_combine (cpu): ids and slot_pos must be the same [T,k], got ", ids_in.sizes(),
-              " and ", pos_in.sizes());
+              "moe_ops::capacity_combine (cpu): ids and slot_pos must be the same [T,k], got ", ids_in.sizes(), " and ",
+              pos_in.sizes());
   const int64_t E = buf_in.size(0), C = buf_in.size(1), H = buf_in.size(2);
   const int64_t T_ = ids_in.size(0), k = ids_in.size(1);
   if (weights.has_value()) {
     check_cpu(*weights, op, "weights");
     check_float(*weights, op, "weights");
-    TORCH_CHECK(weights->sizes() == ids_in.sizes(), "moe_ops::capacity_combine (cpu): weights must be ",
-                ids_in.sizes(), ", got ", weights->sizes());
+    TORCH_CHECK(weights->sizes() == ids_in.sizes(), "moe_ops::capacity_combine (cpu): weights must be ", ids_in.sizes(),
+                ", got ", weights->sizes());
   }
   const at::Tensor buf = buf_in.contiguous().view({E * C, H});
   const at::Tensor ids = ids_in.contiguous(), pos = pos_in.contiguous();
   const int32_t* id = ids.const_data_ptr<int32_t>();
   const int32_t* p = pos.const_data_ptr<int32_t>();
   at::Tensor out = empty_cached({T_, H}, buf.options());
-  combine_rows(buf, E * C, T_, k, weights, [&](int64_t t, int64_t j) -> int64_t {
-    const int64_t e = id[t * k + j], q = p[t * k + j];
-    return (e >= 0 && e < E && q >= 0 && q < C) ? e * C + q : -1;
-  }, out);
+  combine_rows(
+      buf, E * C, T_, k, weights,
+      [&](int64_t t, int64_t j) -> int64_t {
+        const int64_t e = id[t * k + j], q = p[t * k + j];
+        return (e >= 0 && e < E && q >= 0 && q < C) ? e * C + q : -1;
+      },
+      out);
   return out;
 }
 

@@ -21,8 +21,7 @@ namespace {
 using io::load_scalar;
 using io::store_scalar;
 
-void combine_scalar(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
-                    int64_t H) {
+void combine_scalar(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt, int64_t H) {
   constexpr int64_t B = 64;
   float acc[B];
   for (int64_t h0 = 0; h0 < H; h0 += B) {
@@ -112,8 +111,8 @@ inline void prefetch_next(const void* const* next, int n_next, int64_t off) {
 }
 
 template <DType SDT, DType ODT, bool kW>
-void combine_avx(const void* const* src, const float* w, int n, void* out, int64_t H,
-                 const void* const* next, int n_next) {
+void combine_avx(const void* const* src, const float* w, int n, void* out, int64_t H, const void* const* next,
+                 int n_next) {
   constexpr int64_t es = esize(SDT), oes = esize(ODT);
   constexpr int NV = 8;
   char* o = static_cast<char*>(out);
@@ -162,8 +161,8 @@ inline void store16_bf16(char* dst, __m256 e, __m256 o) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
 }
 
-__attribute__((noinline)) void store64_bf16_nan(char* dst, __m256 e0, __m256 o0, __m256 e1, __m256 o1,
-                                                __m256 e2, __m256 o2, __m256 e3, __m256 o3) {
+__attribute__((noinline)) void store64_bf16_nan(char* dst, __m256 e0, __m256 o0, __m256 e1, __m256 o1, __m256 e2,
+                                                __m256 o2, __m256 e3, __m256 o3) {
   store16_bf16<true>(dst, e0, o0);
   store16_bf16<true>(dst + 32, e1, o1);
   store16_bf16<true>(dst + 64, e2, o2);
@@ -171,8 +170,8 @@ __attribute__((noinline)) void store64_bf16_nan(char* dst, __m256 e0, __m256 o0,
 }
 
 template <bool kW>
-void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, int64_t H,
-                      const void* const* next, int n_next) {
+void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, int64_t H, const void* const* next,
+                      int n_next) {
   constexpr int NV = 4;  // 4 x 16 columns = 8 accumulators
   char* o = static_cast<char*>(out);
   const __m256 one = _mm256_set1_ps(1.f);
@@ -205,8 +204,8 @@ void combine_avx_bf16(const void* const* src, const float* w, int n, void* out, 
 }
 
 template <DType SDT, DType ODT>
-void combine_avx_w(const void* const* src, const float* w, int n, void* out, int64_t H,
-                   const void* const* next, int n_next) {
+void combine_avx_w(const void* const* src, const float* w, int n, void* out, int64_t H, const void* const* next,
+                   int n_next) {
   if constexpr (SDT == DType::BF16 && ODT == DType::BF16) {
     if (w) combine_avx_bf16<true>(src, w, n, out, H, next, n_next);
     else combine_avx_bf16<false>(src, w, n, out, H, next, n_next);
@@ -238,8 +237,8 @@ void combine_avx_o(const void* const* src, const float* w, int n, DType odt, voi
 
 namespace moe_cpu {
 
-void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
-                 int64_t H, const void* const* next, int n_next) {
+void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt, int64_t H,
+                 const void* const* next, int n_next) {
   if (sdt == DType::BF16 && odt == DType::BF16 && use_avx512_bf16())
     return combine_row_bf16_avx512(src, w, n, out, H, next, n_next);
 #ifdef MOE_CPU_X86

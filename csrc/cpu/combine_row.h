@@ -20,7 +20,7 @@ namespace moe_cpu {
 // (a plain sum, no multiply). n == 0 writes +0.0. Sources may alias each other, not `out`.
 // next[0..n_next): the next token's source rows (same dtype and H), prefetched while this row is
 // combined (a hint only; may be empty).
-void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt,
-                 int64_t H, const void* const* next = nullptr, int n_next = 0);
+void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt, int64_t H,
+                 const void* const* next = nullptr, int n_next = 0);
 
 }  // namespace moe_cpu

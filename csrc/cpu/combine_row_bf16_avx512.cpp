@@ -28,8 +28,8 @@ inline uint16_t c512_round_bf16(float f) {  // c10::BFloat16's rounding (round t
 }
 
 template <bool kW>
-void c512_combine(const void* const* src, const float* w, int n, uint16_t* out, int64_t H,
-                  const void* const* next, int n_next) {
+void c512_combine(const void* const* src, const float* w, int n, uint16_t* out, int64_t H, const void* const* next,
+                  int n_next) {
   constexpr int64_t kChunk = 64;
   for (int64_t h = 0; h < H; h += kChunk) {
     const int64_t r = H - h < kChunk ? H - h : kChunk;  // columns in this chunk
@@ -49,8 +49,8 @@ void c512_combine(const void* const* src, const float* w, int n, uint16_t* out, 
         const int64_t c0 = 16 * v;
         if (c0 >= r) break;
         const __m256i raw = r - c0 >= 16
-            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + c0))
-            : _mm256_maskz_loadu_epi16(static_cast<uint16_t>((1u << (r - c0)) - 1u), s + c0);
+                                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + c0))
+                                : _mm256_maskz_loadu_epi16(static_cast<uint16_t>((1u << (r - c0)) - 1u), s + c0);
         __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
         if (kW) {
           y = _mm512_mul_ps(wv, y);

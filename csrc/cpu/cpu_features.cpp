@@ -42,8 +42,8 @@ bool avx512_emulation_built() {
 }
 
 bool use_avx512_bf16() {
-  static const bool on = have_avx512_bf16() ||
-                         (avx512_emulation_built() && moe_ops::env::get("CPU_EMULATE_AVX512") != nullptr);
+  static const bool on =
+      have_avx512_bf16() || (avx512_emulation_built() && moe_ops::env::get("CPU_EMULATE_AVX512") != nullptr);
   return on;
 }
 

@@ -6,9 +6,9 @@
 // slots by expert (as permute, block_m=1) -> gather the routed token rows straight into the
 // packed float32 A operand (no x_sorted tensor) -> GEMM1 tiles (expert, I-column block, row
 // chunk) compute the gate and up columns of the same block together and apply the gated
-// activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each slot's expert output -> weighted combine per token in j
-// order. Intermediates are rounded through the model dtype exactly where the unfused pipeline
-// stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
+// activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each slot's expert output ->
+// weighted combine per token in j order. Intermediates are rounded through the model dtype exactly where the unfused
+// pipeline stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
 // -> unpermute up to the activation's libm rounding. Thread-count independent (see gemm_nt.h).
 //
 // The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
@@ -67,9 +67,8 @@ void bf16_avx512_experts(const at::Tensor& x, const at::Tensor& wgu, const at::T
   });
 }
 
-at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
-                             const c10::optional<at::Tensor>& weights, const at::Tensor& wgu_in,
-                             const at::Tensor& wd_in, c10::string_view activation) {
+at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in, const c10::optional<at::Tensor>& weights,
+                             const at::Tensor& wgu_in, const at::Tensor& wd_in, c10::string_view activation) {
   const char* op = "fused_experts";
   const std::string act(activation.data(), activation.size());
   check_fused_inputs(op, x_in, ids_in, weights, act);
@@ -124,7 +123,8 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
       for (int64_t i = 0; i < rows; ++i) {
         float* dst = A2 + (t.m0 + i) * Ip;
         if (dt != DType::BF16) std::memcpy(dst + t.n0, g.data() + i * cols, cols * sizeof(float));
-        else for (int64_t j = 0; j < cols; ++j) dst[pack_index(t.n0 + j, dt)] = g[i * cols + j];
+        else
+          for (int64_t j = 0; j < cols; ++j) dst[pack_index(t.n0 + j, dt)] = g[i * cols + j];
       }
     });
 

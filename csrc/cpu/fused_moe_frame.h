@@ -34,8 +34,8 @@ inline void check_fused_inputs(const char* op, const at::Tensor& x, const at::Te
   if (weights.has_value()) {
     check_cpu(*weights, op, "weights");
     check_float(*weights, op, "weights");
-    TORCH_CHECK(weights->sizes() == ids.sizes(), "moe_ops::", op, " (cpu): weights must be ", ids.sizes(),
-                ", got ", weights->sizes());
+    TORCH_CHECK(weights->sizes() == ids.sizes(), "moe_ops::", op, " (cpu): weights must be ", ids.sizes(), ", got ",
+                weights->sizes());
   }
 }
 
@@ -61,8 +61,8 @@ at::Tensor fused_experts_frame(const at::Tensor& x, const at::Tensor& ids, const
   at::Tensor ybuf = empty_cached({std::max<int64_t>(pl.rows(), 1), H}, x.options().dtype(at::kFloat));
   if (pl.rows() > 0 && I > 0) experts(pl, ybuf);
   else if (pl.rows() > 0) ybuf.zero_();
-  combine_rows(ybuf, pl.rows(), T_, k, weights,
-               [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
+  combine_rows(
+      ybuf, pl.rows(), T_, k, weights, [&](int64_t t, int64_t j) { return int64_t(pl.slot_rows[t * k + j]); }, out);
   return out;
 }
 

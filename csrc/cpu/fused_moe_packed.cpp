@@ -45,8 +45,8 @@ void check_weights_3d(const at::Tensor& wgu, const at::Tensor& wd, const char* o
   check_cpu(wgu, op, "w_gate_up");
   check_cpu(wd, op, "w_down");
   TORCH_CHECK(is_kernel_dtype(wgu.scalar_type()) && wd.scalar_type() == wgu.scalar_type(), "moe_ops::", op,
-              " (cpu): w_gate_up and w_down must share a dtype in float16/bfloat16/float32, got ",
-              wgu.scalar_type(), " and ", wd.scalar_type());
+              " (cpu): w_gate_up and w_down must share a dtype in float16/bfloat16/float32, got ", wgu.scalar_type(),
+              " and ", wd.scalar_type());
   TORCH_CHECK(wgu.dim() == 3 && wgu.size(1) % 2 == 0, "moe_ops::", op, " (cpu): w_gate_up must be [E, 2I, H], got ",
               wgu.sizes());
   TORCH_CHECK(wd.dim() == 3 && wd.size(0) == wgu.size(0) && wd.size(1) == wgu.size(2) && wd.size(2) == wgu.size(1) / 2,
@@ -150,8 +150,9 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
               " panels, w_down_packed implies I=", I, " (", num_panels(I), " panels)");
   if (vnni) {
     TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "moe_ops::fused_experts_packed (cpu): vnni packing is bf16");
-    TORCH_CHECK(vnni_available(), "moe_ops::fused_experts_packed (cpu): the 'vnni' packed layout needs a CPU with "
-                                  "AVX512-BF16 or a build with SIMDe (pip install simde-py); pack with layout='panel16'");
+    TORCH_CHECK(vnni_available(),
+                "moe_ops::fused_experts_packed (cpu): the 'vnni' packed layout needs a CPU with "
+                "AVX512-BF16 or a build with SIMDe (pip install simde-py); pack with layout='panel16'");
   }
   const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
   const at::Tensor pgu = pgu_in.contiguous(), pd = pd_in.contiguous();
@@ -205,8 +206,8 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
         return;
       }
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-      gemm_panels(reinterpret_cast<const float*>(A1) + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel,
-                  rows, pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
+      gemm_panels(reinterpret_cast<const float*>(A1) + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel, rows,
+                  pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
       gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, reinterpret_cast<float*>(A2) + t.m0 * I + p * kPanel, I,
                       rows, cols, dt, swiglu);
     });
@@ -214,7 +215,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
     const char* wd = static_cast<const char*>(pd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
-    const int64_t panel = I * kPanel * es;  // bytes of one GEMM2 panel
+    const int64_t panel = I * kPanel * es;                          // bytes of one GEMM2 panel
     const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile
     run_tiles(make_tiles(offs, P2, I * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;

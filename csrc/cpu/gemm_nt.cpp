@@ -22,8 +22,8 @@ namespace {
 
 using io::load_scalar;
 
-void gemm_nt_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                    float* C, int64_t ldc, int64_t M, int64_t N) {
+void gemm_nt_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K, float* C, int64_t ldc,
+                    int64_t M, int64_t N) {
   const int64_t es = dtype_size(dt);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
@@ -67,7 +67,7 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K,
               const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t CH = DT == DType::BF16 ? 16 : 8;
-  constexpr int64_t kStepBytes = CH * es;                      // bytes of one weight row per chunk
+  constexpr int64_t kStepBytes = CH * es;                               // bytes of one weight row per chunk
   constexpr int64_t kPfEvery = kStepBytes >= 64 ? 1 : 64 / kStepBytes;  // chunks per cache line
   const int64_t kfull = K / CH * CH;
   alignas(32) char tail[NR][32];
@@ -96,7 +96,8 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K,
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
       }
       for (int j = 0; j < NR; ++j)
-        bv[j] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
+        bv[j] =
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[j])), hi_mask));
       for (int i = 0; i < MR; ++i) {
         const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float*>(row(i) + aoff + 32));
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
@@ -134,14 +135,17 @@ void micro_nt(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K,
 // Register blocks: 6x2 / 5x2 for tall blocks (12 accumulators + 2 weight vectors + 1 A vector;
 // the bf16 mask is a memory operand), 4x3 and 3x3 for the remainders, 1-2 rows (decode) x4 columns
 // (more independent FMA chains per streamed weight row).
-template <int MR> constexpr int nt_cols() { return MR >= 5 ? 2 : MR >= 3 ? 3 : 4; }
+template <int MR>
+constexpr int nt_cols() {
+  return MR >= 5 ? 2 : MR >= 3 ? 3 : 4;
+}
 
 // One row block of MR rows against all N columns of the block. `first`: this row block is the
 // first pass over these weights, so each micro call prefetches the next column group's rows
 // (the last one prefetches `after`: the first rows of the next tile's weight block, if any).
 template <DType DT, int MR>
-void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, float* C, int64_t ldc,
-             int64_t N, bool first, const char* after) {
+void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, float* C, int64_t ldc, int64_t N,
+             bool first, const char* after) {
   constexpr int NR = nt_cols<MR>();
   int64_t j = 0;
   for (; j + NR <= N; j += NR) {
@@ -150,21 +154,28 @@ void nt_rows(const float* A, int64_t lda, const char* B, int64_t lb, int64_t K, 
     else micro_nt<DT, MR, NR, false>(A, lda, B + j * lb, lb, K, C + j, ldc, nullptr);
   }
   const char* bj = B + j * lb;
-  if constexpr (NR > 3) if (N - j == 3) { micro_nt<DT, MR, 3, false>(A, lda, bj, lb, K, C + j, ldc, nullptr); return; }
-  if constexpr (NR > 2) if (N - j == 2) { micro_nt<DT, MR, 2, false>(A, lda, bj, lb, K, C + j, ldc, nullptr); return; }
+  if constexpr (NR > 3)
+    if (N - j == 3) {
+      micro_nt<DT, MR, 3, false>(A, lda, bj, lb, K, C + j, ldc, nullptr);
+      return;
+    }
+  if constexpr (NR > 2)
+    if (N - j == 2) {
+      micro_nt<DT, MR, 2, false>(A, lda, bj, lb, K, C + j, ldc, nullptr);
+      return;
+    }
   if (N - j == 1) micro_nt<DT, MR, 1, false>(A, lda, bj, lb, K, C + j, ldc, nullptr);
 }
 
 template <DType DT>
-void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C,
-                 int64_t ldc, int64_t M, int64_t N, const void* pfv) {
+void gemm_nt_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t K, float* C, int64_t ldc, int64_t M,
+                 int64_t N, const void* pfv) {
   const char* B = static_cast<const char*>(Bv);
   const char* after = static_cast<const char*>(pfv);
   const int64_t lb = ldb * (DT == DType::F32 ? 4 : 2);
   // The first row block streams the weights from memory: it prefetches.
-  for_row_blocks(M, [&]<int MR>(int64_t i) {
-    nt_rows<DT, MR>(A + i * lda, lda, B, lb, K, C + i * ldc, ldc, N, i == 0, after);
-  });
+  for_row_blocks(
+      M, [&]<int MR>(int64_t i) { nt_rows<DT, MR>(A + i * lda, lda, B, lb, K, C + i * ldc, ldc, N, i == 0, after); });
 }
 
 // bf16 row -> packed [even | odd] float32 chunks of 16: the same shift/mask as the NT kernel.
@@ -223,11 +234,14 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
   }
 }
 
-void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N, const void* next) {
+void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K, float* C, int64_t ldc,
+                   int64_t M, int64_t N, const void* next) {
   if (M <= 0 || N <= 0) return;
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, next); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, next);
+    return;
+  }
 #endif
   gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
 }

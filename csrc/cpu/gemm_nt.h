@@ -36,7 +36,7 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 // row block streams B from memory and prefetches, one group of rows ahead, into L1; its last
 // group prefetches the first rows at next, so a chain of tiles keeps the weight stream ahead of
 // the FMAs.
-void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K,
-                   float* C, int64_t ldc, int64_t M, int64_t N, const void* next = nullptr);
+void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K, float* C, int64_t ldc,
+                   int64_t M, int64_t N, const void* next = nullptr);
 
 }  // namespace moe_cpu

@@ -27,8 +27,7 @@ inline float nt_hsum(__m512 a) {
 }
 
 template <int MR, int NR>
-inline void nt_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                     int64_t ldc) {
+inline void nt_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C, int64_t ldc) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)

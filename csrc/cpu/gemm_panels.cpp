@@ -21,8 +21,8 @@ namespace {
 
 using io::load_scalar;
 
-void gemm_panels_scalar(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
-                        int64_t np, float* C, int64_t ldc, int64_t M) {
+void gemm_panels_scalar(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K, int64_t np,
+                        float* C, int64_t ldc, int64_t M) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t p = 0; p < np; ++p)
       for (int64_t c = 0; c < kPanel; ++c) {
@@ -32,8 +32,8 @@ void gemm_panels_scalar(const float* A, int64_t lda, const void* P, DType dt, in
         C[i * ldc + p * kPanel + c] = acc;
       }
 }
-void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
-                    float* C, int64_t ldc, int64_t M, int64_t N) {
+void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R, float* C, int64_t ldc,
+                    int64_t M, int64_t N) {
   const int64_t es = dtype_size(dt);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
@@ -43,7 +43,6 @@ void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_
       C[i * ldc + j] = acc;
     }
 }
-
 
 }  // namespace
 }  // namespace moe_cpu
@@ -70,7 +69,7 @@ template <DType DT>
 inline void load_panel_row(const char* b, __m256& lo, __m256& hi) {
   if constexpr (DT == DType::BF16) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));  // even columns
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));                                               // even columns
     hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));  // odd
   } else {
     constexpr int64_t es = DT == DType::F32 ? 4 : 2;
@@ -96,11 +95,11 @@ inline void store_panel_row(float* c, __m256 lo, __m256 hi) {
 // rs: bytes from one k row of a panel to the next (16 * element size for packed panels; the
 // row stride of B when the NN kernel runs this micro-kernel on B's own rows).
 template <DType DT, int MR, int NP, bool kNext>
-void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, float* C,
-             int64_t ldc, const char* next) {
+void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, float* C, int64_t ldc,
+             const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  constexpr int64_t rb = kPanel * es;                     // bytes of one panel row
-  constexpr int64_t kPfEvery = rb >= 64 ? 1 : 64 / rb;    // k steps per cache line
+  constexpr int64_t rb = kPanel * es;                   // bytes of one panel row
+  constexpr int64_t kPfEvery = rb >= 64 ? 1 : 64 / rb;  // k steps per cache line
   __m256 acc[MR][NP][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -142,8 +141,8 @@ void micro_p(const float* A, int64_t lda, const char* P, int64_t pstride, int64_
 // rows (decode: 4 independent chains per row to cover the FMA latency). first: the first pass
 // over these weights (they stream from memory): prefetch the next panels one call ahead.
 template <DType DT, int MR>
-void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, int64_t np,
-            float* C, int64_t ldc, bool first, const char* after) {
+void p_rows(const float* A, int64_t lda, const char* P, int64_t pstride, int64_t rs, int64_t K, int64_t np, float* C,
+            int64_t ldc, bool first, const char* after) {
   constexpr int NP = MR <= 2 ? 2 : 1;
   int64_t p = 0;
   for (; p + NP <= np; p += NP) {
@@ -169,8 +168,8 @@ void p_blocks(const float* A, int64_t lda, const char* P, int64_t ps, int64_t rs
 }
 
 template <DType DT>
-void gemm_panels_avx(const float* A, int64_t lda, const void* Pv, int64_t pstride, int64_t K, int64_t np,
-                     float* C, int64_t ldc, int64_t M, const void* nextv) {
+void gemm_panels_avx(const float* A, int64_t lda, const void* Pv, int64_t pstride, int64_t K, int64_t np, float* C,
+                     int64_t ldc, int64_t M, const void* nextv) {
   const char* P = static_cast<const char*>(Pv);
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   p_blocks<DT>(A, lda, P, pstride * es, kPanel * es, K, np, C, ldc, M, true, static_cast<const char*>(nextv));
@@ -178,8 +177,7 @@ void gemm_panels_avx(const float* A, int64_t lda, const void* Pv, int64_t pstrid
 
 // ---- NN micro-kernel: MR rows x (NV*8) columns, r ascending, one FMA chain per element.
 template <DType DT, int MR, int NV>
-void micro_nn(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C,
-              int64_t ldc) {
+void micro_nn(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C, int64_t ldc) {
   __m256 acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -197,16 +195,15 @@ void micro_nn(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int
 }
 
 template <DType DT, int MR>
-void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C,
-             int64_t ldc, int64_t N, int64_t j) {
+void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int64_t R, float* C, int64_t ldc, int64_t N,
+             int64_t j) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   for (; j + 8 <= N; j += 8) micro_nn<DT, MR, 1>(A, lda, B + j * es, ldb_bytes, R, C + j, ldc);
   // Remaining columns: scalar std::fma in the same r order == the vector lanes' result.
   for (; j < N; ++j)
     for (int i = 0; i < MR; ++i) {
       float acc = 0.f;
-      for (int64_t r = 0; r < R; ++r)
-        acc = std::fma(A[i * lda + r], load_scalar(B + r * ldb_bytes, DT, j), acc);
+      for (int64_t r = 0; r < R; ++r) acc = std::fma(A[i * lda + r], load_scalar(B + r * ldb_bytes, DT, j), acc);
       C[i * ldc + j] = acc;
     }
 }
@@ -215,17 +212,16 @@ void nn_rows(const float* A, int64_t lda, const char* B, int64_t ldb_bytes, int6
 // is a panel with row stride ldb: same single-FMA-chain arithmetic as micro_nn, at the FMA
 // peak); the last N % 16 columns use micro_nn / scalar FMAs in the same r order.
 template <DType DT>
-void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t R, float* C,
-                 int64_t ldc, int64_t M, int64_t N) {
+void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64_t R, float* C, int64_t ldc, int64_t M,
+                 int64_t N) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   const char* B = static_cast<const char*>(Bv);
   const int64_t ldb_bytes = ldb * es;
   const int64_t np = N / kPanel, j0 = np * kPanel;
   if (np > 0) p_blocks<DT>(A, lda, B, kPanel * es, ldb_bytes, R, np, C, ldc, M, false, nullptr);
   if (j0 == N) return;
-  for_row_blocks(M, [&]<int MR>(int64_t i) {
-    nn_rows<DT, MR>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0);
-  });
+  for_row_blocks(
+      M, [&]<int MR>(int64_t i) { nn_rows<DT, MR>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); });
 }
 
 }  // namespace
@@ -265,20 +261,26 @@ void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, vo
   else pack_panels_t(static_cast<const uint16_t*>(src), N, K, ld, static_cast<uint16_t*>(dst));
 }
 
-void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
-                 int64_t np, float* C, int64_t ldc, int64_t M, const void* next) {
+void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K, int64_t np, float* C,
+                 int64_t ldc, int64_t M, const void* next) {
   if (M <= 0 || np <= 0) return;
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_panels_avx, A, lda, P, pstride, K, np, C, ldc, M, next); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, gemm_panels_avx, A, lda, P, pstride, K, np, C, ldc, M, next);
+    return;
+  }
 #endif
   gemm_panels_scalar(A, lda, P, dt, pstride, K, np, C, ldc, M);
 }
 
-void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
-                   float* C, int64_t ldc, int64_t M, int64_t N) {
+void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R, float* C, int64_t ldc,
+                   int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return;
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, gemm_nn_avx, A, lda, B, ldb, R, C, ldc, M, N); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, gemm_nn_avx, A, lda, B, ldb, R, C, ldc, M, N);
+    return;
+  }
 #endif
   gemm_nn_scalar(A, lda, B, dt, ldb, R, C, ldc, M, N);
 }

@@ -25,12 +25,12 @@ void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, vo
 // C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p][k][c]   for i < M, p < np, c < 16
 // A: plain float32 rows. Panels p are at P + p * pstride elements (pstride >= K*16). next
 // (optional): the panels the caller runs after this call, prefetched during the first row block.
-void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K,
-                 int64_t np, float* C, int64_t ldc, int64_t M, const void* next = nullptr);
+void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K, int64_t np, float* C,
+                 int64_t ldc, int64_t M, const void* next = nullptr);
 
 // C[i*ldc + j] = sum_r A[i*lda + r] * B[r*ldb + j]   for i < M, j < N, r < R (r ascending)
 // A: float32 rows (any lda), B: R rows of N contiguous values in dt.
-void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R,
-                   float* C, int64_t ldc, int64_t M, int64_t N);
+void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R, float* C, int64_t ldc,
+                   int64_t M, int64_t N);
 
 }  // namespace moe_cpu

@@ -49,8 +49,8 @@ constexpr int kVnniMR = 12;
 
 // Row block of r (1..kVnniMR) rows: the compile-time MR that equals r.
 template <int NP, int MR = kVnniMR>
-inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
-                      float* C, int64_t ldc) {
+inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, float* C,
+                      int64_t ldc) {
   if constexpr (MR >= 1) {
     if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, K2, C, ldc);
     vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, K2, C, ldc);

@@ -39,7 +39,6 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t E, int64_t 
   return o;
 }
 
-
 void check_gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, const char* op) {
   check_cpu(a, op, "a");
   check_cpu(b, op, "b");
@@ -51,16 +50,15 @@ void check_gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   TORCH_CHECK(offs.dim() == 1, "moe_ops::", op, " (cpu): expert_offsets must be 1-D");
 }
 
-at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offs_in,
-                            bool trans_b) {
+at::Tensor grouped_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offs_in, bool trans_b) {
   const char* op = "grouped_gemm";
   check_gemm_args(a_in, b_in, offs_in, op);
   TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 3, "moe_ops::grouped_gemm (cpu): need a[M,K], b[E,.,.], got ",
               a_in.sizes(), " and ", b_in.sizes());
   const int64_t E = b_in.size(0), M = a_in.size(0), K = a_in.size(1);
   const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
-  TORCH_CHECK((trans_b ? b_in.size(2) : b_in.size(1)) == K, "moe_ops::grouped_gemm (cpu): a has K=", K,
-              " but b is ", b_in.sizes(), trans_b ? " (trans_b)" : "");
+  TORCH_CHECK((trans_b ? b_in.size(2) : b_in.size(1)) == K, "moe_ops::grouped_gemm (cpu): a has K=", K, " but b is ",
+              b_in.sizes(), trans_b ? " (trans_b)" : "");
   TORCH_CHECK(offs_in.numel() == E + 1, "moe_ops::grouped_gemm (cpu): expert_offsets needs E+1 = ", E + 1, " entries");
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const std::vector<int64_t> offs = read_offsets(offs_in.contiguous(), E, M);

@@ -30,7 +30,7 @@
 namespace moe_cpu {
 namespace {
 
-constexpr size_t kHuge = size_t(2) << 20;  // 2 MiB: granularity and alignment of large blocks
+constexpr size_t kHuge = size_t(2) << 20;   // 2 MiB: granularity and alignment of large blocks
 constexpr size_t kLarge = size_t(1) << 20;  // blocks from this size on are mmapped
 
 size_t round_size(size_t n) {
@@ -62,7 +62,10 @@ void* raw_alloc(size_t size) {
 void raw_free(void* p, size_t size) {
   if (!p) return;
 #if defined(__linux__)
-  if (size >= kLarge) { munmap(p, size); return; }
+  if (size >= kLarge) {
+    munmap(p, size);
+    return;
+  }
 #endif
   std::free(p);
 }
@@ -117,9 +120,7 @@ class CachingHostAllocator final : public c10::Allocator {
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &deleter; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   void release(void* p) {
     if (!p) return;

@@ -19,8 +19,7 @@ namespace moe_cpu {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in,
-                                                                       const at::Tensor& ids_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                                                                        int64_t E, int64_t block_m) {
   const char* op = "permute";
   check_cpu(x_in, op, "x");
@@ -85,8 +84,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& slot_rows_in,
   check_float(y_in, op, "y_sorted");
   check_int32(slot_rows_in, op, "slot_rows");
   TORCH_CHECK(y_in.dim() == 2, "moe_ops::unpermute (cpu): y_sorted must be 2-D, got ", y_in.sizes());
-  TORCH_CHECK(k >= 1 && slot_rows_in.numel() % k == 0,
-              "moe_ops::unpermute (cpu): slot_rows has ", slot_rows_in.numel(), " entries, not a multiple of k=", k);
+  TORCH_CHECK(k >= 1 && slot_rows_in.numel() % k == 0, "moe_ops::unpermute (cpu): slot_rows has ", slot_rows_in.numel(),
+              " entries, not a multiple of k=", k);
   const int64_t T_ = slot_rows_in.numel() / k;
   if (weights.has_value()) {
     check_cpu(*weights, op, "weights");

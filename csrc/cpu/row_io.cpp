@@ -96,21 +96,30 @@ namespace moe_cpu {
 
 void row_to_f32(const void* src, DType dt, float* dst, int64_t n) {
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, row_to_f32_avx, src, dst, n); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, row_to_f32_avx, src, dst, n);
+    return;
+  }
 #endif
   row_to_f32_scalar(src, dt, dst, n);
 }
 
 void row_from_f32(const float* src, void* dst, DType dt, int64_t n) {
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, row_from_f32_avx, src, dst, n); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, row_from_f32_avx, src, dst, n);
+    return;
+  }
 #endif
   row_from_f32_scalar(src, dst, dt, n);
 }
 
 void round_rows(const float* src, float* dst, int64_t n, DType dt) {
 #ifdef MOE_CPU_X86
-  if (have_avx2()) { MOE_CPU_DISPATCH(dt, round_avx, src, dst, n); return; }
+  if (have_avx2()) {
+    MOE_CPU_DISPATCH(dt, round_avx, src, dst, n);
+    return;
+  }
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
 }

@@ -89,7 +89,7 @@ inline __m256 round8(__m256 x) {
 // two factors 2^(n>>1) * 2^(n - (n>>1)), so neither exponent field overflows and the one
 // rounding is that of the final (possibly denormal) product.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);  // exp(89) overflows anyway; NaN in x is kept (2nd operand)
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);    // exp(89) overflows anyway; NaN in x is kept (2nd operand)
   x = _mm256_max_ps(_mm256_set1_ps(-110.0f), x);  // exp(-110) rounds to 0 anyway
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -151,11 +151,11 @@ inline void for_row_blocks(int64_t M, Fn&& fn) {
 #endif
 
 // FN<DT>(args...) for the run-time dtype dt (the AVX2 kernels are templates on it).
-#define MOE_CPU_DISPATCH(dt, FN, ...)                         \
-  switch (dt) {                                               \
-    case DType::F32: FN<DType::F32>(__VA_ARGS__); break;      \
-    case DType::F16: FN<DType::F16>(__VA_ARGS__); break;      \
-    default: FN<DType::BF16>(__VA_ARGS__); break;             \
+#define MOE_CPU_DISPATCH(dt, FN, ...)                    \
+  switch (dt) {                                          \
+    case DType::F32: FN<DType::F32>(__VA_ARGS__); break; \
+    case DType::F16: FN<DType::F16>(__VA_ARGS__); break; \
+    default: FN<DType::BF16>(__VA_ARGS__); break;        \
   }
 
 #endif  // x86

@@ -5,8 +5,8 @@ namespace moe_cpu {
 
 // Tiles over experts [0, E) with row ranges offs, columns [0, N) in blocks of nb, rows in chunks
 // of at most mt. `wcost` weights a weight element relative to one multiply-add row.
-std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb,
-                             int64_t mt, double wcost) {
+std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb, int64_t mt,
+                             double wcost) {
   std::vector<Tile> tiles;
   const int64_t E = static_cast<int64_t>(offs.size()) - 1;
   for (int64_t e = 0; e < E; ++e) {

@@ -46,8 +46,7 @@ void run_tiles(const std::vector<Tile>& tiles, Fn&& fn) {
   }
   at::parallel_for(0, nt, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t i = split[p]; i < split[p + 1]; ++i)
-        fn(tiles[i], i + 1 < split[p + 1] ? &tiles[i + 1] : nullptr);
+      for (int64_t i = split[p]; i < split[p + 1]; ++i) fn(tiles[i], i + 1 < split[p + 1] ? &tiles[i + 1] : nullptr);
   });
 }
 
@@ -62,8 +61,8 @@ inline int64_t weight_col_block(int64_t K, int64_t elem_size, int64_t N, int64_t
 // (expert, column-block, row-chunk) tiles in that order over experts [0, E) with row ranges offs,
 // columns [0, N) in blocks of nb, rows in chunks of at most mt. `wcost` weights a weight element
 // relative to one multiply-add row.
-std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb,
-                             int64_t mt, double wcost);
+std::vector<Tile> make_tiles(const std::vector<int64_t>& offs, int64_t N, int64_t K, int64_t nb, int64_t mt,
+                             double wcost);
 // The column block (in multiples of `mult` columns of K values): the weight block in L2, but small
 // enough that there are >= 4 tiles per thread when possible (the packed path counts in 16-column
 // panels of K*16 values with mult = 1).

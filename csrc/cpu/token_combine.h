@@ -30,8 +30,8 @@ inline int64_t row_grain(int64_t row_bytes) {
 // capacity_combine and fused_experts. `row_of(t, j)` returns the source row or -1. `src` may be
 // float32 while `out` is bf16/fp16/fp32 (fused path); float64 needs both float64.
 template <class RowOf>
-void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
-                  const c10::optional<at::Tensor>& weights, RowOf row_of, at::Tensor& out) {
+void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k, const c10::optional<at::Tensor>& weights,
+                  RowOf row_of, at::Tensor& out) {
   const int64_t H = src.size(-1);
   if (src.scalar_type() == at::kDouble) {  // the gradcheck dtype: scalar, not a fast path
     at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
@@ -46,8 +46,11 @@ void combine_rows(const at::Tensor& src, int64_t R, int64_t T_, int64_t k,
           const int64_t r = row_of(t, j);
           if (r < 0 || r >= R) continue;
           const double* y = s + r * H;
-          if (wp) { const double wj = wp[t * k + j]; for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + wj * y[h]; }
-          else for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + y[h];
+          if (wp) {
+            const double wj = wp[t * k + j];
+            for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + wj * y[h];
+          } else
+            for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + y[h];
         }
         std::memcpy(o + t * H, acc.data(), H * sizeof(double));
       }

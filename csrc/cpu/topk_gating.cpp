@@ -72,9 +72,8 @@ void top_n(const U* ord, int64_t len, int64_t n, int32_t* out) {
 }
 
 template <class T>
-void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, bool renorm,
-               int64_t n_group, int64_t topk_group, const T* bias, T scale, T* w_out,
-               int32_t* id_out) {
+void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, bool renorm, int64_t n_group,
+               int64_t topk_group, const T* bias, T scale, T* w_out, int32_t* id_out) {
   using U = OrderKey<T>;
   const bool key_is_logit = !sigmoid && bias == nullptr;
   const int64_t G = n_group > 0 ? E / n_group : E;
@@ -135,9 +134,8 @@ void gate_rows(const T* logits, int64_t T_, int64_t E, int64_t k, bool sigmoid, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int64_t k,
-                                                   c10::string_view scoring, bool renormalize,
-                                                   int64_t n_group, int64_t topk_group,
+std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int64_t k, c10::string_view scoring,
+                                                   bool renormalize, int64_t n_group, int64_t topk_group,
                                                    const c10::optional<at::Tensor>& correction_bias,
                                                    double scaling_factor) {
   const char* op = "topk_gating";
@@ -151,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int
   TORCH_CHECK(sc == "softmax" || sc == "sigmoid", "moe_ops::topk_gating (cpu): unknown scoring ", sc);
   if (n_group > 0) {
     TORCH_CHECK(E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
-                "moe_ops::topk_gating (cpu): bad group routing n_group=", n_group,
-                " topk_group=", topk_group, " for E=", E, " k=", k);
+                "moe_ops::topk_gating (cpu): bad group routing n_group=", n_group, " topk_group=", topk_group,
+                " for E=", E, " k=", k);
   }
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor x = logits.to(acc).contiguous();
@@ -166,14 +164,15 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int
   at::Tensor w = at::empty({T_, k}, x.options());
   at::Tensor ids = at::empty({T_, k}, x.options().dtype(at::kInt));
   AT_DISPATCH_SWITCH(acc, "topk_gating_cpu", AT_DISPATCH_CASE(at::kFloat, [&] {
-    gate_rows<float>(x.data_ptr<float>(), T_, E, k, sc == "sigmoid", renormalize, n_group, topk_group,
-                     bias.defined() ? bias.data_ptr<float>() : nullptr, static_cast<float>(scaling_factor),
-                     w.data_ptr<float>(), ids.data_ptr<int32_t>());
-  }) AT_DISPATCH_CASE(at::kDouble, [&] {
-    gate_rows<double>(x.data_ptr<double>(), T_, E, k, sc == "sigmoid", renormalize, n_group, topk_group,
-                      bias.defined() ? bias.data_ptr<double>() : nullptr, scaling_factor,
-                      w.data_ptr<double>(), ids.data_ptr<int32_t>());
-  }));
+                       gate_rows<float>(x.data_ptr<float>(), T_, E, k, sc == "sigmoid", renormalize, n_group,
+                                        topk_group, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                                        static_cast<float>(scaling_factor), w.data_ptr<float>(),
+                                        ids.data_ptr<int32_t>());
+                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
+                       gate_rows<double>(x.data_ptr<double>(), T_, E, k, sc == "sigmoid", renormalize, n_group,
+                                         topk_group, bias.defined() ? bias.data_ptr<double>() : nullptr, scaling_factor,
+                                         w.data_ptr<double>(), ids.data_ptr<int32_t>());
+                     }));
   return {w, ids};
 }
 

@@ -14,8 +14,8 @@ size_t capacity_workspace_bytes(int64_t T, int k, int E, int C) {
          detail::align_up(static_cast<size_t>(E) * static_cast<size_t>(C) * 4, 256);
 }
 
-void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E,
-                       int C, bool kmajor, void* buf, int* slot_pos, int* demand, int* kept, void* workspace,
+void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E, int C,
+                       bool kmajor, void* buf, int* slot_pos, int* demand, int* kept, void* workspace,
                        StreamHandle stream_handle) {
   using namespace kern;
   if (E < 1 || C < 0 || k < 0 || T < 0 || H < 0)

@@ -40,10 +40,10 @@ inline void rank_experts(const kern::RankSeq& seq, long long N, int E, int block
                          int* counts, int* local_rank, int* expert_count, int* kept, int capacity, int* offsets,
                          Stream stream) {
   using namespace kern;
-  launch(rank_count_kernel, dim3(grid_for(plan.nchunks, kRankWarpsPerBlock)), dim3(32 * kRankWarpsPerBlock), 0,
-         stream, seq, N, E, plan.ebits, plan.chunk, plan.nchunks, counts, local_rank);
-  launch(rank_scan_kernel, dim3(1), dim3(kRankScanThreads), 0, stream, counts, plan.nchunks, E, block_m,
-         expert_count, kept, capacity, offsets);
+  launch(rank_count_kernel, dim3(grid_for(plan.nchunks, kRankWarpsPerBlock)), dim3(32 * kRankWarpsPerBlock), 0, stream,
+         seq, N, E, plan.ebits, plan.chunk, plan.nchunks, counts, local_rank);
+  launch(rank_scan_kernel, dim3(1), dim3(kRankScanThreads), 0, stream, counts, plan.nchunks, E, block_m, expert_count,
+         kept, capacity, offsets);
 }
 
 inline void fill_i32(int* p, long long n, int value, Stream stream) {

@@ -59,13 +59,13 @@ constexpr int kCombineMaxK = 1024;
 
 // y[P,H] (dtype), slot_rows[T*k], weights[T,k] or nullptr -> out[T,H] (dtype). weights (and the
 // accumulator) are float32, float64 when dtype is float64.
-void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights,
-               int64_t T, int k, void* out, StreamHandle stream);
+void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights, int64_t T,
+               int k, void* out, StreamHandle stream);
 
 size_t capacity_workspace_bytes(int64_t T, int k, int E, int C);
 // x[T,H], ids[T,k] -> buf[E,C,H], slot_pos[T,k], demand[E], kept[E]. kmajor: priority (j, t).
-void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E,
-                       int C, bool kmajor, void* buf, int* slot_pos, int* demand, int* kept, void* workspace,
+void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E, int C,
+                       bool kmajor, void* buf, int* slot_pos, int* demand, int* kept, void* workspace,
                        StreamHandle stream);
 
 // buf[E,C,H] (dtype), ids[T,k], slot_pos[T,k], weights[T,k] or nullptr (as unpermute) -> out[T,H].

@@ -50,8 +50,8 @@ inline launchers::DType to_dtype(const at::Tensor& t, const char* name) {
 template <class B>
 struct Ops {
   static void check_device(const at::Tensor& t, const char* op, const char* name) {
-    TORCH_CHECK(t.device().type() == B::kDevice, "moe_ops::", op, " (", B::kName, "): ", name,
-                " must be on ", c10::DeviceTypeName(B::kDevice), ", got ", t.device());
+    TORCH_CHECK(t.device().type() == B::kDevice, "moe_ops::", op, " (", B::kName, "): ", name, " must be on ",
+                c10::DeviceTypeName(B::kDevice), ", got ", t.device());
   }
   static void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
     TORCH_CHECK(a.device() == b.device(), "moe_ops::", op, ": ", name, " is on ", b.device(), " but the input is on ",
@@ -68,8 +68,8 @@ struct Ops {
     if (!w.has_value()) return std::nullopt;
     check_same_device(x, *w, op, "weights");
     to_dtype(*w, "weights");
-    TORCH_CHECK(w->dim() == 2 && w->size(0) == T && w->size(1) == k, "moe_ops::", op, ": weights must be [", T, ", ",
-                k, "], got ", w->sizes());
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == T && w->size(1) == k, "moe_ops::", op, ": weights must be [", T, ", ", k,
+                "], got ", w->sizes());
     // the kernels' accumulator type: float32, float64 when the data is float64
     return w->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   }
@@ -93,15 +93,17 @@ struct Ops {
     int scoring_id;
     if (scoring == "softmax") scoring_id = 0;
     else if (scoring == "sigmoid") scoring_id = 1;
-    else TORCH_CHECK(false, "moe_ops::topk_gating: scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring), "'");
+    else
+      TORCH_CHECK(false, "moe_ops::topk_gating: scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring),
+                  "'");
     TORCH_CHECK(n_group >= 0, "moe_ops::topk_gating: n_group must be >= 0 (0 = off), got ", n_group);
     if (n_group > 0) {
       TORCH_CHECK(E % n_group == 0, "moe_ops::topk_gating: E=", E, " is not divisible by n_group=", n_group);
-      TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_ops::topk_gating: topk_group must be in [1, ",
-                  n_group, "], got ", topk_group);
+      TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_ops::topk_gating: topk_group must be in [1, ", n_group,
+                  "], got ", topk_group);
       TORCH_CHECK(launchers::topk_gating_supported(static_cast<int>(E), static_cast<int>(n_group)),
-                  "moe_ops::topk_gating (", B::kName, "): group-limited routing with E=", E,
-                  " needs more than ", launchers::kGatingMaxGroupSmem / 1024, " KiB of shared memory per row");
+                  "moe_ops::topk_gating (", B::kName, "): group-limited routing with E=", E, " needs more than ",
+                  launchers::kGatingMaxGroupSmem / 1024, " KiB of shared memory per row");
     }
     TORCH_CHECK(T * k <= limits::kInt32Max, "moe_ops::topk_gating: T*k overflows int32");
     std::optional<at::Tensor> bias;
@@ -117,11 +119,10 @@ struct Ops {
     const at::Tensor logits = logits_in.contiguous();
     at::Tensor weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
     at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-    launchers::topk_gating(logits.data_ptr(), dtype, bias ? bias->data_ptr<float>() : nullptr, T,
-                           static_cast<int>(E), static_cast<int>(k), scoring_id, renormalize,
-                           static_cast<int>(n_group), static_cast<int>(topk_group),
-                           static_cast<float>(scaling_factor), weights.data_ptr<float>(), ids.data_ptr<int>(),
-                           B::stream(logits));
+    launchers::topk_gating(logits.data_ptr(), dtype, bias ? bias->data_ptr<float>() : nullptr, T, static_cast<int>(E),
+                           static_cast<int>(k), scoring_id, renormalize, static_cast<int>(n_group),
+                           static_cast<int>(topk_group), static_cast<float>(scaling_factor), weights.data_ptr<float>(),
+                           ids.data_ptr<int>(), B::stream(logits));
     return {weights, ids};
   }
 
@@ -147,13 +148,13 @@ struct Ops {
     at::Tensor sorted_slots = at::empty({P}, ids.options());
     at::Tensor offsets = at::empty({E + 1}, ids.options());
     at::Tensor slot_rows = at::empty({T * k}, ids.options());
-    at::Tensor ws = at::empty({static_cast<int64_t>(launchers::permute_workspace_bytes(T, static_cast<int>(k),
-                                                                                      static_cast<int>(E)))},
-                              ids.options().dtype(at::kByte));
+    at::Tensor ws = at::empty(
+        {static_cast<int64_t>(launchers::permute_workspace_bytes(T, static_cast<int>(k), static_cast<int>(E)))},
+        ids.options().dtype(at::kByte));
     launchers::permute(x.data_ptr(), x.element_size(), T, H, ids.data_ptr<int>(), static_cast<int>(k),
                        static_cast<int>(E), static_cast<int>(block_m), x_sorted.data_ptr(),
-                       sorted_slots.data_ptr<int>(), offsets.data_ptr<int>(), slot_rows.data_ptr<int>(),
-                       ws.data_ptr(), B::stream(x));
+                       sorted_slots.data_ptr<int>(), offsets.data_ptr<int>(), slot_rows.data_ptr<int>(), ws.data_ptr(),
+                       B::stream(x));
     return {x_sorted, sorted_slots, offsets, slot_rows};
   }
 
@@ -176,8 +177,7 @@ struct Ops {
     const at::Tensor slot_rows = slot_rows_in.contiguous();
     at::Tensor out = at::empty({T, H}, y.options());
     launchers::unpermute(y.data_ptr(), dtype, y.size(0), H, slot_rows.data_ptr<int>(),
-                         weights ? weights->data_ptr() : nullptr, T, static_cast<int>(k), out.data_ptr(),
-                         B::stream(y));
+                         weights ? weights->data_ptr() : nullptr, T, static_cast<int>(k), out.data_ptr(), B::stream(y));
     return out;
   }
 
@@ -190,8 +190,8 @@ struct Ops {
     to_dtype(x_in, "x");
     TORCH_CHECK(x_in.dim() == 2, "moe_ops::capacity_dispatch: x must be 2-D [T, H], got ", x_in.sizes());
     const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
-    TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::capacity_dispatch: ids has ", ids.size(0),
-                " rows but x has ", x_in.size(0));
+    TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::capacity_dispatch: ids has ", ids.size(0), " rows but x has ",
+                x_in.size(0));
     TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::capacity_dispatch: num_experts must be in [1, ",
                 limits::kMaxExperts, "], got ", E);
     TORCH_CHECK(C >= 0, "moe_ops::capacity_dispatch: capacity must be >= 0, got ", C);
@@ -199,8 +199,9 @@ struct Ops {
     bool kmajor;
     if (priority == "kmajor") kmajor = true;
     else if (priority == "token_major") kmajor = false;
-    else TORCH_CHECK(false, "moe_ops::capacity_dispatch: priority must be 'kmajor' or 'token_major', got '",
-                     std::string(priority), "'");
+    else
+      TORCH_CHECK(false, "moe_ops::capacity_dispatch: priority must be 'kmajor' or 'token_major', got '",
+                  std::string(priority), "'");
     const int64_t T = ids.size(0), k = ids.size(1), H = x_in.size(1);
     TORCH_CHECK(T * k <= limits::kInt32Max, "moe_ops::capacity_dispatch: T*k overflows int32");
     typename B::Guard guard(x_in);
@@ -214,18 +215,17 @@ struct Ops {
                               ids.options().dtype(at::kByte));
     launchers::capacity_dispatch(x.data_ptr(), x.element_size(), T, H, ids.data_ptr<int>(), static_cast<int>(k),
                                  static_cast<int>(E), static_cast<int>(C), kmajor, buf.data_ptr(),
-                                 slot_pos.data_ptr<int>(), demand.data_ptr<int>(), kept.data_ptr<int>(),
-                                 ws.data_ptr(), B::stream(x));
+                                 slot_pos.data_ptr<int>(), demand.data_ptr<int>(), kept.data_ptr<int>(), ws.data_ptr(),
+                                 B::stream(x));
     return {buf, slot_pos, demand, kept};
   }
 
-  static at::Tensor capacity_combine(const at::Tensor& buf_in, const at::Tensor& ids_in,
-                                     const at::Tensor& slot_pos_in, const std::optional<at::Tensor>& weights_in) {
+  static at::Tensor capacity_combine(const at::Tensor& buf_in, const at::Tensor& ids_in, const at::Tensor& slot_pos_in,
+                                     const std::optional<at::Tensor>& weights_in) {
     const char* op = "capacity_combine";
     check_device(buf_in, op, "buf_out");
     const auto dtype = to_dtype(buf_in, "buf_out");
-    TORCH_CHECK(buf_in.dim() == 3, "moe_ops::capacity_combine: buf_out must be 3-D [E, C, H], got ",
-                buf_in.sizes());
+    TORCH_CHECK(buf_in.dim() == 3, "moe_ops::capacity_combine: buf_out must be 3-D [E, C, H], got ", buf_in.sizes());
     const at::Tensor ids = ids_arg(buf_in, ids_in, op, "ids");
     const at::Tensor slot_pos = ids_arg(buf_in, slot_pos_in, op, "slot_pos");
     TORCH_CHECK(slot_pos.sizes() == ids.sizes(), "moe_ops::capacity_combine: slot_pos shape ", slot_pos.sizes(),
@@ -240,10 +240,9 @@ struct Ops {
     const at::Tensor buf = buf_in.contiguous();
     if (k == 0) return at::zeros({T, H}, buf.options());
     at::Tensor out = at::empty({T, H}, buf.options());
-    launchers::capacity_combine(buf.data_ptr(), dtype, static_cast<int>(E), static_cast<int>(C), H,
-                                ids.data_ptr<int>(), slot_pos.data_ptr<int>(),
-                                weights ? weights->data_ptr() : nullptr, T, static_cast<int>(k),
-                                out.data_ptr(), B::stream(buf));
+    launchers::capacity_combine(buf.data_ptr(), dtype, static_cast<int>(E), static_cast<int>(C), H, ids.data_ptr<int>(),
+                                slot_pos.data_ptr<int>(), weights ? weights->data_ptr() : nullptr, T,
+                                static_cast<int>(k), out.data_ptr(), B::stream(buf));
     return out;
   }
 };

@@ -25,18 +25,17 @@ void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* 
   const RankPlan plan = make_rank_plan(N, E);
   const detail::RankWorkspace ws = detail::carve_rank_workspace(workspace, N, E);
   const RankSeq seq{ids, T, k, 0};
-  detail::rank_experts(seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, nullptr, 0,
-                       expert_offsets, stream);
+  detail::rank_experts(seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, nullptr, 0, expert_offsets,
+                       stream);
   detail::fill_i32(sorted_slots, P, -1, stream);
-  launch(permute_place_kernel, dim3(detail::grid_stride_blocks(N, 256)), dim3(256), 0, stream, ids, N, E,
-         plan.chunk, static_cast<const int*>(ws.counts), static_cast<const int*>(ws.local_rank),
+  launch(permute_place_kernel, dim3(detail::grid_stride_blocks(N, 256)), dim3(256), 0, stream, ids, N, E, plan.chunk,
+         static_cast<const int*>(ws.counts), static_cast<const int*>(ws.local_rank),
          static_cast<const int*>(expert_offsets), slot_rows, sorted_slots);
-  detail::gather_rows(x, x_sorted, P, H * static_cast<long long>(elem_bytes), sorted_slots, k > 0 ? k : 1,
-                      stream);
+  detail::gather_rows(x, x_sorted, P, H * static_cast<long long>(elem_bytes), sorted_slots, k > 0 ? k : 1, stream);
 }
 
-void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights,
-               int64_t T, int k, void* out, StreamHandle stream) {
+void unpermute(const void* y, DType dtype, int64_t P, int64_t H, const int* slot_rows, const void* weights, int64_t T,
+               int k, void* out, StreamHandle stream) {
   kern::CombineSource src{slot_rows, nullptr, nullptr, 0, 0, static_cast<long long>(P)};
   detail::combine(y, dtype, H, src, weights, T, k, out, detail::to_stream(stream));
 }

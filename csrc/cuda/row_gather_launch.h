@@ -14,21 +14,19 @@ inline void gather_rows(const void* src, void* dst, long long nrows, long long r
                         Stream stream) {
   using namespace kern;
   if (nrows <= 0 || row_bytes <= 0) return;
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
-                         static_cast<uintptr_t>(row_bytes);
+  const uintptr_t bits =
+      reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(row_bytes);
   const dim3 grid(grid_for(nrows, kGatherWarpsPerBlock)), block(32 * kGatherWarpsPerBlock);
   const auto* s = static_cast<const unsigned char*>(src);
   auto* d = static_cast<unsigned char*>(dst);
-  if ((bits & 15u) == 0)
-    launch(gather_rows_kernel<uint4>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
+  if ((bits & 15u) == 0) launch(gather_rows_kernel<uint4>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
   else if ((bits & 7u) == 0)
     launch(gather_rows_kernel<uint2>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
   else if ((bits & 3u) == 0)
     launch(gather_rows_kernel<unsigned int>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
   else if ((bits & 1u) == 0)
     launch(gather_rows_kernel<unsigned short>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
-  else
-    launch(gather_rows_kernel<unsigned char>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
+  else launch(gather_rows_kernel<unsigned char>, grid, block, 0, stream, s, d, nrows, row_bytes, map, div);
 }
 
 }  // namespace detail

@@ -48,8 +48,8 @@ void topk_gating(const void* logits, DType dtype, const float* bias, int64_t T, 
   if (!topk_gating_supported(E, n_group))
     throw std::invalid_argument("moe_ops: topk_gating supports 1 <= E <= " + std::to_string(kGatingMaxExperts) +
                                 " (group-limited: keys of a row must fit " +
-                                std::to_string(kGatingMaxGroupSmem / 1024) + " KiB of shared memory), got E=" +
-                                std::to_string(E));
+                                std::to_string(kGatingMaxGroupSmem / 1024) +
+                                " KiB of shared memory), got E=" + std::to_string(E));
   if (k < 1 || k > limits::kMaxK || k > E)
     throw std::invalid_argument("moe_ops: topk_gating needs 1 <= k <= min(E, " + std::to_string(limits::kMaxK) + ")");
   if (scoring != kern::kScoreSoftmax && scoring != kern::kScoreSigmoid)

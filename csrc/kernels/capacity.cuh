@@ -19,7 +19,7 @@ namespace moe_ops {
 namespace kern {
 
 static __global__ void capacity_place_kernel(RankSeq seq, long long N, int E, int C, int chunk, const int* bases,
-                                      const int* local_rank, int* slot_pos, int* src_slot) {
+                                             const int* local_rank, int* slot_pos, int* src_slot) {
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long q = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; q < N; q += stride) {
     const long long s = seq.slot(q);
@@ -27,10 +27,8 @@ static __global__ void capacity_place_kernel(RankSeq seq, long long N, int E, in
     int pos = -1;
     if (e >= 0 && e < E) {
       pos = bases[(q / chunk) * E + e] + local_rank[q];
-      if (pos < C)
-        src_slot[static_cast<long long>(e) * C + pos] = static_cast<int>(s);
-      else
-        pos = -1;
+      if (pos < C) src_slot[static_cast<long long>(e) * C + pos] = static_cast<int>(s);
+      else pos = -1;
     }
     slot_pos[s] = pos;
   }

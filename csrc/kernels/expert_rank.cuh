@@ -37,7 +37,7 @@ constexpr int kRankScanThreads = 256;
 
 // counts: [nchunks, E] (written fully here; no zero-init needed), local_rank: [N].
 static __global__ void rank_count_kernel(RankSeq seq, long long N, int E, int ebits, int chunk, int nchunks,
-                                  int* counts, int* local_rank) {
+                                         int* counts, int* local_rank) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int c = static_cast<int>(blockIdx.x) * kRankWarpsPerBlock + (static_cast<int>(threadIdx.x) >> 5);
   if (c >= nchunks) return;  // whole warp
@@ -72,8 +72,8 @@ static __global__ void rank_count_kernel(RankSeq seq, long long N, int E, int eb
 }
 
 // One block of kRankScanThreads. Thread i owns experts [i*per, (i+1)*per).
-static __global__ void rank_scan_kernel(int* counts, int nchunks, int E, int block_m, int* expert_count,
-                                 int* kept, int capacity, int* offsets) {
+static __global__ void rank_scan_kernel(int* counts, int nchunks, int E, int block_m, int* expert_count, int* kept,
+                                        int capacity, int* offsets) {
   __shared__ int s_warp[kRankScanThreads / 32];
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -108,8 +108,7 @@ static __global__ void rank_scan_kernel(int* counts, int nchunks, int E, int blo
 
 static __global__ void fill_i32_kernel(int* p, long long n, int value) {
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    p[i] = value;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) p[i] = value;
 }
 
 // Host-side plan shared by the launchers and their workspace size functions: chunks of at least

@@ -25,17 +25,15 @@ namespace moe_ops {
 using Stream = cudaStream_t;
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream stream,
-            Args... args) {
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream stream, Args... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "moe_ops::launch: wrong number of kernel arguments");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   if (smem_bytes > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_bytes));
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
     if (e != cudaSuccess)
-      throw std::runtime_error(std::string("moe_ops: cudaFuncSetAttribute(smem=") +
-                               std::to_string(smem_bytes) + ") failed: " + cudaGetErrorString(e));
+      throw std::runtime_error(std::string("moe_ops: cudaFuncSetAttribute(smem=") + std::to_string(smem_bytes) +
+                               ") failed: " + cudaGetErrorString(e));
   }
   kernel<<<grid, block, smem_bytes, stream>>>(static_cast<KArgs>(args)...);
   cudaError_t e = cudaGetLastError();
@@ -48,8 +46,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
 using Stream = void*;
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream /*stream*/,
-            Args... args) {
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream /*stream*/, Args... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "moe_ops::launch: wrong number of kernel arguments");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   // Converted once, like CUDA's parameter buffer; every emulated thread then gets its own copy
@@ -60,12 +57,13 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
     void (*kernel)(KArgs...);
     std::tuple<std::decay_t<KArgs>...>* params;
   } call{kernel, &params};
-  ::moe_sim::run_grid(grid, block, smem_bytes, reinterpret_cast<const void*>(kernel),
-                      [](void* p) {
-                        auto* c = static_cast<Call*>(p);
-                        std::apply(c->kernel, *c->params);
-                      },
-                      &call);
+  ::moe_sim::run_grid(
+      grid, block, smem_bytes, reinterpret_cast<const void*>(kernel),
+      [](void* p) {
+        auto* c = static_cast<Call*>(p);
+        std::apply(c->kernel, *c->params);
+      },
+      &call);
 }
 
 #endif

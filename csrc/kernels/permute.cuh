@@ -21,8 +21,8 @@ namespace moe_ops {
 namespace kern {
 
 static __global__ void permute_place_kernel(const int* ids, long long N, int E, int chunk, const int* bases,
-                                     const int* local_rank, const int* offsets, int* slot_rows,
-                                     int* sorted_slots) {
+                                            const int* local_rank, const int* offsets, int* slot_rows,
+                                            int* sorted_slots) {
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long s = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; s < N; s += stride) {
     const int e = ids[s];

@@ -22,7 +22,7 @@
 
 // A byte array (not `extern __shared__ T name[]`) so kernels with different T can share a
 // translation unit without nvcc's "incompatible redeclaration" of the extern array.
-#define MOE_DYNAMIC_SMEM(T, name)                                         \
+#define MOE_DYNAMIC_SMEM(T, name)                                        \
   extern __shared__ __align__(16) unsigned char moe_dynamic_smem_raw_[]; \
   T* name = reinterpret_cast<T*>(moe_dynamic_smem_raw_)
 

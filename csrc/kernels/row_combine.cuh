@@ -5,8 +5,8 @@
 // slot_rows[t*k+j]; capacity_combine: ids[t,j]*C + slot_pos[t,j]; -1 / out-of-range = skip) and
 // its weight (1 when weights is None) into per-warp shared memory (any k). Then the warp sweeps the H
 // columns, VEC elements per lane (16-byte loads when H and the pointers allow), keeping a
-// float32 (float64 for float64 data) accumulator per element that adds the k rows strictly in j order (acc += w * y), and
-// writes out[t] once in y's dtype. Same order on every run: bitwise deterministic.
+// float32 (float64 for float64 data) accumulator per element that adds the k rows strictly in j order (acc += w * y),
+// and writes out[t] once in y's dtype. Same order on every run: bitwise deterministic.
 #pragma once
 
 #include "device_math.cuh"
@@ -42,17 +42,35 @@ struct CombineSource {
 
 // The accumulator: float32, except float64 data stays float64 (as the reference does, so
 // gradcheck holds); the weights arrive in the accumulator's type.
-template <typename T> struct CombineAcc { using type = float; };
-template <> struct CombineAcc<double> { using type = double; };
+template <typename T>
+struct CombineAcc {
+  using type = float;
+};
+template <>
+struct CombineAcc<double> {
+  using type = double;
+};
 
-template <typename Acc, typename T> __device__ __forceinline__ Acc to_acc(T v) { return to_f32(v); }
-template <> __device__ __forceinline__ double to_acc<double, double>(double v) { return v; }
-template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v) { return from_f32<T>(v); }
-template <> __device__ __forceinline__ double from_acc<double, double>(double v) { return v; }
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T v) {
+  return to_f32(v);
+}
+template <>
+__device__ __forceinline__ double to_acc<double, double>(double v) {
+  return v;
+}
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v) {
+  return from_f32<T>(v);
+}
+template <>
+__device__ __forceinline__ double from_acc<double, double>(double v) {
+  return v;
+}
 
 template <typename T, int VEC>
-__global__ void combine_kernel(const T* y, long long H, CombineSource src,
-                               const typename CombineAcc<T>::type* weights, long long num_tokens, int k, T* out) {
+__global__ void combine_kernel(const T* y, long long H, CombineSource src, const typename CombineAcc<T>::type* weights,
+                               long long num_tokens, int k, T* out) {
   using Acc = typename CombineAcc<T>::type;
   constexpr bool kVec16 = VEC * sizeof(T) == 16;
   MOE_DYNAMIC_SMEM(unsigned char, smem);

@@ -14,13 +14,22 @@ namespace kern {
 
 constexpr int kGatherWarpsPerBlock = 8;
 
-template <typename W> __device__ __forceinline__ W zero_word() { return W(0); }
-template <> __device__ __forceinline__ uint4 zero_word<uint4>() { return make_uint4(0u, 0u, 0u, 0u); }
-template <> __device__ __forceinline__ uint2 zero_word<uint2>() { return make_uint2(0u, 0u); }
+template <typename W>
+__device__ __forceinline__ W zero_word() {
+  return W(0);
+}
+template <>
+__device__ __forceinline__ uint4 zero_word<uint4>() {
+  return make_uint4(0u, 0u, 0u, 0u);
+}
+template <>
+__device__ __forceinline__ uint2 zero_word<uint2>() {
+  return make_uint2(0u, 0u);
+}
 
 template <typename W>
-__global__ void gather_rows_kernel(const unsigned char* src, unsigned char* dst, long long nrows,
-                                   long long row_bytes, const int* map, int div) {
+__global__ void gather_rows_kernel(const unsigned char* src, unsigned char* dst, long long nrows, long long row_bytes,
+                                   const int* map, int div) {
   const long long r = static_cast<long long>(blockIdx.x) * kGatherWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= nrows) return;
   const int lane = static_cast<int>(threadIdx.x) & 31;

@@ -191,8 +191,7 @@ __device__ __forceinline__ void gating_row(const GatingParams& p, long long row,
     for (int g = tid; g < ng; g += nthr) {
       const unsigned long long mine = pack_key(order_key(gscore[g]), static_cast<uint32_t>(g));
       int better = 0;
-      for (int h = 0; h < ng; ++h)
-        better += pack_key(order_key(gscore[h]), static_cast<uint32_t>(h)) > mine ? 1 : 0;
+      for (int h = 0; h < ng; ++h) better += pack_key(order_key(gscore[h]), static_cast<uint32_t>(h)) > mine ? 1 : 0;
       keep[g] = better < p.topk_group ? 1 : 0;
     }
     team.sync();
@@ -214,8 +213,7 @@ __device__ __forceinline__ void gating_row(const GatingParams& p, long long row,
     for (int c = 0; c < CH; ++c) {
       MOE_UNROLL
       for (int v = 0; v < VEC; ++v) {
-        const unsigned long long pk =
-            pack_key(ord[c * VEC + v], static_cast<uint32_t>((c * nthr + tid) * VEC + v));
+        const unsigned long long pk = pack_key(ord[c * VEC + v], static_cast<uint32_t>((c * nthr + tid) * VEC + v));
         b = pk > b ? pk : b;
       }
     }
@@ -266,9 +264,8 @@ __global__ void topk_gating_warp_kernel(GatingParams p) {
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const long long row = static_cast<long long>(blockIdx.x) * kGatingWarpsPerBlock + warp;
   if (row >= p.T) return;  // whole warp leaves together
-  float* grp = p.n_group > 0
-                   ? reinterpret_cast<float*>(smem + warp * gating_group_smem_bytes(p.E, p.n_group))
-                   : nullptr;
+  float* grp =
+      p.n_group > 0 ? reinterpret_cast<float*>(smem + warp * gating_group_smem_bytes(p.E, p.n_group)) : nullptr;
   WarpTeam team{static_cast<int>(threadIdx.x) & 31};
   gating_row<T, VPT>(p, row, team, grp);
 }

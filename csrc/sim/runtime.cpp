@@ -201,23 +201,39 @@ struct WarpBarrier {
         common = op == WarpOp::kBallot ? ballot : op == WarpOp::kAny ? ballot != 0 : ballot == members;
         break;
       }
-      case WarpOp::kAddU: case WarpOp::kAddI: case WarpOp::kAnd: case WarpOp::kOr: case WarpOp::kXor:
-      case WarpOp::kMinU: case WarpOp::kMaxU: case WarpOp::kMinI: case WarpOp::kMaxI: {
+      case WarpOp::kAddU:
+      case WarpOp::kAddI:
+      case WarpOp::kAnd:
+      case WarpOp::kOr:
+      case WarpOp::kXor:
+      case WarpOp::kMinU:
+      case WarpOp::kMaxU:
+      case WarpOp::kMinI:
+      case WarpOp::kMaxI: {
         bool first = true;
         uint32_t acc = 0;
         for (int l = 0; l < 32; ++l) {
           if (!(members >> l & 1u)) continue;
           const uint32_t v = static_cast<uint32_t>(val[l]);
-          if (first) { acc = v; first = false; continue; }
+          if (first) {
+            acc = v;
+            first = false;
+            continue;
+          }
           switch (op) {
-            case WarpOp::kAddU: case WarpOp::kAddI: acc += v; break;
+            case WarpOp::kAddU:
+            case WarpOp::kAddI: acc += v; break;
             case WarpOp::kAnd: acc &= v; break;
             case WarpOp::kOr: acc |= v; break;
             case WarpOp::kXor: acc ^= v; break;
             case WarpOp::kMinU: acc = std::min(acc, v); break;
             case WarpOp::kMaxU: acc = std::max(acc, v); break;
-            case WarpOp::kMinI: acc = static_cast<uint32_t>(std::min(static_cast<int32_t>(acc), static_cast<int32_t>(v))); break;
-            case WarpOp::kMaxI: acc = static_cast<uint32_t>(std::max(static_cast<int32_t>(acc), static_cast<int32_t>(v))); break;
+            case WarpOp::kMinI:
+              acc = static_cast<uint32_t>(std::min(static_cast<int32_t>(acc), static_cast<int32_t>(v)));
+              break;
+            case WarpOp::kMaxI:
+              acc = static_cast<uint32_t>(std::max(static_cast<int32_t>(acc), static_cast<int32_t>(v)));
+              break;
             default: break;
           }
         }
@@ -233,8 +249,8 @@ struct WarpBarrier {
         const int s = src[l];
         if (s < 0 || s >= 32 || !(members >> s & 1u)) {
           std::ostringstream os;
-          os << "__shfl*_sync: lane " << l << " reads lane " << s << ", which is not taking part (mask 0x"
-             << std::hex << gen_mask << ", lanes present 0x" << members << ")";
+          os << "__shfl*_sync: lane " << l << " reads lane " << s << ", which is not taking part (mask 0x" << std::hex
+             << gen_mask << ", lanes present 0x" << members << ")";
           error[l] = os.str();
         } else {
           result[l] = val[s];
@@ -264,8 +280,8 @@ struct WarpBarrier {
     }
     if (mask & ~exists) {
       std::ostringstream os;
-      os << op_name(o) << ": mask 0x" << std::hex << mask << " names lanes that do not exist in this warp (0x"
-         << exists << ")";
+      os << op_name(o) << ": mask 0x" << std::hex << mask << " names lanes that do not exist in this warp (0x" << exists
+         << ")";
       throw std::runtime_error(os.str());
     }
     if (arrived != 0 && (mask != gen_mask || o != op)) {
@@ -363,9 +379,9 @@ ThreadCtx& ctx_or_die(const char* what) {
 
 std::string where_prefix() {
   std::ostringstream os;
-  os << "moe_ops sim: kernel " << (tls.launch ? tls.launch->kernel_name : "?") << ", block (" << blockIdx.x
-     << "," << blockIdx.y << "," << blockIdx.z << "), thread (" << threadIdx.x << "," << threadIdx.y << ","
-     << threadIdx.z << "): ";
+  os << "moe_ops sim: kernel " << (tls.launch ? tls.launch->kernel_name : "?") << ", block (" << blockIdx.x << ","
+     << blockIdx.y << "," << blockIdx.z << "), thread (" << threadIdx.x << "," << threadIdx.y << "," << threadIdx.z
+     << "): ";
   return os.str();
 }
 
@@ -388,9 +404,7 @@ void run_thread(Launch& L, int tid) {
       } catch (const Aborted&) {
       } catch (const std::exception& e) {
         L.fail(std::make_exception_ptr(std::runtime_error(where_prefix() + e.what())));
-      } catch (...) {
-        L.fail(std::make_exception_ptr(std::runtime_error(where_prefix() + "unknown exception")));
-      }
+      } catch (...) { L.fail(std::make_exception_ptr(std::runtime_error(where_prefix() + "unknown exception"))); }
     }
     // Returned (or unwound): leave this block's barriers so the threads still running can meet.
     L.bar->drop(L);

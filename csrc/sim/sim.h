@@ -60,17 +60,31 @@ namespace moe_sim {
 // ---- runtime entry points (csrc/sim/runtime.cpp) ---------------------------------------------
 // Runs `body(ctx)` as every thread of every block of `grid`; throws std::runtime_error on a
 // kernel error after all threads stopped. `kernel` is only used to name it in messages.
-void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel, void (*body)(void*),
-              void* ctx);
+void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel, void (*body)(void*), void* ctx);
 
 void* dynamic_smem();
 void syncthreads();
-int syncthreads_count(int pred);    // number of live threads with pred != 0
+int syncthreads_count(int pred);  // number of live threads with pred != 0
 bool syncthreads_or(int pred);
 bool syncthreads_and(int pred);
 
-enum class WarpOp : int { kSync, kShfl, kBallot, kAll, kAny, kAddU, kAddI, kMinU, kMinI, kMaxU, kMaxI,
-                          kMatchAny, kAnd, kOr, kXor };
+enum class WarpOp : int {
+  kSync,
+  kShfl,
+  kBallot,
+  kAll,
+  kAny,
+  kAddU,
+  kAddI,
+  kMinU,
+  kMinI,
+  kMaxU,
+  kMaxI,
+  kMatchAny,
+  kAnd,
+  kOr,
+  kXor
+};
 // One warp collective: `value` is this lane's contribution, `src` the lane to read (kShfl).
 uint64_t warp_collective(unsigned mask, WarpOp op, uint64_t value, int src);
 unsigned activemask();
@@ -116,33 +130,28 @@ inline void __nanosleep(unsigned) {}
 [[noreturn]] inline void __trap() { moe_sim::trap("__trap() called"); }
 
 // ---- warp intrinsics --------------------------------------------------------------------------
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  moe_sim::warp_collective(mask, moe_sim::WarpOp::kSync, 0, 0);
-}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { moe_sim::warp_collective(mask, moe_sim::WarpOp::kSync, 0, 0); }
 inline unsigned __activemask() { return moe_sim::activemask(); }
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
   const int lane = static_cast<int>(moe_sim::lane_id());
   const int src = (lane & ~(width - 1)) | (src_lane & (width - 1));
-  return moe_sim::from_bits<T>(
-      moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
+  return moe_sim::from_bits<T>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
   const int lane = static_cast<int>(moe_sim::lane_id());
   const int in_seg = lane & (width - 1);
   const int src = in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
-  return moe_sim::from_bits<T>(
-      moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
+  return moe_sim::from_bits<T>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
   const int lane = static_cast<int>(moe_sim::lane_id());
   const int in_seg = lane & (width - 1);
   const int src = in_seg + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane;
-  return moe_sim::from_bits<T>(
-      moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
+  return moe_sim::from_bits<T>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
@@ -152,8 +161,7 @@ inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSi
   const int max_lane = (lane & ~(width - 1)) | (width - 1);
   int src = lane ^ lane_mask;
   if (src > max_lane) src = lane;
-  return moe_sim::from_bits<T>(
-      moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
+  return moe_sim::from_bits<T>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kShfl, moe_sim::to_bits(var), src));
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kBallot, pred != 0, 0));
@@ -281,11 +289,17 @@ inline float __uint2float_rn(unsigned x) { return static_cast<float>(x); }
 
 // ---- read-only loads and integer atomics ------------------------------------------------------
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  return *p;
+}
 template <typename T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p) {
+  return *p;
+}
 template <typename T>
-inline void __stcs(T* p, T v) { *p = v; }
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
 
 namespace moe_sim {
 constexpr auto kAtomicOrder = std::memory_order_relaxed;  // CUDA atomics are relaxed
@@ -306,19 +320,18 @@ inline T atomic_min(T* p, T v) {
 }  // namespace moe_sim
 
 // Non-template overloads per type, as CUDA declares them (so `atomicAdd(unsigned_ptr, 1)` converts).
-#define MOE_SIM_ATOMICS(T)                                                                                 \
-  inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v, moe_sim::kAtomicOrder); }     \
-  inline T atomicSub(T* p, T v) { return std::atomic_ref<T>(*p).fetch_sub(v, moe_sim::kAtomicOrder); }     \
-  inline T atomicAnd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_and(v, moe_sim::kAtomicOrder); }     \
-  inline T atomicOr(T* p, T v) { return std::atomic_ref<T>(*p).fetch_or(v, moe_sim::kAtomicOrder); }       \
-  inline T atomicXor(T* p, T v) { return std::atomic_ref<T>(*p).fetch_xor(v, moe_sim::kAtomicOrder); }     \
-  inline T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v, moe_sim::kAtomicOrder); }     \
-  inline T atomicMax(T* p, T v) { return moe_sim::atomic_max(p, v); }                                      \
-  inline T atomicMin(T* p, T v) { return moe_sim::atomic_min(p, v); }                                      \
-  inline T atomicCAS(T* p, T expected, T desired) {                                                        \
-    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, moe_sim::kAtomicOrder,               \
-                                                   moe_sim::kAtomicOrder);                                 \
-    return expected; /* the old value either way */                                                        \
+#define MOE_SIM_ATOMICS(T)                                                                                           \
+  inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v, moe_sim::kAtomicOrder); }               \
+  inline T atomicSub(T* p, T v) { return std::atomic_ref<T>(*p).fetch_sub(v, moe_sim::kAtomicOrder); }               \
+  inline T atomicAnd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_and(v, moe_sim::kAtomicOrder); }               \
+  inline T atomicOr(T* p, T v) { return std::atomic_ref<T>(*p).fetch_or(v, moe_sim::kAtomicOrder); }                 \
+  inline T atomicXor(T* p, T v) { return std::atomic_ref<T>(*p).fetch_xor(v, moe_sim::kAtomicOrder); }               \
+  inline T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v, moe_sim::kAtomicOrder); }               \
+  inline T atomicMax(T* p, T v) { return moe_sim::atomic_max(p, v); }                                                \
+  inline T atomicMin(T* p, T v) { return moe_sim::atomic_min(p, v); }                                                \
+  inline T atomicCAS(T* p, T expected, T desired) {                                                                  \
+    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, moe_sim::kAtomicOrder, moe_sim::kAtomicOrder); \
+    return expected; /* the old value either way */                                                                  \
   }
 MOE_SIM_ATOMICS(int)
 MOE_SIM_ATOMICS(unsigned)

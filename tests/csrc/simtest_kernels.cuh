@@ -136,10 +136,18 @@ __global__ void thread_coords_kernel(int* __restrict__ out) {
   const int nthreads = blockDim.x * blockDim.y * blockDim.z;
   const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
   int* o = out + (block * nthreads + t) * 12;
-  o[0] = threadIdx.x; o[1] = threadIdx.y; o[2] = threadIdx.z;
-  o[3] = blockIdx.x; o[4] = blockIdx.y; o[5] = blockIdx.z;
-  o[6] = blockDim.x; o[7] = blockDim.y; o[8] = blockDim.z;
-  o[9] = gridDim.x; o[10] = gridDim.y; o[11] = gridDim.z;
+  o[0] = threadIdx.x;
+  o[1] = threadIdx.y;
+  o[2] = threadIdx.z;
+  o[3] = blockIdx.x;
+  o[4] = blockIdx.y;
+  o[5] = blockIdx.z;
+  o[6] = blockDim.x;
+  o[7] = blockDim.y;
+  o[8] = blockDim.z;
+  o[9] = gridDim.x;
+  o[10] = gridDim.y;
+  o[11] = gridDim.z;
 }
 
 // out[block] = how many blocks ran before it: a ticket taken from a global counter. Depends on
@@ -157,10 +165,8 @@ __global__ void bad_shuffle_kernel(int* __restrict__ out) {
 // A kernel that deadlocks on a GPU: thread 0 waits in __syncwarp for lane 1, which waits in
 // __syncthreads for thread 0. The emulator must detect it and raise instead of hanging.
 __global__ void deadlock_kernel(int* __restrict__ out) {
-  if (threadIdx.x == 0)
-    __syncwarp(0x3u);
-  else
-    __syncthreads();
+  if (threadIdx.x == 0) __syncwarp(0x3u);
+  else __syncthreads();
   out[threadIdx.x] = 1;
 }
 

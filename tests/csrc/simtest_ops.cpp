@@ -23,9 +23,16 @@ at::Tensor block_sum(const at::Tensor& x, int64_t threads, int64_t blocks) {
   auto out = at::empty({blocks}, x.options());
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (threads) {
-    case 32: launch(block_sum_kernel<32>, grid, dim3(32), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
-    case 256: launch(block_sum_kernel<256>, grid, dim3(256), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
-    case 1024: launch(block_sum_kernel<1024>, grid, dim3(1024), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel()); break;
+    case 32:
+      launch(block_sum_kernel<32>, grid, dim3(32), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+      break;
+    case 256:
+      launch(block_sum_kernel<256>, grid, dim3(256), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+      break;
+    case 1024:
+      launch(block_sum_kernel<1024>, grid, dim3(1024), 0, nullptr, x.data_ptr<float>(), out.data_ptr<float>(),
+             x.numel());
+      break;
     default: TORCH_CHECK(false, "block_sum: threads must be 32, 256 or 1024");
   }
   return out;
@@ -33,7 +40,8 @@ at::Tensor block_sum(const at::Tensor& x, int64_t threads, int64_t blocks) {
 
 at::Tensor warp_ops(const at::Tensor& x, int64_t threads) {
   check_cpu(x, at::kInt, "x");
-  TORCH_CHECK(x.numel() % threads == 0 && threads % 32 == 0, "warp_ops: numel must be a multiple of threads (a multiple of 32)");
+  TORCH_CHECK(x.numel() % threads == 0 && threads % 32 == 0,
+              "warp_ops: numel must be a multiple of threads (a multiple of 32)");
   auto out = at::empty({x.numel(), kWarpOpsCols}, x.options());
   launch(warp_ops_kernel, dim3(static_cast<unsigned>(x.numel() / threads)), dim3(static_cast<unsigned>(threads)), 0,
          nullptr, x.data_ptr<int>(), out.data_ptr<int>());
@@ -93,9 +101,11 @@ at::Tensor misuse(const std::string& what, int64_t threads) {
   const dim3 block(static_cast<unsigned>(threads));
   if (what == "bad_shuffle") launch(bad_shuffle_kernel, dim3(1), block, 0, nullptr, out.data_ptr<int>());
   else if (what == "deadlock") launch(deadlock_kernel, dim3(1), block, 0, nullptr, out.data_ptr<int>());
-  else if (what == "trap") launch(trap_kernel, dim3(2), block, 0, nullptr, out.data_ptr<int>(), static_cast<int>(threads / 2));
-  else if (what == "smem_too_big") launch(block_reverse_kernel, dim3(1), block, size_t{1} << 20, nullptr, static_cast<const float*>(nullptr),
-                  static_cast<float*>(nullptr), 0);
+  else if (what == "trap")
+    launch(trap_kernel, dim3(2), block, 0, nullptr, out.data_ptr<int>(), static_cast<int>(threads / 2));
+  else if (what == "smem_too_big")
+    launch(block_reverse_kernel, dim3(1), block, size_t{1} << 20, nullptr, static_cast<const float*>(nullptr),
+           static_cast<float*>(nullptr), 0);
   else if (what == "bad_block") launch(trap_kernel, dim3(1), dim3(2048), 0, nullptr, out.data_ptr<int>(), -1);
   else TORCH_CHECK(false, "misuse: unknown case ", what);
   return out;
@@ -112,8 +122,8 @@ at::Tensor planted_race(const at::Tensor& x) {
 
 at::Tensor planted_oob(int64_t n) {
   auto out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-  launch(planted_oob_kernel, dim3(static_cast<unsigned>((n + 1 + 63) / 64)), dim3(64), 0, nullptr, out.data_ptr<float>(),
-         static_cast<int>(n));
+  launch(planted_oob_kernel, dim3(static_cast<unsigned>((n + 1 + 63) / 64)), dim3(64), 0, nullptr,
+         out.data_ptr<float>(), static_cast<int>(n));
   return out;
 }
 
