@@ -11,6 +11,7 @@ Environment:
     MAX_JOBS                 parallel compile jobs (default: CPU count)
     MOE_OPS_BUILD_DIR        CMake build folder (default build/)
 """
+import importlib.util
 import os
 import re
 import shutil
@@ -22,6 +23,18 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _load_settings():
+    """moe_ops/envs.py (the table of every environment variable), loaded by path: the package
+    cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("moe_ops_envs", ROOT / "moe_ops" / "envs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+envs = _load_settings()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "moe_ops" / "__init__.py").read_text()).group(1)
 
 
@@ -36,8 +49,8 @@ def find_cuda_home():
         return root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists()
 
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if ok(os.environ.get(var)):
-            return str(Path(os.environ[var]).resolve())
+        if ok(envs.raw(var)):
+            return str(Path(envs.raw(var)).resolve())
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
@@ -73,7 +86,7 @@ def pip_cuda_include_dirs():
 
 
 def arch_list():
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    archs = envs.get("TORCH_CUDA_ARCH_LIST")
     out = []
     for a in re.split(r"[;\s,]+", archs.strip()):
         if not a:
@@ -100,10 +113,10 @@ class CMakeBuild(build_ext):
         import torch.utils.cpp_extension as cpp
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(os.environ.get("MOE_OPS_BUILD_DIR", ROOT / "build")).resolve()
+        build_dir = Path(envs.raw("MOE_OPS_BUILD_DIR") or ROOT / "build").resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
 
-        want = os.environ.get("MOE_OPS_CUDA", "auto").lower()
+        want = envs.get("MOE_OPS_CUDA").lower()
         cuda_home = find_cuda_home() if want != "0" else None
         use_cuda = want != "0" and cuda_home is not None and torch.version.cuda is not None
         if want == "1" and not use_cuda:
@@ -127,7 +140,7 @@ class CMakeBuild(build_ext):
             f"-DMOE_OPS_TORCH_LIBRARY_DIR={cpp.library_paths()[0]}",
             f"-DMOE_OPS_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DMOE_OPS_CUDA={'ON' if use_cuda else 'OFF'}",
-            f"-DMOE_OPS_SIM={'OFF' if os.environ.get('MOE_OPS_SIM', '1') == '0' else 'ON'}",
+            f"-DMOE_OPS_SIM={'OFF' if envs.get('MOE_OPS_SIM') == '0' else 'ON'}",
         ]
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
@@ -143,7 +156,7 @@ class CMakeBuild(build_ext):
             args.append(f"-DMOE_OPS_CUDA_HOME={cuda_home}")  # the emulator takes cuda_fp16.h from it
         print("moe_ops: cmake", " ".join(args[1:]), flush=True)
         subprocess.check_call(args)
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        jobs = envs.raw("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs])
 
 
@@ -158,7 +171,7 @@ setup(
     package_dir={"moe_ops.triton_kernels": "triton_kernels"},
     package_data={"moe_ops.triton_kernels": ["configs/*.json"]},
     ext_modules=[CMakeExtension("moe_ops._C")]
-    + ([CMakeExtension("moe_ops._C_sim", optional=True)] if os.environ.get("MOE_OPS_SIM", "1") != "0" else []),
+    + ([CMakeExtension("moe_ops._C_sim", optional=True)] if envs.get("MOE_OPS_SIM") != "0" else []),
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe_ops  # noqa: E402
 import moe_ops._C  # noqa: E402,F401
+from moe_ops import envs
 
 ops = torch.ops.moe_ops
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -130,7 +131,7 @@ def main():
                     help="also time capacity_dispatch/combine with this capacity factor (e.g. 1.25)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, load {open('/proc/loadavg').read().split()[0]}, "
-          f"MOE_OPS_CPU_CACHE_MB={os.environ.get('MOE_OPS_CPU_CACHE_MB', '(default)')}, "
+          f"MOE_OPS_CPU_CACHE_MB={envs.raw('MOE_OPS_CPU_CACHE_MB') or '(default)'}, "
           f"E={a.E}, H={a.H}, medians of {a.reps}, kernels {moe_ops.build_info().get('cpu')}\n")
     print("| dtype | T | k | threads (clock) | permute ms | GB/s | / copy_ | / clone | "
           "unpermute ms | GB/s | / copy_ | / clone | copy_ GB/s (p / u) | clone GB/s (p / u) |")

@@ -14,7 +14,7 @@ class Setting(NamedTuple):
     name: str
     default: Optional[str]
     doc: str
-    read_by: str  # "python", "c++", "build" (setup.py / CMake / Makefile) or "tests"
+    read_by: str  # "python", "c++", "build" (setup.py / CMake / Makefile), "tests" or "gpu-check"
 
 
 _SETTINGS = [
@@ -51,13 +51,25 @@ _SETTINGS = [
     Setting("MOE_OPS_BUILD_DIR", "build", "CMake build folder", "build"),
     Setting("TORCH_CUDA_ARCH_LIST", "8.0;9.0a", "CUDA archs to compile for", "build"),
     Setting("MAX_JOBS", "nproc", "parallel compile jobs", "build"),
-    Setting("CUDA_HOME", None, "CUDA toolkit root (else found from the nvcc on PATH; also CUDA_PATH)",
+    Setting("CUDA_HOME", None, "CUDA toolkit root (else CUDA_PATH, else found from the nvcc on PATH)",
             "build"),
+    Setting("CUDA_PATH", None, "CUDA toolkit root when CUDA_HOME is unset", "build"),
     # --- tests
     Setting("MOE_OPS_TEST_THREADS", None, "torch.set_num_threads(n) for the test run", "tests"),
     Setting("MOE_OPS_TEST_FULL", None, "1: emulated backends get the full test matrix", "tests"),
     Setting("MOE_OPS_TEST_SELF", None, "1: the op tests (tests/op_matrix.py) also run the reference as a backend against "
             "itself", "tests"),
+    Setting("LD_PRELOAD", None, "the loader's own variable: tests read it to tell they run under a "
+            "sanitizer runtime (scripts/sanitizers.sh preloads libtsan/libasan)", "tests"),
+    # --- the GPU check (scripts/gpu_check.py sets GPU_CHECK_* for its pytest plugin)
+    Setting("OUT", "gpu-check-out", "make gpu-check: folder the check writes its files into", "gpu-check"),
+    Setting("GPU_CHECK_RESULTS", None, "internal: file the pytest plugin writes its results to", "gpu-check"),
+    Setting("GPU_CHECK_SHARD", "0/1", "internal: i/n, the shard of the selected tests this run takes",
+            "gpu-check"),
+    Setting("GPU_CHECK_SAMPLE", "0", "internal: how many CPU-device tests to sample besides the GPU ones",
+            "gpu-check"),
+    Setting("GPU_CHECK_DEADLINE", "inf", "internal: time.time() after which remaining tests are skipped",
+            "gpu-check"),
     Setting("MOE_OPS_SANITIZERS_REQUIRED", None, "1: a missing sanitizer build fails the sanitizer "
             "tests (CI) instead of skipping them", "tests"),
 ]
@@ -70,6 +82,14 @@ def get(name: str) -> Optional[str]:
     s = SETTINGS[name]  # a KeyError here is a setting missing from the table
     v = os.environ.get(name)
     return s.default if v is None or v == "" else v
+
+
+def raw(name: str) -> Optional[str]:
+    """The value of setting ``name`` as set (None when unset or empty), for readers whose default
+    is computed (a path, the core count)."""
+    SETTINGS[name]  # a KeyError here is a setting missing from the table
+    v = os.environ.get(name)
+    return None if v == "" else v
 
 
 def flag(name: str) -> bool:

@@ -45,6 +45,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 TAG = "GPU_CHECK_JSON "
 
+
+def _load_settings():
+    """moe_ops/envs.py (the table of every environment variable), loaded by path: the check runs
+    before the package is built, with whatever interpreter it is given."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("moe_ops_envs", os.path.join(ROOT, "moe_ops", "envs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+envs = _load_settings()
+
 # Everything the check writes into OUT.
 OUT_FILES = OrderedDict([
     ("log", "gpu-check.log"),    # every step's full output
@@ -273,7 +286,7 @@ class Check:
             self.skipped = "--no-build"
             return
         cores = self.info.get("env", {}).get("cores") or os.cpu_count()
-        extra = dict(MAX_JOBS=os.environ.get("MAX_JOBS") or str(cores))
+        extra = dict(MAX_JOBS=envs.raw("MAX_JOBS") or str(cores))
         if self.device == "cuda":
             cap = self.info["env"]["capability"]
             extra.update(MOE_OPS_CUDA="1", MOE_OPS_SIM="0",
@@ -311,7 +324,7 @@ class Check:
         if self.info.get("env", {}).get("pytest_timeout"):
             cmd.insert(-1, f"--timeout={TEST_TIMEOUT_S}")
         # CPU tests: the cores shared out over the shards; on the CPU rehearsal 1 (tests/conftest.py)
-        threads = os.environ.get("MOE_OPS_TEST_THREADS") or (max(1, cores // shards) if self.device == "cuda" else 1)
+        threads = envs.raw("MOE_OPS_TEST_THREADS") or (max(1, cores // shards) if self.device == "cuda" else 1)
         procs = []
         self.log.write(f"$ {' '.join(cmd)}   ({shards} shard(s), sample {sample}, timeout {timeout:.0f} s)")
         for i in range(shards):
@@ -616,7 +629,7 @@ def summary(info, device, out) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-check-out"),
+    p.add_argument("--out", default=envs.raw("OUT") or os.path.join(ROOT, "gpu-check-out"),
                    help="folder for the files (default: $OUT, else gpu-check-out/)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: the GPU when torch sees one, else the CPU rehearsal")

@@ -15,7 +15,6 @@ what did not run. Settings come from the environment (the driver sets them):
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import OrderedDict
 
@@ -93,9 +92,15 @@ class _Recorder:
 _REC = None
 
 
+def _envs():
+    """The settings table; imported late so loading this plugin imports nothing of moe_ops."""
+    from moe_ops import envs
+    return envs
+
+
 def pytest_configure(config):
     global _REC
-    path = os.environ.get("GPU_CHECK_RESULTS")
+    path = _envs().raw("GPU_CHECK_RESULTS")
     _REC = _Recorder(path) if path else None
 
 
@@ -103,8 +108,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(session, config, items):
     if _REC is None:
         return
-    i, n = (int(v) for v in os.environ.get("GPU_CHECK_SHARD", "0/1").split("/"))
-    keep = select(items, int(os.environ.get("GPU_CHECK_SAMPLE", "0")), (i, n))
+    i, n = (int(v) for v in _envs().get("GPU_CHECK_SHARD").split("/"))
+    keep = select(items, int(_envs().get("GPU_CHECK_SAMPLE")), (i, n))
     kept = set(id(it) for it in keep)
     config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
     items[:] = keep
@@ -116,7 +121,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_runtest_protocol(item, nextitem):
     if _REC is None:
         return None
-    deadline = float(os.environ.get("GPU_CHECK_DEADLINE", "inf"))
+    deadline = float(_envs().get("GPU_CHECK_DEADLINE"))
     if time.time() > deadline:
         return True  # not started: the driver reports it as not run
     _REC.write(id=item.nodeid, start=time.time())

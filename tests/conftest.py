@@ -15,23 +15,25 @@
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from moe_ops import envs  # noqa: E402  (after the path; importing moe_ops does not import triton)
+
 # Triton kernels run on CPU through the interpreter, which must be chosen before triton is first
 # imported (any test module may import it through moe_ops). With no GPU, the `triton` backend is
 # then registered for CPU tensors and tested like every other backend.
-if "TRITON_INTERPRET" not in os.environ:
+if envs.raw("TRITON_INTERPRET") is None:
     import torch
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-if os.environ.get("MOE_OPS_TEST_THREADS"):
+if envs.raw("MOE_OPS_TEST_THREADS"):
     import torch
 
-    torch.set_num_threads(int(os.environ["MOE_OPS_TEST_THREADS"]))
+    torch.set_num_threads(int(envs.raw("MOE_OPS_TEST_THREADS")))
 
 
 def _is_cuda(value) -> bool:

@@ -32,11 +32,11 @@ machinery fails on broken backends, and the forked-child check, in tests/test_op
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from moe_ops import envs
 import moe_ops
 from moe_ops import backend as _backend
 from moe_ops import reference as R
@@ -74,7 +74,7 @@ EMU_FP32_ONLY = {(8, 2, 100, 8)}
 
 
 def _cases_for(op, name, device, dtype):
-    if os.environ.get("MOE_OPS_TEST_FULL") == "1" or (name, device) not in EMULATED:
+    if envs.flag("MOE_OPS_TEST_FULL") or (name, device) not in EMULATED:
         return list(enumerate(CASES))
     return [(i, c) for i, c in enumerate(EMU_CASES) if (op, c) not in EMU_SKIP
             and (dtype == torch.float32 or c not in EMU_FP32_ONLY)]
@@ -225,7 +225,7 @@ def check_op(op, name, device, dtype, case, idx):
 # MOE_OPS_TEST_SELF=1 runs the whole matrix with the reference registered as an extra backend
 # ("reference_copy"): a check of the machinery itself (every case, dtype and tolerance path).
 SELF = "reference_copy"
-if os.environ.get("MOE_OPS_TEST_SELF") == "1" and SELF not in _backend._LOADERS:
+if envs.flag("MOE_OPS_TEST_SELF") and SELF not in _backend._LOADERS:
     _backend._LOADERS[SELF] = None
     _backend._LOADED.add(SELF)
     _backend.register(SELF, DEVICES, {op: getattr(R, op) for op in OPS})

@@ -7,18 +7,18 @@ whenever its library file is present (e.g. built against another torch), and ``c
 when the extension was built with CUDA.
 """
 import importlib.util
-import os
 
 import pytest
 import torch
 
+from moe_ops import envs
 import moe_ops
 
 GPU = torch.cuda.is_available()
 
 
 def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.flag("TRITON_INTERPRET")
 
 
 def test_triton_loads():

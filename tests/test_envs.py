@@ -6,8 +6,8 @@ import re
 from moe_ops import envs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a read: getenv("X"), os.environ.get("X") / ["X"], envs.get/flag("X"), the emulator's env_seconds("X")
-_READ = re.compile(r"""(?:getenv|environ\.get|env_seconds|envs\.get|envs\.flag)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
+# a read: getenv("X"), os.environ.get("X") / ["X"], envs.get/raw/flag("X")
+_READ = re.compile(r"""(?:getenv|environ\.get|envs\.get|envs\.raw|envs\.flag)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
                    r"""|environ\[\s*["']([A-Z][A-Z0-9_]+)["']""")
 # a C++ read through csrc/env.h: env::get("CPU_CACHE_MB") / env::flag(...) reads MOE_OPS_CPU_CACHE_MB
 _CPP_READ = re.compile(r'env::(?:get|flag)\(\s*"([A-Z][A-Z0-9_]+)"')
@@ -44,6 +44,29 @@ def test_python_package_reads_only_through_the_table():
                 if f.endswith(".py") and not path.endswith(os.path.join("moe_ops", "envs.py")):
                     text = open(path).read()
                     assert "os.environ" not in text and "getenv" not in text, path
+
+
+# What is not a read: handing this environment to a child (dict(os.environ, ...), .items()), or
+# setting a variable for a child (os.environ["X"] = ..., setdefault).
+_NOT_A_READ = re.compile(r"dict\(os\.environ|os\.environ\.items\(\)|os\.environ\[[^\]]+\]\s*=(?!=)|"
+                         r"os\.environ\.setdefault|os\.environ\.pop")
+
+
+def test_every_read_goes_through_the_table_or_env_h():
+    """No variable is read past the registry: Python reads use moe_ops.envs (setup.py and the GPU
+    check load it by path), C++ reads use csrc/env.h."""
+    offenders = []
+    for path in _sources():
+        rel = os.path.relpath(path, ROOT)
+        if rel in (os.path.join("moe_ops", "envs.py"), os.path.join("csrc", "env.h"), os.path.join("tests", "test_envs.py")):
+            continue
+        for n, line in enumerate(open(path, errors="replace"), 1):
+            code = _NOT_A_READ.sub("", line)
+            if re.search(r"os\.environ|getenv\(|os\.getenv", code):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    offenders += [f"setup.py: {m}" for m in re.findall(r"os\.environ[^\n]*", _NOT_A_READ.sub("", setup))]
+    assert not offenders, "environment read past moe_ops/envs.py / csrc/env.h:\n" + "\n".join(offenders)
 
 
 def test_readme_lists_the_table():

@@ -7,11 +7,11 @@ runs every CPU backend in a child forked after it ran.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from moe_ops import envs
 import moe_ops
 from moe_ops import backend as _backend
 from moe_ops import reference as R
@@ -161,7 +161,7 @@ def _forked_child_check(conn, name):
         conn.send(f"{type(e).__name__}: {e}")
 
 
-@pytest.mark.skipif("libtsan" in os.environ.get("LD_PRELOAD", ""),
+@pytest.mark.skipif("libtsan" in (envs.raw("LD_PRELOAD") or ""),
                     reason="TSan does not support threads started after a multi-threaded fork")
 @pytest.mark.parametrize("name", backends_for("topk_gating", "cpu"))
 def test_backend_works_in_forked_child(name):

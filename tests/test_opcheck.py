@@ -9,11 +9,11 @@ whose kernels are the reference, always exists); an op without samples here fail
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from moe_ops import envs
 import moe_ops
 from moe_ops import _fake
 from moe_ops import autograd as moe_autograd
@@ -193,7 +193,7 @@ def test_opcheck(ns, op):
         pytest.skip(f"{ns}::{op} has no CPU kernel here")
     fn = getattr(getattr(torch.ops, ns), op).default
     utils = None  # all of opcheck's checks
-    if ns == "moe_ops_triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if ns == "moe_ops_triton" and envs.flag("TRITON_INTERPRET"):
         # Triton's interpreter cannot be traced (AOT dispatch); a GPU run covers that check.
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in samples(op):

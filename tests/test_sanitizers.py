@@ -13,10 +13,11 @@ import sys
 import textwrap
 
 import pytest
+from moe_ops import envs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILDS = {"address": ("build-asan", "libasan.so"), "thread": ("build-tsan", "libtsan.so")}
-REQUIRED = os.environ.get("MOE_OPS_SANITIZERS_REQUIRED") == "1"
+REQUIRED = envs.flag("MOE_OPS_SANITIZERS_REQUIRED")
 
 
 def _lib(san):

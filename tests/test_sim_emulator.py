@@ -11,10 +11,11 @@ import os
 
 import pytest
 import torch
+from moe_ops import envs
 
 
 def _load_sim():
-    path = os.environ.get("MOE_OPS_SIM_LIB")
+    path = envs.raw("MOE_OPS_SIM_LIB")
     if not path:
         root = os.path.join(os.path.dirname(__file__), "..", "moe_ops")
         found = sorted(glob.glob(os.path.join(root, "_C_sim*.so")))
@@ -189,7 +190,7 @@ FORK_THREADS = (32, 256, 1024)
 
 
 # ThreadSanitizer kills a child of a multi-threaded process that starts threads (die_after_fork).
-UNDER_TSAN = "libtsan" in os.environ.get("LD_PRELOAD", "")
+UNDER_TSAN = "libtsan" in (envs.raw("LD_PRELOAD") or "")
 
 
 def _fork_child(conn, x, want):
