@@ -9,16 +9,11 @@
 #include "row_io.h"
 #include "simd_avx2.h"
 
-#ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 namespace moe_cpu {
 namespace {
+
+#ifdef MOE_CPU_X86
+MOE_AVX2_BEGIN
 
 using avx2::exp8;
 using avx2::round8;
@@ -43,27 +38,15 @@ void swiglu_avx(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
+}  // namespace
 
 float silu_f32(float x) { return x / (1.f + std::exp(-x)); }
 
 void gated_act_rows(const float* gate, const float* up, float* out, int64_t n, DType dt, bool swiglu) {
-#ifdef MOE_CPU_X86
-  if (swiglu && have_avx2()) {
-    MOE_CPU_DISPATCH(dt, swiglu_avx, gate, up, out, n);
-    return;
-  }
-#endif
+  if (swiglu) MOE_CPU_RETURN_IF_AVX2(dt, swiglu_avx, gate, up, out, n);
   for (int64_t i = 0; i < n; ++i) {
     const float g = round_through(gate[i], dt), u = round_through(up[i], dt);
     out[i] = round_through((swiglu ? silu_f32(g) : gelu_f32(g)) * u, dt);
@@ -80,12 +63,7 @@ void swiglu_block_avx(const float* g, const float* u, int64_t ldi, float* out, i
 
 void gated_act_block(const float* gate, const float* up, int64_t ldi, float* out, int64_t ldo, int64_t rows,
                      int64_t cols, DType dt, bool swiglu) {
-#ifdef MOE_CPU_X86
-  if (swiglu && have_avx2()) {
-    MOE_CPU_DISPATCH(dt, swiglu_block_avx, gate, up, ldi, out, ldo, rows, cols);
-    return;
-  }
-#endif
+  if (swiglu) MOE_CPU_RETURN_IF_AVX2(dt, swiglu_block_avx, gate, up, ldi, out, ldo, rows, cols);
   for (int64_t r = 0; r < rows; ++r) gated_act_rows(gate + r * ldi, up + r * ldi, out + r * ldo, cols, dt, swiglu);
 }
 

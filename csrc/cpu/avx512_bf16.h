@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "avx512_bf16_isa.h"  // the kernels' signatures (GemmPanelsVnniFn, ...)
+
 namespace moe_cpu {
 
 inline int64_t vnni_pairs(int64_t K) { return (K + 1) / 2; }
@@ -28,17 +30,14 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero
 // weight). Panels p are at P + p * pstride elements. Each output is one vdpbf16ps chain over
 // the pairs in ascending order: independent of M, the blocking and the thread count.
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                      float* C, int64_t ldc, int64_t M);
+GemmPanelsVnniFn gemm_panels_vnni;
 
 // C[i*ldc + j] = sum_k A[i*lda + k] * B[j*ldb + k]  for i < M, j < N, k < K: bf16 A rows and
 // bf16 weight rows as stored (trans_b). Per output a vdpbf16ps chain over 32-wide steps of k,
 // then a fixed 16 -> 1 lane reduction: independent of M, N, the blocking and the thread count.
-void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                         int64_t ldc, int64_t M, int64_t N);
+GemmNtBf16Fn gemm_nt_bf16_avx512;
 
 // combine_row (combine_row.h) for bf16 sources and a bf16 output, bitwise the same result.
-void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
-                             const void* const* next, int n_next);
+CombineRowBf16Fn combine_row_bf16_avx512;
 
 }  // namespace moe_cpu

@@ -13,22 +13,25 @@
 
 namespace moe_cpu {
 
+// The three kernels' signatures, written once: avx512_bf16.h declares (and documents) the run-time
+// dispatchers with them, and each build below its own kernels.
+using GemmPanelsVnniFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
+                              int64_t np, float* C, int64_t ldc, int64_t M);
+using GemmNtBf16Fn = void(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                          int64_t ldc, int64_t M, int64_t N);
+using CombineRowBf16Fn = void(const void* const* src, const float* w, int n, void* out, int64_t H,
+                              const void* const* next, int n_next);
+
 namespace avx512_native {
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                      float* C, int64_t ldc, int64_t M);
-void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                         int64_t ldc, int64_t M, int64_t N);
-void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
-                             const void* const* next, int n_next);
+GemmPanelsVnniFn gemm_panels_vnni;
+GemmNtBf16Fn gemm_nt_bf16_avx512;
+CombineRowBf16Fn combine_row_bf16_avx512;
 }  // namespace avx512_native
 
 namespace avx512_emu {
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                      float* C, int64_t ldc, int64_t M);
-void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                         int64_t ldc, int64_t M, int64_t N);
-void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
-                             const void* const* next, int n_next);
+GemmPanelsVnniFn gemm_panels_vnni;
+GemmNtBf16Fn gemm_nt_bf16_avx512;
+CombineRowBf16Fn combine_row_bf16_avx512;
 }  // namespace avx512_emu
 
 }  // namespace moe_cpu

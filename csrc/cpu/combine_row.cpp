@@ -42,19 +42,8 @@ void combine_scalar(const void* const* src, const float* w, int n, DType sdt, vo
   }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
 #ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-namespace moe_cpu {
-namespace {
+MOE_AVX2_BEGIN
 
 constexpr int64_t esize(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
@@ -225,17 +214,10 @@ void combine_avx_o(const void* const* src, const float* w, int n, DType odt, voi
   }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
+}  // namespace
 
 void combine_row(const void* const* src, const float* w, int n, DType sdt, void* out, DType odt, int64_t H,
                  const void* const* next, int n_next) {

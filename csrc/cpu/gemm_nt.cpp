@@ -34,19 +34,8 @@ void gemm_nt_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_
     }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
 #ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-namespace moe_cpu {
-namespace {
+MOE_AVX2_BEGIN
 
 using avx2::for_row_blocks;
 using avx2::hsum;
@@ -196,17 +185,10 @@ void pack_bf16_avx(const void* src, int64_t K, float* dst) {
   }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
+}  // namespace
 
 void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* dst) {
   const int64_t Kp = padded_k(K);
@@ -237,12 +219,7 @@ void pack_row_nt(const void* src, DType src_dt, int64_t K, DType b_dt, float* ds
 void gemm_nt_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t K, float* C, int64_t ldc,
                    int64_t M, int64_t N, const void* next) {
   if (M <= 0 || N <= 0) return;
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, next);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, gemm_nt_avx, A, lda, B, ldb, K, C, ldc, M, N, next);
   gemm_nt_scalar(A, lda, B, dt, ldb, K, C, ldc, M, N);
 }
 

@@ -44,19 +44,8 @@ void gemm_nn_scalar(const float* A, int64_t lda, const void* B, DType dt, int64_
     }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
 #ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-namespace moe_cpu {
-namespace {
+MOE_AVX2_BEGIN
 
 using avx2::for_row_blocks;
 using avx2::load8;
@@ -224,19 +213,9 @@ void gemm_nn_avx(const float* A, int64_t lda, const void* Bv, int64_t ldb, int64
       M, [&]<int MR>(int64_t i) { nn_rows<DT, MR>(A + i * lda, lda, B, ldb_bytes, R, C + i * ldc, ldc, N, j0); });
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
-
-namespace {
 // Blocked transpose (16 weight rows x 64 k at a time) so both sides stream through L1.
 template <class T>
 void pack_panels_t(const T* s, int64_t N, int64_t K, int64_t ld, T* d) {
@@ -264,24 +243,14 @@ void pack_panels(const void* src, DType dt, int64_t N, int64_t K, int64_t ld, vo
 void gemm_panels(const float* A, int64_t lda, const void* P, DType dt, int64_t pstride, int64_t K, int64_t np, float* C,
                  int64_t ldc, int64_t M, const void* next) {
   if (M <= 0 || np <= 0) return;
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, gemm_panels_avx, A, lda, P, pstride, K, np, C, ldc, M, next);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, gemm_panels_avx, A, lda, P, pstride, K, np, C, ldc, M, next);
   gemm_panels_scalar(A, lda, P, dt, pstride, K, np, C, ldc, M);
 }
 
 void gemm_nn_block(const float* A, int64_t lda, const void* B, DType dt, int64_t ldb, int64_t R, float* C, int64_t ldc,
                    int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return;
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, gemm_nn_avx, A, lda, B, ldb, R, C, ldc, M, N);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, gemm_nn_avx, A, lda, B, ldb, R, C, ldc, M, N);
   gemm_nn_scalar(A, lda, B, dt, ldb, R, C, ldc, M, N);
 }
 

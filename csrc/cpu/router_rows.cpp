@@ -6,16 +6,11 @@
 #include "cpu_features.h"
 #include "simd_avx2.h"
 
-#ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 namespace moe_cpu {
 namespace {
+
+#ifdef MOE_CPU_X86
+MOE_AVX2_BEGIN
 
 using avx2::exp8;
 using avx2::hsum;
@@ -83,17 +78,10 @@ bool sigmoid_row_avx(const float* x, float* out, int64_t n) {
   return _mm256_testz_ps(bad, bad);
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
+}  // namespace
 
 // Without AVX2 both return false: topk_gating.cpp's scalar path (the one NaN rows and float64 take)
 // then computes the row.

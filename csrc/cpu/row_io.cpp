@@ -21,19 +21,8 @@ void row_from_f32_scalar(const float* src, void* dst, DType dt, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store_scalar(dst, dt, i, src[i]);
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
 #ifdef MOE_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-namespace moe_cpu {
-namespace {
+MOE_AVX2_BEGIN
 
 using avx2::load8;
 using avx2::round8;
@@ -82,45 +71,23 @@ void round_avx(const float* src, float* dst, int64_t n) {
   }
 }
 
-}  // namespace
-}  // namespace moe_cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+MOE_AVX2_END
 #endif  // MOE_CPU_X86
 
-namespace moe_cpu {
+}  // namespace
 
 void row_to_f32(const void* src, DType dt, float* dst, int64_t n) {
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, row_to_f32_avx, src, dst, n);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, row_to_f32_avx, src, dst, n);
   row_to_f32_scalar(src, dt, dst, n);
 }
 
 void row_from_f32(const float* src, void* dst, DType dt, int64_t n) {
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, row_from_f32_avx, src, dst, n);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, row_from_f32_avx, src, dst, n);
   row_from_f32_scalar(src, dst, dt, n);
 }
 
 void round_rows(const float* src, float* dst, int64_t n, DType dt) {
-#ifdef MOE_CPU_X86
-  if (have_avx2()) {
-    MOE_CPU_DISPATCH(dt, round_avx, src, dst, n);
-    return;
-  }
-#endif
+  MOE_CPU_RETURN_IF_AVX2(dt, round_avx, src, dst, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = round_through(src[i], dt);
 }
 

@@ -5,8 +5,8 @@
 //
 // Everything here is compiled for AVX2+FMA+F16C by a function-level target (no global -mavx2),
 // so the extension still loads on CPUs without AVX2; the kernels call it only when have_avx2()
-// (cpu_features.h). A .cpp that includes this header opens the same target region for its own
-// AVX2 functions (they must share the target to inline these). Defines MOE_CPU_X86 where built.
+// (cpu_features.h). A .cpp that includes this header wraps its own AVX2 functions in
+// MOE_AVX2_BEGIN / MOE_AVX2_END (they must share the target to inline these). Defines MOE_CPU_X86.
 #pragma once
 
 #include "dtype.h"
@@ -17,12 +17,17 @@
 
 #include <cstdint>
 
+// MOE_AVX2_BEGIN ... MOE_AVX2_END: a region whose functions are compiled for AVX2+FMA+F16C while
+// the rest of the file is not (they run only after have_avx2()); one spelling for GCC and clang.
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#define MOE_AVX2_BEGIN _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
+#define MOE_AVX2_END _Pragma("clang attribute pop")
 #else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#define MOE_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define MOE_AVX2_END _Pragma("GCC pop_options")
 #endif
+
+MOE_AVX2_BEGIN
 
 namespace moe_cpu::avx2 {
 
@@ -144,18 +149,22 @@ inline void for_row_blocks(int64_t M, Fn&& fn) {
 
 }  // namespace moe_cpu::avx2
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-// FN<DT>(args...) for the run-time dtype dt (the AVX2 kernels are templates on it).
-#define MOE_CPU_DISPATCH(dt, FN, ...)                    \
-  switch (dt) {                                          \
-    case DType::F32: FN<DType::F32>(__VA_ARGS__); break; \
-    case DType::F16: FN<DType::F16>(__VA_ARGS__); break; \
-    default: FN<DType::BF16>(__VA_ARGS__); break;        \
-  }
+MOE_AVX2_END
 
 #endif  // x86
+
+// Where the AVX2 kernels run (have_avx2(), cpu_features.h): FN<DT>(args...) for the run-time dtype
+// dt (the AVX2 kernels are templates on it), then return from the caller. Elsewhere nothing: the
+// caller goes on to its portable code.
+#ifdef MOE_CPU_X86
+#define MOE_CPU_RETURN_IF_AVX2(dt, FN, ...)                 \
+  if (have_avx2()) {                                        \
+    switch (dt) {                                           \
+      case DType::F32: FN<DType::F32>(__VA_ARGS__); return; \
+      case DType::F16: FN<DType::F16>(__VA_ARGS__); return; \
+      default: FN<DType::BF16>(__VA_ARGS__); return;        \
+    }                                                       \
+  }
+#else
+#define MOE_CPU_RETURN_IF_AVX2(dt, FN, ...)
+#endif

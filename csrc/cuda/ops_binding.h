@@ -63,6 +63,17 @@ struct Ops {
     TORCH_CHECK(ids.dim() == 2, "moe_ops::", op, ": ", name, " must be 2-D [T, k], got ", ids.sizes());
     return ids.contiguous();
   }
+  // x[T, H] and ids[T, k] of a dispatch op (permute, capacity_dispatch) over E experts; returns ids.
+  static at::Tensor dispatch_args(const at::Tensor& x, const at::Tensor& ids_in, int64_t E, const char* op) {
+    check_device(x, op, "x");
+    to_dtype(x, "x");
+    TORCH_CHECK(x.dim() == 2, "moe_ops::", op, ": x must be 2-D [T, H], got ", x.sizes());
+    const at::Tensor ids = ids_arg(x, ids_in, op, "ids");
+    TORCH_CHECK(ids.size(0) == x.size(0), "moe_ops::", op, ": ids has ", ids.size(0), " rows but x has ", x.size(0));
+    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::", op, ": num_experts must be in [1, ",
+                limits::kMaxExperts, "], got ", E);
+    return ids;
+  }
   static std::optional<at::Tensor> weights_arg(const at::Tensor& x, const std::optional<at::Tensor>& w, int64_t T,
                                                int64_t k, const char* op) {
     if (!w.has_value()) return std::nullopt;
@@ -130,14 +141,7 @@ struct Ops {
                                                                             const at::Tensor& ids_in, int64_t E,
                                                                             int64_t block_m) {
     const char* op = "permute";
-    check_device(x_in, op, "x");
-    to_dtype(x_in, "x");
-    TORCH_CHECK(x_in.dim() == 2, "moe_ops::permute: x must be 2-D [T, H], got ", x_in.sizes());
-    const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
-    TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::permute: ids has ", ids.size(0), " rows but x has ",
-                x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::permute: num_experts must be in [1, ",
-                limits::kMaxExperts, "], got ", E);
+    const at::Tensor ids = dispatch_args(x_in, ids_in, E, op);
     TORCH_CHECK(block_m >= 1 && block_m <= 1 << 20, "moe_ops::permute: block_m must be in [1, 2^20], got ", block_m);
     const int64_t T = ids.size(0), k = ids.size(1), H = x_in.size(1);
     const int64_t P = T * k + E * (block_m - 1);
@@ -186,14 +190,7 @@ struct Ops {
                                                                                       int64_t E, int64_t C,
                                                                                       c10::string_view priority) {
     const char* op = "capacity_dispatch";
-    check_device(x_in, op, "x");
-    to_dtype(x_in, "x");
-    TORCH_CHECK(x_in.dim() == 2, "moe_ops::capacity_dispatch: x must be 2-D [T, H], got ", x_in.sizes());
-    const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
-    TORCH_CHECK(ids.size(0) == x_in.size(0), "moe_ops::capacity_dispatch: ids has ", ids.size(0), " rows but x has ",
-                x_in.size(0));
-    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::capacity_dispatch: num_experts must be in [1, ",
-                limits::kMaxExperts, "], got ", E);
+    const at::Tensor ids = dispatch_args(x_in, ids_in, E, op);
     TORCH_CHECK(C >= 0, "moe_ops::capacity_dispatch: capacity must be >= 0, got ", C);
     TORCH_CHECK(E * C <= limits::kInt32Max, "moe_ops::capacity_dispatch: E*C overflows int32");
     bool kmajor;

@@ -172,33 +172,21 @@ inline int __any_sync(unsigned mask, int pred) {
 inline int __all_sync(unsigned mask, int pred) {
   return static_cast<int>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kAll, pred != 0, 0));
 }
-inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kAddU, v, 0));
-}
-inline int __reduce_add_sync(unsigned mask, int v) {
-  return static_cast<int>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kAddI, static_cast<uint32_t>(v), 0));
-}
-inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kMinU, v, 0));
-}
-inline int __reduce_min_sync(unsigned mask, int v) {
-  return static_cast<int>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kMinI, static_cast<uint32_t>(v), 0));
-}
-inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kMaxU, v, 0));
-}
-inline int __reduce_max_sync(unsigned mask, int v) {
-  return static_cast<int>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kMaxI, static_cast<uint32_t>(v), 0));
-}
-inline unsigned __reduce_and_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kAnd, v, 0));
-}
-inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kOr, v, 0));
-}
-inline unsigned __reduce_xor_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kXor, v, 0));
-}
+// __reduce_<op>_sync on a 32-bit value (unsigned, or int for add/min/max).
+#define MOE_SIM_WARP_REDUCE(NAME, T, OP)                                                                     \
+  inline T NAME(unsigned mask, T v) {                                                                        \
+    return static_cast<T>(moe_sim::warp_collective(mask, moe_sim::WarpOp::OP, static_cast<uint32_t>(v), 0)); \
+  }
+MOE_SIM_WARP_REDUCE(__reduce_add_sync, unsigned, kAddU)
+MOE_SIM_WARP_REDUCE(__reduce_add_sync, int, kAddI)
+MOE_SIM_WARP_REDUCE(__reduce_min_sync, unsigned, kMinU)
+MOE_SIM_WARP_REDUCE(__reduce_min_sync, int, kMinI)
+MOE_SIM_WARP_REDUCE(__reduce_max_sync, unsigned, kMaxU)
+MOE_SIM_WARP_REDUCE(__reduce_max_sync, int, kMaxI)
+MOE_SIM_WARP_REDUCE(__reduce_and_sync, unsigned, kAnd)
+MOE_SIM_WARP_REDUCE(__reduce_or_sync, unsigned, kOr)
+MOE_SIM_WARP_REDUCE(__reduce_xor_sync, unsigned, kXor)
+#undef MOE_SIM_WARP_REDUCE
 template <typename T>
 inline unsigned __match_any_sync(unsigned mask, T v) {
   return static_cast<unsigned>(moe_sim::warp_collective(mask, moe_sim::WarpOp::kMatchAny, moe_sim::to_bits(v), 0));
@@ -303,19 +291,21 @@ inline void __stcs(T* p, T v) {
 
 namespace moe_sim {
 constexpr auto kAtomicOrder = std::memory_order_relaxed;  // CUDA atomics are relaxed
-template <typename T>
-inline T atomic_max(T* p, T v) {
+// *p = v while before(old, v) holds for the value seen (a CAS loop); returns the old value.
+template <typename T, typename Before>
+inline T atomic_replace_while(T* p, T v, Before before) {
   std::atomic_ref<T> a(*p);
   T old = a.load(kAtomicOrder);
-  while (old < v && !a.compare_exchange_weak(old, v, kAtomicOrder, kAtomicOrder)) {}
+  while (before(old, v) && !a.compare_exchange_weak(old, v, kAtomicOrder, kAtomicOrder)) {}
   return old;
 }
 template <typename T>
+inline T atomic_max(T* p, T v) {
+  return atomic_replace_while(p, v, [](T old, T x) { return old < x; });
+}
+template <typename T>
 inline T atomic_min(T* p, T v) {
-  std::atomic_ref<T> a(*p);
-  T old = a.load(kAtomicOrder);
-  while (v < old && !a.compare_exchange_weak(old, v, kAtomicOrder, kAtomicOrder)) {}
-  return old;
+  return atomic_replace_while(p, v, [](T old, T x) { return x < old; });
 }
 }  // namespace moe_sim
 

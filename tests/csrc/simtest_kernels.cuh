@@ -136,18 +136,9 @@ __global__ void thread_coords_kernel(int* __restrict__ out) {
   const int nthreads = blockDim.x * blockDim.y * blockDim.z;
   const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
   int* o = out + (block * nthreads + t) * 12;
-  o[0] = threadIdx.x;
-  o[1] = threadIdx.y;
-  o[2] = threadIdx.z;
-  o[3] = blockIdx.x;
-  o[4] = blockIdx.y;
-  o[5] = blockIdx.z;
-  o[6] = blockDim.x;
-  o[7] = blockDim.y;
-  o[8] = blockDim.z;
-  o[9] = gridDim.x;
-  o[10] = gridDim.y;
-  o[11] = gridDim.z;
+  const unsigned coords[12] = {threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
+                               blockDim.x,  blockDim.y,  blockDim.z,  gridDim.x,  gridDim.y,  gridDim.z};
+  for (int i = 0; i < 12; ++i) o[i] = static_cast<int>(coords[i]);
 }
 
 // out[block] = how many blocks ran before it: a ticket taken from a global counter. Depends on
