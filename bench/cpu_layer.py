@@ -17,7 +17,7 @@ time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Im
 * ``kt_kernel``: KTransformers' kt-kernel bf16 MoE (bench/kt_peer.py; only when installed, bf16)
   behind the same router math as the transformers rows; ``kt_kernel_experts``: its experts alone
   on moe_ops' routing (as ``cpu_experts``). Its worker threads spin for a while after each call, so
-  the round-robin sleeps ``bench.decode.SETTLE_S`` (untimed) after each kt-kernel call;
+  the round-robin sleeps ``bench.kt_peer.SETTLE_S`` (untimed) after each kt-kernel call;
 * ``dense``: matmuls with the layer's FLOPs in the layer dtype; ``dense_fp32``: the same in
   float32 (MKL sgemm: on a CPU without native bf16 GEMM this is the real compute ceiling);
 * ``weight_read``: one read of the touched experts' weights (amax over an int32 view).
@@ -151,7 +151,7 @@ def main(argv=None):
             if ref is not None and isinstance(out, torch.Tensor) and out.shape == ref.shape and n != "cpu":
                 errs[n] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             if n.startswith("kt_kernel"):
-                time.sleep(decode.SETTLE_S)
+                time.sleep(kt_peer.SETTLE_S)
         for _ in range(a.reps):
             for n, f in impls.items():
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -160,7 +160,7 @@ def main(argv=None):
                 wall[n].append((t1 - t0) * 1e3)
                 cpu[n].append((c1 - c0) * 1e3)
                 if n.startswith("kt_kernel"):
-                    time.sleep(decode.SETTLE_S)
+                    time.sleep(kt_peer.SETTLE_S)
     try:
         load = open("/proc/loadavg").read().split()[0]
     except OSError:

@@ -15,8 +15,10 @@ layout at load, as ``pack_experts`` does).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -24,6 +26,14 @@ import torch
 _EXT = None          # the loaded extension module (or None before the first call)
 _ERROR = ""          # why it is unavailable
 _POOLS = {}          # threads -> CPUInfer: one worker pool per thread count for the process
+# Its workers keep spinning ~10-20 ms after a call (measured: process CPU time during a sleep right
+# after one): benchmarks pause this long, untimed, before timing anything else.
+SETTLE_S = 0.05
+
+
+def _find():
+    """The installed package's spec, found without running its ``__init__`` (None: not installed)."""
+    return importlib.util.find_spec("kt_kernel")
 
 
 def load() -> Tuple[Optional[object], str]:
@@ -31,7 +41,7 @@ def load() -> Tuple[Optional[object], str]:
     global _EXT, _ERROR
     if _EXT is not None or _ERROR:
         return _EXT, _ERROR
-    spec = importlib.util.find_spec("kt_kernel")  # locates the package without running its __init__
+    spec = _find()
     if spec is None or not spec.origin:
         _ERROR = "kt-kernel not installed (pip install --no-deps kt-kernel==0.7.2)"
         return None, _ERROR
@@ -57,6 +67,25 @@ def available() -> bool:
 def variant() -> str:
     ext, why = load()
     return ext._moe_ops_variant if ext is not None else why
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """kt-kernel's C++ side prints a few lines per pool and layer to fd 1: keep them out of the
+    benchmark's own output (markdown on stdout)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1: nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _pool(ext, threads: int):
@@ -88,6 +117,13 @@ class KTExperts:
             raise ValueError(f"w_down shape {tuple(w_down.shape)} != {(E, H, I)}")
         self.E, self.H, self.I, self.k, self.max_tokens = E, H, I, k, max_tokens
         self.threads = threads or torch.get_num_threads()
+        with _quiet_stdout():
+            self._load(ext, w_gate_up, w_down, k, max_tokens)
+        self._out = torch.empty(max_tokens, H, dtype=torch.bfloat16)
+        self._bsz = torch.zeros(1, dtype=torch.int32)
+
+    def _load(self, ext, w_gate_up, w_down, k, max_tokens):
+        E, H, I = self.E, self.H, self.I  # noqa: E741
         self.cpu_infer = _pool(ext, self.threads)
         wgu, wd = w_gate_up.contiguous(), w_down.contiguous()
         self._keep = (wgu, wd)  # its load reads through these pointers
@@ -107,8 +143,6 @@ class KTExperts:
         identity = torch.arange(E, dtype=torch.int64)  # physical expert e is logical expert e
         self.cpu_infer.submit(self.moe.load_weights_task(identity.data_ptr()))
         self.cpu_infer.sync()
-        self._out = torch.empty(max_tokens, H, dtype=torch.bfloat16)
-        self._bsz = torch.zeros(1, dtype=torch.int32)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
