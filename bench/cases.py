@@ -141,8 +141,11 @@ class Inputs:
         self.x = torch.randn(T, H, device=dev, dtype=dt, generator=g)
         self.logits = torch.randn(T, E, device=dev, dtype=torch.float32, generator=g)
         self.bias = (0.1 * torch.randn(E, device=dev, generator=g)) if pt.shape.correction_bias else None
-        self.w_gate_up = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=g).mul_(H ** -0.5)
-        self.w_down = torch.randn(E, H, I, device=dev, dtype=dt, generator=g).mul_(I ** -0.5)
+        # The weights from their own stream: equal at every T of one (shape, E, seed), so a peer that
+        # copies them at load (kt-kernel, which never frees that copy) loads them once per shape.
+        gw = torch.Generator(device=dev).manual_seed(seed + 7919)
+        self.w_gate_up = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=gw).mul_(H ** -0.5)
+        self.w_down = torch.randn(E, H, I, device=dev, dtype=dt, generator=gw).mul_(I ** -0.5)
         self.weights, ids = hf_route(self.logits, pt.shape, pt.k, pt.n_group, pt.topk_group, self.bias)
         self.ids = ids.to(torch.int32)
         # The dropless layout every downstream op consumes, from the oracle.
@@ -400,7 +403,7 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                  note=f"transformers MixtralExperts, experts_implementation={impl!r}"))
         if want("kt_kernel") and dev == "cpu" and dt == torch.bfloat16 and kt_peer.available():
             try:
-                kt = kt_peer.KTExperts(inp.w_gate_up, inp.w_down, k, max_tokens=max(T, 1))
+                kt = kt_peer.shared(inp.w_gate_up, inp.w_down, k, max_tokens=max(T, kt_peer.SHARED_MAX_TOKENS))
             except Exception as err:  # its API changed or it refuses the shape: report, keep going
                 ob.cases.append(Case("kt_kernel", "baseline", _raiser(err)))
             else:

@@ -61,6 +61,20 @@ def test_kt_peer_matches_reference(E, H, I, k, T):  # noqa: E741
         ex(torch.randn(T + 1, H).bfloat16(), ids.repeat(2, 1)[:T + 1], w.repeat(2, 1)[:T + 1])
 
 
+def test_kt_peer_shared_reuses_only_equal_weights():
+    if not kt_peer.available():
+        pytest.skip(f"kt-kernel: {kt_peer.load()[1]}")
+    x, wgu, wd, logits = _layer(8, 64, 128, 4, 2, seed=1)
+    a = kt_peer.shared(wgu, wd, 2, max_tokens=4)
+    assert kt_peer.shared(wgu.clone(), wd.clone(), 2, max_tokens=4) is a  # same values: kt-kernel's copy reused
+    assert kt_peer.shared(wgu, wd, 2, max_tokens=8) is not a              # more tokens than its buffers
+    b = kt_peer.shared(wgu, wd.neg(), 2, max_tokens=4)
+    assert b is not a and b.max_tokens == 4
+    w, ids = moe_ops.topk_gating(logits, 2)
+    ref = moe_ops.moe_forward(x, logits, wgu, wd.neg(), 2, backend="reference").float()
+    assert ((b(x, ids, w).float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_kt_peer_absent_says_why(monkeypatch):
     monkeypatch.setattr(kt_peer, "_EXT", None)
     monkeypatch.setattr(kt_peer, "_ERROR", "")
