@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -26,9 +27,10 @@ import torch
 _EXT = None          # the loaded extension module (or None before the first call)
 _ERROR = ""          # why it is unavailable
 _POOLS = {}          # threads -> CPUInfer: one worker pool per thread count for the process
-# Its workers keep spinning ~10-20 ms after a call (measured: process CPU time during a sleep right
-# after one): benchmarks pause this long, untimed, before timing anything else.
-SETTLE_S = 0.05
+# Its two workers keep spinning after a call and after a load (measured: 15-60 ms of process CPU
+# time in a 100 ms sleep right after one, none in the next): benchmarks pause this long, untimed,
+# before timing anything else.
+SETTLE_S = 0.1
 # kt-kernel keeps its copy of a layer's weights until the process ends (measured: RSS grows by the
 # weights' size per KTExperts, del or not), so a sweep reuses one instance per weight set
 # (:func:`shared`), sized for this many tokens.
@@ -124,6 +126,7 @@ class KTExperts:
         self.threads = threads or torch.get_num_threads()
         with _quiet_stdout():
             self._load(ext, w_gate_up, w_down, k, max_tokens)
+        time.sleep(SETTLE_S)  # its workers spin on after the load: not into the next timing
         self._out = torch.empty(max_tokens, H, dtype=torch.bfloat16)
         self._bsz = torch.zeros(1, dtype=torch.int32)
 
