@@ -16,7 +16,9 @@ capacity_combine      ``copy``
 grouped_gemm          ``torch_grouped_mm``, ``hf_mm_loop`` (transformers' per-expert mm
                       fallback), ``dense`` (one mm, same FLOPs), ``weight_read``, ``floor``
 moe_forward           ``hf_eager`` / ``hf_grouped_mm`` (transformers' MixtralExperts module,
-                      eager loop / default grouped_mm, behind its router math), ``dense``,
+                      eager loop / default grouped_mm, behind its router math), ``kt_kernel``
+                      (KTransformers' bf16 MoE behind the same router math; CPU, bf16, only
+                      when kt-kernel is installed: bench/kt_peer.py), ``dense``,
                       ``weight_read``, ``floor``
 ====================  =====================================================================
 
@@ -32,13 +34,14 @@ import torch
 
 import moe_ops
 
+from . import kt_peer
 from .shapes import ModelShape
 
 CAPACITY_FACTOR = 1.25
 OPS = ("topk_gating", "permute", "unpermute", "capacity_dispatch", "capacity_combine", "grouped_gemm",
        "moe_forward")
 # Every baseline name, in the order the ratio columns use.
-BASELINES = ("reference", "hf_eager", "hf_grouped_mm", "torch_grouped_mm", "hf_mm_loop", "hf_router",
+BASELINES = ("reference", "hf_eager", "hf_grouped_mm", "kt_kernel", "torch_grouped_mm", "hf_mm_loop", "hf_router",
              "hf_sort_gather", "hf_combine", "dense", "dense_fp32", "copy", "weight_read", "floor")
 
 
@@ -79,6 +82,7 @@ class Case:
     check: Optional[Callable[[object], str]] = None   # -> "ok" / "mismatch ..."
     note: str = ""
     skip: str = ""                 # non-empty: not run, reported as "skip: <why>"
+    settle_s: float = 0.0          # untimed pause after its timing (threads that spin on after a call)
 
 
 @dataclass
@@ -137,8 +141,11 @@ class Inputs:
         self.x = torch.randn(T, H, device=dev, dtype=dt, generator=g)
         self.logits = torch.randn(T, E, device=dev, dtype=torch.float32, generator=g)
         self.bias = (0.1 * torch.randn(E, device=dev, generator=g)) if pt.shape.correction_bias else None
-        self.w_gate_up = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=g).mul_(H ** -0.5)
-        self.w_down = torch.randn(E, H, I, device=dev, dtype=dt, generator=g).mul_(I ** -0.5)
+        # The weights from their own stream: equal at every T of one (shape, E, seed), so a peer that
+        # copies them at load (kt-kernel, which never frees that copy) loads them once per shape.
+        gw = torch.Generator(device=dev).manual_seed(seed + 7919)
+        self.w_gate_up = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=gw).mul_(H ** -0.5)
+        self.w_down = torch.randn(E, H, I, device=dev, dtype=dt, generator=gw).mul_(I ** -0.5)
         self.weights, ids = hf_route(self.logits, pt.shape, pt.k, pt.n_group, pt.topk_group, self.bias)
         self.ids = ids.to(torch.int32)
         # The dropless layout every downstream op consumes, from the oracle.
@@ -394,6 +401,19 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
             ob.cases.append(Case(name, "baseline", hf_layer,
                                  _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
                                  note=f"transformers MixtralExperts, experts_implementation={impl!r}"))
+        if want("kt_kernel") and dev == "cpu" and dt == torch.bfloat16 and kt_peer.available():
+            try:
+                kt = kt_peer.shared(inp.w_gate_up, inp.w_down, k, max_tokens=max(T, kt_peer.SHARED_MAX_TOKENS))
+            except Exception as err:  # its API changed or it refuses the shape: report, keep going
+                ob.cases.append(Case("kt_kernel", "baseline", _raiser(err)))
+            else:
+                def kt_layer(kt=kt):
+                    w, ids = hf_route(inp.logits, s, k, pt.n_group, pt.topk_group, inp.bias)
+                    return kt(inp.x, ids, w)
+                ob.cases.append(Case("kt_kernel", "baseline", kt_layer,
+                                     _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
+                                     note=f"kt-kernel {kt_peer.variant()} {kt.kernel}, {kt.threads} threads",
+                                     settle_s=kt_peer.SETTLE_S))
         _dense_and_read(ob, inp, want, [(T * k, H, 2 * I), (T * k, I, H)], [inp.w_gate_up, inp.w_down])
     else:
         raise ValueError(f"unknown op {op!r}")

@@ -1,6 +1,7 @@
 """CPU layer forward vs transformers and the roofline, robust to a shared machine.
 
     PYTHONPATH=. python bench/cpu_layer.py --E 64 --T 512 --H 1024 --I 2048 --k 2 --dtype bf16
+    PYTHONPATH=. python bench/cpu_layer.py --decode --E 64 --H 1024 --I 2048 --k 2     # cold-weight decode
 
 Implementations are timed round-robin (rep 1 of every implementation, then rep 2, ...) so
 background load hits all of them alike; reported are medians of wall time and of process CPU
@@ -13,11 +14,19 @@ time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Im
   a load-time cost); ``cpu_packed_experts``: ``moe_ops::fused_experts_packed`` alone;
 * ``hf_grouped_mm`` / ``hf_eager``: transformers' MixtralExperts (default grouped_mm path /
   eager per-expert loop) behind transformers' router math;
+* ``kt_kernel``: KTransformers' kt-kernel bf16 MoE (bench/kt_peer.py; only when installed, bf16)
+  behind the same router math as the transformers rows; ``kt_kernel_experts``: its experts alone
+  on moe_ops' routing (as ``cpu_experts``). Its worker threads spin for a while after each call, so
+  the round-robin sleeps ``bench.kt_peer.SETTLE_S`` (untimed) after each kt-kernel call;
 * ``dense``: matmuls with the layer's FLOPs in the layer dtype; ``dense_fp32``: the same in
   float32 (MKL sgemm: on a CPU without native bf16 GEMM this is the real compute ceiling);
 * ``weight_read``: one read of the touched experts' weights (amax over an int32 view).
 
 floor = max(min(dense, dense_fp32), weight_read) (``bench.report.floor_ms``, the harness's definition).
+
+``--decode``: cold-weight decode instead (bench/decode.py): T in ``--decode-tokens`` (1,2,4,8),
+routing that changes every call, touched bytes / GB/s / % of the stream read bandwidth measured
+in the same run; impls from ``cpu,cpu_packed,kt_kernel,weight_read``.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import torch
 import moe_ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import decode, kt_peer  # noqa: E402
 from bench.report import floor_ms  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,11 +70,19 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(DT))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--impls", default="cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,dense,"
-                                      "dense_fp32,weight_read")
+    p.add_argument("--impls", default=None,
+                   help="comma list (default: cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,"
+                        "kt_kernel,dense,dense_fp32,weight_read; with --decode: " + ",".join(decode.DEFAULT_IMPLS) + ")")
+    p.add_argument("--decode", action="store_true", help="cold-weight decode rows (bench/decode.py) instead")
+    p.add_argument("--decode-tokens", default="1,2,4,8")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.decode:
+        return main_decode(a)
+    if a.impls is None:
+        a.impls = "cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,kt_kernel,dense,dense_fp32," \
+                  "weight_read"
     dt = DT[a.dtype]
     E, T, H, I, k = a.E, a.T, a.H, a.I, a.k
     g = torch.Generator().manual_seed(0)
@@ -99,6 +117,20 @@ def main(argv=None):
                 w, i = torch.topk(torch.softmax(logits, -1), k, dim=-1)
                 return ex(x, i, w)
             impls[f"hf_{impl}"] = hf
+    if "kt_kernel" in want or "kt_kernel_experts" in want:
+        why = kt_peer.load()[1] or ("" if dt == torch.bfloat16 else "kt-kernel's bf16 MoE needs --dtype bf16")
+        if why:
+            print(f"kt_kernel skipped: {why}")
+        else:
+            kt = kt_peer.KTExperts(wgu, wd, k, max_tokens=T)
+            print(f"kt_kernel: kt-kernel {kt_peer.variant()} build, {kt.kernel}, {kt.threads} worker threads")
+            if "kt_kernel" in want:
+                def kt_layer():
+                    w, i = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+                    return kt(x, i, w)
+                impls["kt_kernel"] = kt_layer
+            if "kt_kernel_experts" in want:
+                impls["kt_kernel_experts"] = lambda: kt(x, ids, weights)
     M = T * k
     for name, ddt in (("dense", dt), ("dense_fp32", torch.float32)):
         if name in want:
@@ -113,8 +145,13 @@ def main(argv=None):
         ref = moe_ops.moe_forward(x, logits, wgu, wd, k, backend="cpu") if "cpu" in impls else None
         wall = {n: [] for n in impls}
         cpu = {n: [] for n in impls}
-        for n, f in impls.items():  # warm-up
-            f()
+        errs = {}
+        for n, f in impls.items():  # warm-up, and each layer's output against moe_ops cpu
+            out = f()
+            if ref is not None and isinstance(out, torch.Tensor) and out.shape == ref.shape and n != "cpu":
+                errs[n] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            if n.startswith("kt_kernel"):
+                time.sleep(kt_peer.SETTLE_S)
         for _ in range(a.reps):
             for n, f in impls.items():
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -122,11 +159,8 @@ def main(argv=None):
                 t1, c1 = time.perf_counter(), time.process_time()
                 wall[n].append((t1 - t0) * 1e3)
                 cpu[n].append((c1 - c0) * 1e3)
-        if ref is not None and "hf_grouped_mm" in impls:
-            out = impls["hf_grouped_mm"]()
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        else:
-            err = float("nan")
+                if n.startswith("kt_kernel"):
+                    time.sleep(kt_peer.SETTLE_S)
     try:
         load = open("/proc/loadavg").read().split()[0]
     except OSError:
@@ -135,17 +169,35 @@ def main(argv=None):
     medc = {n: statistics.median(v) for n, v in cpu.items()}
     floor = floor_ms(med) or float("nan")  # bench/report.py FLOOR_DEFINITION
     print(f"E={E} T={T} H={H} I={I} k={k} {a.dtype} threads={torch.get_num_threads()} touched={hit} "
-          f"reps={a.reps} load={load} rel_err(cpu vs hf)={err:.2e} kernels={moe_ops.build_info().get('cpu')}")
-    print(f"{'impl':14s} {'wall ms':>9s} {'(min..max)':>19s} {'cpu ms':>9s} {'GFLOP/s':>8s} {'vs cpu':>7s}")
+          f"reps={a.reps} load={load} kernels={moe_ops.build_info().get('cpu')}")
+    if errs:
+        print("rel err vs cpu: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    print(f"{'impl':18s} {'wall ms':>9s} {'(min..max)':>19s} {'cpu ms':>9s} {'GFLOP/s':>8s} {'vs cpu':>7s}")
     for n in impls:
         v = wall[n]
         rel = med[n] / med["cpu"] if "cpu" in med else float("nan")
-        print(f"{n:14s} {med[n]:9.2f} ({min(v):8.2f}..{max(v):8.2f}) {medc[n]:9.2f} "
+        print(f"{n:18s} {med[n]:9.2f} ({min(v):8.2f}..{max(v):8.2f}) {medc[n]:9.2f} "
               f"{flops / med[n] / 1e6:8.1f} {rel:7.2f}")
     for n in ("cpu", "cpu_packed"):
         if n in med:
             print(f"floor {floor:.2f} ms; {n} / floor = {med[n] / floor:.2f}"
-                  + "".join(f"; {b} / {n} = {med[b] / med[n]:.2f}" for b in ("hf_grouped_mm", "hf_eager") if b in med))
+                  + "".join(f"; {b} / {n} = {med[b] / med[n]:.2f}" for b in ("hf_grouped_mm", "hf_eager", "kt_kernel")
+                            if b in med))
+
+
+def main_decode(a):
+    tokens = [int(t) for t in a.decode_tokens.split(",") if t]
+    impls = decode.optional_impls(a.impls)
+    dt = DT[a.dtype]
+    rows = decode.run(a.E, a.H, a.I, a.k, tokens, dtype=dt, impls=impls, reps=a.reps, log=print)
+    try:
+        load = open("/proc/loadavg").read().split()[0]
+    except OSError:
+        load = "?"
+    print(decode.table(rows, f"cold-weight decode: E={a.E} H={a.H} I={a.I} k={a.k} {a.dtype} "
+                             f"threads={torch.get_num_threads()} reps={a.reps} load={load} LLC "
+                             f"{decode.llc_bytes() >> 20} MiB kernels={moe_ops.build_info().get('cpu')}"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import moe_ops  # noqa: E402
 from bench import profiling as bench_profiling  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import BASELINES, OPS, Inputs, Point, op_cases  # noqa: E402
-from bench.shapes import MODELS, TINY  # noqa: E402
+from bench import decode as bench_decode  # noqa: E402
+from bench import kt_peer  # noqa: E402
+from bench.shapes import EXTRA, MODELS  # noqa: E402
 from bench.timing import measure  # noqa: E402
 
 EXPERTS = (8, 16, 32, 64, 128, 256)
@@ -48,11 +50,21 @@ PRESETS: Dict[str, dict] = {
     "quick": dict(models=list(MODELS), experts=[8, 64], tokens={"cpu": [64], "cuda": [64, 512]}, topk="native",
                   scale={"cpu": 8, "cuda": 1}, warmup=1, reps=10, budget_s=0.25, time_limit=270,
                   reference_max_gflop={"cpu": 8.0, "cuda": 2000.0}),
-    # The CPU backend's matrix (issue: CPU backend): four model families scaled to a 2-core CPU,
-    # T x E as below; run it with --dtype bf16 --backends cpu --ops moe_forward,permute,unpermute.
-    "cpu": dict(models=["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-20b"], experts=[8, 32, 64, 128],
-                tokens={"cpu": [1, 8, 64, 512], "cuda": [1, 8, 64, 512]}, topk="native", scale={"cpu": 8, "cuda": 1},
-                warmup=1, reps=5, budget_s=0.3, time_limit=None, reference_max_gflop={"cpu": 2.0, "cuda": 2000.0}),
+    # The CPU backend's matrix (issues: CPU backend, 15): four model families scaled to a 2-core CPU,
+    # T x E as below, the cpu backend (as stored and packed) beside transformers, kt-kernel (when
+    # installed) and dense bf16 at equal FLOPs; run it with --dtype bf16. Its own ops, backends, baselines.
+    "cpu": dict(models=["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-20b"], experts=[8, 64, 128],
+                tokens={"cpu": [1, 4, 16, 64, 128, 512], "cuda": [1, 4, 16, 64, 128, 512]}, topk="native",
+                scale={"cpu": 8, "cuda": 1}, warmup=1, reps=5, budget_s=0.3, time_limit=None,
+                reference_max_gflop={"cpu": 2.0, "cuda": 2000.0}, ops=["moe_forward", "permute", "unpermute"],
+                backends=["cpu"], baselines=["hf_eager", "hf_grouped_mm", "kt_kernel", "dense", "dense_fp32",
+                                             "weight_read", "floor", "copy"]),
+    # Cold-weight decode (bench/decode.py): the layer with routing that changes every call, beside
+    # kt-kernel, in GB/s and % of the stream read bandwidth measured in the same run. T x E x model
+    # as below (the weights must be far larger than the last-level cache); no per-op matrix.
+    "cpu_decode": dict(models=["cpu-layer"], experts=[64], tokens={"cpu": [1, 2, 4, 8], "cuda": [1, 2, 4, 8]},
+                       topk="native", scale={"cpu": 1, "cuda": 1}, warmup=1, reps=15, budget_s=0.0, time_limit=None,
+                       reference_max_gflop={"cpu": 2.0, "cuda": 2000.0}, decode=True),
     "full": dict(models=list(MODELS), experts=list(EXPERTS), tokens={"cpu": [1, 8, 64, 512],
                  "cuda": [1, 8, 64, 512, 4096]}, topk="sweep", scale={"cpu": 8, "cuda": 1},
                  warmup=3, reps=30, budget_s=0.5, time_limit=None,
@@ -84,7 +96,7 @@ def parse_args(argv=None):
                    help="auto: bf16 on CUDA and on CPUs with native bf16 matmul (oneDNN), else fp32")
     p.add_argument("--scale", type=float, default=None,
                    help="divide H and I by this (default: the preset's; 8 on CPU, 1 on CUDA)")
-    p.add_argument("--models", help=f"comma list of {sorted(MODELS)} (or 'tiny')")
+    p.add_argument("--models", help=f"comma list of {sorted(MODELS)} (or {sorted(EXTRA)}: never scaled)")
     p.add_argument("--hidden", type=int, help="use this H for every model (exact; replaces the scaled H)")
     p.add_argument("--intermediate", type=int, help="use this I for every model (exact; replaces the scaled I)")
     p.add_argument("--experts", help="comma list of E values (default: the preset's)")
@@ -210,12 +222,12 @@ def build_points(cfg: dict, args, device: str, dtype: torch.dtype):
     scale = args.scale if args.scale is not None else cfg["scale"][device]
     points, notes = [], []
     for name in names:
-        if name == "tiny":
-            shape = TINY
+        if name in EXTRA:
+            shape = EXTRA[name]
         elif name in MODELS:
             shape = MODELS[name].scaled(scale)
         else:
-            raise SystemExit(f"unknown model {name!r}; known: {sorted(MODELS)} and 'tiny'")
+            raise SystemExit(f"unknown model {name!r}; known: {sorted(MODELS)} and {sorted(EXTRA)}")
         if args.hidden or args.intermediate:
             shape = dataclasses.replace(shape, hidden=args.hidden or shape.hidden,
                                         intermediate=args.intermediate or shape.intermediate)
@@ -293,6 +305,8 @@ def run_point(pt: Point, ops: List[str], args, cfg, meta: dict, only_backends, b
                 if warm:  # the checked call doubles as the first warmup
                     r["check"] = case.check(case.fn())
                 t = measure(case.fn, pt.device, warm=warm, **timing)
+                if case.settle_s:
+                    time.sleep(case.settle_s)
                 r.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps)
                 if ob.flops:
                     r["tflops"] = ob.flops / (t.median_ms * 1e-3) / 1e12
@@ -353,7 +367,7 @@ def main(argv=None) -> int:
     baselines = cfg.get("baselines")
     if args.baselines is not None:
         baselines = [] if args.baselines == "none" else _csv_list(args.baselines)
-    only_backends = _csv_list(args.backends)
+    only_backends = _csv_list(args.backends) or cfg.get("backends")
     max_bytes = int(args.max_gb * (1 << 30)) if args.max_gb else default_max_bytes(device)
     time_limit = args.time_limit if args.time_limit is not None else cfg["time_limit"]
 
@@ -369,6 +383,11 @@ def main(argv=None) -> int:
         log(f"[bench] backend {b} not loaded: {why}")
     for n in notes:
         log(f"[bench] skipped {n}")
+    if device == "cpu" and (baselines is None or "kt_kernel" in baselines) and not kt_peer.available():
+        notes.append(f"baseline kt_kernel: {kt_peer.load()[1]}")  # an optional peer: a note, not an error row
+        log(f"[bench] skipped {notes[-1]}")
+    if cfg.get("decode"):
+        return _main_decode(args, cfg, points, notes, meta, dtype, csv_path, old_threads, log)
     rows: List[dict] = []
     skipped = 0
     prof = bench_profiling.Profiler.from_args(args, cfg, device, meta, backends_for)
@@ -396,6 +415,7 @@ def main(argv=None) -> int:
     if device == "cpu":
         torch.set_num_threads(old_threads)
     md = report.markdown(rows, dict(meta, dtype=str(dtype).replace("torch.", ""), cores=usable_cores()))
+    md += "".join(f"\nNote: {n}\n" for n in notes if n.startswith("baseline"))
     summary = report.hf_summary(rows)
     tail = f"\n{len(rows)} rows appended to {csv_path}"
     if skipped:
@@ -403,6 +423,46 @@ def main(argv=None) -> int:
     if prof is not None:
         tail += "\n" + prof.finish()
     text = md + ("\n" + summary if summary else "") + tail + "\n"
+    with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def _main_decode(args, cfg, points, notes, meta, dtype, csv_path, old_threads, log) -> int:
+    """The ``decode`` presets: bench/decode.py once per (model, E, k) with all its T values."""
+    if meta["device"] != "cpu":
+        raise SystemExit("the cold-weight decode rows are a CPU benchmark (--device cpu)")
+    groups: Dict[tuple, List[int]] = {}
+    for pt in points:
+        groups.setdefault((pt.shape, pt.E, pt.k), []).append(pt.T)
+    impls = bench_decode.optional_impls(args.backends)
+    reps = args.reps if args.reps is not None else cfg["reps"]
+    dt = str(dtype).replace("torch.", "")
+    rows: List[dict] = []
+    md = [f"# moe-ops cold-weight decode ({args.preset})", "",
+          f"device: **{meta['device_name']}** (cpu, {meta['threads']} threads) · load avg {meta['load']} · "
+          f"torch {meta['torch']} · commit {meta['commit']} · {meta['timestamp']} · dtype {dt} · LLC "
+          f"{bench_decode.llc_bytes() >> 20} MiB · kt-kernel {kt_peer.variant()}", ""]
+    with torch.inference_mode():
+        for (shape, E, k), tokens in groups.items():
+            t0 = time.perf_counter()
+            raw = bench_decode.run(E, shape.hidden, shape.intermediate, k, tokens, dtype=dtype, impls=impls,
+                                   reps=reps, seed=args.seed, log=log)
+            md.append(bench_decode.table(raw, f"## {shape.name} E={E} k={k} H={shape.hidden} I={shape.intermediate}"))
+            for T in tokens:
+                group = [dict(meta, model=shape.name, op=bench_decode.OP, backend=r["impl"], kind=r["kind"], E=E, k=k,
+                              T=T, H=shape.hidden, I=shape.intermediate, dtype=dt, status=r["status"],
+                              median_ms=r.get("median_ms"), min_ms=r.get("min_ms"), reps=r.get("reps"),
+                              gbps=r.get("gbps"), bytes=r.get("bytes", ""), check=r.get("check", ""),
+                              note=r.get("note", "")) for r in raw if r["T"] == T]
+                report.add_ratios(group)
+                report.append_csv(csv_path, group)
+                rows.extend(group)
+            log(f"[bench] decode {shape.name} E={E} k={k} T={tokens}: {time.perf_counter() - t0:.1f}s")
+    torch.set_num_threads(old_threads)
+    md += [f"Note: {n}" for n in notes]
+    text = "\n".join(md) + f"\n{len(rows)} rows appended to {csv_path}\n"
     with open(os.path.join(args.out_dir, "latest.md"), "w") as f:
         f.write(text)
     print(text)

@@ -86,3 +86,8 @@ MODELS: Dict[str, ModelShape] = {m.name: m for m in (
 
 # A tiny layer for the smoke preset and the microbenchmarks (not a real model).
 TINY = ModelShape("tiny", 64, 128, 8, 2, "softmax", True, source="synthetic")
+# The CPU issue's layer (bench/cpu_layer.py's defaults): E=64, H=1024, I=2048, top-2, plain softmax;
+# 805 MB of bf16 experts, far beyond a CPU's last-level cache (the cold-weight decode rows).
+CPU_LAYER = ModelShape("cpu-layer", 1024, 2048, 64, 2, "softmax", False, source="synthetic (issue 15)")
+# Shapes that are selected by name but never scaled and not part of list(MODELS).
+EXTRA = {TINY.name: TINY, CPU_LAYER.name: CPU_LAYER}
