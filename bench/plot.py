@@ -50,15 +50,48 @@ def load(path: str, run: str):
     return rows
 
 
-def plot(rows, out_dir: str, ops=None, models=None) -> list:
+def _file_name(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + ".png"
+
+
+def _draw(lines, xticks, xlabel, ylabel, title, path, hline=None) -> str:
+    """One log-log figure: a line per implementation ({impl: {x: y}}), saved to path."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl, pts in lines.items():
+        xs = sorted(pts)
+        color, ls, marker = STYLE.get(impl, (None, "-", "o"))
+        ax.plot(xs, [pts[x] for x in xs], linestyle=ls, marker=marker, color=color, label=impl)
+    if hline is not None:
+        ax.axhline(hline, color="tab:gray", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xticks)
+    ax.set_xticklabels([str(x) for x in xticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _groups(rows, per, out_dir, ops=None, models=None):
+    """The rows by (op, model, *per, dtype, device, H, I), one figure each, in sorted order."""
     groups = defaultdict(list)
     for r in rows:
         if (ops and r["op"] not in ops) or (models and r["model"] not in models):
             continue
-        groups[(r["op"], r["model"], r["k"], r["T"], r["dtype"], r["device_name"], r["H"], r["I"])].append(r)
+        groups[(r["op"], r["model"], *(r[c] for c in per), r["dtype"], r["device_name"], r["H"], r["I"])].append(r)
     os.makedirs(out_dir, exist_ok=True)
+    return sorted(groups.items())
+
+
+def plot(rows, out_dir: str, ops=None, models=None) -> list:
     written = []
-    for (op, model, k, T, dtype, dev, H, I), rs in sorted(groups.items()):
+    for (op, model, k, T, dtype, dev, H, I), rs in _groups(rows, ("k", "T"), out_dir, ops, models):
         lines = OrderedDict()
         for r in sorted(rs, key=lambda r: (r["kind"] != "backend", r["backend"])):
             lines.setdefault(r["backend"], {})
@@ -66,40 +99,17 @@ def plot(rows, out_dir: str, ops=None, models=None) -> list:
             e = int(r["E"])
             t = float(r["median_ms"])
             lines[r["backend"]][e] = min(t, lines[r["backend"]].get(e, t))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for impl, pts in lines.items():
-            xs = sorted(pts)
-            color, ls, marker = STYLE.get(impl, (None, "-", "o"))
-            ax.plot(xs, [pts[x] for x in xs], linestyle=ls, marker=marker, color=color, label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         es = sorted({e for pts in lines.values() for e in pts})
-        ax.set_xticks(es)
-        ax.set_xticklabels([str(e) for e in es])
-        ax.set_xlabel("experts E")
-        ax.set_ylabel("median time (ms, log)")
-        ax.set_title(f"{op} · {model} (H={H}, I={I}) · k={k} T={T} · {dtype}\n{dev}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{op}__{model}__k{k}_T{T}_{dtype}_{dev}") + ".png"
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_draw(lines, es, "experts E", "median time (ms, log)",
+                             f"{op} · {model} (H={H}, I={I}) · k={k} T={T} · {dtype}\n{dev}",
+                             os.path.join(out_dir, _file_name(f"{op}__{model}__k{k}_T{T}_{dtype}_{dev}"))))
     return written
 
 
 def plot_vs_floor(rows, out_dir: str, ops=None, models=None) -> list:
     """time / floor vs T, one line per implementation, per (op, model, E, k, dtype, device, H, I)."""
-    groups = defaultdict(list)
-    for r in rows:
-        if (ops and r["op"] not in ops) or (models and r["model"] not in models):
-            continue
-        groups[(r["op"], r["model"], r["E"], r["k"], r["dtype"], r["device_name"], r["H"], r["I"])].append(r)
-    os.makedirs(out_dir, exist_ok=True)
     written = []
-    for (op, model, E, k, dtype, dev, H, I), rs in sorted(groups.items()):
+    for (op, model, E, k, dtype, dev, H, I), rs in _groups(rows, ("E", "k"), out_dir, ops, models):
         floor = {}
         for r in rs:
             if r["backend"] == "floor":
@@ -115,28 +125,10 @@ def plot_vs_floor(rows, out_dir: str, ops=None, models=None) -> list:
             pts = lines.setdefault(r["backend"], {})
             v = float(r["median_ms"]) / floor[t]
             pts[t] = min(v, pts.get(t, v))  # several runs (--run all): the fastest
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for impl, pts in lines.items():
-            xs = sorted(pts)
-            color, ls, marker = STYLE.get(impl, (None, "-", "o"))
-            ax.plot(xs, [pts[x] for x in xs], linestyle=ls, marker=marker, color=color, label=impl)
-        ax.axhline(1.0, color="tab:gray", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ts = sorted(floor)
-        ax.set_xticks(ts)
-        ax.set_xticklabels([str(t) for t in ts])
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("median time / floor (log; 1 = floor)")
-        ax.set_title(f"{op} · {model} (H={H}, I={I}) · E={E} k={k} · {dtype}\n{dev}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{op}__{model}__E{E}_k{k}_{dtype}_{dev}__vs_floor") + ".png"
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_draw(lines, sorted(floor), "tokens T", "median time / floor (log; 1 = floor)",
+                             f"{op} · {model} (H={H}, I={I}) · E={E} k={k} · {dtype}\n{dev}",
+                             os.path.join(out_dir, _file_name(f"{op}__{model}__E{E}_k{k}_{dtype}_{dev}__vs_floor")),
+                             hline=1.0))
     return written
 
 
