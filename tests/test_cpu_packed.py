@@ -171,6 +171,33 @@ def test_moe_forward_vnni_matches_reference():
     assert_close_to_reference(out, lowp, hi, name="moe_forward(packed vnni)")
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_bf16"), reason="no native AVX512-BF16")
+@pytest.mark.parametrize("T,E,k,H,I", [(1, 4, 2, 64, 48), (40, 2, 2, 70, 45), (300, 1, 1, 130, 34), (513, 3, 3, 32, 16)])
+def test_vnni_brgemm_and_panel_kernel_agree(T, E, k, H, I):
+    """On native AVX512-BF16 the vnni packing runs oneDNN's brgemm (csrc/cpu/onednn_brgemm.h)
+    while oneDNN is enabled, else moe_ops' panel kernel. Without AMX both are one vdpbf16ps chain
+    per output, pairs ascending: the same bits, for row counts below, across and above the
+    kernels' row blocks (12, 256) and odd H, I (zero pads). With AMX, the two are only close."""
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, torch.bfloat16, seed=T + H)
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    out = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    with torch.backends.mkldnn.flags(enabled=False):
+        panel = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    if _cpu_has_amx():
+        torch.testing.assert_close(out, panel, rtol=2e-2, atol=2e-2)
+    else:
+        assert_bitwise_equal(out, panel, name="fused_experts_packed vnni: brgemm vs panel kernel")
+    assert torch.isfinite(out).all()
+
+
 def test_moe_forward_refuses_stale_packing():
     x, logits, wgu, wd = _layer_case()
     packed = moe_ops.pack_experts(wgu, wd)

@@ -35,6 +35,7 @@
 #include "fused_moe_frame.h"
 #include "gemm_panels.h"
 #include "host_alloc.h"
+#include "onednn_brgemm.h"
 #include "row_io.h"
 #include "tile_schedule.h"
 
@@ -159,6 +160,9 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
+  // The vnni panels are oneDNN brgemm operands as they are (onednn_brgemm.h): its kernels where
+  // it runs, the own panel kernel elsewhere.
+  const bool brg = vnni && brgemm_available();
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
     const std::vector<int64_t>& offs = pl.offs;
     const int64_t Sv = pl.rows();
@@ -196,8 +200,15 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
       const char* w = wgu + (t.e * P1 + p) * pair;
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
       if (vnni) {
-        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp, Hp, reinterpret_cast<const uint16_t*>(w),
-                         Hp * kPanel, Hp / 2, 2, c.data(), 2 * kPanel, rows);
+        const uint16_t* a = reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp;
+        const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+        if (brg) {  // bitwise the panel kernel's result without AMX (onednn_brgemm.h)
+          brgemm_bf16(rows, kPanel, Hp, a, Hp, wv, kPanel, c.data(), 2 * kPanel);
+          brgemm_bf16(rows, kPanel, Hp, a, Hp, wv + Hp * kPanel, kPanel, c.data() + kPanel, 2 * kPanel);
+          brgemm_done();
+        } else {
+          gemm_panels_vnni(a, Hp, wv, Hp * kPanel, Hp / 2, 2, c.data(), 2 * kPanel, rows);
+        }
         // h is rounded to bf16 by the activation, so the conversion to GEMM2's bf16 A is exact.
         h.resize(static_cast<size_t>(rows * kPanel));
         gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
@@ -222,7 +233,13 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
       const int64_t rows = t.m1 - t.m0, np = t.n1 - t.n0;
       c.resize(static_cast<size_t>(rows * np * kPanel));
       const char* w = wd + (t.e * P2 + t.n0) * panel;
-      if (vnni) {
+      if (vnni && brg) {
+        for (int64_t j = 0; j < np; ++j)
+          brgemm_bf16(rows, kPanel, I, reinterpret_cast<const uint16_t*>(A2) + t.m0 * I, I,
+                      reinterpret_cast<const uint16_t*>(w) + j * I * kPanel, kPanel, c.data() + j * kPanel,
+                      np * kPanel);
+        brgemm_done();
+      } else if (vnni) {
         gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A2) + t.m0 * I, I, reinterpret_cast<const uint16_t*>(w),
                          I * kPanel, I / 2, np, c.data(), np * kPanel, rows);
       } else {
