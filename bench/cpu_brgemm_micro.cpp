@@ -38,7 +38,7 @@ double run_panels(const at::Tensor& A, const at::Tensor& P, at::Tensor& C, int64
   const int64_t M = A.size(0), K = A.size(1), R = P.size(0), N = C.size(1);
   auto one = [&](int64_t r) {
     moe_cpu::avx512_native::gemm_panels_vnni(static_cast<const uint16_t*>(A.const_data_ptr()), K,
-                                             static_cast<const uint16_t*>(P.const_data_ptr()) + r * N * K, K * 16,
+                                             static_cast<const uint16_t*>(P.const_data_ptr()) + r * N * K, K * 16, 32,
                                              K / 2, N / 16, C.data_ptr<float>(), N, M);
   };
   one(0);
