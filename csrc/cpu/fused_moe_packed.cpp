@@ -182,9 +182,12 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
-  // The vnni panels are oneDNN brgemm operands as they are (onednn_brgemm.h): its kernels where
-  // it runs, the own panel kernel elsewhere.
-  const bool brg = vnni && brgemm_available();
+  // The vnni blocks are oneDNN brgemm operands as they are (onednn_brgemm.h): its kernels where
+  // it runs, for tiles of >= kBrgemmMinRows rows; the own panel kernel elsewhere. Measured on
+  // Zen 4 (docs/cpu.md, "oneDNN brgemm"): brgemm is faster from ~16 rows, slower for decode-size
+  // tiles. Without AMX both give the same bits, so the choice never shows in the result.
+  constexpr int64_t kBrgemmMinRows = 16;
+  const bool brg_here = vnni && brgemm_available();
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
     const std::vector<int64_t>& offs = pl.offs;
     const int64_t Sv = pl.rows();
@@ -218,6 +221,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     run_tiles(make_tiles(offs, P1, 2 * K1 * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c, h;
       const int64_t rows = t.m1 - t.m0, p = t.n0;
+      const bool brg = brg_here && rows >= kBrgemmMinRows;
       c.resize(static_cast<size_t>(rows * 2 * kPanel));
       const char* w = wgu + (t.e * P1 + p) * pair;
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
@@ -253,6 +257,7 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     run_tiles(make_tiles(offs, U2, I * ucols, nu2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * ucols;
+      const bool brg = brg_here && rows >= kBrgemmMinRows;
       c.resize(static_cast<size_t>(rows * ldc));
       const char* w = wd + (t.e * U2 + t.n0) * unit;
       const uint16_t* a2 = reinterpret_cast<const uint16_t*>(A2) + t.m0 * I;
