@@ -2,9 +2,10 @@
 // library behind torch's own bf16 matmul on CPUs with AVX512-BF16 or AMX), for the bf16 packed
 // expert GEMMs (fused_moe_packed.cpp): bf16 x bf16 -> float32 on B in the VNNI block layout.
 //
-// B layout: K/2 rows of ldb (k even, k odd) pairs -- for ldb = 16 exactly one 'vnni' panel of
-// avx512_bf16.h, so the packed weights of pack_experts(layout='vnni') are brgemm operands as
-// they are. Measured on AVX512-BF16 without AMX (AMD Zen 4, docs/cpu.md "oneDNN brgemm (issue
+// B layout: K/2 rows of ldb (k even, k odd) pairs -- for ldb = 32 one block of the 'vnni'
+// packing (avx512_bf16.h kVnniBlock), so pack_experts(layout='vnni') weights are brgemm operands
+// as they are. Without AMX, ATen's cpublas::pack refuses to pack (could_pack is false), which is
+// why the packing is moe_ops' own. Measured on AVX512-BF16 without AMX (AMD Zen 4, docs/cpu.md "oneDNN brgemm (issue
 // 15)"): each output is one vdpbf16ps chain over the pairs in ascending order, bitwise equal to
 // gemm_panels_vnni and independent of M and the column block -- checked by
 // bench/cpu_brgemm_micro.py --check and, through the op, by tests/test_cpu_packed.py.
