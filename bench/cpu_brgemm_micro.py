@@ -97,7 +97,7 @@ def main():
             C = torch.full((M, N), float("nan"))
             row = []
             for nb in nbs:
-                s = ext.run_brgemm(A, packs[nb][:1], C, nb, 1)
+                ext.run_brgemm(A, packs[nb][:1], C, nb, 1)
                 assert torch.allclose(C, ref, rtol=1e-2, atol=1e-1), f"brgemm nb{nb} wrong"
                 row.append(ext.run_brgemm(A, packs[nb], C, nb, args.reps))
             ext.run_panels(A, P[:1], C, 1)

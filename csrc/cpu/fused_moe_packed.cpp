@@ -94,9 +94,7 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, co
   const char* src2 = static_cast<const char*>(wd.const_data_ptr());
   char* dst1 = static_cast<char*>(pgu.data_ptr());
   char* dst2 = static_cast<char*>(pd.data_ptr());
-  const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) {
-    pack_panels(src, dt, cols, K, K, dst);
-  };
+  const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) { pack_panels(src, dt, cols, K, K, dst); };
   // One panel per task: gate/up panels of GEMM1 ((e, p, g): rows g*I + 16p.. of w_gate_up[e],
   // clipped at the gate/up boundary), then the panels (vnni: 32-column blocks) of GEMM2.
   const int64_t PB2 = vnni ? (H + kVnniBlock - 1) / kVnniBlock : P2;
@@ -152,11 +150,10 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const bool vnni = pgu_in.dim() == 6;
   const int64_t ucols = vnni ? kVnniBlock : kPanel;  // columns of a GEMM2 weight unit
   const int64_t U2 = (H + ucols - 1) / ucols;
-  TORCH_CHECK(pd_in.dim() == (vnni ? 5 : 4) && pd_in.size(1) == U2 && pd_in.size(3) == ucols &&
-                  (!vnni || pd_in.size(4) == 2),
-              "moe_ops::fused_experts_packed (cpu): w_down_packed must be ",
-              vnni ? "[E, ceil(H/32)=" : "[E, ceil(H/16)=", U2, vnni ? ", ceil(I/2), 32, 2]" : ", I, 16]",
-              " (from moe_ops::pack_experts), got ", pd_in.sizes());
+  TORCH_CHECK(
+      pd_in.dim() == (vnni ? 5 : 4) && pd_in.size(1) == U2 && pd_in.size(3) == ucols && (!vnni || pd_in.size(4) == 2),
+      "moe_ops::fused_experts_packed (cpu): w_down_packed must be ", vnni ? "[E, ceil(H/32)=" : "[E, ceil(H/16)=", U2,
+      vnni ? ", ceil(I/2), 32, 2]" : ", I, 16]", " (from moe_ops::pack_experts), got ", pd_in.sizes());
   const int64_t E = pd_in.size(0), K2d = pd_in.size(2);  // rows of a GEMM2 unit: I, or ceil(I/2) pairs
   TORCH_CHECK(pgu_in.dim() == (vnni ? 6 : 5) && pgu_in.size(0) == E &&
                   (vnni ? pgu_in.size(2) == vnni_pairs(H) && pgu_in.size(3) == 2 && pgu_in.size(4) == kPanel &&
@@ -252,8 +249,8 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     const char* wd = static_cast<const char*>(pd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
     // Units of GEMM2's weights: 16-column panels (panel16), 32-column blocks (vnni).
-    const int64_t unit = I * ucols * es;                            // bytes of one unit
-    const int64_t nu2 = nt_col_block(offs, U2, I * ucols, es, 1);   // units per tile
+    const int64_t unit = I * ucols * es;                           // bytes of one unit
+    const int64_t nu2 = nt_col_block(offs, U2, I * ucols, es, 1);  // units per tile
     run_tiles(make_tiles(offs, U2, I * ucols, nu2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * ucols;

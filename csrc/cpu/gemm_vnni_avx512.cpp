@@ -3,9 +3,9 @@
 //
 // Dataflow per call: for each pair of panels (32 columns) -> row blocks of up to 12 rows: 24 zmm
 // accumulators (12 rows x 2 panels); per reduction pair kk, 2 panel loads (16 columns x (k, k+1)
-// each, at P + panel * pstride + kk * prow) and per row one 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into both
-// accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay
-// within the 32 zmm registers.
+// each, at P + panel * pstride + kk * prow) and per row one 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into
+// both accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay within the 32 zmm
+// registers.
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
@@ -49,8 +49,8 @@ constexpr int kVnniMR = 12;
 
 // Row block of r (1..kVnniMR) rows: the compile-time MR that equals r.
 template <int NP, int MR = kVnniMR>
-inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
-                      float* C, int64_t ldc) {
+inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
+                      int64_t K2, float* C, int64_t ldc) {
   if constexpr (MR >= 1) {
     if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, prow, K2, C, ldc);
     vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, prow, K2, C, ldc);

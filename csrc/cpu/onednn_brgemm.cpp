@@ -29,9 +29,7 @@ bool probe() {
   try {
     brgemm_bf16(3, 16, 4, a, 4, b, 16, c, 16);
     brgemm_done();
-  } catch (const c10::Error&) {
-    return false;
-  }
+  } catch (const c10::Error&) { return false; }
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 16; ++j) {
       float s = 0.f;
