@@ -499,9 +499,10 @@ class PackedExperts:
 
     Layout ``panel16``: ``w_gate_up[E, ceil(I/16), 2, H, 16]`` and ``w_down[E, ceil(H/16), I, 16]``,
     16-column panels of the logical ``[K, N]`` operands, in the weights' dtype (the same bytes,
-    zero-padded columns). Layout ``vnni`` (bf16, for AVX512-BF16's ``vdpbf16ps``): the same panels
-    with the K rows as ``ceil(K/2)`` (k even, k odd) pairs, ``[E, ceil(I/16), 2, ceil(H/2), 16, 2]``
-    and ``[E, ceil(H/16), ceil(I/2), 16, 2]``. :meth:`matches` says whether given weights still
+    zero-padded columns). Layout ``vnni`` (bf16, for AVX512-BF16's ``vdpbf16ps`` and oneDNN's
+    brgemm): 32-column blocks with the K rows as ``ceil(K/2)`` (k even, k odd) pairs,
+    ``[E, ceil(I/16), ceil(H/2), 2, 16, 2]`` (each row: 16 gate | 16 up columns) and
+    ``[E, ceil(H/32), ceil(I/2), 32, 2]``. :meth:`matches` says whether given weights still
     hold exactly the values packed (a copy-on-write guard, :class:`_WeightGuard`; docs/cpu.md), so
     a packing of other or since-modified weights is refused instead of silently used."""
 

@@ -50,20 +50,26 @@ VNNI_BUILT = vnni_kernel_runs()
 
 
 def test_pack_layout_vnni():
-    """bf16 'vnni' layout: panels of ceil(K/2) rows of 16 (k even, k odd) pairs, zero padded (odd
-    H and I: the pair of the last k holds a zero)."""
+    """bf16 'vnni' layout: blocks of 32 columns (w_gate_up: the 16 gate | 16 up columns of one
+    panel; w_down: 32 columns of H, zero padded) as ceil(K/2) rows of 32 (k even, k odd) pairs,
+    zero padded (odd H and I: the pair of the last k holds a zero). H = 35: a last w_down block
+    with 3 columns and one all-zero panel."""
     E, I, H = 3, 21, 35
     wgu = torch.randn(E, 2 * I, H).bfloat16()
     wd = torch.randn(E, H, I).bfloat16()
     pgu, pd = ops.pack_experts(wgu, wd, "vnni")
-    assert pgu.shape == (E, 2, 2, 18, 16, 2) and pd.shape == (E, 3, 11, 16, 2)
+    assert pgu.shape == (E, 2, 18, 2, 16, 2) and pd.shape == (E, 2, 11, 32, 2)
     p16gu, p16d = ops.pack_experts(wgu, wd, "panel16")  # [E, P, 2, K, 16] / [E, P, K, 16]
 
     def pairs(p, K):  # [..., K, 16] -> [..., ceil(K/2), 16, 2]
         p = torch.cat([p, torch.zeros_like(p[..., :1, :])], dim=-2) if K % 2 else p
         return p.unflatten(-2, (-1, 2)).transpose(-1, -2)
-    assert_bitwise_equal(pgu, pairs(p16gu, H).contiguous())
-    assert_bitwise_equal(pd, pairs(p16d, I).contiguous())
+    # w_gate_up: [E, P, 2, K2, 16, 2] -> rows of (gate | up): [E, P, K2, 2, 16, 2]
+    assert_bitwise_equal(pgu, pairs(p16gu, H).transpose(2, 3).contiguous())
+    # w_down: panels 2b, 2b+1 (a zero panel past the last) interleaved row by row
+    pd16 = pairs(p16d, I)  # [E, 3, 11, 16, 2]
+    pd16 = torch.cat([pd16, torch.zeros_like(pd16[:, :1])], dim=1)
+    assert_bitwise_equal(pd, pd16.unflatten(1, (2, 2)).transpose(2, 3).flatten(3, 4).contiguous())
     # the layout is in the rank: a panel16 tensor is not taken for a vnni one or vice versa
     assert p16gu.dim() == 5 and pgu.dim() == 6
     meta = ops.pack_experts(wgu.to("meta"), wd.to("meta"), "vnni")
@@ -169,6 +175,33 @@ def test_moe_forward_vnni_matches_reference():
     lowp = moe_ops.moe_forward(x, logits, wgu, wd, 2, backend="reference")
     hi = moe_ops.moe_forward(x.double(), logits.double(), wgu.double(), wd.double(), 2, backend="reference")
     assert_close_to_reference(out, lowp, hi, name="moe_forward(packed vnni)")
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_bf16"), reason="no native AVX512-BF16")
+@pytest.mark.parametrize("T,E,k,H,I", [(1, 4, 2, 64, 48), (40, 2, 2, 70, 45), (300, 1, 1, 130, 34), (513, 3, 3, 32, 16)])
+def test_vnni_brgemm_and_panel_kernel_agree(T, E, k, H, I):
+    """On native AVX512-BF16 the vnni packing runs oneDNN's brgemm (csrc/cpu/onednn_brgemm.h)
+    while oneDNN is enabled, else moe_ops' panel kernel. Without AMX both are one vdpbf16ps chain
+    per output, pairs ascending: the same bits, for row counts below, across and above the
+    kernels' row blocks (12, 256) and odd H, I (zero pads). With AMX, the two are only close."""
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, torch.bfloat16, seed=T + H)
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    out = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    with torch.backends.mkldnn.flags(enabled=False):
+        panel = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    if _cpu_has_amx():
+        torch.testing.assert_close(out, panel, rtol=2e-2, atol=2e-2)
+    else:
+        assert_bitwise_equal(out, panel, name="fused_experts_packed vnni: brgemm vs panel kernel")
+    assert torch.isfinite(out).all()
 
 
 def test_moe_forward_refuses_stale_packing():

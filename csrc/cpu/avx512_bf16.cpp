@@ -12,17 +12,18 @@
 
 namespace moe_cpu {
 
-void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst) {
+void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                      int64_t prow) {
   const int64_t K2 = vnni_pairs(K);
   for (int64_t p = 0; p < num_panels(N); ++p) {
-    uint16_t* d = dst + p * K2 * 32;
+    uint16_t* d = dst + p * pstride;
     const int64_t cols = std::min<int64_t>(kPanel, N - p * kPanel);
     const uint16_t* s = src + p * kPanel * ld;
     for (int64_t kk = 0; kk < K2; ++kk)
       for (int64_t c = 0; c < kPanel; ++c)
         for (int64_t j = 0; j < 2; ++j) {
           const int64_t k = 2 * kk + j;
-          d[(kk * kPanel + c) * 2 + j] = (c < cols && k < K) ? s[c * ld + k] : uint16_t(0);
+          d[kk * prow + c * 2 + j] = (c < cols && k < K) ? s[c * ld + k] : uint16_t(0);
         }
   }
 }
@@ -59,9 +60,9 @@ const Kernels& kernels() {
 
 }  // namespace
 
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                      float* C, int64_t ldc, int64_t M) {
-  if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, K2, np, C, ldc, M);
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
+                      int64_t np, float* C, int64_t ldc, int64_t M) {
+  if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, prow, K2, np, C, ldc, M);
 }
 
 void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,

@@ -3,10 +3,12 @@
 // gemm_nt_bf16_avx512.cpp) and the bf16 row combine (vcvtne2ps2bf16, combine_row_bf16_avx512.cpp),
 // plus the VNNI packing.
 //
-// VNNI layout (pack_panels_vnni): panel p holds the columns [16p, 16p+16) of the logical [K, N]
+// VNNI panels (pack_panels_vnni): panel p holds the columns [16p, 16p+16) of the logical [K, N]
 // operand as K2 = ceil(K/2) rows of 16 (k even, k odd) bf16 pairs: one 512-bit load is 16
 // columns x 2 reduction steps, which is what vdpbf16ps multiplies against a broadcast pair of A.
-// Columns past N and the odd-K tail are zero.
+// Columns past N and the odd-K tail are zero. Row kk of panel p sits at p * pstride + kk * prow:
+// the 'vnni' packing (fused_moe_packed.cpp) interleaves two panels row by row (prow = 64), which
+// makes each pair of panels one oneDNN brgemm B block of kVnniBlock = 32 columns (onednn_brgemm.h).
 //
 // Each kernel is one source compiled twice (avx512_bf16_isa.h): natively, used when the CPU
 // has AVX512F/BW/VL/DQ/BF16, and through SIMDe's portable AVX-512, so the same code runs -- and is
@@ -21,14 +23,16 @@
 namespace moe_cpu {
 
 inline int64_t vnni_pairs(int64_t K) { return (K + 1) / 2; }
+constexpr int64_t kVnniBlock = 32;
 
 // src: N rows of K bf16 (row stride ld elements) -> dst: num_panels(N) panels of
-// vnni_pairs(K) x 16 x 2 bf16 (panel stride vnni_pairs(K) * 32 elements).
-void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst);
+// vnni_pairs(K) rows of 16 x 2 bf16, panel p at p * pstride, row kk at kk * prow elements.
+void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                      int64_t prow);
 
-// C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p][k/2][c][k%2]  for i < M, p < np, c < 16
+// C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p*pstride + (k/2)*prow + 2*c + k%2]  for i < M, p < np, c < 16
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero
-// weight). Panels p are at P + p * pstride elements. Each output is one vdpbf16ps chain over
+// weight). Each output is one vdpbf16ps chain over
 // the pairs in ascending order: independent of M, the blocking and the thread count.
 GemmPanelsVnniFn gemm_panels_vnni;
 

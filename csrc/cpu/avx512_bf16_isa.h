@@ -15,8 +15,8 @@ namespace moe_cpu {
 
 // The three kernels' signatures, written once: avx512_bf16.h declares (and documents) the run-time
 // dispatchers with them, and each build below its own kernels.
-using GemmPanelsVnniFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2,
-                              int64_t np, float* C, int64_t ldc, int64_t M);
+using GemmPanelsVnniFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
+                              int64_t K2, int64_t np, float* C, int64_t ldc, int64_t M);
 using GemmNtBf16Fn = void(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
                           int64_t ldc, int64_t M, int64_t N);
 using CombineRowBf16Fn = void(const void* const* src, const float* w, int n, void* out, int64_t H,

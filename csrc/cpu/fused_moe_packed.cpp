@@ -3,6 +3,10 @@
 //
 //   pack_experts:  w_gate_up[E,2I,H] -> [E, P1=ceil(I/16), 2, H, 16]   (panel p: gate | up)
 //                  w_down[E,H,I]     -> [E, P2=ceil(H/16), I, 16]
+//   'vnni' (bf16): w_gate_up -> [E, P1, ceil(H/2), 2, 16, 2]  (row kk of block p: gate | up pairs)
+//                  w_down    -> [E, ceil(H/32), ceil(I/2), 32, 2]
+//   i.e. blocks of 32 columns with the reduction as (k even, k odd) pairs: oneDNN brgemm's B
+//   layout (onednn_brgemm.h) and, read as two interleaved 16-column panels, gemm_panels_vnni's.
 //   fused_experts_packed: x[T,H], ids[T,k], weights[T,k]?, packed weights -> out[T,H]
 //
 // Why: the layer's weights are [out, in] with the reduction contiguous, which forces the NT
@@ -35,6 +39,7 @@
 #include "fused_moe_frame.h"
 #include "gemm_panels.h"
 #include "host_alloc.h"
+#include "onednn_brgemm.h"
 #include "row_io.h"
 #include "tile_schedule.h"
 
@@ -64,7 +69,9 @@ bool use_vnni(const std::string& layout, at::ScalarType dtype, const char* op) {
 }
 
 std::tuple<std::vector<int64_t>, std::vector<int64_t>> packed_shapes(int64_t E, int64_t I, int64_t H, bool vnni) {
-  if (vnni) return {{E, num_panels(I), 2, vnni_pairs(H), kPanel, 2}, {E, num_panels(H), vnni_pairs(I), kPanel, 2}};
+  if (vnni)
+    return {{E, num_panels(I), vnni_pairs(H), 2, kPanel, 2},
+            {E, (H + kVnniBlock - 1) / kVnniBlock, vnni_pairs(I), kVnniBlock, 2}};
   return {{E, num_panels(I), 2, H, kPanel}, {E, num_panels(H), I, kPanel}};
 }
 
@@ -77,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, co
   const int64_t P1 = num_panels(I), P2 = num_panels(H);
   const auto [s1, s2] = packed_shapes(E, I, H, vnni);
   at::Tensor pgu = at::empty(s1, wgu.options());
-  at::Tensor pd = at::empty(s2, wd.options());
+  // vnni: a last w_down block with <= 16 columns has a panel that no task writes
+  at::Tensor pd = vnni ? at::zeros(s2, wd.options()) : at::empty(s2, wd.options());
   const DType dt = to_dtype(wgu.scalar_type());
   const int64_t es = dtype_size(dt);
   // K rows of one panel: K (panel16) or 2*ceil(K/2) (vnni pairs)
@@ -86,21 +94,30 @@ std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& wgu_in, co
   const char* src2 = static_cast<const char*>(wd.const_data_ptr());
   char* dst1 = static_cast<char*>(pgu.data_ptr());
   char* dst2 = static_cast<char*>(pd.data_ptr());
-  const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) {
-    if (vnni) pack_panels_vnni(reinterpret_cast<const uint16_t*>(src), cols, K, K, reinterpret_cast<uint16_t*>(dst));
-    else pack_panels(src, dt, cols, K, K, dst);
-  };
+  const auto pack = [&](const char* src, int64_t cols, int64_t K, char* dst) { pack_panels(src, dt, cols, K, K, dst); };
   // One panel per task: gate/up panels of GEMM1 ((e, p, g): rows g*I + 16p.. of w_gate_up[e],
-  // clipped at the gate/up boundary), then the panels of GEMM2.
-  const int64_t n1 = E * P1 * 2, n2 = E * P2;
+  // clipped at the gate/up boundary), then the panels (vnni: 32-column blocks) of GEMM2.
+  const int64_t PB2 = vnni ? (H + kVnniBlock - 1) / kVnniBlock : P2;
+  const int64_t n1 = E * P1 * 2, n2 = E * PB2;
   at::parallel_for(0, n1 + n2, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (i < n1) {
         const int64_t e = i / (2 * P1), p = (i / 2) % P1, g = i % 2;
         const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-        pack(src1 + ((e * 2 * I) + g * I + p * kPanel) * H * es, cols, H, dst1 + i * K1 * kPanel * es);
+        const char* src = src1 + ((e * 2 * I) + g * I + p * kPanel) * H * es;
+        if (vnni)  // gate and up panels interleaved row by row: one 32-column block
+          pack_panels_vnni(reinterpret_cast<const uint16_t*>(src), cols, H, H,
+                           reinterpret_cast<uint16_t*>(dst1) + (i - g) * K1 * kPanel + g * 2 * kPanel, 0,
+                           2 * kVnniBlock);
+        else pack(src, cols, H, dst1 + i * K1 * kPanel * es);
       } else {
-        const int64_t j = i - n1, e = j / P2, p = j % P2;
+        const int64_t j = i - n1, e = j / PB2, p = j % PB2;
+        if (vnni) {
+          const int64_t cols = std::min<int64_t>(kVnniBlock, H - p * kVnniBlock);
+          pack_panels_vnni(reinterpret_cast<const uint16_t*>(src2) + (e * H + p * kVnniBlock) * I, cols, I, I,
+                           reinterpret_cast<uint16_t*>(dst2) + j * K2 * kVnniBlock, 2 * kPanel, 2 * kVnniBlock);
+          continue;
+        }
         const int64_t cols = std::min<int64_t>(kPanel, H - p * kPanel);
         pack(src2 + (e * H + p * kPanel) * I * es, cols, I, dst2 + j * K2 * kPanel * es);
       }
@@ -128,24 +145,27 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
               "moe_ops::fused_experts_packed (cpu): x and the packed weights must share a dtype, got ",
               x_in.scalar_type(), ", ", pgu_in.scalar_type(), " and ", pd_in.scalar_type());
   const int64_t H = x_in.size(1), k = ids_in.size(1);
-  // The layout is in the rank: panel16 [E,P1,2,H,16] / [E,P2,I,16]; vnni one more (pair) dim.
+  // The layout is in the rank: panel16 [E,P1,2,H,16] / [E,P2,I,16]; vnni one more (pair) dim,
+  // [E,P1,ceil(H/2),2,16,2] / [E,ceil(H/32),ceil(I/2),32,2].
   const bool vnni = pgu_in.dim() == 6;
-  const int64_t ex = vnni ? 1 : 0;
-  TORCH_CHECK(pd_in.dim() == 4 + ex && pd_in.size(1) == num_panels(H) && pd_in.size(3) == kPanel &&
-                  (!vnni || pd_in.size(4) == 2),
-              "moe_ops::fused_experts_packed (cpu): w_down_packed must be [E, ceil(H/16)=", num_panels(H),
-              vnni ? ", ceil(I/2), 16, 2]" : ", I, 16]", " (from moe_ops::pack_experts), got ", pd_in.sizes());
-  const int64_t E = pd_in.size(0), K2d = pd_in.size(2);  // rows of a GEMM2 panel: I, or ceil(I/2) pairs
-  TORCH_CHECK(pgu_in.dim() == 5 + ex && pgu_in.size(0) == E && pgu_in.size(2) == 2 &&
-                  pgu_in.size(3) == (vnni ? vnni_pairs(H) : H) && pgu_in.size(4) == kPanel &&
-                  (!vnni || pgu_in.size(5) == 2),
-              "moe_ops::fused_experts_packed (cpu): w_gate_up_packed must be [E=", E, ", ceil(I/16), 2, ",
-              vnni ? "ceil(H/2)=" : "H=", vnni ? vnni_pairs(H) : H, vnni ? ", 16, 2]" : ", 16]",
-              " (from moe_ops::pack_experts), got ", pgu_in.sizes());
+  const int64_t ucols = vnni ? kVnniBlock : kPanel;  // columns of a GEMM2 weight unit
+  const int64_t U2 = (H + ucols - 1) / ucols;
+  TORCH_CHECK(
+      pd_in.dim() == (vnni ? 5 : 4) && pd_in.size(1) == U2 && pd_in.size(3) == ucols && (!vnni || pd_in.size(4) == 2),
+      "moe_ops::fused_experts_packed (cpu): w_down_packed must be ", vnni ? "[E, ceil(H/32)=" : "[E, ceil(H/16)=", U2,
+      vnni ? ", ceil(I/2), 32, 2]" : ", I, 16]", " (from moe_ops::pack_experts), got ", pd_in.sizes());
+  const int64_t E = pd_in.size(0), K2d = pd_in.size(2);  // rows of a GEMM2 unit: I, or ceil(I/2) pairs
+  TORCH_CHECK(pgu_in.dim() == (vnni ? 6 : 5) && pgu_in.size(0) == E &&
+                  (vnni ? pgu_in.size(2) == vnni_pairs(H) && pgu_in.size(3) == 2 && pgu_in.size(4) == kPanel &&
+                              pgu_in.size(5) == 2
+                        : pgu_in.size(2) == 2 && pgu_in.size(3) == H && pgu_in.size(4) == kPanel),
+              "moe_ops::fused_experts_packed (cpu): w_gate_up_packed must be [E=", E,
+              vnni ? ", ceil(I/16), ceil(H/2)=" : ", ceil(I/16), 2, H=", vnni ? vnni_pairs(H) : H,
+              vnni ? ", 2, 16, 2]" : ", 16]", " (from moe_ops::pack_experts), got ", pgu_in.sizes());
   const int64_t P1 = pgu_in.size(1);
   // A vnni packing stores I as ceil(I/2) pairs: an odd I runs as I+1, whose extra gate/up
   // column and down row the packer zero-filled (h = act(0) * 0 = 0 meets a zero weight row).
-  const int64_t I = vnni ? 2 * K2d : K2d, P2 = num_panels(H);
+  const int64_t I = vnni ? 2 * K2d : K2d;
   TORCH_CHECK(P1 == num_panels(I), "moe_ops::fused_experts_packed (cpu): w_gate_up_packed has ", P1,
               " panels, w_down_packed implies I=", I, " (", num_panels(I), " panels)");
   if (vnni) {
@@ -159,6 +179,12 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
+  // The vnni blocks are oneDNN brgemm operands as they are (onednn_brgemm.h): its kernels where
+  // it runs, for tiles of >= kBrgemmMinRows rows; the own panel kernel elsewhere. Measured on
+  // Zen 4 (docs/cpu.md, "oneDNN brgemm"): brgemm is faster from ~16 rows, slower for decode-size
+  // tiles. Without AMX both give the same bits, so the choice never shows in the result.
+  constexpr int64_t kBrgemmMinRows = 16;
+  const bool brg_here = vnni && brgemm_available();
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
     const std::vector<int64_t>& offs = pl.offs;
     const int64_t Sv = pl.rows();
@@ -192,12 +218,19 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     run_tiles(make_tiles(offs, P1, 2 * K1 * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c, h;
       const int64_t rows = t.m1 - t.m0, p = t.n0;
+      const bool brg = brg_here && rows >= kBrgemmMinRows;
       c.resize(static_cast<size_t>(rows * 2 * kPanel));
       const char* w = wgu + (t.e * P1 + p) * pair;
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
       if (vnni) {
-        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp, Hp, reinterpret_cast<const uint16_t*>(w),
-                         Hp * kPanel, Hp / 2, 2, c.data(), 2 * kPanel, rows);
+        const uint16_t* a = reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp;
+        const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
+        if (brg) {  // bitwise the panel kernel's result without AMX (onednn_brgemm.h)
+          brgemm_bf16(rows, kVnniBlock, Hp, a, Hp, wv, kVnniBlock, c.data(), 2 * kPanel);
+          brgemm_done();
+        } else {  // the gate | up panels of the block, interleaved row by row
+          gemm_panels_vnni(a, Hp, wv, 2 * kPanel, 2 * kVnniBlock, Hp / 2, 2, c.data(), 2 * kPanel, rows);
+        }
         // h is rounded to bf16 by the activation, so the conversion to GEMM2's bf16 A is exact.
         h.resize(static_cast<size_t>(rows * kPanel));
         gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
@@ -215,23 +248,30 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
     // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
     const char* wd = static_cast<const char*>(pd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
-    const int64_t panel = I * kPanel * es;                          // bytes of one GEMM2 panel
-    const int64_t np2 = nt_col_block(offs, P2, I * kPanel, es, 1);  // panels per tile
-    run_tiles(make_tiles(offs, P2, I * kPanel, np2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
+    // Units of GEMM2's weights: 16-column panels (panel16), 32-column blocks (vnni).
+    const int64_t unit = I * ucols * es;                           // bytes of one unit
+    const int64_t nu2 = nt_col_block(offs, U2, I * ucols, es, 1);  // units per tile
+    run_tiles(make_tiles(offs, U2, I * ucols, nu2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
-      const int64_t rows = t.m1 - t.m0, np = t.n1 - t.n0;
-      c.resize(static_cast<size_t>(rows * np * kPanel));
-      const char* w = wd + (t.e * P2 + t.n0) * panel;
+      const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * ucols;
+      const bool brg = brg_here && rows >= kBrgemmMinRows;
+      c.resize(static_cast<size_t>(rows * ldc));
+      const char* w = wd + (t.e * U2 + t.n0) * unit;
+      const uint16_t* a2 = reinterpret_cast<const uint16_t*>(A2) + t.m0 * I;
       if (vnni) {
-        gemm_panels_vnni(reinterpret_cast<const uint16_t*>(A2) + t.m0 * I, I, reinterpret_cast<const uint16_t*>(w),
-                         I * kPanel, I / 2, np, c.data(), np * kPanel, rows);
+        for (int64_t j = 0; j < nu; ++j) {
+          const uint16_t* wj = reinterpret_cast<const uint16_t*>(w) + j * I * kVnniBlock;
+          if (brg) brgemm_bf16(rows, kVnniBlock, I, a2, I, wj, kVnniBlock, c.data() + j * kVnniBlock, ldc);
+          else gemm_panels_vnni(a2, I, wj, 2 * kPanel, 2 * kVnniBlock, I / 2, 2, c.data() + j * kVnniBlock, ldc, rows);
+        }
+        if (brg) brgemm_done();
       } else {
         const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-        gemm_panels(reinterpret_cast<const float*>(A2) + t.m0 * I, I, w, dt, I * kPanel, I, np, c.data(), np * kPanel,
-                    rows, pf ? wd + (nx->e * P2 + nx->n0) * panel : nullptr);
+        gemm_panels(reinterpret_cast<const float*>(A2) + t.m0 * I, I, w, dt, I * kPanel, I, nu, c.data(), ldc, rows,
+                    pf ? wd + (nx->e * U2 + nx->n0) * unit : nullptr);
       }
-      const int64_t c0 = t.n0 * kPanel, cols = std::min<int64_t>(np * kPanel, H - c0);
-      for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * np * kPanel, Y + (t.m0 + i) * H + c0, cols, dt);
+      const int64_t c0 = t.n0 * ucols, cols = std::min<int64_t>(ldc, H - c0);
+      for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * ldc, Y + (t.m0 + i) * H + c0, cols, dt);
     });
   });
 }

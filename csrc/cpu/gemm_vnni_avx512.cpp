@@ -3,9 +3,9 @@
 //
 // Dataflow per call: for each pair of panels (32 columns) -> row blocks of up to 12 rows: 24 zmm
 // accumulators (12 rows x 2 panels); per reduction pair kk, 2 panel loads (16 columns x (k, k+1)
-// each) and per row one 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into both
-// accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay
-// within the 32 zmm registers.
+// each, at P + panel * pstride + kk * prow) and per row one 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into
+// both accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay within the 32 zmm
+// registers.
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
@@ -19,8 +19,8 @@ namespace moe_cpu::MOE_CPU_AVX512_NS {
 namespace {
 
 template <int MR, int NP>
-inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, float* C,
-                       int64_t ldc) {
+inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
+                       float* C, int64_t ldc) {
   __m512 acc[MR][NP];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
@@ -29,7 +29,7 @@ inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_
   for (int64_t kk = 0; kk < K2; ++kk) {
     __m512bh b[NP];
 #pragma GCC unroll 2
-    for (int n = 0; n < NP; ++n) b[n] = bits_as<__m512bh>(_mm512_loadu_si512(P + n * pstride + kk * 32));
+    for (int n = 0; n < NP; ++n) b[n] = bits_as<__m512bh>(_mm512_loadu_si512(P + n * pstride + kk * prow));
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       int32_t pair;  // A[m][2kk], A[m][2kk+1] as one 32-bit lane
@@ -49,26 +49,26 @@ constexpr int kVnniMR = 12;
 
 // Row block of r (1..kVnniMR) rows: the compile-time MR that equals r.
 template <int NP, int MR = kVnniMR>
-inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, float* C,
-                      int64_t ldc) {
+inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
+                      int64_t K2, float* C, int64_t ldc) {
   if constexpr (MR >= 1) {
-    if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, K2, C, ldc);
-    vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, K2, C, ldc);
+    if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, prow, K2, C, ldc);
+    vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, prow, K2, C, ldc);
   }
 }
 
 }  // namespace
 
-void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t K2, int64_t np,
-                      float* C, int64_t ldc, int64_t M) {
+void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
+                      int64_t np, float* C, int64_t ldc, int64_t M) {
   // Panel pairs outside, rows inside: a pair (2 x K2 x 64 bytes) streams from memory once and is
   // re-read from L2 by the following row blocks.
   for (int64_t p = 0; p < np; p += 2) {
     const uint16_t* Pp = P + p * pstride;
     for (int64_t i = 0; i < M; i += kVnniMR) {
       const int r = static_cast<int>(M - i < kVnniMR ? M - i : kVnniMR);
-      if (np - p >= 2) vnni_rows<2>(r, A + i * lda, lda, Pp, pstride, K2, C + i * ldc + 16 * p, ldc);
-      else vnni_rows<1>(r, A + i * lda, lda, Pp, pstride, K2, C + i * ldc + 16 * p, ldc);
+      if (np - p >= 2) vnni_rows<2>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc);
+      else vnni_rows<1>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc);
     }
   }
 }
