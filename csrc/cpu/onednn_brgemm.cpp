@@ -6,6 +6,10 @@
 
 #include <cstring>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #include "cpu_features.h"
 
 namespace moe_cpu {
@@ -40,11 +44,25 @@ bool probe() {
 }
 #endif
 
+// AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX[22]). On such CPUs oneDNN runs brgemm on AMX tiles, whose
+// summation order has not been checked against the panel kernel here (no AMX machine yet), so
+// brgemm stays off there until it is measured and tested (docs/cpu.md).
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d >> 22) & 1u;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 bool brgemm_available() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
-  static const bool built = have_avx512_bf16() && at::globalContext().userEnabledMkldnn() && probe();
+  static const bool built =
+      have_avx512_bf16() && !cpu_has_amx_bf16() && at::globalContext().userEnabledMkldnn() && probe();
   return built && at::globalContext().userEnabledMkldnn();
 #else
   return false;

@@ -18,8 +18,8 @@ namespace moe_cpu {
 // Whether the packed bf16 GEMMs run on brgemm here: this torch was built with the oneDNN
 // ukernel (a one-time probe call that must give the exact product), oneDNN is enabled
 // (torch.backends.mkldnn.enabled, asked at every call), and the CPU has AVX512-BF16 natively
-// (have_avx512_bf16: MOE_OPS_CPU_NO_AVX512 turns it off as well). Otherwise the callers run
-// gemm_panels_vnni, with the same results on CPUs without AMX.
+// (have_avx512_bf16: MOE_OPS_CPU_NO_AVX512 turns it off as well) but not AMX-BF16 (untested there). Otherwise the
+// callers run gemm_panels_vnni, with the same results on CPUs without AMX.
 bool brgemm_available();
 
 // C[i*ldc + j] = sum_k A[i*lda + k] * B[(k/2)*ldb*2 + 2*j + k%2]   for i < M, j < N <= ldb, k < K
