@@ -48,9 +48,9 @@ def find_cuda_home():
     def ok(root):
         return root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists()
 
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if ok(envs.raw(var)):
-            return str(Path(envs.raw(var)).resolve())
+    for root in (envs.raw("CUDA_HOME"), envs.raw("CUDA_PATH")):
+        if ok(root):
+            return str(Path(root).resolve())
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
