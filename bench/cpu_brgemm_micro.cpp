@@ -5,6 +5,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <chrono>
+#include <vector>
 
 #include "avx512_bf16_isa.h"
 
@@ -39,7 +40,7 @@ double run_panels(const at::Tensor& A, const at::Tensor& P, at::Tensor& C, int64
   auto one = [&](int64_t r) {
     moe_cpu::avx512_native::gemm_panels_vnni(static_cast<const uint16_t*>(A.const_data_ptr()), K,
                                              static_cast<const uint16_t*>(P.const_data_ptr()) + r * N * K, K * 16, 32,
-                                             K / 2, N / 16, C.data_ptr<float>(), N, M);
+                                             K / 2, N / 16, C.data_ptr<float>(), N, M, nullptr);
   };
   one(0);
   const auto t0 = clk::now();
@@ -47,13 +48,21 @@ double run_panels(const at::Tensor& A, const at::Tensor& P, at::Tensor& C, int64
   return std::chrono::duration<double>(clk::now() - t0).count() / reps;
 }
 
-// moe_ops' dot-product kernel on weights as stored W[R, N, K].
-double run_nt(const at::Tensor& A, const at::Tensor& W, at::Tensor& C, int64_t reps) {
+// Weights as stored W[R, N, K], as fused_experts runs them: per 32-column block, the VNNI
+// repack into a cache-resident buffer, then the vnni kernel, prefetching the next block's rows.
+double run_repack(const at::Tensor& A, const at::Tensor& W, at::Tensor& C, int64_t reps) {
   const int64_t M = A.size(0), K = A.size(1), R = W.size(0), N = C.size(1);
+  std::vector<uint16_t> buf(static_cast<size_t>(K * 32));
   auto one = [&](int64_t r) {
-    moe_cpu::avx512_native::gemm_nt_bf16_avx512(static_cast<const uint16_t*>(A.const_data_ptr()), K,
-                                                static_cast<const uint16_t*>(W.const_data_ptr()) + r * N * K, K, K,
-                                                C.data_ptr<float>(), N, M, N);
+    const uint16_t* w = static_cast<const uint16_t*>(W.const_data_ptr()) + r * N * K;
+    for (int64_t j = 0; j < N; j += 32) {
+      moe_cpu::avx512_native::pack_panels_vnni(w + j * K, 32, K, K, buf.data(), 32, 64);
+      moe_cpu::PrefetchRanges next;
+      next.p[0] = w + (j + 32) * K;
+      next.bytes[0] = j + 32 < N ? 32 * K * 2 : 0;
+      moe_cpu::avx512_native::gemm_panels_vnni(static_cast<const uint16_t*>(A.const_data_ptr()), K, buf.data(), 32, 64,
+                                               K / 2, 2, C.data_ptr<float>() + j, N, M, &next);
+    }
   };
   one(0);
   const auto t0 = clk::now();
@@ -76,7 +85,7 @@ at::Tensor onednn_pack(const at::Tensor& B) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_brgemm", &run_brgemm);
   m.def("run_panels", &run_panels);
-  m.def("run_nt", &run_nt);
+  m.def("run_repack", &run_repack);
   m.def("could_pack", &could_pack);
   m.def("onednn_pack", &onednn_pack);
 }

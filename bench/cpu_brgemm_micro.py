@@ -6,7 +6,8 @@ L3): GEMM1 M x 4096 x 1024 and GEMM2 M x 1024 x 2048 for M in {16, 32, 64, 128}.
   brgemm_nbXX   at::native::cpublas::brgemm per column block of XX columns, B in oneDNN's VNNI
                 layout ([K/2][XX][2] per block, packed here with torch ops: cpublas::pack needs AMX)
   vnni          moe_ops gemm_panels_vnni (16-column VNNI panels, the pack_experts 'vnni' layout)
-  nt            moe_ops gemm_nt_bf16_avx512 on the weights as stored ([N, K])
+  repack        the weights as stored ([N, K]) as fused_experts runs them: each 32-column block
+                repacked to VNNI in a cache-resident buffer, then the vnni kernel
   torch_mm      torch.mm(A, W.t()) (oneDNN), 1 thread
 
   PYTHONPATH=. python bench/cpu_brgemm_micro.py
@@ -26,7 +27,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 
 def build():
     src = [f"{ROOT}/bench/cpu_brgemm_micro.cpp", f"{ROOT}/csrc/cpu/gemm_vnni_avx512.cpp",
-           f"{ROOT}/csrc/cpu/gemm_nt_bf16_avx512.cpp"]
+           f"{ROOT}/csrc/cpu/pack_vnni_avx512.cpp"]
     return load("moe_brgemm_micro", src, extra_cflags=FLAGS, verbose=False)
 
 
@@ -82,7 +83,7 @@ def main():
     if args.check:
         return check(ext)
     nbs = [int(v) for v in args.nbs.split(",")]
-    print("| GEMM | M | " + " | ".join([f"brgemm_nb{nb}" for nb in nbs] + ["vnni", "nt", "torch_mm"])
+    print("| GEMM | M | " + " | ".join([f"brgemm_nb{nb}" for nb in nbs] + ["vnni", "repack", "torch_mm"])
           + " |  (GFLOP/s, 1 thread)")
     for name, N, K in (("GEMM1", 4096, 1024), ("GEMM2", 1024, 2048)):
         R = args.R or max(2, (96 << 20) // (N * K * 2) + 1)
@@ -103,9 +104,9 @@ def main():
             ext.run_panels(A, P[:1], C, 1)
             assert torch.allclose(C, ref, rtol=1e-2, atol=1e-1), "vnni wrong"
             row.append(ext.run_panels(A, P, C, args.reps))
-            ext.run_nt(A, w[:1], C, 1)
-            assert torch.allclose(C, ref, rtol=1e-2, atol=1e-1), "nt wrong"
-            row.append(ext.run_nt(A, w, C, args.reps))
+            ext.run_repack(A, w[:1], C, 1)
+            assert torch.allclose(C, ref, rtol=1e-2, atol=1e-1), "repack wrong"
+            row.append(ext.run_repack(A, w, C, args.reps))
             torch.mm(A, w[0].t())
             t0 = time.perf_counter()
             for i in range(args.reps):

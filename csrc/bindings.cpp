@@ -73,7 +73,7 @@ pybind11::dict build_info() {
   isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();
   isa["avx512_emulated"] = moe_cpu::avx512_emulation_built();
   isa["avx512_kernels"] = moe_cpu::use_avx512_bf16();
-  isa["onednn_brgemm"] = moe_cpu::brgemm_available();  // the packed bf16 GEMMs on oneDNN's micro-GEMM
+  isa["onednn_brgemm"] = moe_cpu::brgemm_chosen();  // the bf16 expert GEMMs on oneDNN's micro-GEMM
   info["cpu"] = isa;
   pybind11::dict limits;  // the argument limits of csrc/limits.h (moe_ops/ops.py uses the same)
   limits["max_k"] = moe_ops::limits::kMaxK;

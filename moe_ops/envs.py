@@ -38,6 +38,8 @@ _SETTINGS = [
     Setting("MOE_OPS_CPU_NO_AVX2", None, "set: CPU kernels take their portable paths", "c++"),
     Setting("MOE_OPS_CPU_NO_AVX512", None, "set: no AVX512-BF16 kernels even where the CPU has "
             "them", "c++"),
+    Setting("MOE_OPS_CPU_BRGEMM", None, "`1`/`0`: the bf16 expert GEMMs on oneDNN's brgemm or not "
+            "(default: on only on CPUs with AMX-BF16)", "c++"),
     Setting("MOE_OPS_CPU_EMULATE_AVX512", None, "set: run the AVX512-BF16 kernels through their "
             "SIMDe emulation (testing on CPUs without them)", "c++"),
     Setting("MOE_OPS_SIM_BLOCK_ORDER", None, "SIMT emulator: `reverse` runs blocks in reverse order "

@@ -294,8 +294,8 @@ print("ok")
 @pytest.mark.skipif(not avx512_emulation_built(),
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_avx512_fused_experts_emulated():
-    """fused_experts on bf16 weights as stored with the AVX512-BF16 GEMM (vdpbf16ps, weights as
-    stored), emulated through SIMDe: this file's bf16 fused_experts tests (reference cases, dropped
+    """fused_experts on bf16 weights as stored with the AVX512-BF16 kernels (each weight block
+    repacked to VNNI per tile, then vdpbf16ps), emulated through SIMDe: this file's bf16 fused_experts tests (reference cases, dropped
     ids, NaN-poisoned scratch) and the thread-count test again, in a subprocess."""
     rerun_with_emulated_avx512(os.path.abspath(__file__),
                                "(fused_experts and bfloat16 and not packed) or thread_count")

@@ -11,13 +11,15 @@
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import moe_ops
 from tests.test_cpu import _layer_inputs
 from tests.compare import assert_bitwise_equal, assert_close_to_reference
-from tests.cpu_isa import vnni_kernel_runs
+from tests.cpu_isa import avx512_emulation_built, rerun_with_emulated_avx512, vnni_kernel_runs
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.moe_ops, "fused_experts_packed"),
                                 reason="moe_ops._C CPU kernels not built")
@@ -185,23 +187,66 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_bf16"), reason="no native AVX512-BF16")
-@pytest.mark.parametrize("T,E,k,H,I", [(1, 4, 2, 64, 48), (40, 2, 2, 70, 45), (300, 1, 1, 130, 34), (513, 3, 3, 32, 16)])
-def test_vnni_brgemm_and_panel_kernel_agree(T, E, k, H, I):
-    """On native AVX512-BF16 the vnni packing runs oneDNN's brgemm (csrc/cpu/onednn_brgemm.h)
-    while oneDNN is enabled, else moe_ops' panel kernel. Without AMX both are one vdpbf16ps chain
-    per output, pairs ascending: the same bits, for row counts below, across and above the
-    kernels' row blocks (12, 256) and odd H, I (zero pads). With AMX, the two are only close."""
+STORED_VS_PACKED = [(1, 4, 2, 64, 48), (40, 2, 2, 70, 45), (300, 1, 1, 130, 34), (513, 3, 3, 32, 16),
+                    (37, 5, 2, 35, 21)]
+
+
+def _avx512_kernels_on() -> bool:
+    return bool(moe_ops.build_info().get("cpu", {}).get("avx512_kernels"))
+
+
+@pytest.mark.skipif(not _avx512_kernels_on(), reason="AVX512-BF16 kernels off (see the emulated rerun)")
+@pytest.mark.parametrize("T,E,k,H,I", STORED_VS_PACKED)
+def test_stored_weights_match_packed_vnni_bitwise(T, E, k, H, I):
+    """bf16 weights as stored run the packed op's kernels on each block repacked per tile
+    (csrc/cpu/vnni_experts.h): the same bits as pack_experts(layout='vnni') + the packed op --
+    row counts below, across and above the kernel's row blocks (12) and the tiles' row chunks
+    (256), odd H and I (zero pair pads), a last w_down block of <= 16 columns (H = 35, 70) and
+    experts with no rows (E = 5, T*k = 74: some empty at this seed)."""
     x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, torch.bfloat16, seed=T + H)
     pgu, pd = ops.pack_experts(wgu, wd, "vnni")
-    out = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
-    with torch.backends.mkldnn.flags(enabled=False):
-        panel = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
-    if _cpu_has_amx():
-        torch.testing.assert_close(out, panel, rtol=2e-2, atol=2e-2)
-    else:
-        assert_bitwise_equal(out, panel, name="fused_experts_packed vnni: brgemm vs panel kernel")
-    assert torch.isfinite(out).all()
+    packed = ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu")
+    stored = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
+    assert_bitwise_equal(stored, packed, name="fused_experts (as stored) vs fused_experts_packed (vnni)")
+    assert torch.isfinite(stored).all()
+    geglu = ops.fused_experts(x, ids, None, wgu, wd, "geglu")
+    assert_bitwise_equal(geglu, ops.fused_experts_packed(x, ids, None, pgu, pd, "geglu"), name="geglu")
+
+
+@pytest.mark.skipif(not avx512_emulation_built(), reason="no SIMDe build")
+def test_stored_weights_match_packed_vnni_emulated():
+    """The same on the SIMDe-emulated kernels (natively where the CPU has them), in a subprocess:
+    CPUs without AVX512-BF16 (CI's Zen 3) run it too."""
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "stored_weights_match_packed_vnni_bitwise")
+
+
+@pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_bf16"), reason="no native AVX512-BF16")
+@pytest.mark.parametrize("T,E,k,H,I", STORED_VS_PACKED[:4])
+def test_vnni_brgemm_and_panel_kernel_agree(T, E, k, H, I, monkeypatch):
+    """With MOE_OPS_CPU_BRGEMM=1 the bf16 expert GEMMs run oneDNN's brgemm
+    (csrc/cpu/onednn_brgemm.h: the default on AMX CPUs), with 0 moe_ops' panel kernel (the
+    default without AMX). Without AMX both are one vdpbf16ps chain per output, pairs ascending:
+    the same bits, packed and as stored. With AMX, the two are only close."""
+    x, ids, w, wgu, wd = _layer_inputs(T, E, k, H, I, torch.bfloat16, seed=T + H)
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MOE_OPS_CPU_BRGEMM", flag)
+        outs[flag] = (ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu"),
+                      ops.fused_experts(x, ids, w, wgu, wd, "swiglu"))
+        on = moe_ops.build_info()["cpu"]["onednn_brgemm"]
+        if flag == "1" and not on:
+            pytest.skip("this torch has no bf16 brgemm ukernel")
+        assert on == (flag == "1")
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN off: never brgemm
+        monkeypatch.setenv("MOE_OPS_CPU_BRGEMM", "1")
+        assert not moe_ops.build_info()["cpu"]["onednn_brgemm"]
+    for a, b in zip(outs["1"], outs["0"]):
+        if _cpu_has_amx():
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        else:
+            assert_bitwise_equal(a, b, name="bf16 experts: brgemm vs panel kernel")
+        assert torch.isfinite(a).all()
 
 
 def test_moe_forward_refuses_stale_packing():

@@ -12,8 +12,46 @@
 
 namespace moe_cpu {
 
-void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
-                      int64_t prow) {
+namespace {
+
+// One build of the kernels: native where the CPU has AVX512-BF16, else the SIMDe emulation.
+struct Kernels {
+  decltype(&gemm_panels_vnni) gemm_panels;
+  decltype(&combine_row_bf16_avx512) combine_bf16;
+  decltype(&pack_panels_vnni) pack;
+};
+
+// nullptr when neither build exists here.
+const Kernels* kernels_here() {
+  static const Kernels* k = []() -> const Kernels* {
+#ifdef MOE_OPS_HAVE_AVX512_NATIVE
+    static const Kernels native{avx512_native::gemm_panels_vnni, avx512_native::combine_row_bf16_avx512,
+                                avx512_native::pack_panels_vnni};
+    if (have_avx512_bf16()) return &native;
+#endif
+#ifdef MOE_OPS_HAVE_SIMDE
+    static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
+                             avx512_emu::pack_panels_vnni};
+    return &emu;
+#else
+    return nullptr;
+#endif
+  }();
+  return k;
+}
+
+const Kernels& kernels() {
+  const Kernels* k = kernels_here();
+  TORCH_CHECK(k,
+              "moe_ops (cpu): the AVX512-BF16 kernels (the bf16 'vnni' packed layout) need a CPU with "
+              "AVX512-BF16, or a build with SIMDe (pip install simde-py, then rebuild)");
+  return *k;
+}
+
+// The packing's definition, for builds without either kernel build (a layout nothing here runs,
+// but pack_experts still produces it).
+void pack_panels_vnni_scalar(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                             int64_t prow) {
   const int64_t K2 = vnni_pairs(K);
   for (int64_t p = 0; p < num_panels(N); ++p) {
     uint16_t* d = dst + p * pstride;
@@ -28,51 +66,23 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
   }
 }
 
-namespace {
-
-// One build of the kernels: native where the CPU has AVX512-BF16, else the SIMDe emulation.
-struct Kernels {
-  decltype(&gemm_panels_vnni) gemm_panels;
-  decltype(&combine_row_bf16_avx512) combine_bf16;
-  decltype(&gemm_nt_bf16_avx512) gemm_nt;
-};
-
-const Kernels& kernels() {
-  static const Kernels* k = []() -> const Kernels* {
-#ifdef MOE_OPS_HAVE_AVX512_NATIVE
-    static const Kernels native{avx512_native::gemm_panels_vnni, avx512_native::combine_row_bf16_avx512,
-                                avx512_native::gemm_nt_bf16_avx512};
-    if (have_avx512_bf16()) return &native;
-#endif
-#ifdef MOE_OPS_HAVE_SIMDE
-    static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
-                             avx512_emu::gemm_nt_bf16_avx512};
-    return &emu;
-#else
-    return nullptr;
-#endif
-  }();
-  TORCH_CHECK(k,
-              "moe_ops (cpu): the AVX512-BF16 kernels (the bf16 'vnni' packed layout) need a CPU with "
-              "AVX512-BF16, or a build with SIMDe (pip install simde-py, then rebuild)");
-  return *k;
-}
-
 }  // namespace
 
+void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                      int64_t prow) {
+  if (N <= 0 || K <= 0) return;
+  if (const Kernels* k = kernels_here()) return k->pack(src, N, K, ld, dst, pstride, prow);
+  pack_panels_vnni_scalar(src, N, K, ld, dst, pstride, prow);
+}
+
 void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
-                      int64_t np, float* C, int64_t ldc, int64_t M) {
-  if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, prow, K2, np, C, ldc, M);
+                      int64_t np, float* C, int64_t ldc, int64_t M, const PrefetchRanges* next) {
+  if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, prow, K2, np, C, ldc, M, next);
 }
 
 void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,
                              const void* const* next, int n_next) {
   kernels().combine_bf16(src, w, n, out, H, next, n_next);
-}
-
-void gemm_nt_bf16_avx512(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                         int64_t ldc, int64_t M, int64_t N) {
-  if (M > 0 && N > 0) kernels().gemm_nt(A, lda, B, ldb, K, C, ldc, M, N);
 }
 
 }  // namespace moe_cpu

@@ -1,7 +1,7 @@
 // The AVX512-BF16 kernels, chosen at run time (cpu_features.h): the bf16 "vnni" packed-panel
-// GEMM (vdpbf16ps, gemm_vnni_avx512.cpp), the bf16 GEMM on weights as stored (vdpbf16ps,
-// gemm_nt_bf16_avx512.cpp) and the bf16 row combine (vcvtne2ps2bf16, combine_row_bf16_avx512.cpp),
-// plus the VNNI packing.
+// GEMM (vdpbf16ps, gemm_vnni_avx512.cpp), the VNNI packing (pack_vnni_avx512.cpp; fused_experts
+// repacks weights as stored block by block with it) and the bf16 row combine (vcvtne2ps2bf16,
+// combine_row_bf16_avx512.cpp).
 //
 // VNNI panels (pack_panels_vnni): panel p holds the columns [16p, 16p+16) of the logical [K, N]
 // operand as K2 = ceil(K/2) rows of 16 (k even, k odd) bf16 pairs: one 512-bit load is 16
@@ -27,19 +27,14 @@ constexpr int64_t kVnniBlock = 32;
 
 // src: N rows of K bf16 (row stride ld elements) -> dst: num_panels(N) panels of
 // vnni_pairs(K) rows of 16 x 2 bf16, panel p at p * pstride, row kk at kk * prow elements.
-void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
-                      int64_t prow);
+// AVX-512 where a kernel build runs (pack_vnni_avx512.cpp), else scalar: the same bits.
+PackPanelsVnniFn pack_panels_vnni;
 
 // C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p*pstride + (k/2)*prow + 2*c + k%2]  for i < M, p < np, c < 16
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero
 // weight). Each output is one vdpbf16ps chain over
 // the pairs in ascending order: independent of M, the blocking and the thread count.
 GemmPanelsVnniFn gemm_panels_vnni;
-
-// C[i*ldc + j] = sum_k A[i*lda + k] * B[j*ldb + k]  for i < M, j < N, k < K: bf16 A rows and
-// bf16 weight rows as stored (trans_b). Per output a vdpbf16ps chain over 32-wide steps of k,
-// then a fixed 16 -> 1 lane reduction: independent of M, N, the blocking and the thread count.
-GemmNtBf16Fn gemm_nt_bf16_avx512;
 
 // combine_row (combine_row.h) for bf16 sources and a bf16 output, bitwise the same result.
 CombineRowBf16Fn combine_row_bf16_avx512;

@@ -1,5 +1,5 @@
 // The AVX512-BF16 kernels of avx512_bf16.h as compiled once per instruction set, the way ATen's
-// CPU_CAPABILITY files are: gemm_vnni_avx512.cpp, gemm_nt_bf16_avx512.cpp and
+// CPU_CAPABILITY files are: gemm_vnni_avx512.cpp, pack_vnni_avx512.cpp and
 // combine_row_bf16_avx512.cpp are each compiled twice by cpu.cmake, with the namespace given by
 // -DMOE_CPU_AVX512_NS:
 //   avx512_native  with the AVX-512 target flags (GCC >= 10 on x86-64), run where the CPU has them;
@@ -13,25 +13,31 @@
 
 namespace moe_cpu {
 
-// The three kernels' signatures, written once: avx512_bf16.h declares (and documents) the run-time
+// The kernels' signatures, written once: avx512_bf16.h declares (and documents) the run-time
 // dispatchers with them, and each build below its own kernels.
+// Up to two byte ranges a GEMM call prefetches into L2 while it runs: the weights of the call
+// after it (a range with bytes == 0 is unused).
+struct PrefetchRanges {
+  const void* p[2] = {nullptr, nullptr};
+  int64_t bytes[2] = {0, 0};
+};
 using GemmPanelsVnniFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
-                              int64_t K2, int64_t np, float* C, int64_t ldc, int64_t M);
-using GemmNtBf16Fn = void(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
-                          int64_t ldc, int64_t M, int64_t N);
+                              int64_t K2, int64_t np, float* C, int64_t ldc, int64_t M, const PrefetchRanges* next);
 using CombineRowBf16Fn = void(const void* const* src, const float* w, int n, void* out, int64_t H,
                               const void* const* next, int n_next);
+using PackPanelsVnniFn = void(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                              int64_t prow);
 
 namespace avx512_native {
 GemmPanelsVnniFn gemm_panels_vnni;
-GemmNtBf16Fn gemm_nt_bf16_avx512;
 CombineRowBf16Fn combine_row_bf16_avx512;
+PackPanelsVnniFn pack_panels_vnni;
 }  // namespace avx512_native
 
 namespace avx512_emu {
 GemmPanelsVnniFn gemm_panels_vnni;
-GemmNtBf16Fn gemm_nt_bf16_avx512;
 CombineRowBf16Fn combine_row_bf16_avx512;
+PackPanelsVnniFn pack_panels_vnni;
 }  // namespace avx512_emu
 
 }  // namespace moe_cpu

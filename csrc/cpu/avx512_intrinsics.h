@@ -1,5 +1,5 @@
 // The AVX-512 intrinsics of one compilation of the AVX512-BF16 kernels (gemm_vnni_avx512.cpp,
-// gemm_nt_bf16_avx512.cpp, combine_row_bf16_avx512.cpp; see avx512_bf16_isa.h), and what
+// pack_vnni_avx512.cpp, combine_row_bf16_avx512.cpp; see avx512_bf16_isa.h), and what
 // keeps that compilation's rounding identical to the other's:
 //   native (MOE_CPU_AVX512_EMULATED unset, compiled with the AVX-512 target flags): <immintrin.h>.
 //   emulated (MOE_CPU_AVX512_EMULATED=1): SIMDe's portable AVX-512 (the simde-py headers), so the

@@ -6,10 +6,14 @@
 // slots by expert (as permute, block_m=1) -> gather the routed token rows straight into the
 // packed float32 A operand (no x_sorted tensor) -> GEMM1 tiles (expert, I-column block, row
 // chunk) compute the gate and up columns of the same block together and apply the gated
-// activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each slot's expert output ->
-// weighted combine per token in j order. Intermediates are rounded through the model dtype exactly where the unfused
-// pipeline stores them (h, act, y), so the result matches permute -> grouped_gemm -> act -> grouped_gemm
-// -> unpermute up to the activation's libm rounding. Thread-count independent (see gemm_nt.h).
+// activation in the epilogue, writing the packed A operand of GEMM2 -> GEMM2 tiles write each
+// slot's expert output -> weighted combine per token in j order. Intermediates are rounded
+// through the model dtype exactly where the unfused pipeline stores them (h, act, y), so the
+// result matches permute -> grouped_gemm -> act -> grouped_gemm -> unpermute up to the
+// activation's libm rounding. Thread-count independent (see gemm_nt.h).
+//
+// bf16 on AVX512-BF16 CPUs: steps 2-4 are vnni_experts.h's, each weight block repacked per tile
+// into a cache-resident buffer -- the packed op's kernels and bits, with no packed copy kept.
 //
 // The schema lives in csrc/schemas.h (kNativeOnlySchemas: a CPU-only op, not part of the
 // cross-backend contract); a Meta kernel gives its shape for torch.compile.
@@ -19,53 +23,16 @@
 #include <torch/library.h>
 
 #include "activations.h"
-#include "avx512_bf16.h"
 #include "cpu_features.h"
 #include "fused_moe_frame.h"
 #include "gemm_nt.h"
 #include "host_alloc.h"
 #include "row_io.h"
 #include "tile_schedule.h"
+#include "vnni_experts.h"
 
 namespace moe_cpu {
 namespace {
-
-// Steps 2-4 on CPUs with AVX512-BF16 (avx512_bf16.h): the same dataflow with bf16 operands for
-// vdpbf16ps -- the gathered x rows as they are, and the activation output, which the epilogue
-// rounds to bf16 anyway (so nothing is lost) -- and the weights as stored.
-void bf16_avx512_experts(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd, const Placement& pl,
-                         int64_t k, bool swiglu, at::Tensor& ybuf) {
-  const int64_t H = x.size(1), I = wgu.size(1) / 2, Sv = pl.rows();
-  at::Tensor a1 = empty_cached({Sv, H}, x.options());
-  at::Tensor a2 = empty_cached({Sv, I}, x.options());  // every element written by GEMM1's tiles
-  uint16_t* A1 = static_cast<uint16_t*>(a1.data_ptr());
-  uint16_t* A2 = static_cast<uint16_t*>(a2.data_ptr());
-  const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
-  at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) std::memcpy(A1 + r * H, xp + (pl.row_slot[r] / k) * H, H * 2);
-  });
-  const uint16_t* wgup = static_cast<const uint16_t*>(wgu.const_data_ptr());
-  run_tiles(make_tiles(pl.offs, I, H, nt_col_block(pl.offs, I, H, 4), 256, 16.0), [&](const Tile& t, const Tile*) {
-    thread_local std::vector<float> g, u;
-    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
-    g.resize(static_cast<size_t>(rows * cols));
-    u.resize(static_cast<size_t>(rows * cols));
-    const uint16_t* we = wgup + t.e * 2 * I * H;
-    gemm_nt_bf16_avx512(A1 + t.m0 * H, H, we + t.n0 * H, H, H, g.data(), cols, rows, cols);
-    gemm_nt_bf16_avx512(A1 + t.m0 * H, H, we + (I + t.n0) * H, H, H, u.data(), cols, rows, cols);
-    gated_act_rows(g.data(), u.data(), g.data(), rows * cols, DType::BF16, swiglu);
-    for (int64_t i = 0; i < rows; ++i) row_from_f32(g.data() + i * cols, A2 + (t.m0 + i) * I + t.n0, DType::BF16, cols);
-  });
-  const uint16_t* wdp = static_cast<const uint16_t*>(wd.const_data_ptr());
-  float* Y = ybuf.data_ptr<float>();
-  run_tiles(make_tiles(pl.offs, H, I, nt_col_block(pl.offs, H, I, 2), 256, 8.0), [&](const Tile& t, const Tile*) {
-    thread_local std::vector<float> c;
-    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
-    c.resize(static_cast<size_t>(rows * cols));
-    gemm_nt_bf16_avx512(A2 + t.m0 * I, I, wdp + (t.e * H + t.n0) * I, I, I, c.data(), cols, rows, cols);
-    for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * cols, Y + (t.m0 + i) * H + t.n0, cols, DType::BF16);
-  });
-}
 
 at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in, const c10::optional<at::Tensor>& weights,
                              const at::Tensor& wgu_in, const at::Tensor& wd_in, c10::string_view activation) {
@@ -88,7 +55,11 @@ at::Tensor fused_experts_cpu(const at::Tensor& x_in, const at::Tensor& ids_in, c
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
-    if (dt == DType::BF16 && use_avx512_bf16()) return bf16_avx512_experts(x, wgu, wd, pl, k, swiglu, ybuf);
+    if (dt == DType::BF16 && use_avx512_bf16()) {  // vnni_experts.h: each block repacked per tile
+      const VnniWeights w{static_cast<const uint16_t*>(wgu.const_data_ptr()),
+                          static_cast<const uint16_t*>(wd.const_data_ptr()), /*packed=*/false};
+      return vnni_experts(x, pl, k, I, w, swiglu, ybuf);
+    }
     const std::vector<int64_t>& offs = pl.offs;
     const int64_t Sv = pl.rows();
     // 2. gather + pack the routed rows (GEMM1's A operand).

@@ -39,9 +39,9 @@
 #include "fused_moe_frame.h"
 #include "gemm_panels.h"
 #include "host_alloc.h"
-#include "onednn_brgemm.h"
 #include "row_io.h"
 #include "tile_schedule.h"
+#include "vnni_experts.h"
 
 namespace moe_cpu {
 namespace {
@@ -179,98 +179,57 @@ at::Tensor fused_experts_packed_cpu(const at::Tensor& x_in, const at::Tensor& id
   const DType dt = to_dtype(x.scalar_type());
   const int64_t es = dtype_size(dt);
   const bool swiglu = act == "swiglu";
-  // The vnni blocks are oneDNN brgemm operands as they are (onednn_brgemm.h): its kernels where
-  // it runs, for tiles of >= kBrgemmMinRows rows; the own panel kernel elsewhere. Measured on
-  // Zen 4 (docs/cpu.md, "oneDNN brgemm"): brgemm is faster from ~16 rows, slower for decode-size
-  // tiles. Without AMX both give the same bits, so the choice never shows in the result.
-  constexpr int64_t kBrgemmMinRows = 16;
-  const bool brg_here = vnni && brgemm_available();
+  if (vnni) {
+    const VnniWeights w{static_cast<const uint16_t*>(pgu.const_data_ptr()),
+                        static_cast<const uint16_t*>(pd.const_data_ptr()), /*packed=*/true};
+    return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
+      vnni_experts(x, pl, k, I, w, swiglu, ybuf);
+    });
+  }
+  // panel16: float32 A rows, the panel kernel (gemm_panels.h).
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
     const std::vector<int64_t>& offs = pl.offs;
     const int64_t Sv = pl.rows();
-    // 2. gather the routed rows as GEMM1's A operand: plain float32 rows (panel16) or bf16 rows
-    // of H padded to pairs (vnni; a zero pad). Scratch and output come from the host cache
-    // (host_alloc.h): no page faults at steady state.
-    const int64_t Hp = 2 * vnni_pairs(H);  // vnni A1 row length (A2's is I, even there)
-    at::Tensor a1 = vnni ? empty_cached({Sv, Hp}, x.options()) : empty_cached({Sv, H}, x.options().dtype(at::kFloat));
-    at::Tensor a2 = vnni ? empty_cached({Sv, I}, x.options()) : empty_cached({Sv, I}, x.options().dtype(at::kFloat));
-    char* A1 = static_cast<char*>(a1.data_ptr());
-    char* A2 = static_cast<char*>(a2.data_ptr());
+    // 2. gather the routed rows as GEMM1's A operand, plain float32 rows. Scratch and output
+    // come from the host cache (host_alloc.h): no page faults at steady state.
+    at::Tensor a1 = empty_cached({Sv, H}, x.options().dtype(at::kFloat));
+    at::Tensor a2 = empty_cached({Sv, I}, x.options().dtype(at::kFloat));
+    float* A1 = a1.data_ptr<float>();
+    float* A2 = a2.data_ptr<float>();
     const char* xp = static_cast<const char*>(x.const_data_ptr());
     at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const char* src = xp + (pl.row_slot[r] / k) * H * es;
-        if (!vnni) {
-          row_to_f32(src, dt, reinterpret_cast<float*>(A1) + r * H, H);
-          continue;
-        }
-        uint16_t* d1 = reinterpret_cast<uint16_t*>(A1) + r * Hp;
-        std::memcpy(d1, src, H * 2);
-        if (Hp > H) d1[H] = 0;  // the pad meets zero weights: it must be finite
-      }
+      for (int64_t r = r0; r < r1; ++r) row_to_f32(xp + (pl.row_slot[r] / k) * H * es, dt, A1 + r * H, H);
     });
 
     // 3. GEMM1 + gated activation: tile = (expert, panel p, rows); the gate and up panels of p
     // are adjacent, so one call computes both ([rows, 32] scratch: 16 gate | 16 up columns).
-    const int64_t K1 = vnni ? Hp : H;  // values per panel column
     const char* wgu = static_cast<const char*>(pgu.const_data_ptr());
-    const int64_t pair = 2 * K1 * kPanel * es;  // bytes of one (gate, up) panel pair
-    run_tiles(make_tiles(offs, P1, 2 * K1 * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
-      thread_local std::vector<float> c, h;
+    const int64_t pair = 2 * H * kPanel * es;  // bytes of one (gate, up) panel pair
+    run_tiles(make_tiles(offs, P1, 2 * H * kPanel, 1, 256, 2.0 * es), [&](const Tile& t, const Tile* nx) {
+      thread_local std::vector<float> c;
       const int64_t rows = t.m1 - t.m0, p = t.n0;
-      const bool brg = brg_here && rows >= kBrgemmMinRows;
       c.resize(static_cast<size_t>(rows * 2 * kPanel));
-      const char* w = wgu + (t.e * P1 + p) * pair;
       const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-      if (vnni) {
-        const uint16_t* a = reinterpret_cast<const uint16_t*>(A1) + t.m0 * Hp;
-        const uint16_t* wv = reinterpret_cast<const uint16_t*>(w);
-        if (brg) {  // bitwise the panel kernel's result without AMX (onednn_brgemm.h)
-          brgemm_bf16(rows, kVnniBlock, Hp, a, Hp, wv, kVnniBlock, c.data(), 2 * kPanel);
-          brgemm_done();
-        } else {  // the gate | up panels of the block, interleaved row by row
-          gemm_panels_vnni(a, Hp, wv, 2 * kPanel, 2 * kVnniBlock, Hp / 2, 2, c.data(), 2 * kPanel, rows);
-        }
-        // h is rounded to bf16 by the activation, so the conversion to GEMM2's bf16 A is exact.
-        h.resize(static_cast<size_t>(rows * kPanel));
-        gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
-        for (int64_t i = 0; i < rows; ++i)
-          row_from_f32(h.data() + i * kPanel, A2 + ((t.m0 + i) * I + p * kPanel) * 2, dt, cols);
-        return;
-      }
       const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-      gemm_panels(reinterpret_cast<const float*>(A1) + t.m0 * H, H, w, dt, H * kPanel, H, 2, c.data(), 2 * kPanel, rows,
+      gemm_panels(A1 + t.m0 * H, H, wgu + (t.e * P1 + p) * pair, dt, H * kPanel, H, 2, c.data(), 2 * kPanel, rows,
                   pf ? wgu + (nx->e * P1 + nx->n0) * pair : nullptr);
-      gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, reinterpret_cast<float*>(A2) + t.m0 * I + p * kPanel, I,
-                      rows, cols, dt, swiglu);
+      gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, A2 + t.m0 * I + p * kPanel, I, rows, cols, dt, swiglu);
     });
 
-    // 4. GEMM2: each slot's expert output, rounded through the model dtype, kept as float32.
+    // 4. GEMM2 over 16-column panels: each slot's expert output, rounded through the model
+    // dtype, kept as float32.
     const char* wd = static_cast<const char*>(pd.const_data_ptr());
     float* Y = ybuf.data_ptr<float>();
-    // Units of GEMM2's weights: 16-column panels (panel16), 32-column blocks (vnni).
-    const int64_t unit = I * ucols * es;                           // bytes of one unit
-    const int64_t nu2 = nt_col_block(offs, U2, I * ucols, es, 1);  // units per tile
-    run_tiles(make_tiles(offs, U2, I * ucols, nu2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
+    const int64_t unit = I * kPanel * es;                           // bytes of one panel
+    const int64_t nu2 = nt_col_block(offs, U2, I * kPanel, es, 1);  // panels per tile
+    run_tiles(make_tiles(offs, U2, I * kPanel, nu2, 256, 1.0 * es), [&](const Tile& t, const Tile* nx) {
       thread_local std::vector<float> c;
-      const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * ucols;
-      const bool brg = brg_here && rows >= kBrgemmMinRows;
+      const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * kPanel;
       c.resize(static_cast<size_t>(rows * ldc));
-      const char* w = wd + (t.e * U2 + t.n0) * unit;
-      const uint16_t* a2 = reinterpret_cast<const uint16_t*>(A2) + t.m0 * I;
-      if (vnni) {
-        for (int64_t j = 0; j < nu; ++j) {
-          const uint16_t* wj = reinterpret_cast<const uint16_t*>(w) + j * I * kVnniBlock;
-          if (brg) brgemm_bf16(rows, kVnniBlock, I, a2, I, wj, kVnniBlock, c.data() + j * kVnniBlock, ldc);
-          else gemm_panels_vnni(a2, I, wj, 2 * kPanel, 2 * kVnniBlock, I / 2, 2, c.data() + j * kVnniBlock, ldc, rows);
-        }
-        if (brg) brgemm_done();
-      } else {
-        const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-        gemm_panels(reinterpret_cast<const float*>(A2) + t.m0 * I, I, w, dt, I * kPanel, I, nu, c.data(), ldc, rows,
-                    pf ? wd + (nx->e * U2 + nx->n0) * unit : nullptr);
-      }
-      const int64_t c0 = t.n0 * ucols, cols = std::min<int64_t>(ldc, H - c0);
+      const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+      gemm_panels(A2 + t.m0 * I, I, wd + (t.e * U2 + t.n0) * unit, dt, I * kPanel, I, nu, c.data(), ldc, rows,
+                  pf ? wd + (nx->e * U2 + nx->n0) * unit : nullptr);
+      const int64_t c0 = t.n0 * kPanel, cols = std::min<int64_t>(ldc, H - c0);
       for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * ldc, Y + (t.m0 + i) * H + c0, cols, dt);
     });
   });

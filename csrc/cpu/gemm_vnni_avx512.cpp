@@ -18,15 +18,31 @@ namespace moe_cpu::MOE_CPU_AVX512_NS {
 
 namespace {
 
+// The lines of PrefetchRanges, handed out a few per reduction step.
+struct LineStream {
+  const char* cur[2];
+  const char* end[2];
+  int64_t per_step;
+  void step() {
+    for (int64_t l = 0; l < per_step; ++l) {
+      const int r = cur[0] < end[0] ? 0 : 1;
+      if (cur[r] >= end[r]) return;
+      _mm_prefetch(cur[r], _MM_HINT_T1);  // into L2: a block (64-128 KiB) exceeds L1
+      cur[r] += 64;
+    }
+  }
+};
+
 template <int MR, int NP>
 inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
-                       float* C, int64_t ldc) {
+                       float* C, int64_t ldc, LineStream* pf) {
   __m512 acc[MR][NP];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 2
     for (int n = 0; n < NP; ++n) acc[m][n] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < K2; ++kk) {
+    if (pf) pf->step();
     __m512bh b[NP];
 #pragma GCC unroll 2
     for (int n = 0; n < NP; ++n) b[n] = bits_as<__m512bh>(_mm512_loadu_si512(P + n * pstride + kk * prow));
@@ -50,25 +66,42 @@ constexpr int kVnniMR = 12;
 // Row block of r (1..kVnniMR) rows: the compile-time MR that equals r.
 template <int NP, int MR = kVnniMR>
 inline void vnni_rows(int r, const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
-                      int64_t K2, float* C, int64_t ldc) {
+                      int64_t K2, float* C, int64_t ldc, LineStream* pf) {
   if constexpr (MR >= 1) {
-    if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, prow, K2, C, ldc);
-    vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, prow, K2, C, ldc);
+    if (r == MR) return vnni_block<MR, NP>(A, lda, P, pstride, prow, K2, C, ldc, pf);
+    vnni_rows<NP, MR - 1>(r, A, lda, P, pstride, prow, K2, C, ldc, pf);
   }
 }
 
 }  // namespace
 
 void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
-                      int64_t np, float* C, int64_t ldc, int64_t M) {
+                      int64_t np, float* C, int64_t ldc, int64_t M, const PrefetchRanges* next) {
+  // Row blocks of at most kVnniMR rows, as even as possible (16 rows: 8 + 8, not 12 + 4: a thin
+  // block spends its loads on few FMAs).
+  const int64_t nblk = (M + kVnniMR - 1) / kVnniMR, mr = (M + nblk - 1) / nblk;
+  // Every reduction step also prefetches an equal share of `next`, so the next call's weights
+  // arrive in L2 while this one computes.
+  LineStream pf{};
+  const int64_t steps = (np + 1) / 2 * nblk * K2;
+  if (next && steps > 0) {
+    int64_t lines = 0;
+    for (int r = 0; r < 2; ++r) {
+      pf.cur[r] = static_cast<const char*>(next->p[r]);
+      pf.end[r] = pf.cur[r] + (next->p[r] ? next->bytes[r] : 0);
+      lines += (next->p[r] ? next->bytes[r] : 0) / 64;
+    }
+    pf.per_step = (lines + steps - 1) / steps;
+  }
+  LineStream* pfp = next && steps > 0 ? &pf : nullptr;
   // Panel pairs outside, rows inside: a pair (2 x K2 x 64 bytes) streams from memory once and is
   // re-read from L2 by the following row blocks.
   for (int64_t p = 0; p < np; p += 2) {
     const uint16_t* Pp = P + p * pstride;
-    for (int64_t i = 0; i < M; i += kVnniMR) {
-      const int r = static_cast<int>(M - i < kVnniMR ? M - i : kVnniMR);
-      if (np - p >= 2) vnni_rows<2>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc);
-      else vnni_rows<1>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc);
+    for (int64_t i = 0; i < M; i += mr) {
+      const int r = static_cast<int>(M - i < mr ? M - i : mr);
+      if (np - p >= 2) vnni_rows<2>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc, pfp);
+      else vnni_rows<1>(r, A + i * lda, lda, Pp, pstride, prow, K2, C + i * ldc + 16 * p, ldc, pfp);
     }
   }
 }

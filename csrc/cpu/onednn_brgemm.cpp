@@ -10,6 +10,7 @@
 #include <cpuid.h>
 #endif
 
+#include "../env.h"
 #include "cpu_features.h"
 
 namespace moe_cpu {
@@ -44,9 +45,7 @@ bool probe() {
 }
 #endif
 
-// AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX[22]). On such CPUs oneDNN runs brgemm on AMX tiles, whose
-// summation order has not been checked against the panel kernel here (no AMX machine yet), so
-// brgemm stays off there until it is measured and tested (docs/cpu.md).
+// AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX[22]): there oneDNN runs brgemm on AMX tiles.
 bool cpu_has_amx_bf16() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -61,12 +60,18 @@ bool cpu_has_amx_bf16() {
 
 bool brgemm_available() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
-  static const bool built =
-      have_avx512_bf16() && !cpu_has_amx_bf16() && at::globalContext().userEnabledMkldnn() && probe();
+  static const bool built = have_avx512_bf16() && at::globalContext().userEnabledMkldnn() && probe();
   return built && at::globalContext().userEnabledMkldnn();
 #else
   return false;
 #endif
+}
+
+bool brgemm_chosen() {
+  if (!brgemm_available()) return false;
+  if (moe_ops::env::get("CPU_BRGEMM")) return moe_ops::env::flag("CPU_BRGEMM");
+  static const bool amx = cpu_has_amx_bf16();
+  return amx;
 }
 
 void brgemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,

@@ -1,0 +1,147 @@
+// The bf16 VNNI expert stages (see vnni_experts.h).
+//
+// Dataflow: gather the routed rows as bf16 rows of H padded to pairs (A1) -> GEMM1 tiles =
+// (expert, 16-column panel p of I, rows): the 32-column block (16 gate | 16 up columns,
+// interleaved row by row) from the packing or repacked, one GEMM, the gated activation in the
+// epilogue, written as bf16 into A2 -> GEMM2 tiles = (expert, 32-column blocks of H, rows) ->
+// y rows (float32, rounded through bf16).
+#include "vnni_experts.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "activations.h"
+#include "avx512_bf16.h"
+#include "gemm_panels.h"
+#include "host_alloc.h"
+#include "onednn_brgemm.h"
+#include "row_io.h"
+#include "tile_schedule.h"
+
+namespace moe_cpu {
+
+void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I, const VnniWeights& w, bool swiglu,
+                  at::Tensor& ybuf) {
+  const DType dt = DType::BF16;
+  const std::vector<int64_t>& offs = pl.offs;
+  const int64_t H = x.size(1), Sv = pl.rows();
+  const int64_t Hp = 2 * vnni_pairs(H), Iv = 2 * vnni_pairs(I);  // A1, A2 row lengths (pairs)
+  const int64_t P1 = num_panels(I), U2 = (H + kVnniBlock - 1) / kVnniBlock;
+  // The blocks are oneDNN brgemm operands as they are (onednn_brgemm.h). Where brgemm is chosen
+  // (AMX CPUs, or MOE_OPS_CPU_BRGEMM=1) it runs every tile, whatever its rows, so a row's result
+  // never depends on how many rows share its expert; elsewhere the own kernel, which also
+  // prefetches the next block while it computes (brgemm cannot): measured faster without AMX
+  // (docs/cpu.md, "Weights as stored at packed speed").
+  const bool brg = brgemm_chosen();
+
+  // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
+  // Scratch comes from the host cache (host_alloc.h): no page faults at steady state.
+  at::Tensor a1 = empty_cached({Sv, Hp}, x.options());
+  at::Tensor a2 = empty_cached({Sv, Iv}, x.options());
+  uint16_t* A1 = static_cast<uint16_t*>(a1.data_ptr());
+  uint16_t* A2 = static_cast<uint16_t*>(a2.data_ptr());
+  const uint16_t* xp = static_cast<const uint16_t*>(x.const_data_ptr());
+  at::parallel_for(0, Sv, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      std::memcpy(A1 + r * Hp, xp + (pl.row_slot[r] / k) * H, H * 2);
+      if (Hp > H) A1[r * Hp + H] = 0;
+      if (Iv > I) A2[r * Iv + I] = 0;  // as stored, odd I: no GEMM1 column writes the pad
+    }
+  });
+
+  // Where each 32-column weight block is, packed or as stored (the rows a repack reads).
+  const int64_t blk1 = Hp * kVnniBlock, blk2 = Iv * kVnniBlock;  // elements of one block
+  const auto gu_ranges = [&](int64_t e, int64_t p) {
+    PrefetchRanges r;
+    if (w.packed) {
+      r.p[0] = w.gate_up + (e * P1 + p) * blk1;
+      r.bytes[0] = blk1 * 2;
+    } else {
+      const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
+      r.p[0] = w.gate_up + e * 2 * I * H + p * kPanel * H;        // gate rows
+      r.p[1] = w.gate_up + e * 2 * I * H + (I + p * kPanel) * H;  // up rows
+      r.bytes[0] = r.bytes[1] = cols * H * 2;
+    }
+    return r;
+  };
+  const auto down_ranges = [&](int64_t e, int64_t u) {
+    PrefetchRanges r;
+    if (w.packed) {
+      r.p[0] = w.down + (e * U2 + u) * blk2;
+      r.bytes[0] = blk2 * 2;
+    } else {
+      r.p[0] = w.down + (e * H + u * kVnniBlock) * I;
+      r.bytes[0] = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock) * I * 2;
+    }
+    return r;
+  };
+
+  // 3. GEMM1 + gated activation: tile = (expert, panel p, rows); one 32-column block holds the
+  // gate and up columns of p, so one call computes both ([rows, 32] scratch: 16 gate | 16 up).
+  run_tiles(make_tiles(offs, P1, blk1, 1, 256, 4.0), [&](const Tile& t, const Tile* nx) {
+    thread_local std::vector<float> c, h;
+    thread_local std::vector<uint16_t> buf;
+    const int64_t rows = t.m1 - t.m0, p = t.n0;
+    const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
+    const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
+    if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
+      buf.resize(static_cast<size_t>(blk1));
+      const PrefetchRanges src = gu_ranges(t.e, p);
+      pack_panels_vnni(static_cast<const uint16_t*>(src.p[0]), cols, H, H, buf.data(), 0, 2 * kVnniBlock);
+      pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data() + 2 * kPanel, 0, 2 * kVnniBlock);
+      wb = buf.data();
+    }
+    const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
+    const PrefetchRanges next = pf ? gu_ranges(nx->e, nx->n0) : PrefetchRanges{};
+    c.resize(static_cast<size_t>(rows * 2 * kPanel));
+    const uint16_t* a = A1 + t.m0 * Hp;
+    if (brg) {  // bitwise the panel kernel's result without AMX
+      brgemm_bf16(rows, kVnniBlock, Hp, a, Hp, wb, kVnniBlock, c.data(), 2 * kPanel);
+      brgemm_done();
+    } else {
+      gemm_panels_vnni(a, Hp, wb, 2 * kPanel, 2 * kVnniBlock, Hp / 2, 2, c.data(), 2 * kPanel, rows,
+                       pf ? &next : nullptr);
+    }
+    // h is rounded to bf16 by the activation, so the conversion to GEMM2's bf16 A is exact.
+    h.resize(static_cast<size_t>(rows * kPanel));
+    gated_act_block(c.data(), c.data() + kPanel, 2 * kPanel, h.data(), kPanel, rows, cols, dt, swiglu);
+    for (int64_t i = 0; i < rows; ++i) row_from_f32(h.data() + i * kPanel, A2 + (t.m0 + i) * Iv + p * kPanel, dt, cols);
+  });
+
+  // 4. GEMM2: each slot's expert output, rounded through bf16, kept as float32. Tiles of nu
+  // 32-column blocks.
+  float* Y = ybuf.data_ptr<float>();
+  const int64_t nu2 = nt_col_block(offs, U2, blk2, 2, 1);
+  run_tiles(make_tiles(offs, U2, blk2, nu2, 256, 2.0), [&](const Tile& t, const Tile* nx) {
+    thread_local std::vector<float> c;
+    thread_local std::vector<uint16_t> buf;
+    const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * kVnniBlock;
+    c.resize(static_cast<size_t>(rows * ldc));
+    const uint16_t* a2 = A2 + t.m0 * Iv;
+    for (int64_t j = 0; j < nu; ++j) {
+      const int64_t u = t.n0 + j;
+      const uint16_t* wb = w.down + (t.e * U2 + u) * blk2;
+      if (!w.packed) {
+        buf.resize(static_cast<size_t>(blk2));
+        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
+        pack_panels_vnni(w.down + (t.e * H + u * kVnniBlock) * I, cols, I, I, buf.data(), 2 * kPanel, 2 * kVnniBlock);
+        if (cols <= kPanel)  // the second panel: no columns (the packing zero-fills it too)
+          for (int64_t q = 0; q < Iv / 2; ++q) std::memset(buf.data() + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
+        wb = buf.data();
+      }
+      const bool last = j + 1 == nu;
+      const bool pf = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
+      const PrefetchRanges next = !last ? down_ranges(t.e, u + 1) : pf ? down_ranges(nx->e, nx->n0) : PrefetchRanges{};
+      if (brg) brgemm_bf16(rows, kVnniBlock, Iv, a2, Iv, wb, kVnniBlock, c.data() + j * kVnniBlock, ldc);
+      else
+        gemm_panels_vnni(a2, Iv, wb, 2 * kPanel, 2 * kVnniBlock, Iv / 2, 2, c.data() + j * kVnniBlock, ldc, rows,
+                         pf ? &next : nullptr);
+    }
+    if (brg) brgemm_done();
+    const int64_t c0 = t.n0 * kVnniBlock, cols = std::min<int64_t>(ldc, H - c0);
+    for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * ldc, Y + (t.m0 + i) * H + c0, cols, dt);
+  });
+}
+
+}  // namespace moe_cpu
