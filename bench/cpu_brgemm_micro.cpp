@@ -56,10 +56,10 @@ double run_repack(const at::Tensor& A, const at::Tensor& W, at::Tensor& C, int64
   auto one = [&](int64_t r) {
     const uint16_t* w = static_cast<const uint16_t*>(W.const_data_ptr()) + r * N * K;
     for (int64_t j = 0; j < N; j += 32) {
-      moe_cpu::avx512_native::pack_panels_vnni(w + j * K, 32, K, K, buf.data(), 32, 64);
       moe_cpu::PrefetchRanges next;
       next.p[0] = w + (j + 32) * K;
       next.bytes[0] = j + 32 < N ? 32 * K * 2 : 0;
+      moe_cpu::avx512_native::pack_panels_vnni(w + j * K, 32, K, K, buf.data(), 32, 64);
       moe_cpu::avx512_native::gemm_panels_vnni(static_cast<const uint16_t*>(A.const_data_ptr()), K, buf.data(), 32, 64,
                                                K / 2, 2, C.data_ptr<float>() + j, N, M, &next);
     }

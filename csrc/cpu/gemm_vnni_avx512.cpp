@@ -16,22 +16,9 @@
 
 namespace moe_cpu::MOE_CPU_AVX512_NS {
 
-namespace {
+#include "line_prefetch.h"
 
-// The lines of PrefetchRanges, handed out a few per reduction step.
-struct LineStream {
-  const char* cur[2];
-  const char* end[2];
-  int64_t per_step;
-  void step() {
-    for (int64_t l = 0; l < per_step; ++l) {
-      const int r = cur[0] < end[0] ? 0 : 1;
-      if (cur[r] >= end[r]) return;
-      _mm_prefetch(cur[r], _MM_HINT_T1);  // into L2: a block (64-128 KiB) exceeds L1
-      cur[r] += 64;
-    }
-  }
-};
+namespace {
 
 template <int MR, int NP>
 inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
@@ -82,18 +69,8 @@ void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t
   const int64_t nblk = (M + kVnniMR - 1) / kVnniMR, mr = (M + nblk - 1) / nblk;
   // Every reduction step also prefetches an equal share of `next`, so the next call's weights
   // arrive in L2 while this one computes.
-  LineStream pf{};
-  const int64_t steps = (np + 1) / 2 * nblk * K2;
-  if (next && steps > 0) {
-    int64_t lines = 0;
-    for (int r = 0; r < 2; ++r) {
-      pf.cur[r] = static_cast<const char*>(next->p[r]);
-      pf.end[r] = pf.cur[r] + (next->p[r] ? next->bytes[r] : 0);
-      lines += (next->p[r] ? next->bytes[r] : 0) / 64;
-    }
-    pf.per_step = (lines + steps - 1) / steps;
-  }
-  LineStream* pfp = next && steps > 0 ? &pf : nullptr;
+  LineStream pf(next, (np + 1) / 2 * nblk * K2);
+  LineStream* pfp = pf.active() ? &pf : nullptr;
   // Panel pairs outside, rows inside: a pair (2 x K2 x 64 bytes) streams from memory once and is
   // re-read from L2 by the following row blocks.
   for (int64_t p = 0; p < np; p += 2) {

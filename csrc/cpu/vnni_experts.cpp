@@ -34,6 +34,15 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // prefetches the next block while it computes (brgemm cannot): measured faster without AMX
   // (docs/cpu.md, "Weights as stored at packed speed").
   const bool brg = brgemm_chosen();
+  // Which tiles' GEMMs prefetch the next block (into L2, spread over the GEMM's steps; measured
+  // on Zen 4, docs/cpu.md "Weights as stored at packed speed"). Packed: tiles of >= 12 rows --
+  // a thinner one computes for less time than its block takes to arrive, and there the hardware
+  // prefetcher alone streams the contiguous blocks faster (one thread, cold 64 KiB blocks: 1 row
+  // 20.9 GB/s without / 12.8 with; 8 rows 144 / 109 GFLOP/s; 12 rows 119 / 135; 24 rows 146 /
+  // 187). As stored: every tile -- the next tile's repack reads 16 rows 2-4 KiB apart, which the
+  // hardware prefetcher follows poorly (layer T = 8 / 128 / 512: 10.7 / 47.4 / 64.0 ms with,
+  // 12.2 / 56.1 / 81.8 without); prefetching from the repack instead measured slower.
+  const int64_t pf_min_rows = w.packed ? 12 : 0;
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
   // Scratch comes from the host cache (host_alloc.h): no page faults at steady state.
@@ -84,6 +93,9 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     thread_local std::vector<uint16_t> buf;
     const int64_t rows = t.m1 - t.m0, p = t.n0;
     const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
+    const bool other = nx && (nx->e != t.e || nx->n0 != t.n0);  // the next tile has other weights
+    const PrefetchRanges next = other ? gu_ranges(nx->e, nx->n0) : PrefetchRanges{};
+    const bool pf = other && rows >= pf_min_rows;
     const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
     if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
       buf.resize(static_cast<size_t>(blk1));
@@ -92,8 +104,6 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data() + 2 * kPanel, 0, 2 * kVnniBlock);
       wb = buf.data();
     }
-    const bool pf = nx && (nx->e != t.e || nx->n0 != t.n0);
-    const PrefetchRanges next = pf ? gu_ranges(nx->e, nx->n0) : PrefetchRanges{};
     c.resize(static_cast<size_t>(rows * 2 * kPanel));
     const uint16_t* a = A1 + t.m0 * Hp;
     if (brg) {  // bitwise the panel kernel's result without AMX
@@ -121,6 +131,11 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const uint16_t* a2 = A2 + t.m0 * Iv;
     for (int64_t j = 0; j < nu; ++j) {
       const int64_t u = t.n0 + j;
+      const bool last = j + 1 == nu, other = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
+      const PrefetchRanges next = !last   ? down_ranges(t.e, u + 1)
+                                  : other ? down_ranges(nx->e, nx->n0)
+                                          : PrefetchRanges{};
+      const bool pf = other && rows >= pf_min_rows;
       const uint16_t* wb = w.down + (t.e * U2 + u) * blk2;
       if (!w.packed) {
         buf.resize(static_cast<size_t>(blk2));
@@ -130,9 +145,6 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
           for (int64_t q = 0; q < Iv / 2; ++q) std::memset(buf.data() + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
         wb = buf.data();
       }
-      const bool last = j + 1 == nu;
-      const bool pf = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
-      const PrefetchRanges next = !last ? down_ranges(t.e, u + 1) : pf ? down_ranges(nx->e, nx->n0) : PrefetchRanges{};
       if (brg) brgemm_bf16(rows, kVnniBlock, Iv, a2, Iv, wb, kVnniBlock, c.data() + j * kVnniBlock, ldc);
       else
         gemm_panels_vnni(a2, Iv, wb, 2 * kPanel, 2 * kVnniBlock, Iv / 2, 2, c.data() + j * kVnniBlock, ldc, rows,
