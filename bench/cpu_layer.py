@@ -14,6 +14,8 @@ time (CPU time excludes time spent descheduled, a proxy for a quiet machine). Im
   a load-time cost); ``cpu_packed_experts``: ``moe_ops::fused_experts_packed`` alone;
 * ``hf_grouped_mm`` / ``hf_eager``: transformers' MixtralExperts (default grouped_mm path /
   eager per-expert loop) behind transformers' router math;
+* ``hf_block_moe_ops``: a transformers MixtralSparseMoeBlock (its own router, random weights) on
+  these expert weights as stored, patched by ``apply_moe_ops`` (what the HF integration runs);
 * ``kt_kernel``: KTransformers' kt-kernel bf16 MoE (bench/kt_peer.py; only when installed, bf16)
   behind the same router math as the transformers rows; ``kt_kernel_experts``: its experts alone
   on moe_ops' routing (as ``cpu_experts``). Its worker threads spin for a while after each call, so
@@ -58,6 +60,28 @@ def hf_experts(E, H, I, k, wgu, wd, impl):
     ex.gate_up_proj = torch.nn.Parameter(wgu, requires_grad=False)
     ex.down_proj = torch.nn.Parameter(wd, requires_grad=False)
     return ex
+
+
+def hf_block(E, H, I, k, wgu, wd, logits):
+    """A transformers MixtralSparseMoeBlock (router + experts) with these weights, patched by
+    apply_moe_ops: what a user of the HF integration runs by default (weights as stored). The
+    router's weight is chosen so that its logits for ``x`` are ``logits`` would need a solve; it
+    is random instead, so the block routes differently from the other rows (same E, k)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from moe_ops.integrations.transformers import apply_moe_ops
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k,
+                        hidden_act="silu")
+    with torch.device("meta"):
+        blk = MixtralSparseMoeBlock(cfg)
+    blk.experts.gate_up_proj = torch.nn.Parameter(wgu, requires_grad=False)
+    blk.experts.down_proj = torch.nn.Parameter(wd, requires_grad=False)
+    g = torch.Generator().manual_seed(1)
+    blk.gate.weight = torch.nn.Parameter((torch.randn(E, H, generator=g) * H ** -0.5).to(wgu.dtype),
+                                         requires_grad=False)
+    apply_moe_ops(blk)
+    return blk
 
 
 def main(argv=None):
@@ -117,6 +141,9 @@ def main(argv=None):
                 w, i = torch.topk(torch.softmax(logits, -1), k, dim=-1)
                 return ex(x, i, w)
             impls[f"hf_{impl}"] = hf
+    if "hf_block_moe_ops" in want:
+        blk = hf_block(E, H, I, k, wgu, wd, logits)
+        impls["hf_block_moe_ops"] = lambda: blk(x.unsqueeze(0))
     if "kt_kernel" in want or "kt_kernel_experts" in want:
         why = kt_peer.load()[1] or ("" if dt == torch.bfloat16 else "kt-kernel's bf16 MoE needs --dtype bf16")
         if why:

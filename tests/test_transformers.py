@@ -276,6 +276,39 @@ def test_bfloat16_fused_experts_layerwise():
         assert err <= 2 * ref_err + 1e-3 * float(ref.abs().max()), (float(err), float(ref_err))
 
 
+def test_apply_to_a_bare_block():
+    """apply_moe_ops on one MixtralSparseMoeBlock (no model around it, so no
+    set_experts_implementation): its experts and router run on moe_ops, the output matches the
+    unpatched block's, and remove_moe_ops restores the router."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    _, cfg = _cfg_mixtral()
+    torch.manual_seed(0)
+    blk = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():  # a bare module is not initialised by transformers' _init_weights
+        for prm in blk.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.1)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    with torch.no_grad():
+        want = blk(x)
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.isfinite(want).all()
+        moe_hf.apply_moe_ops(blk)
+        assert blk.experts.config._experts_implementation == moe_hf.EXPERTS_IMPLEMENTATION
+        calls = []
+        orig = moe_hf.moe_ops_experts_forward
+        try:
+            moe_hf.moe_ops_experts_forward = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+            moe_hf.register_experts_implementation()
+            got = blk(x)
+        finally:
+            moe_hf.moe_ops_experts_forward = orig
+            moe_hf.register_experts_implementation()
+        got = got[0] if isinstance(got, tuple) else got
+    assert calls, "the block's experts did not run on moe_ops"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    moe_hf.remove_moe_ops(blk)
+
+
 @pytest.mark.skipif(not avx512_emulation_built(),
                     reason="no SIMDe build: no emulated AVX-512 kernels")
 def test_bfloat16_fused_experts_layerwise_avx512_emulated():

@@ -271,12 +271,12 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
     :func:`remove_moe_ops` undoes the router/block patches.
     """
     register_experts_implementation()
-    if experts and hasattr(model, "set_experts_implementation"):
+    has_experts = any(hasattr(m, "has_gate") and hasattr(m, "num_experts") for m in model.modules())
+    if experts and has_experts:
         can = getattr(model, "_can_set_experts_implementation", None)
-        has_experts = any(hasattr(m, "has_gate") and hasattr(m, "num_experts") for m in model.modules())
-        if has_experts and (can is None or can()):
+        if hasattr(model, "set_experts_implementation") and (can is None or can()):
             model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        elif has_experts:  # a wrapper class transformers will not switch: set the configs directly
+        else:  # a bare block or a wrapper class transformers will not switch: set the configs directly
             for m in model.modules():
                 if hasattr(m, "has_gate") and hasattr(m, "config"):
                     m.config._experts_implementation = EXPERTS_IMPLEMENTATION
