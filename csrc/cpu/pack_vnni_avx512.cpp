@@ -20,7 +20,6 @@ namespace moe_cpu::MOE_CPU_AVX512_NS {
 namespace {
 
 constexpr int64_t kRows = 16;  // rows of a panel (avx512_bf16.h kPanel)
-constexpr int64_t kPfChunks = 4;
 
 // r[c] (lane q = pair q of row c) -> r[q] (lane c = pair q of row c).
 inline void transpose16(__m512i r[16]) {
@@ -61,11 +60,6 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
     for (int64_t q0 = 0; q0 < K2; q0 += 16) {
       const int64_t left = K - 2 * q0;  // bf16 values of each row from pair q0 on
       const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
-      // Each chunk reads one 64-byte line of each row: 16 streams 2*ld bytes apart, more than
-      // the hardware prefetcher follows, so the lines kPfChunks chunks ahead are asked for here.
-      if (q0 + 16 * kPfChunks < K2)
-        for (int64_t c = 0; c < rows; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(s + c * ld + 2 * (q0 + 16 * kPfChunks)), _MM_HINT_T0);
       __m512i r[16];
 #pragma GCC unroll 16
       for (int c = 0; c < 16; ++c)
