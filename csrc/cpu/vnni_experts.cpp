@@ -34,14 +34,11 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // prefetches the next block while it computes (brgemm cannot): measured faster without AMX
   // (docs/cpu.md, "Weights as stored at packed speed").
   const bool brg = brgemm_chosen();
-  // Which tiles' GEMMs prefetch the next block (into L2, spread over the GEMM's steps; measured
-  // on Zen 4, docs/cpu.md "Weights as stored at packed speed"). Packed: tiles of >= 12 rows --
-  // a thinner one computes for less time than its block takes to arrive, and there the hardware
-  // prefetcher alone streams the contiguous blocks faster (one thread, cold 64 KiB blocks: 1 row
-  // 20.9 GB/s without / 12.8 with; 8 rows 144 / 109 GFLOP/s; 12 rows 119 / 135; 24 rows 146 /
-  // 187). As stored: every tile -- the next tile's repack reads 16 rows 2-4 KiB apart, which the
-  // hardware prefetcher follows poorly (layer T = 8 / 128 / 512: 10.7 / 47.4 / 64.0 ms with,
-  // 12.2 / 56.1 / 81.8 without); prefetching from the repack instead measured slower.
+  // Which tiles' GEMMs prefetch the next block (into L2, spread over the GEMM's steps). Packed:
+  // tiles of >= 12 rows -- a thinner one computes for less time than its block takes to arrive,
+  // and the hardware prefetcher alone streams the contiguous blocks faster. As stored: every tile
+  // -- the next repack reads 16-32 rows 2-4 KiB apart, which the hardware prefetcher follows
+  // poorly. Both measured (docs/cpu.md, "Weights as stored at packed speed").
   const int64_t pf_min_rows = w.packed ? 12 : 0;
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
@@ -61,29 +58,21 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
 
   // Where each 32-column weight block is, packed or as stored (the rows a repack reads).
   const int64_t blk1 = Hp * kVnniBlock, blk2 = Iv * kVnniBlock;  // elements of one block
-  const auto gu_ranges = [&](int64_t e, int64_t p) {
+  const auto range = [](const uint16_t* p, int64_t elems) {
     PrefetchRanges r;
-    if (w.packed) {
-      r.p[0] = w.gate_up + (e * P1 + p) * blk1;
-      r.bytes[0] = blk1 * 2;
-    } else {
-      const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
-      r.p[0] = w.gate_up + e * 2 * I * H + p * kPanel * H;        // gate rows
-      r.p[1] = w.gate_up + e * 2 * I * H + (I + p * kPanel) * H;  // up rows
-      r.bytes[0] = r.bytes[1] = cols * H * 2;
-    }
+    r.p[0] = p, r.bytes[0] = elems * 2;
+    return r;
+  };
+  const auto gu_ranges = [&](int64_t e, int64_t p) {
+    if (w.packed) return range(w.gate_up + (e * P1 + p) * blk1, blk1);
+    const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
+    PrefetchRanges r = range(w.gate_up + e * 2 * I * H + p * kPanel * H, cols * H);      // gate rows
+    r.p[1] = w.gate_up + e * 2 * I * H + (I + p * kPanel) * H, r.bytes[1] = r.bytes[0];  // up rows
     return r;
   };
   const auto down_ranges = [&](int64_t e, int64_t u) {
-    PrefetchRanges r;
-    if (w.packed) {
-      r.p[0] = w.down + (e * U2 + u) * blk2;
-      r.bytes[0] = blk2 * 2;
-    } else {
-      r.p[0] = w.down + (e * H + u * kVnniBlock) * I;
-      r.bytes[0] = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock) * I * 2;
-    }
-    return r;
+    if (w.packed) return range(w.down + (e * U2 + u) * blk2, blk2);
+    return range(w.down + (e * H + u * kVnniBlock) * I, std::min<int64_t>(kVnniBlock, H - u * kVnniBlock) * I);
   };
 
   // 3. GEMM1 + gated activation: tile = (expert, panel p, rows); one 32-column block holds the
