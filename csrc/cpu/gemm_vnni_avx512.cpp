@@ -1,11 +1,12 @@
 // The VNNI panel GEMM (avx512_bf16.h gemm_panels_vnni) in AVX-512 intrinsics, compiled once per
 // instruction set (avx512_bf16_isa.h).
 //
-// Dataflow per call: for each pair of panels (32 columns) -> row blocks of up to 12 rows: 24 zmm
-// accumulators (12 rows x 2 panels); per reduction pair kk, 2 panel loads (16 columns x (k, k+1)
-// each, at P + panel * pstride + kk * prow) and per row one 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into
-// both accumulators -> 16-column float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay within the 32 zmm
-// registers.
+// Dataflow per call: for each pair of panels (32 columns) -> row blocks of at most 12 rows, as
+// even as possible: up to 24 zmm accumulators (12 rows x 2 panels); per reduction pair kk, 2
+// panel loads (16 columns x (k, k+1) each, at P + panel * pstride + kk * prow) and per row one
+// 32-bit broadcast of A's (k, k+1) pair, then vdpbf16ps into both accumulators -> 16-column
+// float32 stores. 24 accumulators + 2 panel vectors + 1 broadcast stay within the 32 zmm
+// registers. Every step also prefetches a share of `next` (the next call's weights) into L2.
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
@@ -16,9 +17,36 @@
 
 namespace moe_cpu::MOE_CPU_AVX512_NS {
 
-#include "line_prefetch.h"
-
 namespace {
+
+// The lines of PrefetchRanges (the next call's weights), handed out a few per reduction step so
+// they arrive in L2 while this call computes.
+struct LineStream {
+  const char* cur[2] = {nullptr, nullptr};
+  const char* end[2] = {nullptr, nullptr};
+  int64_t per_step = 0;
+
+  // The lines of r, `steps` steps to hand them out in (nullptr r or steps <= 0: none).
+  LineStream(const PrefetchRanges* r, int64_t steps) {
+    if (!r || steps <= 0) return;
+    int64_t lines = 0;
+    for (int i = 0; i < 2; ++i) {
+      cur[i] = static_cast<const char*>(r->p[i]);
+      end[i] = cur[i] + (r->p[i] ? r->bytes[i] : 0);
+      lines += (r->p[i] ? r->bytes[i] : 0) / 64;
+    }
+    per_step = (lines + steps - 1) / steps;
+  }
+  bool active() const { return per_step > 0; }
+  void step() {
+    for (int64_t l = 0; l < per_step; ++l) {
+      const int r = cur[0] < end[0] ? 0 : 1;
+      if (cur[r] >= end[r]) return;
+      _mm_prefetch(cur[r], _MM_HINT_T1);  // into L2: a block (64-128 KiB) exceeds L1
+      cur[r] += 64;
+    }
+  }
+};
 
 template <int MR, int NP>
 inline void vnni_block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
