@@ -213,11 +213,29 @@ def test_stored_weights_match_packed_vnni_bitwise(T, E, k, H, I):
     assert_bitwise_equal(geglu, ops.fused_experts_packed(x, ids, None, pgu, pd, "geglu"), name="geglu")
 
 
+@pytest.mark.skipif(not _avx512_kernels_on(), reason="AVX512-BF16 kernels off (see the emulated rerun)")
+def test_stored_weights_updated_in_place_between_calls():
+    """Tiles on the same block reuse a thread's repacked copy within one call (an expert with
+    more rows than a tile's chunk of 256); a later call on weights changed in place (same
+    storage, same shapes) must repack, never reuse: its result is the packed op's on the new
+    weights. One expert with one block per GEMM (I = 16, H = 32) and 600 rows: every thread's
+    last block of the first call is the first block of the second."""
+    x, ids, w, wgu, wd = _layer_inputs(600, 1, 1, 32, 16, torch.bfloat16, seed=11)
+    first = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
+    with torch.no_grad():
+        wgu.mul_(-0.5)
+        wd[:, :, ::3] = 0.25
+    again = ops.fused_experts(x, ids, w, wgu, wd, "swiglu")
+    pgu, pd = ops.pack_experts(wgu, wd, "vnni")
+    assert_bitwise_equal(again, ops.fused_experts_packed(x, ids, w, pgu, pd, "swiglu"), name="after in-place update")
+    assert not torch.equal(again, first)
+
+
 @pytest.mark.skipif(not avx512_emulation_built(), reason="no SIMDe build")
 def test_stored_weights_match_packed_vnni_emulated():
     """The same on the SIMDe-emulated kernels (natively where the CPU has them), in a subprocess:
     CPUs without AVX512-BF16 (CI's Zen 3) run it too."""
-    rerun_with_emulated_avx512(os.path.abspath(__file__), "stored_weights_match_packed_vnni_bitwise")
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "stored_weights_match_packed_vnni_bitwise or in_place")
 
 
 @pytest.mark.skipif(not moe_ops.build_info().get("cpu", {}).get("avx512_bf16"), reason="no native AVX512-BF16")

@@ -8,6 +8,7 @@
 #include "vnni_experts.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -20,6 +21,22 @@
 #include "tile_schedule.h"
 
 namespace moe_cpu {
+namespace {
+
+// One thread's repacked block (weights as stored). An expert with more rows than a tile's row
+// chunk has several tiles on the same block, usually consecutive on one thread: they reuse it.
+// The key includes this call's number, so a block is never reused across calls (the weights
+// may have changed in between).
+struct RepackedBlock {
+  uint64_t call = 0;
+  int64_t e = -1, b = -1;
+  std::vector<uint16_t> data;
+  bool holds(uint64_t c, int64_t ex, int64_t blk) const { return call == c && e == ex && b == blk; }
+  void set(uint64_t c, int64_t ex, int64_t blk) { call = c, e = ex, b = blk; }
+};
+std::atomic<uint64_t> call_counter{0};
+
+}  // namespace
 
 void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I, const VnniWeights& w, bool swiglu,
                   at::Tensor& ybuf) {
@@ -40,6 +57,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // -- the next repack reads 16-32 rows 2-4 KiB apart, which the hardware prefetcher follows
   // poorly. Both measured (docs/cpu.md, "Weights as stored at packed speed").
   const int64_t pf_min_rows = w.packed ? 12 : 0;
+  const uint64_t call = ++call_counter;
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
   // Scratch comes from the host cache (host_alloc.h): no page faults at steady state.
@@ -79,7 +97,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // gate and up columns of p, so one call computes both ([rows, 32] scratch: 16 gate | 16 up).
   run_tiles(make_tiles(offs, P1, blk1, 1, 256, 4.0), [&](const Tile& t, const Tile* nx) {
     thread_local std::vector<float> c, h;
-    thread_local std::vector<uint16_t> buf;
+    thread_local RepackedBlock buf;
     const int64_t rows = t.m1 - t.m0, p = t.n0;
     const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
     const bool other = nx && (nx->e != t.e || nx->n0 != t.n0);  // the next tile has other weights
@@ -87,11 +105,15 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const bool pf = other && rows >= pf_min_rows;
     const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
     if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
-      buf.resize(static_cast<size_t>(blk1));
-      const PrefetchRanges src = gu_ranges(t.e, p);
-      pack_panels_vnni(static_cast<const uint16_t*>(src.p[0]), cols, H, H, buf.data(), 0, 2 * kVnniBlock);
-      pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data() + 2 * kPanel, 0, 2 * kVnniBlock);
-      wb = buf.data();
+      if (!buf.holds(call, t.e, p)) {
+        buf.data.resize(static_cast<size_t>(blk1));
+        const PrefetchRanges src = gu_ranges(t.e, p);
+        pack_panels_vnni(static_cast<const uint16_t*>(src.p[0]), cols, H, H, buf.data.data(), 0, 2 * kVnniBlock);
+        pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data.data() + 2 * kPanel, 0,
+                         2 * kVnniBlock);
+        buf.set(call, t.e, p);
+      }
+      wb = buf.data.data();
     }
     c.resize(static_cast<size_t>(rows * 2 * kPanel));
     const uint16_t* a = A1 + t.m0 * Hp;
@@ -114,7 +136,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   const int64_t nu2 = nt_col_block(offs, U2, blk2, 2, 1);
   run_tiles(make_tiles(offs, U2, blk2, nu2, 256, 2.0), [&](const Tile& t, const Tile* nx) {
     thread_local std::vector<float> c;
-    thread_local std::vector<uint16_t> buf;
+    thread_local RepackedBlock buf;
     const int64_t rows = t.m1 - t.m0, nu = t.n1 - t.n0, ldc = nu * kVnniBlock;
     c.resize(static_cast<size_t>(rows * ldc));
     const uint16_t* a2 = A2 + t.m0 * Iv;
@@ -127,12 +149,16 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       const bool pf = other && rows >= pf_min_rows;
       const uint16_t* wb = w.down + (t.e * U2 + u) * blk2;
       if (!w.packed) {
-        buf.resize(static_cast<size_t>(blk2));
-        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
-        pack_panels_vnni(w.down + (t.e * H + u * kVnniBlock) * I, cols, I, I, buf.data(), 2 * kPanel, 2 * kVnniBlock);
-        if (cols <= kPanel)  // the second panel: no columns (the packing zero-fills it too)
-          for (int64_t q = 0; q < Iv / 2; ++q) std::memset(buf.data() + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
-        wb = buf.data();
+        if (!buf.holds(call, t.e, u)) {
+          buf.data.resize(static_cast<size_t>(blk2));
+          uint16_t* d = buf.data.data();
+          const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
+          pack_panels_vnni(w.down + (t.e * H + u * kVnniBlock) * I, cols, I, I, d, 2 * kPanel, 2 * kVnniBlock);
+          if (cols <= kPanel)  // the second panel: no columns (the packing zero-fills it too)
+            for (int64_t q = 0; q < Iv / 2; ++q) std::memset(d + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
+          buf.set(call, t.e, u);
+        }
+        wb = buf.data.data();
       }
       if (brg) brgemm_bf16(rows, kVnniBlock, Iv, a2, Iv, wb, kVnniBlock, c.data() + j * kVnniBlock, ldc);
       else
