@@ -20,14 +20,16 @@
 // original if the caller drops it.
 //
 // Dataflow of fused_experts_packed (steps 1 and 5 are fused_moe_frame.h's fused_experts_frame): stable
-// placement of the T*k slots by expert (as permute, block_m=1) -> gather the routed rows into
-// plain float32 rows (A1; bf16 rows for the vnni layout) -> GEMM1 tiles = (expert,
+// placement of the T*k slots by expert (as permute, block_m=1) -> steps 2-4: the 'vnni' layout
+// goes through vnni_experts.h (shared with fused_experts on bf16 weights as stored, the same
+// bits); panel16 gathers the routed rows into plain float32 rows (A1) -> GEMM1 tiles = (expert,
 // panel p, row chunk): gate and up panels of p in one call, gated activation in the epilogue,
 // written into A2 (plain float32 rows of I) -> GEMM2 tiles = (expert, panels of H, row chunk) ->
 // y rows (float32, rounded through the model dtype) -> weighted combine per token in j order.
 // Intermediates are rounded where the unfused pipeline stores them, as in fused_experts; the
-// GEMMs reduce each output in one FMA chain (k ascending) instead of 8 lanes + a horizontal sum,
-// so the two fused ops agree to rounding, not bitwise. Thread-count independent.
+// panel16 GEMMs reduce each output in one FMA chain (k ascending) where fused_experts' AVX2 NT
+// kernel sums 8 lanes + a horizontal sum, so there the two ops agree to rounding, not bitwise.
+// Thread-count independent.
 #include <cstring>
 #include <string>
 
