@@ -27,6 +27,11 @@ _SETTINGS = [
             "a torch profiler (docs/profiling.md)", "python"),
     Setting("MOE_OPS_TRITON_CONFIG_DIR", None, "extra folder of tuned Triton GEMM configs "
             "(JSON per E, N, device; docs/triton.md)", "python"),
+    Setting("MOE_OPS_CUDA_KERNELS", "auto", "where the `cuda` backend's kernels come from: auto (nvcc-built "
+            "when the extension has them, else NVRTC at first use when CuPy is installed), nvcc, nvrtc "
+            "(even when nvcc-built ones exist; docs/cuda.md)", "python"),
+    Setting("MOE_OPS_CACHE_DIR", None, "folder of moe_ops' on-disk caches (NVRTC cubins in <it>/nvrtc); "
+            "unset: ~/.cache/moe_ops", "python"),
     Setting("MOE_OPS_SIM_LIB", None, "path of the SIMT emulator library to load instead of "
             "moe_ops/_C_sim*.so (the sanitizer builds)", "python"),
     Setting("TRITON_INTERPRET", "0", "Triton's own switch: 1 runs Triton kernels on CPU through its "
