@@ -38,6 +38,8 @@ def build_info() -> dict:
     info = dict(_C.build_info())
     info["native"] = True
     info["backends"] = available_backends()
+    from .nvrtc import select  # where the CUDA kernels come from: "nvcc", "nvrtc" or None, and why
+    info["cuda_kernels"] = select.info()
     return info
 
 

@@ -8,6 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from . import autograd, backend
+from .nvrtc import select as _cuda_kernels
 from .ops import cpu_fused_moe
 
 
@@ -15,6 +16,10 @@ def _ops_with_kernel(key: str):
     return {op: getattr(torch.ops.moe_ops, op) for op in backend.OP_NAMES
             if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ops::{op}", key)}
 
+
+# The NVRTC kernels become the CUDA kernels when they are the choice (MOE_OPS_CUDA_KERNELS,
+# docs/cuda.md "CUDA without nvcc"): before the lookup below, which then finds them.
+_cuda_kernels.install()
 
 if _ops_with_kernel("CPU"):
     backend.register("cpu", ("cpu",), _ops_with_kernel("CPU"))

@@ -1,0 +1,249 @@
+"""The host side of csrc/cuda/*.cu in Python, for the NVRTC-compiled kernels: the same grid,
+block, shared memory, workspace layout and kernel choice as the C++ launchers, line for line
+(the C++ function each mirrors is named in its docstring; change both together).
+
+Torch-free like the C++: pointers are ints, sizes ints, the element type a C++ type name of
+:mod:`.manifest`. Every launch goes through ``launch(instantiation, grid, block, smem, *args)``
+(:class:`moe_ops.nvrtc.driver.Launcher` on a GPU; a recorder in the tests), which, as
+``moe_ops::launch``, returns at once for a grid with no blocks.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+from . import abi, manifest
+
+Launch = Callable[..., None]
+
+# csrc/kernels constants (kGatingWarpsPerBlock, kRankWarpsPerBlock, ...)
+GATING_WARPS_PER_BLOCK = 4
+RANK_WARPS_PER_BLOCK = 4
+RANK_SCAN_THREADS = 256
+GATHER_WARPS_PER_BLOCK = 8
+COMBINE_WARPS_PER_BLOCK = 4
+# csrc/cuda/launcher_api.h / arg_limits.h
+GATING_MAX_EXPERTS = 16384
+GATING_MAX_GROUP_SMEM = 48 * 1024
+COMBINE_MAX_K = 1024
+MAX_K = 32
+SCORE_SOFTMAX, SCORE_SIGMOID = 0, 1
+INT32_MAX = 2147483647
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def grid_for(items: int, per_block: int) -> int:
+    """launch_config.h detail::grid_for."""
+    g = cdiv(items, per_block)
+    if g > 0x7FFFFFFF:
+        raise ValueError("moe_ops: grid too large")
+    return g
+
+
+def grid_stride_blocks(items: int, threads: int) -> int:
+    """launch_config.h detail::grid_stride_blocks."""
+    return min(cdiv(items, threads), 4096)
+
+
+def align_up(n: int, a: int) -> int:
+    return cdiv(n, a) * a
+
+
+# ------------------------------------------------------------------------------ topk_gating
+
+
+def gating_group_smem_bytes(E: int, n_group: int) -> int:
+    """topk_gating.cuh gating_group_smem_bytes."""
+    if n_group <= 0:
+        return 0
+    return (E * 4 + n_group * 5 + 15) & ~15
+
+
+def topk_gating_supported(E: int, n_group: int) -> bool:
+    """topk_gating.cu topk_gating_supported."""
+    if E < 1 or E > GATING_MAX_EXPERTS:
+        return False
+    if n_group <= 0:
+        return True
+    per_block = gating_group_smem_bytes(E, n_group) * (GATING_WARPS_PER_BLOCK if E <= 512 else 1)
+    return per_block <= GATING_MAX_GROUP_SMEM
+
+
+def topk_gating(launch: Launch, logits: int, elem: str, bias: int, T: int, E: int, k: int, scoring: int,
+                renormalize: bool, n_group: int, topk_group: int, scaling_factor: float, weights: int,
+                ids: int) -> None:
+    """topk_gating.cu topk_gating + launch_gating."""
+    if not topk_gating_supported(E, n_group):
+        raise ValueError(f"moe_ops: topk_gating supports 1 <= E <= {GATING_MAX_EXPERTS} (group-limited: keys of a "
+                         f"row must fit {GATING_MAX_GROUP_SMEM // 1024} KiB of shared memory), got E={E}")
+    if k < 1 or k > MAX_K or k > E:
+        raise ValueError(f"moe_ops: topk_gating needs 1 <= k <= min(E, {MAX_K})")
+    if scoring not in (SCORE_SOFTMAX, SCORE_SIGMOID):
+        raise ValueError("moe_ops: topk_gating scoring must be 0 (softmax) or 1 (sigmoid)")
+    if n_group > 0 and (E % n_group != 0 or topk_group < 1 or topk_group > n_group):
+        raise ValueError("moe_ops: topk_gating group arguments are inconsistent")
+    if elem not in manifest.GATING_TYPES:
+        raise ValueError("moe_ops: topk_gating supports float32/float16/bfloat16 logits")
+    if T <= 0:
+        return
+    p = abi.GatingParams(logits=logits, bias=bias or None, weights=weights, ids=ids, T=T, E=E, k=k,
+                         scoring=scoring, renormalize=1 if renormalize else 0,
+                         n_group=n_group if n_group > 0 else 0, topk_group=topk_group, scaling=scaling_factor)
+    gsm = gating_group_smem_bytes(E, n_group)
+    if E <= 32 * 8 or E <= 32 * 16:
+        vpt = 8 if E <= 32 * 8 else 16
+        launch(f"topk_gating_warp_kernel<{elem}, {vpt}>", (grid_for(T, GATING_WARPS_PER_BLOCK), 1, 1),
+               (32 * GATING_WARPS_PER_BLOCK, 1, 1), gsm * GATING_WARPS_PER_BLOCK, p)
+    else:
+        vpt = manifest.GATING_BLOCK_VPT
+        threads = cdiv(cdiv(E, vpt), 32) * 32
+        launch(f"topk_gating_block_kernel<{elem}, {vpt}>", (grid_for(T, 1), 1, 1), (threads, 1, 1), gsm, p)
+
+
+# ------------------------------------------------------------------- ranking (expert_rank_launch.h)
+
+
+class RankPlan(NamedTuple):
+    chunk: int
+    nchunks: int
+    ebits: int
+
+
+def make_rank_plan(N: int, E: int) -> RankPlan:
+    """expert_rank.cuh make_rank_plan."""
+    max_cells = 1 << 20
+    max_chunks = max(max_cells // (E if E > 0 else 1), 1)
+    chunk = 256
+    if cdiv(N, chunk) > max_chunks:
+        chunk = (cdiv(N, max_chunks) + 31) // 32 * 32
+    bits = 0
+    while bits < 31 and (1 << bits) < E:
+        bits += 1
+    return RankPlan(chunk, cdiv(N, chunk), bits)
+
+
+def rank_workspace_bytes(N: int, E: int) -> int:
+    """expert_rank_launch.h rank_workspace_bytes."""
+    plan = make_rank_plan(N, E)
+    return align_up(plan.nchunks * E * 4, 256) + align_up(N * 4, 256) + align_up(E * 4, 256)
+
+
+class RankWorkspace(NamedTuple):
+    counts: int
+    local_rank: int
+    expert_count: int
+
+
+def carve_rank_workspace(ws: int, N: int, E: int) -> RankWorkspace:
+    """expert_rank_launch.h carve_rank_workspace."""
+    plan = make_rank_plan(N, E)
+    counts = ws
+    local_rank = counts + align_up(plan.nchunks * E * 4, 256)
+    expert_count = local_rank + align_up(N * 4, 256)
+    return RankWorkspace(counts, local_rank, expert_count)
+
+
+def rank_experts(launch: Launch, seq: abi.RankSeq, N: int, E: int, block_m: int, plan: RankPlan, counts: int,
+                 local_rank: int, expert_count: int, kept: int, capacity: int, offsets: int) -> None:
+    """expert_rank_launch.h rank_experts."""
+    launch("rank_count_kernel", (grid_for(plan.nchunks, RANK_WARPS_PER_BLOCK), 1, 1), (32 * RANK_WARPS_PER_BLOCK, 1, 1),
+           0, seq, N, E, plan.ebits, plan.chunk, plan.nchunks, counts, local_rank)
+    launch("rank_scan_kernel", (1, 1, 1), (RANK_SCAN_THREADS, 1, 1), 0, counts, plan.nchunks, E, block_m, expert_count,
+           kept, capacity, offsets)
+
+
+def fill_i32(launch: Launch, p: int, n: int, value: int) -> None:
+    launch("fill_i32_kernel", (grid_stride_blocks(n, 256), 1, 1), (256, 1, 1), 0, p, n, value)
+
+
+def gather_rows(launch: Launch, src: int, dst: int, nrows: int, row_bytes: int, rmap: int, div: int) -> None:
+    """row_gather_launch.h gather_rows: the widest word dividing the row and both pointers."""
+    if nrows <= 0 or row_bytes <= 0:
+        return
+    bits = src | dst | row_bytes
+    word = next(w for w, a in zip(manifest.GATHER_WORDS, (16, 8, 4, 2, 1)) if bits % a == 0)
+    launch(f"gather_rows_kernel<{word}>", (grid_for(nrows, GATHER_WARPS_PER_BLOCK), 1, 1),
+           (32 * GATHER_WARPS_PER_BLOCK, 1, 1), 0, src, dst, nrows, row_bytes, rmap, div)
+
+
+def combine_smem_bytes(k: int) -> int:
+    """row_combine.cuh combine_smem_bytes."""
+    return COMBINE_WARPS_PER_BLOCK * k * 16
+
+
+def combine(launch: Launch, y: int, elem: str, H: int, src: abi.CombineSource, weights: int, T: int, k: int,
+            out: int) -> None:
+    """row_combine_launch.h combine: 16-byte vectors when H and both pointers allow, else scalar."""
+    if k < 1:
+        raise ValueError("moe_ops: combine needs k >= 1")
+    if T <= 0 or H <= 0:
+        return
+    vec16 = manifest.combine_vecs(elem)[0]
+    vec = vec16 if H % vec16 == 0 and y % 16 == 0 and out % 16 == 0 else 1
+    launch(f"combine_kernel<{elem}, {vec}>", (grid_for(T, COMBINE_WARPS_PER_BLOCK), 1, 1),
+           (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), combine_smem_bytes(k), y, H, src, weights or None, T, k, out)
+
+
+# ------------------------------------------------------------------------ permute family (permute.cu)
+
+
+def permute_workspace_bytes(T: int, k: int, E: int) -> int:
+    return rank_workspace_bytes(T * k, E)
+
+
+def permute(launch: Launch, x: int, elem_bytes: int, T: int, H: int, ids: int, k: int, E: int, block_m: int,
+            x_sorted: int, sorted_slots: int, expert_offsets: int, slot_rows: int, workspace: int) -> None:
+    """permute.cu permute."""
+    if E < 1 or block_m < 1 or k < 0 or T < 0 or H < 0:
+        raise ValueError("moe_ops: permute needs E >= 1, block_m >= 1, k >= 0")
+    N = T * k
+    P = N + E * (block_m - 1)
+    plan = make_rank_plan(N, E)
+    ws = carve_rank_workspace(workspace, N, E)
+    seq = abi.RankSeq(ids=ids, T=T, k=k, kmajor=0)
+    rank_experts(launch, seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, 0, 0, expert_offsets)
+    fill_i32(launch, sorted_slots, P, -1)
+    launch("permute_place_kernel", (grid_stride_blocks(N, 256), 1, 1), (256, 1, 1), 0, ids, N, E, plan.chunk,
+           ws.counts, ws.local_rank, expert_offsets, slot_rows, sorted_slots)
+    gather_rows(launch, x, x_sorted, P, H * elem_bytes, sorted_slots, k if k > 0 else 1)
+
+
+def unpermute(launch: Launch, y: int, elem: str, P: int, H: int, slot_rows: int, weights: int, T: int, k: int,
+              out: int) -> None:
+    """permute.cu unpermute."""
+    src = abi.CombineSource(slot_rows=slot_rows, ids=None, slot_pos=None, E=0, C=0, nrows=P)
+    combine(launch, y, elem, H, src, weights, T, k, out)
+
+
+# ----------------------------------------------------------------------- capacity family (capacity.cu)
+
+
+def capacity_workspace_bytes(T: int, k: int, E: int, C: int) -> int:
+    return rank_workspace_bytes(T * k, E) + align_up(E * C * 4, 256)
+
+
+def capacity_dispatch(launch: Launch, x: int, elem_bytes: int, T: int, H: int, ids: int, k: int, E: int, C: int,
+                      kmajor: bool, buf: int, slot_pos: int, demand: int, kept: int, workspace: int) -> None:
+    """capacity.cu capacity_dispatch."""
+    if E < 1 or C < 0 or k < 0 or T < 0 or H < 0:
+        raise ValueError("moe_ops: capacity_dispatch needs E >= 1, C >= 0, k >= 0")
+    N = T * k
+    plan = make_rank_plan(N, E)
+    ws = carve_rank_workspace(workspace, N, E)
+    src_slot = workspace + rank_workspace_bytes(N, E)
+    rows = E * C
+    seq = abi.RankSeq(ids=ids, T=T, k=k, kmajor=1 if kmajor else 0)
+    rank_experts(launch, seq, N, E, 1, plan, ws.counts, ws.local_rank, demand, kept, C, 0)
+    fill_i32(launch, src_slot, rows, -1)
+    launch("capacity_place_kernel", (grid_stride_blocks(N, 256), 1, 1), (256, 1, 1), 0, seq, N, E, C, plan.chunk,
+           ws.counts, ws.local_rank, slot_pos, src_slot)
+    gather_rows(launch, x, buf, rows, H * elem_bytes, src_slot, k if k > 0 else 1)
+
+
+def capacity_combine(launch: Launch, buf: int, elem: str, E: int, C: int, H: int, ids: int, slot_pos: int,
+                     weights: Optional[int], T: int, k: int, out: int) -> None:
+    """capacity.cu capacity_combine."""
+    src = abi.CombineSource(slot_rows=None, ids=ids, slot_pos=slot_pos, E=E, C=C, nrows=E * C)
+    combine(launch, buf, elem, H, src, weights or 0, T, k, out)
