@@ -3,13 +3,15 @@ no spills, every manifest instantiation in the cubin, parameter types as the lau
 them, the by-value structs laid out as their ctypes mirrors. Each unit compiles once per arch
 for the whole session (the module fixture); ~15 s on one core."""
 import ctypes
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from moe_ops.nvrtc import abi, cache, compile as nvcompile, manifest
-from tests.nvrtc_support import ARCHS, KERNEL_DIR, require_nvrtc
+from tests.nvrtc_support import ARCHS, KERNEL_DIR, ROOT, require_nvrtc
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,17 @@ def test_arch_names():
     assert nvcompile.normalize_arch(80) == "80"
     with pytest.raises(ValueError):
         nvcompile.normalize_arch("compute_80")
+
+
+def test_a_fresh_process_with_a_bare_environment_compiles(tmp_path):
+    # CuPy must find libnvrtc and the CUDA headers by itself (no LD_LIBRARY_PATH, CUDA_HOME, preload)
+    require_nvrtc()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MOE_OPS_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([p for p in sys.path if "noeditable" in p] + [ROOT])}
+    code = ("from moe_ops.nvrtc import cache\n"
+            "u = cache.get_unit('row_gather.cuh', '90a')\n"
+            "print(cache.compile_count, len(u.lowered), u.cubin[:4] == b'\\x7fELF')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "5", "True"]
+    assert len(list((tmp_path / "cache" / "nvrtc").glob("row_gather.sm_90a.*.cubin"))) == 1

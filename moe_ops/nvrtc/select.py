@@ -30,10 +30,16 @@ def nvrtc_unavailable_reason() -> Optional[str]:
     """Why the NVRTC path cannot work here (CuPy / libnvrtc, kernel sources, CUDA headers), or None."""
     from . import compile as nvcompile, sources
     try:
-        nvcompile.nvrtc()
+        nv = nvcompile.nvrtc()
         sources.kernel_dir()
         sources.toolkit_include_dir()
         import cupy_backends.cuda.api.driver  # noqa: F401  (the launch side)
+        import torch
+        major, minor = torch.cuda.get_device_capability()
+        supported = tuple(nv.getSupportedArchs())
+        if major * 10 + minor not in supported:
+            return (f"NVRTC {'.'.join(map(str, nvcompile.nvrtc_version()))} cannot compile for this GPU "
+                    f"(sm_{major}{minor}; it supports {supported}): a newer CuPy/NVRTC is needed")
     except Exception as e:
         return str(e)
     return None
