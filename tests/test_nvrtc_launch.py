@@ -311,6 +311,25 @@ import sys; print("cupy" in sys.modules)
     assert lines[1:4] == ["nvrtc", "True", "False"]  # registering imports no CuPy
 
 
+@pytest.mark.parametrize("mode,source,registered", [("nvrtc", "nvrtc", True), ("auto", "nvcc", False),
+                                                     ("nvcc", "nvcc", False)])
+def test_forcing_nvrtc_over_nvcc_kernels(mode, source, registered):
+    # as if the extension had nvcc-built kernels: only MOE_OPS_CUDA_KERNELS=nvrtc replaces them
+    code = """
+import torch
+torch.cuda.is_available = lambda: True
+from moe_ops.nvrtc import select
+select.nvrtc_unavailable_reason = lambda: None
+select._nvcc_kernels = lambda names: True
+import moe_ops
+info = moe_ops.build_info()["cuda_kernels"]
+print(info["source"], torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::unpermute", "CUDA"))
+"""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::permute", "CUDA"):
+        pytest.skip("this extension has real nvcc-built CUDA kernels")
+    assert _run(code, MOE_OPS_CUDA_KERNELS=mode).split() == [source, str(registered)]
+
+
 def test_a_plain_import_does_not_touch_cupy():
     out = _run("import sys, moe_ops; i = moe_ops.build_info(); print(i['cuda_kernels']['source'], "
                "any(m.split('.')[0] in ('cupy', 'cupy_backends') for m in sys.modules))")
