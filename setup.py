@@ -169,7 +169,7 @@ setup(
     packages=find_packages(include=["moe_ops", "moe_ops.*"])
     + (["moe_ops.triton_kernels"] if (ROOT / "triton_kernels" / "__init__.py").exists() else []),
     package_dir={"moe_ops.triton_kernels": "triton_kernels"},
-    package_data={"moe_ops.triton_kernels": ["configs/*.json"]},
+    package_data={"moe_ops": ["auto_backend.json"], "moe_ops.triton_kernels": ["configs/*.json"]},
     ext_modules=[CMakeExtension("moe_ops._C")]
     + ([CMakeExtension("moe_ops._C_sim", optional=True)] if envs.get("MOE_OPS_SIM") != "0" else []),
     cmdclass={"build_ext": CMakeBuild},

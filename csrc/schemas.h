@@ -35,13 +35,17 @@ inline constexpr const char* kOpSchemas[] = {
     "grouped_gemm_wgrad(Tensor a, Tensor dc, Tensor expert_offsets, int num_experts) -> Tensor",
 };
 
+// The whole dropless expert stage: gather -> GEMM1 + gated activation -> GEMM2 -> weighted
+// combine. x[T,H], ids[T,k], weights[T,k]? -> out[T,H]. The CPU backend's fused op
+// (csrc/cpu/fused_moe.cpp) and the CUDA one (csrc/cuda/grouped_gemm.cu), which the emulator
+// namespace defines too so the SIMT emulator runs it.
+inline constexpr const char* kFusedExpertsSchema =
+    "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, str activation) -> Tensor";
+
 // Ops only the native (moe_ops) namespace defines: fused paths of one backend, not part of the
 // cross-backend contract (the emulator and Triton do not define them).
 inline constexpr const char* kNativeOnlySchemas[] = {
-    // The CPU backend's whole expert stage (csrc/cpu/fused_moe.cpp): gather -> GEMM1 +
-    // gated activation -> GEMM2 -> weighted combine. x[T,H], ids[T,k], weights[T,k]? -> out[T,H]
-    "fused_experts(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_down, "
-    "str activation) -> Tensor",
+    kFusedExpertsSchema,
     // The CPU backend's expert weights repacked once into 16-column panels
     // (csrc/cpu/fused_moe_packed.cpp). layout "panel16": w_gate_up[E,2I,H] -> [E, ceil(I/16),
     // 2 (gate|up), H, 16], w_down[E,H,I] -> [E, ceil(H/16), I, 16]; "vnni" (bf16, for AVX512-BF16):

@@ -9,7 +9,7 @@ import torch
 from . import _C  # noqa: F401  (loads the schemas and the kernels)
 from . import autograd, backend
 from .nvrtc import select as _cuda_kernels
-from .ops import cpu_fused_moe
+from .ops import cpu_fused_moe, cuda_fused_moe
 
 
 def _ops_with_kernel(key: str):
@@ -30,6 +30,8 @@ if torch.cuda.is_available() and _ops_with_kernel("CUDA"):
 # The dropless layer's fused expert op (when it applies: ops.cpu_fused_moe).
 if "cpu" in backend._BACKENDS and hasattr(torch.ops.moe_ops, "fused_experts"):
     backend.register_fused_moe("cpu", cpu_fused_moe)
+if "cuda" in backend._BACKENDS and torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::fused_experts", "CUDA"):
+    backend.register_fused_moe("cuda", cuda_fused_moe("cuda", torch.ops.moe_ops.fused_experts))
 
 # Fakes (torch.compile, meta) and autograd formulas for every moe_ops op.
 autograd.register_all()

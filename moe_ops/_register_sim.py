@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (the sim library defines its own namespace, but shares schemas)
 from . import autograd, backend, envs
+from .ops import cuda_fused_moe
 
 _path = envs.get("MOE_OPS_SIM_LIB")
 if not _path:
@@ -22,4 +23,5 @@ torch.ops.load_library(_path)
 backend.register("cuda_sim", ("cpu",), {
     op: getattr(torch.ops.moe_ops_sim, op) for op in backend.OP_NAMES
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ops_sim::{op}", "CPU")})
+backend.register_fused_moe("cuda_sim", cuda_fused_moe("cuda_sim", torch.ops.moe_ops_sim.fused_experts))
 autograd.register_all()  # moe_ops_sim, and moe_ops which importing _C defined

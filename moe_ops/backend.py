@@ -15,7 +15,8 @@ name           devices      where the implementations come from
 =============  ===========  ===============================================================
 
 Choice: the ``backend=`` argument > env ``MOE_OPS_BACKEND`` > automatic by device
-(:data:`AUTO_ORDER`). An explicitly chosen backend that lacks an op is an error for a direct op
+(:data:`AUTO_ORDER`; on CUDA tensors reordered per GPU arch and op by ``auto_backend.json``, see
+:func:`auto_order`). An explicitly chosen backend that lacks an op is an error for a direct op
 call; composite functions (``moe_forward``) ask with ``strict=False`` and fall back along the
 automatic order for the ops that backend does not have.
 
@@ -26,7 +27,10 @@ on a device declares it when it registers; :func:`unsupported_reason` answers fo
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -47,6 +51,38 @@ AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
+
+
+_AUTO_TABLE = os.path.join(os.path.dirname(__file__), "auto_backend.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_table() -> Dict[str, Any]:
+    with open(_AUTO_TABLE) as f:
+        return json.load(f)
+
+
+def _cuda_arch() -> Optional[str]:
+    """``sm_XY`` of the current CUDA device, or None without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def auto_order(op: str, device_type: str, arch: Optional[str] = None) -> Tuple[str, ...]:
+    """The automatic backend order for ``op`` (or ``"moe_forward"``, the fused layer) on
+    ``device_type`` tensors: :data:`AUTO_ORDER`, with the backend that ``auto_backend.json`` names
+    for this GPU arch (``arch``, default the current device's) and op moved first. The table holds
+    the design defaults until the GPU check's measurements replace them."""
+    order = AUTO_ORDER.get(device_type, ("reference",))
+    if device_type != "cuda":
+        return order
+    pick = _auto_table().get("cuda", {}).get(arch or _cuda_arch() or "", {}).get(op)
+    if pick not in order:
+        return order
+    return (pick,) + tuple(n for n in order if n != pick)
 
 
 @dataclass
@@ -105,7 +141,7 @@ def register_fused_moe(name: str, fn: Callable) -> None:
 def resolve_fused_moe(device_type: str, backend: Optional[str] = None) -> Optional[Callable]:
     """The fused layer path of the chosen backend, or of the first automatic one that has one."""
     name = backend if backend is not None else envs.get("MOE_OPS_BACKEND")
-    names = (name,) if name is not None else AUTO_ORDER.get(device_type, ())
+    names = (name,) if name is not None else auto_order("moe_forward", device_type)
     for n in names:
         b = _load(n) if n in _LOADERS else None
         if b is not None and b.fused_moe is not None and device_type in b.devices:
@@ -196,7 +232,7 @@ def resolve(op: str, device_type: str, backend: Optional[str] = None, *, strict:
         if strict:
             raise NotImplementedError(f"moe_ops: backend {name!r} has no {op!r} kernel; "
                                       f"backends with one: {available_backends(op, device_type)}")
-    for auto in AUTO_ORDER.get(device_type, ("reference",)):
+    for auto in auto_order(op, device_type):
         b = _load(auto)
         if b is not None and op in b.ops and device_type in b.devices:
             return b.ops[op]

@@ -565,6 +565,16 @@ def repack_if_stale(packed: Optional[PackedExperts], w_gate_up: torch.Tensor,
     return pack_experts(w_gate_up, w_down)
 
 
+def _route(x, router_logits, w_gate_up, w_down, k, correction_bias, backend, **gating):
+    """The fused layers' first stage: the router on ``backend``; and whether autograd needs the
+    unfused op chain (the fused expert ops have no derivative)."""
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, correction_bias=correction_bias, backend=backend, **gating)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
+    return weights, ids, needs_grad
+
+
 def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
                   renormalize=False, n_group=None, topk_group=None, correction_bias=None,
                   scaling_factor=1.0, packed=None):
@@ -575,12 +585,9 @@ def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu"
     kernel: those calls run the unfused ``cpu`` ops instead. With ``packed``
     (:func:`pack_experts`) the experts run ``moe_ops::fused_experts_packed``
     (csrc/cpu/fused_moe_packed.cpp), the same pipeline on the panel GEMM."""
-    with stage("router"):
-        weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
-                                   n_group=n_group, topk_group=topk_group, correction_bias=correction_bias,
-                                   scaling_factor=scaling_factor, backend="cpu")
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, router_logits, w_gate_up, w_down, correction_bias) if t is not None)
+    weights, ids, needs_grad = _route(x, router_logits, w_gate_up, w_down, k, correction_bias, "cpu",
+                                      scoring=scoring, renormalize=renormalize, n_group=n_group,
+                                      topk_group=topk_group, scaling_factor=scaling_factor)
     if x.dtype == torch.float64 or needs_grad:
         return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend="cpu")
     # One op runs dispatch, experts and combine interleaved per expert: its three stage ranges
@@ -590,6 +597,25 @@ def cpu_fused_moe(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu"
             return _backend.native_op("fused_experts_packed")(x, ids, weights, packed.w_gate_up, packed.w_down,
                                                               activation)
         return _backend.native_op("fused_experts")(x, ids, weights, w_gate_up, w_down, activation)
+
+
+def cuda_fused_moe(name: str, fused_experts):
+    """:func:`moe_forward`'s dropless layer on the CUDA kernels: backend ``name`` (``cuda``, or
+    ``cuda_sim`` where the SIMT emulator runs them), whose ``fused_experts`` op is the expert
+    stage of csrc/cuda/grouped_gemm.cu (slot index -> GEMM1 gathering x rows + activation ->
+    GEMM2 * router weight scattered to slot order -> fixed-order k-sum). Every dtype, float64
+    included; calls that need gradients run the unfused ops of ``name``."""
+    def fused(x, router_logits, w_gate_up, w_down, k, *, activation="swiglu", scoring="softmax",
+              renormalize=False, n_group=None, topk_group=None, correction_bias=None, scaling_factor=1.0):
+        weights, ids, needs_grad = _route(x, router_logits, w_gate_up, w_down, k, correction_bias, name,
+                                          scoring=scoring, renormalize=renormalize, n_group=n_group,
+                                          topk_group=topk_group, scaling_factor=scaling_factor)
+        if needs_grad:
+            return experts_forward(x, weights, ids, w_gate_up, w_down, activation=activation, backend=name)
+        with stage("dispatch"), stage("experts"), stage("combine"):
+            return fused_experts(x, ids, weights, w_gate_up, w_down, activation)
+    fused.__name__ = fused.__qualname__ = f"{name}_fused_moe"
+    return fused
 
 
 @profiled

@@ -26,7 +26,7 @@ def _code(path: pathlib.Path) -> str:
 
 # Op families: csrc/kernels/<stem>.cuh (the kernels) + csrc/cuda/<stem>.cu (their launchers),
 # the same stem as csrc/cpu/, triton_kernels/ and the tests use.
-OP_FAMILIES = ("topk_gating", "permute", "capacity")
+OP_FAMILIES = ("topk_gating", "permute", "capacity", "grouped_gemm")
 
 
 def test_sources_found():

@@ -248,3 +248,195 @@ def test_forked_child_builds_its_own_pool():
     assert msg == "ok", msg
     for t in FORK_THREADS:
         assert torch.equal(sim.block_sum(x, t, 3), want[t])
+
+
+# ---- tensor-core and async-copy models (csrc/kernels/mma.cuh, csrc/sim/warp_matrix.cpp) -------
+# The expected lane -> element maps below are written from the PTX ISA text, independently of the
+# C++ model, so that a layout error cannot hide in both.
+
+
+def _ptx_mma_m16n8k16_a(lane):
+    """PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type", A (.f16/.bf16):
+    (row, col) of a_0..a_7; a_{2r}, a_{2r+1} are the low / high half of register r."""
+    group, tig = lane >> 2, lane % 4
+    out = []
+    for i in range(8):
+        row = group if (0 <= i < 2 or 4 <= i < 6) else group + 8
+        col = tig * 2 + (i & 0x1) if i < 4 else tig * 2 + (i & 0x1) + 8
+        out.append((row, col))
+    return out
+
+
+def _ptx_mma_m16n8k16_b(lane):
+    """Same section, B (.f16/.bf16, 16x8 = k x n): (row, col) of b_0..b_3."""
+    group, tig = lane >> 2, lane % 4
+    return [(tig * 2 + (i & 0x1) if i < 2 else tig * 2 + (i & 0x1) + 8, group) for i in range(4)]
+
+
+def _ptx_mma_m16n8k16_c(lane):
+    """Same section, accumulators C/D (.f32, 16x8): (row, col) of c_0..c_3."""
+    group, tig = lane >> 2, lane % 4
+    return [(group if i < 2 else group + 8, tig * 2 + (i & 0x1)) for i in range(4)]
+
+
+def _bits16(x):
+    return x.contiguous().view(torch.int16).long() & 0xFFFF
+
+
+def _pack_halves(bits, positions):
+    """[rows, cols] 16-bit patterns -> one int32 register per element pair (low half first)."""
+    regs = []
+    for r in range(len(positions) // 2):
+        (r0, c0), (r1, c1) = positions[2 * r], positions[2 * r + 1]
+        regs.append(_i32(int(bits[r0, c0]) | int(bits[r1, c1]) << 16))
+    return regs
+
+
+def _mma_registers(a, b, c):
+    """Per-lane registers of one m16n8k16 from A [16,16], B [16,8] (16-bit) and C [16,8] (f32)."""
+    ab, bb = _bits16(a), _bits16(b)
+    ra = torch.tensor([_pack_halves(ab, _ptx_mma_m16n8k16_a(lane)) for lane in range(32)], dtype=torch.int32)
+    rb = torch.tensor([_pack_halves(bb, _ptx_mma_m16n8k16_b(lane)) for lane in range(32)], dtype=torch.int32)
+    rc = torch.tensor([[float(c[p]) for p in _ptx_mma_m16n8k16_c(lane)] for lane in range(32)], dtype=torch.float32)
+    return ra, rb, rc
+
+
+def _mma_gather_d(d):
+    """[32, 4] per-lane D registers -> D [16, 8] by the accumulator layout (every element once)."""
+    out = torch.full((16, 8), float("nan"), dtype=torch.float64)
+    seen = set()
+    for lane in range(32):
+        for i, p in enumerate(_ptx_mma_m16n8k16_c(lane)):
+            out[p] = float(d[lane, i])
+            seen.add(p)
+    assert len(seen) == 128
+    return out
+
+
+def _run_mma(problems, dtype):
+    regs = [_mma_registers(a, b, c) for a, b, c in problems]
+    ra, rb, rc = (torch.stack([r[i] for r in regs]) for i in range(3))
+    d = sim.mma(ra, rb, rc, str(dtype).removeprefix("torch."))
+    return [_mma_gather_d(d[w]) for w in range(len(problems))]
+
+
+MMA_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+def test_mma_m16n8k16_positions(dtype):
+    """Every (i, k, j) lands where the PTX layout says: row i of A has the single value i + 1, at
+    k = (i + s) % 16 (16 shifts s cover every A position), B and C hold distinct integers, so
+    D[i][j] must equal (i + 1) * B[(i + s) % 16][j] + C[i][j] exactly; a misplaced A, B, C or D
+    element changes some D. (With 1 for every row's value a quadrant swap of A, e.g. a[1] <-> a[2],
+    maps these cyclic patterns onto themselves and would pass.)"""
+    b = (1 + torch.arange(128, dtype=torch.float32)).reshape(16, 8).to(dtype)
+    c = 1000 * (1 + torch.arange(128, dtype=torch.float32)).reshape(16, 8)
+    rows, value = torch.arange(16), 1 + torch.arange(16, dtype=torch.float32)
+    problems = []
+    for s in range(16):
+        a = torch.zeros(16, 16)
+        a[rows, (rows + s) % 16] = value
+        problems.append((a.to(dtype), b, c))
+    for s, d in enumerate(_run_mma(problems, dtype)):
+        ref = value.double()[:, None] * b.double()[(rows + s) % 16] + c.double()
+        assert torch.equal(d, ref), f"shift {s}: {(d != ref).nonzero().tolist()[:8]}"
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+def test_mma_m16n8k16_random_values(dtype):
+    g = _gen(3 if dtype == torch.bfloat16 else 4)
+    problems = [(torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 8, generator=g).to(dtype),
+                 torch.randn(16, 8, generator=g)) for _ in range(3)]
+    for (a, b, c), d in zip(problems, _run_mma(problems, dtype)):
+        ref = a.double() @ b.double() + c.double()
+        torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-5)
+
+
+def _ptx_ldmatrix(m, lane, trans):
+    """PTX ISA, ldmatrix .m8n8 .b16: lane l = 4*group + tig holds elements (group, 2*tig + i),
+    i = 0, 1 (low, high half) of the matrix; with .trans, of its transpose."""
+    group, tig = lane >> 2, lane % 4
+    elems = [m[2 * tig + i][group] if trans else m[group][2 * tig + i] for i in range(2)]
+    return _i32(int(elems[0]) | int(elems[1]) << 16)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("num", [1, 2, 4])
+def test_ldmatrix_fragments(num, trans):
+    """Distinct values everywhere; rows at shuffled, padded shared-memory slots, lane 8j + r giving
+    row r of matrix j (PTX: threads 0-7 matrix 0, 8-15 matrix 1, ...); the lanes past 8*num give a
+    misaligned address that ldmatrix must ignore."""
+    src = (1 + torch.arange(num * 64)).to(torch.int16)
+    slot = torch.randperm(num * 8, generator=_gen(num + 10 * trans)).int()
+    out = sim.ldmatrix(src, slot, num, trans)
+    mats = src.long().reshape(num, 8, 8)
+    ref = torch.tensor([[_ptx_ldmatrix(mats[j], lane, trans) for j in range(num)] for lane in range(32)],
+                       dtype=torch.int32)
+    assert torch.equal(out, ref), f"lanes differ: {(out != ref).nonzero().tolist()[:8]}"
+
+
+def test_cp_async_zero_fill_and_groups():
+    """src-size zero-fill; wait_group 1 leaves the newest committed group pending; wait_group 0
+    completes every committed group but not an uncommitted copy; copies left pending at the end of
+    a block are dropped, not performed in the next block (region 4 stays poison in both)."""
+    blocks, region = 2, 32 * 16
+    src = torch.randint(1, 255, (blocks, 5 * region), dtype=torch.uint8, generator=_gen(21))  # no 0x00 / 0xff
+    sizes = torch.randint(0, 17, (32,), dtype=torch.int32, generator=_gen(22))
+    sizes[:3] = torch.tensor([0, 5, 16], dtype=torch.int32)
+    out = sim.cp_async(src, sizes)
+    poison = torch.full((region,), 0xFF, dtype=torch.uint8)
+    for b in range(blocks):
+        regions = src[b].view(5, 32, 16)
+        filled = regions[0].clone()
+        for t in range(32):
+            filled[t, int(sizes[t]):] = 0
+        snap0, snap1 = out[b, 0].view(5, region), out[b, 1].view(5, region)
+        assert torch.equal(snap0[0], filled.reshape(-1)), "zero-fill past src-size"
+        assert torch.equal(snap0[1], regions[1].reshape(-1)) and torch.equal(snap0[2], regions[2].reshape(-1))
+        assert torch.equal(snap0[3], poison), "wait_group 1 completed the newest group"
+        assert torch.equal(snap0[4], poison)
+        assert torch.equal(snap1[:3], snap0[:3])
+        assert torch.equal(snap1[3], regions[3].reshape(-1)), "wait_group 0 left a committed group pending"
+        assert torch.equal(snap1[4], poison), "an uncommitted (or a previous block's) copy was performed"
+
+
+@pytest.mark.parametrize("what,threads,message", [
+    (0, 32, r"ldmatrix.x4: all 32 lanes of the warp must execute it, but lanes 0x20 did not"),
+    (1, 32, r"ldmatrix: lane 3 gives row address .* not 16-byte aligned"),
+    (2, 32, r"divergent warp collectives: lane \d+ calls ldmatrix.x"),
+    (3, 32, r"mma.sync.m16n8k16.bf16: all 32 lanes .* lanes 0x80000000 did not"),
+    (4, 32, r"cp.async: src-size 17 outside \[0, 16\]"),
+    (5, 32, r"cp.async: 16-byte copy .* must be 16-byte aligned"),
+    (6, 48, r"ldmatrix.x4: needs a full warp of 32 threads, this one has 16"),
+])
+def test_warp_matrix_misuse_raises(what, threads, message):
+    with pytest.raises(RuntimeError, match=message):
+        sim.warp_matrix_misuse(what, threads)
+    assert sim.warp_matrix_misuse(6, 64).shape == (64,)  # the correct use works, and afterwards
+
+
+GEMM_BUGS = {"none": 0, "no_wait": 1, "swapped_fragment": 2}
+
+
+@pytest.mark.parametrize("bug", list(GEMM_BUGS))
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+def test_tiled_gemm_planted_bugs_are_caught(dtype, bug):
+    """A cp.async + ldmatrix + mma GEMM (tests/csrc/planted_bugs.cuh) matches a float64 matmul;
+    its planted variants (no cp.async.wait_group; a[1] / a[2] swapped) must not."""
+    g = _gen(31)
+    a = torch.randn(32, 64, generator=g).to(dtype)
+    b = torch.randn(48, 64, generator=g).to(dtype)
+    out = sim.tiled_gemm(a, b, GEMM_BUGS[bug])
+    ref = a.double() @ b.double().T
+
+    def check():
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+    if bug == "none":
+        check()
+    else:
+        with pytest.raises(AssertionError):
+            check()
+    if bug == "no_wait":
+        assert out.isnan().any(), "the missing wait should read the NaN poison"

@@ -72,5 +72,28 @@ void capacity_dispatch(const void* x, size_t elem_bytes, int64_t T, int64_t H, c
 void capacity_combine(const void* buf, DType dtype, int E, int C, int64_t H, const int* ids, const int* slot_pos,
                       const void* weights, int64_t T, int k, void* out, StreamHandle stream);
 
+// Scratch (bytes) the grouped GEMMs need for their device-built tile schedule (E + 1 sanitised
+// offsets and E + 1 tile starts).
+size_t grouped_gemm_workspace_bytes(int E);
+
+// a[M,K], b[E,K,N] (or [E,N,K] when trans_b), offsets[E+1] -> c[M,N]; rows outside
+// [offsets[0], offsets[E]) are 0. Offsets are read on the device, clamped to [0, M] and made
+// non-decreasing (the CPU backend's reading), so no value can index out of bounds.
+void grouped_gemm(const void* a, DType dtype, int64_t M, int64_t K, const void* b, int E, int64_t N, bool trans_b,
+                  const int* offsets, void* c, void* workspace, StreamHandle stream);
+
+// a[M,K], dc[M,N], offsets[E+1] -> db[E,K,N] = a[rows e]^T @ dc[rows e] (zeros for empty experts).
+void grouped_gemm_wgrad(const void* a, const void* dc, DType dtype, int64_t M, int64_t K, int64_t N, const int* offsets,
+                        int E, void* db, void* workspace, StreamHandle stream);
+
+// The fused dropless expert stage (what moe_forward's `cuda` fused layer runs after the router):
+// slot index -> GEMM1 gathering x rows + gated activation -> GEMM2 * router weight, scattered to
+// slot order -> fixed-order k-sum. x[T,H], ids[T,k], weights[T,k] (accumulator type) or nullptr,
+// w_gate_up[E,2I,H], w_down[E,H,I] (x's dtype) -> out[T,H]. act: 1 = SwiGLU, 2 = GeGLU.
+size_t fused_experts_workspace_bytes(int64_t T, int k, int E, int64_t H, int64_t I, DType dtype);
+void fused_experts(const void* x, DType dtype, int64_t T, int64_t H, const int* ids, int k, const void* weights,
+                   const void* w_gate_up, const void* w_down, int E, int64_t I, int act, void* out, void* workspace,
+                   StreamHandle stream);
+
 }  // namespace launchers
 }  // namespace moe_ops

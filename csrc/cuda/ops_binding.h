@@ -242,6 +242,107 @@ struct Ops {
                                 static_cast<int>(k), out.data_ptr(), B::stream(buf));
     return out;
   }
+
+  // a, b (or dc) and expert_offsets of a grouped GEMM: device, dtype, offsets shape.
+  static void gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, int64_t E, const char* op,
+                        const char* b_name) {
+    check_device(a, op, "a");
+    to_dtype(a, "a");
+    check_same_device(a, b, op, b_name);
+    check_same_device(a, offs, op, "expert_offsets");
+    TORCH_CHECK(a.scalar_type() == b.scalar_type(), "moe_ops::", op, " (", B::kName,
+                "): operands must share a dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+    TORCH_CHECK(offs.scalar_type() == at::kInt, "moe_ops::", op, ": expert_offsets must be int32, got ",
+                offs.scalar_type());
+    TORCH_CHECK(offs.dim() == 1 && offs.numel() == E + 1, "moe_ops::", op, ": expert_offsets needs E+1 = ", E + 1,
+                " entries, got ", offs.sizes());
+    TORCH_CHECK(a.size(0) <= limits::kInt32Max, "moe_ops::", op, ": M overflows int32");
+  }
+
+  static at::Tensor workspace(const at::Tensor& like, int64_t E) {
+    return at::empty({static_cast<int64_t>(launchers::grouped_gemm_workspace_bytes(static_cast<int>(E)))},
+                     like.options().dtype(at::kByte));
+  }
+
+  static at::Tensor grouped_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offs_in,
+                                 bool trans_b) {
+    const char* op = "grouped_gemm";
+    TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 3, "moe_ops::grouped_gemm: need a[M,K], b[E,.,.], got ", a_in.sizes(),
+                " and ", b_in.sizes());
+    const int64_t E = b_in.size(0), M = a_in.size(0), K = a_in.size(1);
+    const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
+    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::grouped_gemm: b needs 1 <= E <= ", limits::kMaxExperts,
+                " experts, got ", E);
+    TORCH_CHECK((trans_b ? b_in.size(2) : b_in.size(1)) == K, "moe_ops::grouped_gemm: a has K=", K, " but b is ",
+                b_in.sizes(), trans_b ? " (trans_b)" : "");
+    gemm_args(a_in, b_in, offs_in, E, op, "b");
+    typename B::Guard guard(a_in);
+    const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), offs = offs_in.contiguous();
+    at::Tensor c = at::empty({M, N}, a.options());
+    at::Tensor ws = workspace(offs, E);
+    launchers::grouped_gemm(a.data_ptr(), to_dtype(a, "a"), M, K, b.data_ptr(), static_cast<int>(E), N, trans_b,
+                            offs.data_ptr<int>(), c.data_ptr(), ws.data_ptr(), B::stream(a));
+    return c;
+  }
+
+  static at::Tensor grouped_gemm_wgrad(const at::Tensor& a_in, const at::Tensor& dc_in, const at::Tensor& offs_in,
+                                       int64_t E) {
+    const char* op = "grouped_gemm_wgrad";
+    TORCH_CHECK(a_in.dim() == 2 && dc_in.dim() == 2 && a_in.size(0) == dc_in.size(0),
+                "moe_ops::grouped_gemm_wgrad: need a[M,K], dc[M,N], got ", a_in.sizes(), " and ", dc_in.sizes());
+    TORCH_CHECK(E >= 0 && E <= limits::kMaxExperts, "moe_ops::grouped_gemm_wgrad: num_experts must be in [0, ",
+                limits::kMaxExperts, "], got ", E);
+    gemm_args(a_in, dc_in, offs_in, E, op, "dc");
+    const int64_t M = a_in.size(0), K = a_in.size(1), N = dc_in.size(1);
+    typename B::Guard guard(a_in);
+    const at::Tensor a = a_in.contiguous(), dc = dc_in.contiguous(), offs = offs_in.contiguous();
+    at::Tensor db = at::empty({E, K, N}, a.options());
+    at::Tensor ws = workspace(offs, E);
+    launchers::grouped_gemm_wgrad(a.data_ptr(), dc.data_ptr(), to_dtype(a, "a"), M, K, N, offs.data_ptr<int>(),
+                                  static_cast<int>(E), db.data_ptr(), ws.data_ptr(), B::stream(a));
+    return db;
+  }
+
+  static at::Tensor fused_experts(const at::Tensor& x_in, const at::Tensor& ids_in,
+                                  const std::optional<at::Tensor>& weights_in, const at::Tensor& wgu_in,
+                                  const at::Tensor& wd_in, c10::string_view activation) {
+    const char* op = "fused_experts";
+    check_device(x_in, op, "x");
+    const auto dtype = to_dtype(x_in, "x");
+    TORCH_CHECK(x_in.dim() == 2, "moe_ops::fused_experts: x must be 2-D [T, H], got ", x_in.sizes());
+    const at::Tensor ids = ids_arg(x_in, ids_in, op, "ids");
+    const int64_t T = x_in.size(0), H = x_in.size(1), k = ids.size(1);
+    TORCH_CHECK(ids.size(0) == T, "moe_ops::fused_experts: ids has ", ids.size(0), " rows but x has ", T);
+    TORCH_CHECK(k >= 1 && k <= limits::kMaxK, "moe_ops::fused_experts: k must be in [1, ", limits::kMaxK, "], got ", k);
+    TORCH_CHECK(T * k <= limits::kInt32Max, "moe_ops::fused_experts: T*k overflows int32");
+    check_same_device(x_in, wgu_in, op, "w_gate_up");
+    check_same_device(x_in, wd_in, op, "w_down");
+    TORCH_CHECK(wgu_in.scalar_type() == x_in.scalar_type() && wd_in.scalar_type() == x_in.scalar_type(),
+                "moe_ops::fused_experts: x, w_gate_up and w_down must share a dtype");
+    TORCH_CHECK(wgu_in.dim() == 3 && wgu_in.size(1) % 2 == 0 && wgu_in.size(2) == H,
+                "moe_ops::fused_experts: w_gate_up must be [E, 2I, H=", H, "], got ", wgu_in.sizes());
+    const int64_t E = wgu_in.size(0), I = wgu_in.size(1) / 2;
+    TORCH_CHECK(E >= 1 && E <= limits::kMaxExperts, "moe_ops::fused_experts: needs E >= 1 experts");
+    TORCH_CHECK(wd_in.dim() == 3 && wd_in.size(0) == E && wd_in.size(1) == H && wd_in.size(2) == I,
+                "moe_ops::fused_experts: w_down must be [E=", E, ", H=", H, ", I=", I, "], got ", wd_in.sizes());
+    int act;
+    if (activation == "swiglu") act = 1;
+    else if (activation == "geglu") act = 2;
+    else
+      TORCH_CHECK(false, "moe_ops::fused_experts: activation must be 'swiglu' or 'geglu', got '",
+                  std::string(activation), "'");
+    const auto weights = weights_arg(x_in, weights_in, T, k, op);
+    typename B::Guard guard(x_in);
+    const at::Tensor x = x_in.contiguous(), wgu = wgu_in.contiguous(), wd = wd_in.contiguous();
+    at::Tensor out = at::empty({T, H}, x.options());
+    at::Tensor ws = at::empty({static_cast<int64_t>(launchers::fused_experts_workspace_bytes(
+                                  T, static_cast<int>(k), static_cast<int>(E), H, I, dtype))},
+                              x.options().dtype(at::kByte));
+    launchers::fused_experts(x.data_ptr(), dtype, T, H, ids.data_ptr<int>(), static_cast<int>(k),
+                             weights ? weights->data_ptr() : nullptr, wgu.data_ptr(), wd.data_ptr(),
+                             static_cast<int>(E), I, act, out.data_ptr(), ws.data_ptr(), B::stream(x));
+    return out;
+  }
 };
 
 template <class B>
@@ -251,6 +352,9 @@ void register_ops(torch::Library& m) {
   m.impl("unpermute", &Ops<B>::unpermute);
   m.impl("capacity_dispatch", &Ops<B>::capacity_dispatch);
   m.impl("capacity_combine", &Ops<B>::capacity_combine);
+  m.impl("grouped_gemm", &Ops<B>::grouped_gemm);
+  m.impl("grouped_gemm_wgrad", &Ops<B>::grouped_gemm_wgrad);
+  m.impl("fused_experts", &Ops<B>::fused_experts);
 }
 
 }  // namespace binding

@@ -1,10 +1,9 @@
 // Launchers of the permute family: permute (kernels: csrc/kernels/permute.cuh, expert_rank.cuh,
 // row_gather.cuh) and its inverse unpermute (row_combine.cuh, the combine capacity_combine
 // shares).
-#include "expert_rank_launch.h"
 #include "row_combine_launch.h"
 #include "row_gather_launch.h"
-#include "../kernels/permute.cuh"
+#include "slot_index_launch.h"
 
 namespace moe_ops {
 namespace launchers {
@@ -16,21 +15,11 @@ size_t permute_workspace_bytes(int64_t T, int k, int E) {
 void permute(const void* x, size_t elem_bytes, int64_t T, int64_t H, const int* ids, int k, int E, int block_m,
              void* x_sorted, int* sorted_slots, int* expert_offsets, int* slot_rows, void* workspace,
              StreamHandle stream_handle) {
-  using namespace kern;
   if (E < 1 || block_m < 1 || k < 0 || T < 0 || H < 0)
     throw std::invalid_argument("moe_ops: permute needs E >= 1, block_m >= 1, k >= 0");
   const Stream stream = detail::to_stream(stream_handle);
-  const long long N = T * static_cast<long long>(k);
-  const long long P = N + static_cast<long long>(E) * (block_m - 1);
-  const RankPlan plan = make_rank_plan(N, E);
-  const detail::RankWorkspace ws = detail::carve_rank_workspace(workspace, N, E);
-  const RankSeq seq{ids, T, k, 0};
-  detail::rank_experts(seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, nullptr, 0, expert_offsets,
-                       stream);
-  detail::fill_i32(sorted_slots, P, -1, stream);
-  launch(permute_place_kernel, dim3(detail::grid_stride_blocks(N, 256)), dim3(256), 0, stream, ids, N, E, plan.chunk,
-         static_cast<const int*>(ws.counts), static_cast<const int*>(ws.local_rank),
-         static_cast<const int*>(expert_offsets), slot_rows, sorted_slots);
+  const long long P = T * static_cast<long long>(k) + static_cast<long long>(E) * (block_m - 1);
+  detail::build_slot_index(ids, T, k, E, block_m, workspace, expert_offsets, sorted_slots, slot_rows, stream);
   detail::gather_rows(x, x_sorted, P, H * static_cast<long long>(elem_bytes), sorted_slots, k > 0 ? k : 1, stream);
 }
 

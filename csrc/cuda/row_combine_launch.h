@@ -22,7 +22,7 @@ inline void combine(const void* y, DType dtype, int64_t H, const kern::CombineSo
     constexpr int VEC = 16 / static_cast<int>(sizeof(E));
     const E* yp = static_cast<const E*>(y);
     E* op = static_cast<E*>(out);
-    const auto* wp = static_cast<const typename CombineAcc<E>::type*>(weights);
+    const auto* wp = static_cast<const typename AccType<E>::type*>(weights);
     if (H % VEC == 0 && is_aligned16(yp) && is_aligned16(op))
       launch(combine_kernel<E, VEC>, grid, block, combine_smem_bytes(k), stream, yp, static_cast<long long>(H), src, wp,
              static_cast<long long>(T), k, op);

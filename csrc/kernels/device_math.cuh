@@ -55,6 +55,34 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// The accumulator of every reduction over data (combine, GEMM): float32, except float64 data
+// stays float64 (as the reference does, so gradcheck holds).
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T v) {
+  return to_f32(v);
+}
+template <>
+__device__ __forceinline__ double to_acc<double, double>(double v) {
+  return v;
+}
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v) {
+  return from_f32<T>(v);
+}
+template <>
+__device__ __forceinline__ double from_acc<double, double>(double v) {
+  return v;
+}
+
 // ------------------------------------------------------------------------------- ordered keys
 
 __device__ __forceinline__ uint32_t float_bits(float f) {

@@ -28,10 +28,12 @@ struct CombineSource {
   int E;
   int C;
   long long nrows;  // rows of y (bounds check)
+  bool slot_order;  // the fused layer: y is in slot order (row s), slot_rows[s] < 0 = dropped
   __device__ __forceinline__ long long row(long long s) const {
     long long r;
     if (slot_rows != nullptr) {
       r = slot_rows[s];
+      if (slot_order && r >= 0) r = s;
     } else {
       const int e = ids[s], p = slot_pos[s];
       r = (e >= 0 && e < E && p >= 0 && p < C) ? static_cast<long long>(e) * C + p : -1;
@@ -40,38 +42,10 @@ struct CombineSource {
   }
 };
 
-// The accumulator: float32, except float64 data stays float64 (as the reference does, so
-// gradcheck holds); the weights arrive in the accumulator's type.
-template <typename T>
-struct CombineAcc {
-  using type = float;
-};
-template <>
-struct CombineAcc<double> {
-  using type = double;
-};
-
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T v) {
-  return to_f32(v);
-}
-template <>
-__device__ __forceinline__ double to_acc<double, double>(double v) {
-  return v;
-}
-template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v) {
-  return from_f32<T>(v);
-}
-template <>
-__device__ __forceinline__ double from_acc<double, double>(double v) {
-  return v;
-}
-
 template <typename T, int VEC>
-__global__ void combine_kernel(const T* y, long long H, CombineSource src, const typename CombineAcc<T>::type* weights,
+__global__ void combine_kernel(const T* y, long long H, CombineSource src, const typename AccType<T>::type* weights,
                                long long num_tokens, int k, T* out) {
-  using Acc = typename CombineAcc<T>::type;
+  using Acc = typename AccType<T>::type;
   constexpr bool kVec16 = VEC * sizeof(T) == 16;
   MOE_DYNAMIC_SMEM(unsigned char, smem);
   const int warp = static_cast<int>(threadIdx.x) >> 5;

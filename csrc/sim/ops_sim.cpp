@@ -13,6 +13,7 @@
 
 TORCH_LIBRARY(moe_ops_sim, m) {
   for (const char* schema : moe_ops::kOpSchemas) m.def(schema);
+  m.def(moe_ops::kFusedExpertsSchema);  // the CUDA fused expert stage, emulated
 }
 
 namespace {

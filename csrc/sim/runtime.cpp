@@ -34,6 +34,7 @@
 
 #include "../env.h"
 #include "sim.h"
+#include "warp_matrix.h"
 
 namespace moe_sim {
 namespace {
@@ -174,8 +175,19 @@ const char* op_name(WarpOp op) {
   }
 }
 
+// A warp_exchange call: the lane's payload and where its result goes.
+struct Exchange {
+  const char* what;
+  WarpCombine combine;
+  const void* in;
+  size_t in_bytes;
+  void* out;
+  size_t out_bytes;
+};
+
 // One warp's collectives: lanes named in the mask (and still running) meet, each leaves its
-// value, and the last arriver computes every lane's result.
+// value, and the last arriver computes every lane's result. An exchange (warp_exchange: ldmatrix,
+// mma) carries a per-lane payload instead and needs all 32 lanes.
 struct WarpBarrier {
   std::mutex m;
   Gate gate;
@@ -187,9 +199,40 @@ struct WarpBarrier {
   int src[32];
   uint64_t result[32];
   std::string error[32];  // a lane's collective went wrong (e.g. read from a lane not taking part)
+  // The exchange being met (nullptr: an intrinsic of `op`), its per-lane inputs and results.
+  WarpCombine combine = nullptr;
+  const char* what = nullptr;
+  alignas(16) unsigned char payload_in[32][kWarpPayloadBytes];
+  alignas(16) unsigned char payload_out[32][kWarpPayloadBytes];
+
+  const char* name(WarpOp o, const Exchange* x) const { return x ? x->what : op_name(o); }
+
+  // The last arrival of an exchange: every lane must be there (PTX: .aligned instructions are
+  // undefined when a thread of the warp has exited); then one combine computes all results.
+  void complete_exchange_locked(unsigned members) {
+    std::string err;
+    if (members != 0xffffffffu) {
+      std::ostringstream os;
+      os << what << ": all 32 lanes of the warp must execute it, but lanes 0x" << std::hex << (~members)
+         << " did not (returned from the kernel)";
+      err = os.str();
+    } else {
+      try {
+        combine(payload_in, payload_out);
+      } catch (const std::exception& e) { err = e.what(); }
+    }
+    for (int l = 0; l < 32; ++l)
+      if (members >> l & 1u) error[l] = err;
+  }
 
   void complete_locked(Launch& L, int waiters) {
     const unsigned members = arrived;
+    if (combine) {
+      complete_exchange_locked(members);
+      arrived = 0;
+      gate.release(L, waiters);
+      return;
+    }
     uint64_t common = 0;
     switch (op) {
       case WarpOp::kBallot:
@@ -268,33 +311,44 @@ struct WarpBarrier {
     gate.release(L, waiters);
   }
 
-  uint64_t arrive(Launch& L, int tid, int lane, unsigned mask, WarpOp o, uint64_t v, int s) {
+  uint64_t arrive(Launch& L, int tid, int lane, unsigned mask, WarpOp o, uint64_t v, int s,
+                  const Exchange* x = nullptr) {
     std::unique_lock<std::mutex> lk(m);
     if (L.abort.load()) throw Aborted{};
     const unsigned bit = 1u << lane;
+    if (x && exists != 0xffffffffu) {
+      std::ostringstream os;
+      os << x->what << ": needs a full warp of 32 threads, this one has " << __builtin_popcount(exists)
+         << " (make the block size a multiple of 32)";
+      throw std::runtime_error(os.str());
+    }
     if (!(mask & bit)) {
       std::ostringstream os;
-      os << op_name(o) << ": lane " << lane << " calls it with mask 0x" << std::hex << mask
+      os << name(o, x) << ": lane " << lane << " calls it with mask 0x" << std::hex << mask
          << " that does not name the lane";
       throw std::runtime_error(os.str());
     }
     if (mask & ~exists) {
       std::ostringstream os;
-      os << op_name(o) << ": mask 0x" << std::hex << mask << " names lanes that do not exist in this warp (0x" << exists
+      os << name(o, x) << ": mask 0x" << std::hex << mask << " names lanes that do not exist in this warp (0x" << exists
          << ")";
       throw std::runtime_error(os.str());
     }
-    if (arrived != 0 && (mask != gen_mask || o != op)) {
+    const WarpCombine comb = x ? x->combine : nullptr;
+    if (arrived != 0 && (mask != gen_mask || o != op || comb != combine)) {
       std::ostringstream os;
-      os << "divergent warp collectives: lane " << lane << " calls " << op_name(o) << " with mask 0x" << std::hex
-         << mask << " while lanes 0x" << arrived << " wait in " << op_name(op) << " with mask 0x" << gen_mask
-         << " (the emulator needs the lanes of a mask to meet in the same intrinsic)";
+      os << "divergent warp collectives: lane " << lane << " calls " << name(o, x) << " with mask 0x" << std::hex
+         << mask << " while lanes 0x" << arrived << " wait in " << (combine ? what : op_name(op)) << " with mask 0x"
+         << gen_mask << " (the emulator needs the lanes of a mask to meet in the same intrinsic)";
       throw std::runtime_error(os.str());
     }
     if (arrived == 0) {
       gen_mask = mask;
       op = o;
+      combine = comb;
+      what = x ? x->what : nullptr;
     }
+    if (x) std::memcpy(payload_in[lane], x->in, x->in_bytes);
     val[lane] = v;
     src[lane] = s;
     arrived |= bit;
@@ -307,6 +361,8 @@ struct WarpBarrier {
       L.states[tid].site.store(kRunning);
     }
     if (!error[lane].empty()) throw std::runtime_error(error[lane]);
+    // The next completion needs this lane's next arrival: payload_out[lane] is still ours.
+    if (x) std::memcpy(x->out, payload_out[lane], x->out_bytes);
     return result[lane];
   }
   void drop(Launch& L, int lane) {
@@ -398,6 +454,7 @@ void run_thread(Launch& L, int tid) {
     const uint64_t b = L.reverse_blocks ? L.nblocks - 1 - i : i;
     blockIdx = make_uint3(static_cast<unsigned>(b % L.grid.x), static_cast<unsigned>((b / L.grid.x) % L.grid.y),
                           static_cast<unsigned>(b / (static_cast<uint64_t>(L.grid.x) * L.grid.y)));
+    cp_async_reset();  // copies left pending in the previous block died with its shared memory
     if (!L.abort.load()) {
       try {
         L.body(L.ctx);
@@ -411,6 +468,7 @@ void run_thread(Launch& L, int tid) {
     L.warps[tls.warp].drop(L, tls.lane);
     stop = L.end->arrive(L, tid);
   }
+  cp_async_reset();  // and those of the last block (pool threads serve later launches)
   tls = ThreadCtx{};
   blockDim = dim3(0, 0, 0);
   gridDim = dim3(0, 0, 0);
@@ -630,6 +688,15 @@ bool syncthreads_and(int pred) {
 uint64_t warp_collective(unsigned mask, WarpOp op, uint64_t value, int src) {
   ThreadCtx& c = ctx_or_die("a warp intrinsic");
   return c.launch->warps[c.warp].arrive(*c.launch, c.tid, c.lane, mask, op, value, src);
+}
+
+void warp_exchange(const char* what, WarpCombine combine, const void* in, size_t in_bytes, void* out,
+                   size_t out_bytes) {
+  if (in_bytes > kWarpPayloadBytes || out_bytes > kWarpPayloadBytes)
+    throw std::runtime_error(std::string("moe_ops sim: ") + what + ": payload over kWarpPayloadBytes");
+  ThreadCtx& c = ctx_or_die(what);
+  const Exchange x{what, combine, in, in_bytes, out, out_bytes};
+  c.launch->warps[c.warp].arrive(*c.launch, c.tid, c.lane, 0xffffffffu, WarpOp::kSync, 0, 0, &x);
 }
 
 unsigned activemask() {

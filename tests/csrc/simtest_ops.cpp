@@ -7,6 +7,7 @@
 #include "kernels/launch.cuh"  // csrc/ is on the include path (csrc/sim/CMakeLists.txt)
 #include "planted_bugs.cuh"
 #include "simtest_kernels.cuh"
+#include "simtest_warp_matrix.cuh"
 
 namespace moe_ops {
 namespace simtest {
@@ -135,6 +136,98 @@ at::Tensor planted_smem_oob(const at::Tensor& x) {
   return out;
 }
 
+// ---- warp matrix / async-copy primitives (simtest_warp_matrix.cuh, planted_bugs.cuh) ----------
+
+// src: int16 [num*64] (matrix j row r at (8j + r)*8), slot: int32 [num*8] distinct slots in
+// [0, num*8). Returns int32 [32, num]: lane l's registers (bit patterns).
+at::Tensor ldmatrix(const at::Tensor& src, const at::Tensor& slot, int64_t num, bool trans) {
+  check_cpu(src, at::kShort, "src");
+  check_cpu(slot, at::kInt, "slot");
+  TORCH_CHECK(num == 1 || num == 2 || num == 4, "ldmatrix: num is 1, 2 or 4");
+  TORCH_CHECK(src.numel() == num * 64 && slot.numel() == num * 8, "ldmatrix: src has num*64, slot num*8 elements");
+  auto out = at::full({32, num}, -7, slot.options());
+  const auto* s = reinterpret_cast<const uint16_t*>(src.data_ptr<int16_t>());
+  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int>());
+  const size_t smem = static_cast<size_t>(num) * 8 * kLdmatrixSlot * sizeof(uint16_t);
+  const int* sl = slot.data_ptr<int>();
+  if (num == 1)
+    launch(trans ? ldmatrix_kernel<1, true> : ldmatrix_kernel<1, false>, dim3(1), dim3(32), smem, nullptr, s, sl, o);
+  else if (num == 2)
+    launch(trans ? ldmatrix_kernel<2, true> : ldmatrix_kernel<2, false>, dim3(1), dim3(32), smem, nullptr, s, sl, o);
+  else launch(trans ? ldmatrix_kernel<4, true> : ldmatrix_kernel<4, false>, dim3(1), dim3(32), smem, nullptr, s, sl, o);
+  return out;
+}
+
+// a: int32 [n, 32, 4], b: int32 [n, 32, 2], c: float [n, 32, 4] -> d: float [n, 32, 4].
+at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const std::string& dtype) {
+  check_cpu(a, at::kInt, "a");
+  check_cpu(b, at::kInt, "b");
+  check_cpu(c, at::kFloat, "c");
+  const int64_t n = a.numel() / 128;
+  TORCH_CHECK(a.numel() == n * 128 && b.numel() == n * 64 && c.numel() == n * 128,
+              "mma: a [n,32,4], b [n,32,2], c [n,32,4]");
+  auto d = at::full_like(c, std::nanf(""));
+  const auto* pa = reinterpret_cast<const uint32_t*>(a.data_ptr<int>());
+  const auto* pb = reinterpret_cast<const uint32_t*>(b.data_ptr<int>());
+  const dim3 grid(static_cast<unsigned>(n));
+  if (dtype == "bfloat16")
+    launch(mma_kernel<__nv_bfloat16>, grid, dim3(32), 0, nullptr, pa, pb, c.data_ptr<float>(), d.data_ptr<float>());
+  else if (dtype == "float16")
+    launch(mma_kernel<__half>, grid, dim3(32), 0, nullptr, pa, pb, c.data_ptr<float>(), d.data_ptr<float>());
+  else TORCH_CHECK(false, "mma: dtype is bfloat16 or float16");
+  return d;
+}
+
+// src: uint8 [blocks, kCpBlockBytes], sizes: int32 [32] -> uint8 [blocks, 2, kCpBlockBytes].
+at::Tensor cp_async(const at::Tensor& src, const at::Tensor& sizes) {
+  check_cpu(src, at::kByte, "src");
+  check_cpu(sizes, at::kInt, "sizes");
+  TORCH_CHECK(src.dim() == 2 && src.size(1) == kCpBlockBytes && sizes.numel() == 32,
+              "cp_async: src [blocks, 2560], sizes [32]");
+  auto out = at::full({src.size(0), 2, kCpBlockBytes}, 0x5a, src.options());
+  launch(cp_async_kernel, dim3(static_cast<unsigned>(src.size(0))), dim3(32), kCpBlockBytes, nullptr,
+         src.data_ptr<uint8_t>(), sizes.data_ptr<int>(), out.data_ptr<uint8_t>());
+  return out;
+}
+
+at::Tensor warp_matrix_misuse(int64_t what, int64_t threads) {
+  auto out = at::zeros({threads}, at::TensorOptions().dtype(at::kInt));
+  launch(warp_matrix_misuse_kernel, dim3(1), dim3(static_cast<unsigned>(threads)), 0, nullptr, static_cast<int>(what),
+         out.data_ptr<int>());
+  return out;
+}
+
+template <class T, GemmBug kBug>
+void launch_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+  const int M = static_cast<int>(a.size(0)), K = static_cast<int>(a.size(1)), N = static_cast<int>(b.size(0));
+  launch(tiled_gemm_kernel<T, kBug>, dim3(static_cast<unsigned>(N / 16), static_cast<unsigned>(M / 16)), dim3(32),
+         kGemmSmemElems * sizeof(T), nullptr, reinterpret_cast<const T*>(a.data_ptr()),
+         reinterpret_cast<const T*>(b.data_ptr()), c.data_ptr<float>(), M, N, K);
+}
+
+template <class T>
+void launch_gemm_bug(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, int64_t bug) {
+  switch (static_cast<GemmBug>(bug)) {
+    case GemmBug::kNone: launch_gemm<T, GemmBug::kNone>(a, b, c); break;
+    case GemmBug::kNoWait: launch_gemm<T, GemmBug::kNoWait>(a, b, c); break;
+    case GemmBug::kSwappedFragment: launch_gemm<T, GemmBug::kSwappedFragment>(a, b, c); break;
+    default: TORCH_CHECK(false, "tiled_gemm: bug is 0 (none), 1 (no wait) or 2 (swapped fragment)");
+  }
+}
+
+// a: [M, K], b: [N, K] (bf16 or fp16, multiples of 16) -> a @ b^T in float32.
+at::Tensor tiled_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bug) {
+  TORCH_CHECK(a.device().is_cpu() && a.is_contiguous() && b.is_contiguous() && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(1) == b.size(1) && a.scalar_type() == b.scalar_type(),
+              "tiled_gemm: contiguous CPU a [M,K], b [N,K] of one dtype");
+  TORCH_CHECK(a.size(0) % 16 == 0 && b.size(0) % 16 == 0 && a.size(1) % 16 == 0, "tiled_gemm: M, N, K multiples of 16");
+  auto c = at::full({a.size(0), b.size(0)}, std::nanf(""), a.options().dtype(at::kFloat));
+  if (a.scalar_type() == at::kBFloat16) launch_gemm_bug<__nv_bfloat16>(a, b, c, bug);
+  else if (a.scalar_type() == at::kHalf) launch_gemm_bug<__half>(a, b, c, bug);
+  else TORCH_CHECK(false, "tiled_gemm: bfloat16 or float16");
+  return c;
+}
+
 }  // namespace
 }  // namespace simtest
 }  // namespace moe_ops
@@ -151,6 +244,11 @@ TORCH_LIBRARY(moe_ops_simtest, m) {
   m.def("planted_race(Tensor x) -> Tensor");
   m.def("planted_oob(int n) -> Tensor");
   m.def("planted_smem_oob(Tensor x) -> Tensor");
+  m.def("ldmatrix(Tensor src, Tensor slot, int num, bool trans) -> Tensor");
+  m.def("mma(Tensor a, Tensor b, Tensor c, str dtype) -> Tensor");
+  m.def("cp_async(Tensor src, Tensor sizes) -> Tensor");
+  m.def("warp_matrix_misuse(int what, int threads) -> Tensor");
+  m.def("tiled_gemm(Tensor a, Tensor b, int bug) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops_simtest, CPU, m) {
@@ -162,6 +260,10 @@ TORCH_LIBRARY_IMPL(moe_ops_simtest, CPU, m) {
   m.impl("block_reverse", &block_reverse);
   m.impl("planted_race", &planted_race);
   m.impl("planted_smem_oob", &planted_smem_oob);
+  m.impl("ldmatrix", &ldmatrix);
+  m.impl("mma", &mma);
+  m.impl("cp_async", &cp_async);
+  m.impl("tiled_gemm", &tiled_gemm);
 }
 
 // Ops without tensor inputs dispatch through CompositeExplicitAutograd (no device to key on).
@@ -171,4 +273,5 @@ TORCH_LIBRARY_IMPL(moe_ops_simtest, CompositeExplicitAutograd, m) {
   m.impl("block_ticket", &block_ticket);
   m.impl("misuse", &misuse);
   m.impl("planted_oob", &planted_oob);
+  m.impl("warp_matrix_misuse", &warp_matrix_misuse);
 }

@@ -1,0 +1,59 @@
+// grouped_gemm: the problem every CUDA grouped GEMM kernel solves, and the epilogue math they
+// share, so the CUDA-core kernel (grouped_gemm_simt.cuh) and the tensor-core kernel
+// (grouped_gemm_mma.cuh) cannot drift apart in what they compute.
+//
+// Dataflow of one problem: rows r of expert e (offs/tiles: grouped_gemm_schedule.cuh) ->
+// A row a_rows[r] / a_row_div (gather-on-load, the fused layer's x rows) or r -> sum over k of
+// A[., k] * B(e, k, n) in the accumulator type -> epilogue: act(gate) * up when gated (B has 2N
+// columns: gate n, up N + n), times row_scale[C row] (the router weight, GEMM2 of the fused
+// layer), cast to T -> C row c_rows[r] (the scatter to slot order) or r.
+#pragma once
+
+#include "device_math.cuh"
+#include "grouped_gemm_schedule.cuh"
+
+namespace moe_ops {
+namespace kern {
+
+enum GemmAct : int { kActNone = 0, kActSwiGLU = 1, kActGeGLU = 2 };
+
+// One grouped GEMM problem: C[c_row(r), n] = epilogue(sum_k A[a_row(r), k] * B(e, k, n)) for
+// the rows r of expert e (offs, tiles from gemm_schedule_kernel). With a gated activation B has
+// 2N columns (gate n, up N + n) and C has N.
+struct GroupedGemmParams {
+  const void* a;
+  long long lda;
+  const int* a_rows;  // gather: nullptr, or A row = a_rows[r] / a_row_div
+  int a_row_div;
+  const void* b;
+  long long b_expert, b_sk, b_sn;  // element strides: B(e, k, n) = b[e*b_expert + k*b_sk + n*b_sn]
+  void* c;
+  long long ldc;
+  const int* c_rows;      // scatter: nullptr, or C row = c_rows[r]
+  const void* row_scale;  // nullptr, or AccType<T>* indexed by the C row
+  const int* offs;
+  const long long* tiles;
+  int E;
+  long long M;
+  long long N;
+  long long K;
+  int act;
+};
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
+__device__ __forceinline__ float gate_act(float g, int act) {
+  return act == kActSwiGLU ? g / (1.0f + expf(-g)) : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+}
+__device__ __forceinline__ double gate_act(double g, int act) {
+  return act == kActSwiGLU ? g / (1.0 + exp(-g)) : 0.5 * g * (1.0 + erf(g * 0.70710678118654752));
+}
+
+template <typename T>
+__device__ __forceinline__ typename AccType<T>::type load_acc(const void* base, long long i) {
+  return to_acc<typename AccType<T>::type>(static_cast<const T*>(base)[i]);
+}
+
+}  // namespace kern
+}  // namespace moe_ops
