@@ -76,7 +76,8 @@ def test_a_damaged_file_is_recompiled(tmp_path, kdir, damage):
     open(path, "wb").write(blob)
     n0 = cache.compile_count
     again = _get(tmp_path / "c", kdir)
-    assert cache.compile_count == n0 + 1 and again.cubin == good.cubin
+    # (a recompile is not byte-identical: NVRTC salts internal-linkage symbols per compile)
+    assert cache.compile_count == n0 + 1 and again.lowered == good.lowered and len(again.cubin) == len(good.cubin)
     assert open(path, "rb").read() != blob  # replaced by a whole file
     _get(tmp_path / "c", kdir)
     assert cache.compile_count == n0 + 1

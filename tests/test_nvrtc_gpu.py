@@ -123,3 +123,46 @@ def test_side_stream_and_empty_inputs():
     w, i = ops.topk_gating(x[:0], 2, "softmax", True, 0, 0, None, 1.0)
     assert w.shape == (0, 2)
     assert any(p.name.endswith(".cubin") for p in __import__("pathlib").Path(cache.cache_dir()).iterdir())
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_and_wgrad(dtype, trans_b):
+    E, K, N = 5, 48, 40
+    offs = torch.tensor([3, 3, 70, 71, 140, 190], dtype=torch.int32, device="cuda")  # rows outside, empty experts
+    M = 200
+    a = make_x(M, K, seed=seed_for("nvrtc-gemm-a", dtype), dtype=dtype, device="cuda")
+    b = make_x(E * K, N, seed=seed_for("nvrtc-gemm-b", dtype), dtype=dtype, device="cuda", scale=0.2)
+    b = b.view(E, K, N).transpose(1, 2).contiguous() if trans_b else b.view(E, K, N)
+    _poison()
+    c = ops.grouped_gemm(a, b, offs, trans_b)
+    assert_close_to_reference(c, R.grouped_gemm(a, b, offs, trans_b), reference_hi("grouped_gemm", a, b, offs, trans_b))
+    dc = make_x(M, N, seed=seed_for("nvrtc-gemm-dc", dtype), dtype=dtype, device="cuda")
+    _poison()
+    db = ops.grouped_gemm_wgrad(a, dc, offs, E)
+    assert_close_to_reference(db, R.grouped_gemm_wgrad(a, dc, offs, E),
+                              reference_hi("grouped_gemm_wgrad", a, dc, offs, E))
+    if _nvcc("grouped_gemm") is not None and torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::grouped_gemm",
+                                                                                             "CUDA"):
+        assert_bitwise_equal(c, _nvcc("grouped_gemm")(a, b, offs, trans_b), "grouped_gemm vs nvcc")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_fused_experts(dtype, activation):
+    from tests.refop_lib import reference_fused_experts
+    T, k, E, H, I = 64, 2, 8, 64, 32
+    x = make_x(T, H, seed=seed_for("nvrtc-fused-x", dtype), dtype=dtype, device="cuda")
+    ids = make_ids(T, k, E, seed=seed_for("nvrtc-fused-ids"), device="cuda", invalid=0.05)
+    w = torch.rand(T, k, device="cuda")
+    wgu = make_x(E * 2 * I, H, seed=seed_for("nvrtc-fused-wgu", dtype), dtype=dtype, device="cuda", scale=0.2)
+    wd = make_x(E * H, I, seed=seed_for("nvrtc-fused-wd", dtype), dtype=dtype, device="cuda", scale=0.2)
+    wgu, wd = wgu.view(E, 2 * I, H), wd.view(E, H, I)
+    _poison()
+    out = ops.fused_experts(x, ids, w, wgu, wd, activation)
+    lowp = reference_fused_experts(x, ids, w, wgu, wd, activation)
+    hi = reference_fused_experts(x.double(), ids, w.double(), wgu.double(), wd.double(), activation)
+    assert_close_to_reference(out, lowp, hi)
+    if _nvcc("grouped_gemm") is not None and hasattr(torch.ops.moe_ops, "fused_experts") and \
+            torch._C._dispatch_has_kernel_for_dispatch_key("moe_ops::fused_experts", "CUDA"):
+        assert_bitwise_equal(out, torch.ops.moe_ops.fused_experts(x, ids, w, wgu, wd, activation), "fused vs nvcc")

@@ -59,10 +59,11 @@ class Launcher:
     _smem_set: Dict[Tuple[int, str], int] = {}     # the dynamic smem limit raised so far
     _lock = threading.Lock()
 
-    def __init__(self, device_index: int, arch: str, stream: int):
+    def __init__(self, device_index: int, arch: str, stream: int, sm_count: int):
         self.device = device_index
         self.arch = arch
         self.stream = stream
+        self.sm_count = sm_count  # sizes the persistent GEMM grids (launchers.persistent_blocks)
 
     def _make_current(self, driver, runtime) -> None:
         # cudaSetDevice makes the device's primary context (torch's) current on this thread; it
@@ -106,6 +107,8 @@ class Launcher:
 class Recorder:
     """A launch callable that records instead of launching (tests; no GPU): every call is checked
     against the manifest (instantiation known, arguments packable) like a real launch."""
+
+    sm_count = None  # persistent grids take the emulator build's cap, as the C++ compiled without nvcc
 
     def __init__(self):
         self.calls: List[tuple] = []

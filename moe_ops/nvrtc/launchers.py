@@ -21,6 +21,10 @@ RANK_WARPS_PER_BLOCK = 4
 RANK_SCAN_THREADS = 256
 GATHER_WARPS_PER_BLOCK = 8
 COMBINE_WARPS_PER_BLOCK = 4
+SCHED_THREADS = 1024                                       # grouped_gemm_schedule.cuh
+SIMT_BM, SIMT_BN, SIMT_THREADS = 64, 64, 256               # grouped_gemm_simt.cuh
+ACT_NONE, ACT_SWIGLU, ACT_GEGLU = 0, 1, 2                  # grouped_gemm.cuh GemmAct
+ELEM_BYTES = manifest.ELEM_BYTES
 # csrc/cuda/launcher_api.h / arg_limits.h
 GATING_MAX_EXPERTS = 16384
 GATING_MAX_GROUP_SMEM = 48 * 1024
@@ -193,20 +197,27 @@ def permute_workspace_bytes(T: int, k: int, E: int) -> int:
     return rank_workspace_bytes(T * k, E)
 
 
+def build_slot_index(launch: Launch, ids: int, T: int, k: int, E: int, block_m: int, rank_ws: int, offsets: int,
+                     sorted_slots: int, slot_rows: int) -> None:
+    """slot_index_launch.h build_slot_index (permute, and the fused expert stage)."""
+    N = T * k
+    P = N + E * (block_m - 1)
+    plan = make_rank_plan(N, E)
+    ws = carve_rank_workspace(rank_ws, N, E)
+    seq = abi.RankSeq(ids=ids, T=T, k=k, kmajor=0)
+    rank_experts(launch, seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, 0, 0, offsets)
+    fill_i32(launch, sorted_slots, P, -1)
+    launch("permute_place_kernel", (grid_stride_blocks(N, 256), 1, 1), (256, 1, 1), 0, ids, N, E, plan.chunk,
+           ws.counts, ws.local_rank, offsets, slot_rows, sorted_slots)
+
+
 def permute(launch: Launch, x: int, elem_bytes: int, T: int, H: int, ids: int, k: int, E: int, block_m: int,
             x_sorted: int, sorted_slots: int, expert_offsets: int, slot_rows: int, workspace: int) -> None:
     """permute.cu permute."""
     if E < 1 or block_m < 1 or k < 0 or T < 0 or H < 0:
         raise ValueError("moe_ops: permute needs E >= 1, block_m >= 1, k >= 0")
-    N = T * k
-    P = N + E * (block_m - 1)
-    plan = make_rank_plan(N, E)
-    ws = carve_rank_workspace(workspace, N, E)
-    seq = abi.RankSeq(ids=ids, T=T, k=k, kmajor=0)
-    rank_experts(launch, seq, N, E, block_m, plan, ws.counts, ws.local_rank, ws.expert_count, 0, 0, expert_offsets)
-    fill_i32(launch, sorted_slots, P, -1)
-    launch("permute_place_kernel", (grid_stride_blocks(N, 256), 1, 1), (256, 1, 1), 0, ids, N, E, plan.chunk,
-           ws.counts, ws.local_rank, expert_offsets, slot_rows, sorted_slots)
+    P = T * k + E * (block_m - 1)
+    build_slot_index(launch, ids, T, k, E, block_m, workspace, expert_offsets, sorted_slots, slot_rows)
     gather_rows(launch, x, x_sorted, P, H * elem_bytes, sorted_slots, k if k > 0 else 1)
 
 
@@ -247,3 +258,126 @@ def capacity_combine(launch: Launch, buf: int, elem: str, E: int, C: int, H: int
     """capacity.cu capacity_combine."""
     src = abi.CombineSource(slot_rows=None, ids=ids, slot_pos=slot_pos, E=E, C=C, nrows=E * C)
     combine(launch, buf, elem, H, src, weights or 0, T, k, out)
+
+
+# ------------------------------------------------- grouped GEMMs (grouped_gemm.cu, grouped_gemm_launch.h)
+
+
+def gemm_schedule_bytes(E: int) -> int:
+    return align_up((E + 1) * 4, 256) + align_up((E + 1) * 8, 256)
+
+
+def grouped_gemm_workspace_bytes(E: int) -> int:
+    return gemm_schedule_bytes(E)
+
+
+def build_gemm_schedule(launch: Launch, offsets: int, E: int, M: int, ws: int):
+    """grouped_gemm_launch.h build_gemm_schedule -> (offs, tiles) pointers."""
+    offs, tiles = ws, ws + align_up((E + 1) * 4, 256)
+    launch("gemm_schedule_kernel", (1, 1, 1), (SCHED_THREADS, 1, 1), 0, offsets, E, M, SIMT_BM, offs, tiles)
+    return offs, tiles
+
+
+def persistent_blocks(launch: Launch, items: int) -> int:
+    """grouped_gemm_launch.h persistent_blocks: 4 blocks per SM of the device (``launch.sm_count``);
+    3 where there is none to ask (the emulator build's cap, which the launch-parity test compares)."""
+    sms = getattr(launch, "sm_count", None)
+    cap = 4 * sms if sms else 3
+    return items if items < cap and items > 0 else (1 if items <= 0 else cap)
+
+
+def zero_outside_rows(launch: Launch, elem: str, offs: int, E: int, M: int, N: int, c: int) -> None:
+    launch(f"zero_outside_rows_kernel<{elem}>", (grid_stride_blocks(M * N, 256), 1, 1), (256, 1, 1), 0, offs, E, M, N,
+           c)
+
+
+def run_grouped_gemm(launch: Launch, elem: str, p: abi.GroupedGemmParams) -> None:
+    """grouped_gemm_launch.h run_grouped_gemm (gated when p.act != 0)."""
+    tiles_bound = cdiv(p.M, SIMT_BM) + (p.E if p.E < p.M else p.M)
+    items = tiles_bound * cdiv(p.N, SIMT_BN)
+    gated = "true" if p.act != ACT_NONE else "false"
+    launch(f"grouped_gemm_simt_kernel<{elem}, {gated}>", (persistent_blocks(launch, items), 1, 1),
+           (SIMT_THREADS, 1, 1), 0, p)
+
+
+def grouped_gemm(launch: Launch, a: int, elem: str, M: int, K: int, b: int, E: int, N: int, trans_b: bool,
+                 offsets: int, c: int, workspace: int) -> None:
+    """grouped_gemm.cu grouped_gemm."""
+    if E < 1 or M < 0 or K < 0 or N < 0:
+        raise ValueError("moe_ops: grouped_gemm needs E >= 1, M, K, N >= 0")
+    if M == 0 or N == 0:
+        return
+    offs, tiles = build_gemm_schedule(launch, offsets, E, M, workspace)
+    zero_outside_rows(launch, elem, offs, E, M, N, c)
+    p = abi.GroupedGemmParams(a=a, lda=K, a_rows=None, a_row_div=1, b=b, b_expert=K * N, b_sk=1 if trans_b else N,
+                              b_sn=K if trans_b else 1, c=c, ldc=N, c_rows=None, row_scale=None, offs=offs,
+                              tiles=tiles, E=E, M=M, N=N, K=K, act=ACT_NONE)
+    run_grouped_gemm(launch, elem, p)
+
+
+def grouped_gemm_wgrad(launch: Launch, a: int, dc: int, elem: str, M: int, K: int, N: int, offsets: int, E: int,
+                       db: int, workspace: int) -> None:
+    """grouped_gemm.cu grouped_gemm_wgrad."""
+    if E < 0 or M < 0 or K < 0 or N < 0:
+        raise ValueError("moe_ops: grouped_gemm_wgrad needs sizes >= 0")
+    if E == 0 or K == 0 or N == 0:
+        return
+    offs, _ = build_gemm_schedule(launch, offsets, E, M, workspace)
+    items = E * cdiv(K, SIMT_BM) * cdiv(N, SIMT_BN)
+    launch(f"grouped_gemm_wgrad_kernel<{elem}>", (persistent_blocks(launch, items), 1, 1), (SIMT_THREADS, 1, 1), 0,
+           a, dc, offs, E, K, N, db)
+
+
+class FusedLayout(NamedTuple):
+    """grouped_gemm.cu FusedLayout: the fused stage's scratch, carved in this order."""
+    rank: int
+    offsets: int
+    sorted_slots: int
+    slot_rows: int
+    sched: int
+    h: int
+    y: int
+    total: int
+
+
+def fused_layout(T: int, k: int, E: int, H: int, I: int, elem: str) -> FusedLayout:
+    N, es = T * k, ELEM_BYTES[elem]
+    rank = 0
+    offsets = rank + align_up(rank_workspace_bytes(N, E), 256)
+    sorted_slots = offsets + align_up((E + 1) * 4, 256)
+    slot_rows = sorted_slots + align_up(N * 4, 256)
+    sched = slot_rows + align_up(N * 4, 256)
+    h = sched + align_up(gemm_schedule_bytes(E), 256)
+    y = h + align_up(N * I * es, 256)
+    total = y + align_up(N * H * es, 256)
+    return FusedLayout(rank, offsets, sorted_slots, slot_rows, sched, h, y, total)
+
+
+def fused_experts_workspace_bytes(T: int, k: int, E: int, H: int, I: int, elem: str) -> int:
+    return fused_layout(T, k, E, H, I, elem).total
+
+
+def fused_experts(launch: Launch, x: int, elem: str, T: int, H: int, ids: int, k: int, weights: int, w_gate_up: int,
+                  w_down: int, E: int, I: int, act: int, out: int, workspace: int) -> None:
+    """grouped_gemm.cu fused_experts: slot index -> GEMM1 (gather, gated) -> GEMM2 (weighted,
+    scattered to slot order) -> k-sum."""
+    if E < 1 or k < 1 or T < 0 or H < 0 or I < 0 or act not in (ACT_SWIGLU, ACT_GEGLU):
+        raise ValueError("moe_ops: fused_experts needs E, k >= 1, sizes >= 0, act SwiGLU or GeGLU")
+    if T == 0 or H == 0:
+        return
+    L = fused_layout(T, k, E, H, I, elem)
+    offsets, sorted_slots, slot_rows = workspace + L.offsets, workspace + L.sorted_slots, workspace + L.slot_rows
+    h, y = workspace + L.h, workspace + L.y
+    N = T * k
+    build_slot_index(launch, ids, T, k, E, 1, workspace + L.rank, offsets, sorted_slots, slot_rows)
+    offs, tiles = build_gemm_schedule(launch, offsets, E, N, workspace + L.sched)
+    g1 = abi.GroupedGemmParams(a=x, lda=H, a_rows=sorted_slots, a_row_div=k, b=w_gate_up, b_expert=2 * I * H, b_sk=1,
+                               b_sn=H, c=h, ldc=I, c_rows=None, row_scale=None, offs=offs, tiles=tiles, E=E, M=N, N=I,
+                               K=H, act=act)
+    run_grouped_gemm(launch, elem, g1)
+    g2 = abi.GroupedGemmParams(a=h, lda=I, a_rows=None, a_row_div=1, b=w_down, b_expert=H * I, b_sk=1, b_sn=I, c=y,
+                               ldc=H, c_rows=sorted_slots, row_scale=weights or None, offs=offs, tiles=tiles, E=E,
+                               M=N, N=H, K=I, act=ACT_NONE)
+    run_grouped_gemm(launch, elem, g2)
+    src = abi.CombineSource(slot_rows=slot_rows, ids=None, slot_pos=None, E=0, C=0, nrows=N, slot_order=True)
+    combine(launch, y, elem, H, src, 0, T, k, out)

@@ -37,8 +37,11 @@ KERNELS: Dict[str, List[str]] = {
     "row_combine.cuh": [f"combine_kernel<{t}, {v}>" for t in DATA_TYPES for v in combine_vecs(t)],
     "permute.cuh": ["permute_place_kernel"],
     "capacity.cuh": ["capacity_place_kernel"],
-    # "grouped_gemm.cuh": [...]  -- the instantiations csrc/cuda/grouped_gemm.cu launches (issue 16),
-    # with their SIGNATURES below; the Python launcher then goes in launchers.py / ops.py.
+    "grouped_gemm_schedule.cuh": ["gemm_schedule_kernel"] + [f"zero_outside_rows_kernel<{t}>" for t in DATA_TYPES],
+    "grouped_gemm_simt.cuh": [f"grouped_gemm_simt_kernel<{t}, {g}>" for t in DATA_TYPES for g in ("false", "true")]
+    + [f"grouped_gemm_wgrad_kernel<{t}>" for t in DATA_TYPES],
+    # A new kernel header (the tensor-core grouped_gemm_mma.cuh) adds its instantiations here and
+    # their SIGNATURES below; its Python launcher goes in launchers.py (mirroring csrc/cuda).
 }
 
 # Parameter types per kernel (base name): "i32" int, "i64" long long, "f32" float, "ptr" any
@@ -53,6 +56,10 @@ SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "combine_kernel": ("ptr", "i64", "CombineSource", "ptr", "i64", "i32", "ptr"),
     "permute_place_kernel": ("ptr", "i64", "i32", "i32", "ptr", "ptr", "ptr", "ptr", "ptr"),
     "capacity_place_kernel": ("RankSeq", "i64", "i32", "i32", "i32", "ptr", "ptr", "ptr", "ptr"),
+    "gemm_schedule_kernel": ("ptr", "i32", "i64", "i32", "ptr", "ptr"),
+    "zero_outside_rows_kernel": ("ptr", "i32", "i64", "i64", "ptr"),
+    "grouped_gemm_simt_kernel": ("GroupedGemmParams",),
+    "grouped_gemm_wgrad_kernel": ("ptr", "ptr", "ptr", "i32", "i64", "i64", "ptr"),
 }
 
 

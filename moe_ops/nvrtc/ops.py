@@ -42,7 +42,8 @@ def _arch(device: torch.device) -> str:
 def _gpu_launcher(t: torch.Tensor):
     from .driver import Launcher
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return Launcher(index, _arch(t.device), torch.cuda.current_stream(t.device).cuda_stream)
+    return Launcher(index, _arch(t.device), torch.cuda.current_stream(t.device).cuda_stream,
+                    torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 # The launch callable for the tensors' device (tests swap in a recorder).
@@ -242,11 +243,97 @@ def capacity_combine(buf_in: torch.Tensor, ids_in: torch.Tensor, slot_pos_in: to
     return out
 
 
+def _gemm_args(a, b, offs, E, op, b_name):
+    _check_device(a, op, "a")
+    _elem(a, "a")
+    _check_same_device(a, b, op, b_name)
+    _check_same_device(a, offs, op, "expert_offsets")
+    _check(a.dtype == b.dtype, f"moe_ops::{op} ({NAME}): operands must share a dtype, got {_dt(a.dtype)} and "
+           f"{_dt(b.dtype)}")
+    _check(offs.dtype == torch.int32, f"moe_ops::{op}: expert_offsets must be int32, got {_dt(offs.dtype)}")
+    _check(offs.dim() == 1 and offs.numel() == E + 1, f"moe_ops::{op}: expert_offsets needs E+1 = {E + 1} entries, "
+           f"got {list(offs.shape)}")
+    _check(a.shape[0] <= launchers.INT32_MAX, f"moe_ops::{op}: M overflows int32")
+
+
+def grouped_gemm(a_in: torch.Tensor, b_in: torch.Tensor, offs_in: torch.Tensor, trans_b: bool):
+    op = "grouped_gemm"
+    _check(a_in.dim() == 2 and b_in.dim() == 3, f"moe_ops::grouped_gemm: need a[M,K], b[E,.,.], got "
+           f"{list(a_in.shape)} and {list(b_in.shape)}")
+    E, (M, K) = b_in.shape[0], a_in.shape
+    N = b_in.shape[1] if trans_b else b_in.shape[2]
+    _check(1 <= E <= MAX_EXPERTS, f"moe_ops::grouped_gemm: b needs 1 <= E <= {MAX_EXPERTS} experts, got {E}")
+    _check((b_in.shape[2] if trans_b else b_in.shape[1]) == K, f"moe_ops::grouped_gemm: a has K={K} but b is "
+           f"{list(b_in.shape)}" + (" (trans_b)" if trans_b else ""))
+    _gemm_args(a_in, b_in, offs_in, E, op, "b")
+    with _Guard(a_in):
+        a, b, offs = a_in.contiguous(), b_in.contiguous(), offs_in.contiguous()
+        c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+        ws = torch.empty((launchers.grouped_gemm_workspace_bytes(E),), dtype=torch.uint8, device=a.device)
+        launchers.grouped_gemm(launcher_for(a), a.data_ptr(), _ELEM[a.dtype], M, K, b.data_ptr(), E, N, bool(trans_b),
+                               offs.data_ptr(), c.data_ptr(), ws.data_ptr())
+    return c
+
+
+def grouped_gemm_wgrad(a_in: torch.Tensor, dc_in: torch.Tensor, offs_in: torch.Tensor, E: int):
+    op = "grouped_gemm_wgrad"
+    _check(a_in.dim() == 2 and dc_in.dim() == 2 and a_in.shape[0] == dc_in.shape[0],
+           f"moe_ops::grouped_gemm_wgrad: need a[M,K], dc[M,N], got {list(a_in.shape)} and {list(dc_in.shape)}")
+    _check(0 <= E <= MAX_EXPERTS, f"moe_ops::grouped_gemm_wgrad: num_experts must be in [0, {MAX_EXPERTS}], got {E}")
+    _gemm_args(a_in, dc_in, offs_in, E, op, "dc")
+    (M, K), N = a_in.shape, dc_in.shape[1]
+    with _Guard(a_in):
+        a, dc, offs = a_in.contiguous(), dc_in.contiguous(), offs_in.contiguous()
+        db = torch.empty((E, K, N), dtype=a.dtype, device=a.device)
+        ws = torch.empty((launchers.grouped_gemm_workspace_bytes(E),), dtype=torch.uint8, device=a.device)
+        launchers.grouped_gemm_wgrad(launcher_for(a), a.data_ptr(), dc.data_ptr(), _ELEM[a.dtype], M, K, N,
+                                     offs.data_ptr(), E, db.data_ptr(), ws.data_ptr())
+    return db
+
+
+def fused_experts(x_in: torch.Tensor, ids_in: torch.Tensor, weights_in: Optional[torch.Tensor], wgu_in: torch.Tensor,
+                  wd_in: torch.Tensor, activation: str):
+    op = "fused_experts"
+    _check_device(x_in, op, "x")
+    elem = _elem(x_in, "x")
+    _check(x_in.dim() == 2, f"moe_ops::fused_experts: x must be 2-D [T, H], got {list(x_in.shape)}")
+    ids = _ids_arg(x_in, ids_in, op, "ids")
+    (T, H), k = x_in.shape, ids.shape[1]
+    _check(ids.shape[0] == T, f"moe_ops::fused_experts: ids has {ids.shape[0]} rows but x has {T}")
+    _check(1 <= k <= launchers.MAX_K, f"moe_ops::fused_experts: k must be in [1, {launchers.MAX_K}], got {k}")
+    _check(T * k <= launchers.INT32_MAX, "moe_ops::fused_experts: T*k overflows int32")
+    _check_same_device(x_in, wgu_in, op, "w_gate_up")
+    _check_same_device(x_in, wd_in, op, "w_down")
+    _check(wgu_in.dtype == x_in.dtype and wd_in.dtype == x_in.dtype,
+           "moe_ops::fused_experts: x, w_gate_up and w_down must share a dtype")
+    _check(wgu_in.dim() == 3 and wgu_in.shape[1] % 2 == 0 and wgu_in.shape[2] == H,
+           f"moe_ops::fused_experts: w_gate_up must be [E, 2I, H={H}], got {list(wgu_in.shape)}")
+    E, I = wgu_in.shape[0], wgu_in.shape[1] // 2
+    _check(1 <= E <= MAX_EXPERTS, "moe_ops::fused_experts: needs E >= 1 experts")
+    _check(wd_in.dim() == 3 and tuple(wd_in.shape) == (E, H, I),
+           f"moe_ops::fused_experts: w_down must be [E={E}, H={H}, I={I}], got {list(wd_in.shape)}")
+    _check(activation in ("swiglu", "geglu"),
+           f"moe_ops::fused_experts: activation must be 'swiglu' or 'geglu', got '{activation}'")
+    act = launchers.ACT_SWIGLU if activation == "swiglu" else launchers.ACT_GEGLU
+    weights = _weights_arg(x_in, weights_in, T, k, op)
+    with _Guard(x_in):
+        x, wgu, wd = x_in.contiguous(), wgu_in.contiguous(), wd_in.contiguous()
+        out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+        ws = torch.empty((launchers.fused_experts_workspace_bytes(T, k, E, H, I, elem),), dtype=torch.uint8,
+                         device=x.device)
+        launchers.fused_experts(launcher_for(x), x.data_ptr(), elem, T, H, ids.data_ptr(), k,
+                                weights.data_ptr() if weights is not None else 0, wgu.data_ptr(), wd.data_ptr(), E, I,
+                                act, out.data_ptr(), ws.data_ptr())
+    return out
+
+
 IMPLS = {
     "topk_gating": topk_gating,
     "permute": permute,
     "unpermute": unpermute,
     "capacity_dispatch": capacity_dispatch,
     "capacity_combine": capacity_combine,
-    # "grouped_gemm" / "grouped_gemm_wgrad": once csrc/kernels/grouped_gemm.cuh is in the manifest
+    "grouped_gemm": grouped_gemm,
+    "grouped_gemm_wgrad": grouped_gemm_wgrad,
+    "fused_experts": fused_experts,  # native-only: the cuda backend's fused layer (ops.cuda_fused_moe)
 }

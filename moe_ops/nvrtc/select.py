@@ -89,8 +89,9 @@ def register_nvrtc_kernels() -> list:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Oo]verriding a previously registered kernel.*")
             for name, fn in ops.IMPLS.items():
-                _lib.impl(name, fn, "CUDA")
-    return sorted(ops.IMPLS)
+                if hasattr(torch.ops.moe_ops, name):  # a native-only op an older extension lacks
+                    _lib.impl(name, fn, "CUDA")
+    return sorted(n for n in ops.IMPLS if hasattr(torch.ops.moe_ops, n))
 
 
 def install() -> Dict[str, Optional[str]]:
