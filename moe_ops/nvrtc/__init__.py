@@ -12,6 +12,7 @@ One role per file:
   here, passed to NVRTC as named headers) and shims for the few system headers the kernels name
 * :mod:`.manifest` -- every ``__global__`` instantiation the launchers launch, grouped by header,
   with its parameter types
+* :mod:`.abi`      -- ctypes mirrors of the by-value kernel parameter structs (proven by NVRTC)
 * :mod:`.compile`  -- NVRTC options, compilation to a cubin, the ptxas resource report
 * :mod:`.cache`    -- the on-disk cubin cache (key: sources, options, arch, NVRTC version)
 * :mod:`.driver`   -- loading cubins and launching on torch's current stream (GPU only)
