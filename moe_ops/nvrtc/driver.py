@@ -95,9 +95,11 @@ class Launcher:
         fn = self.function(instantiation)
         driver, runtime = _cuda()
         self._make_current(driver, runtime)
-        if smem > DEFAULT_SMEM_LIMIT and self._smem_set.get((self.device, instantiation), 0) < smem:
-            driver.funcSetAttribute(fn, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(smem))
-            self._smem_set[(self.device, instantiation)] = smem
+        if smem > DEFAULT_SMEM_LIMIT:
+            with self._lock:
+                if self._smem_set.get((self.device, instantiation), 0) < smem:
+                    driver.funcSetAttribute(fn, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(smem))
+                    self._smem_set[(self.device, instantiation)] = smem
         values, ptrs = pack_args(instantiation, args)
         driver.launchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], int(smem), self.stream,
                             ctypes.addressof(ptrs), 0)
