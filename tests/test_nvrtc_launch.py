@@ -13,6 +13,7 @@ import torch
 
 from moe_ops import backend
 from moe_ops.nvrtc import abi, driver, launchers, manifest, ops, select
+from tests.nvrtc_support import require_nvrtc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -404,3 +405,63 @@ def test_missing_cupy_is_a_clear_error():
                "try:\n    c.nvrtc()\nexcept c.NVRTCUnavailable as e:\n    print('ERR', e)\n"
                "print(select.nvrtc_unavailable_reason())")
     assert "ERR" in out and "pip install cupy-cuda13x" in out
+
+
+class _FakeDriver:
+    """The slice of the CUDA driver driver.Launcher uses, recording instead of touching a GPU."""
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+    def __init__(self):
+        self.log, self.ctx = [], 0
+
+    def ctxGetCurrent(self):
+        return self.ctx
+
+    def ctxGetDevice(self):
+        return 0
+
+    def setDevice(self, d):  # the runtime's cudaSetDevice: makes the primary context current
+        self.log.append(("setDevice", d))
+        self.ctx = 0xC0
+
+    def moduleLoadData(self, image):
+        self.log.append(("load", bytes(image[:4])))
+        return 0x100 + len(self.log)
+
+    def moduleGetFunction(self, mod, name):
+        self.log.append(("get", mod, name))
+        return 0x2000 + len(self.log)
+
+    def funcSetAttribute(self, fn, attr, value):
+        self.log.append(("attr", fn, attr, value))
+
+    def launchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        p = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        self.log.append(("launch", fn, (gx, gy, gz), (bx, by, bz), smem, stream,
+                         ctypes.c_longlong.from_address(p[1]).value, ctypes.c_int.from_address(p[2]).value))
+
+
+def test_driver_launcher_loads_once_and_packs_the_parameters(monkeypatch, tmp_path):
+    require_nvrtc()
+    from moe_ops.nvrtc import cache
+    monkeypatch.setenv("MOE_OPS_CACHE_DIR", str(tmp_path))
+    fake = _FakeDriver()
+    monkeypatch.setattr(driver, "_cuda", lambda: (fake, fake))
+    monkeypatch.setattr(driver.Launcher, "_modules", {})
+    monkeypatch.setattr(driver.Launcher, "_functions", {})
+    monkeypatch.setattr(driver.Launcher, "_smem_set", {})
+    launch = driver.Launcher(0, "80", 0xABC, 132)
+    launch("fill_i32_kernel", (7, 1, 1), (256, 1, 1), 0, 0x1000, 12345, -1)
+    launch("rank_scan_kernel", (1, 1, 1), (256, 1, 1), 0, 0x1000, 3, 8, 1, 0x2000, 0, 0, 0x3000)
+    launch("fill_i32_kernel", (0, 1, 1), (256, 1, 1), 0, 0x1000, 0, -1)  # empty grid: nothing happens
+    kinds = [e[0] for e in fake.log]
+    assert kinds == ["setDevice", "load", "get", "launch", "get", "launch"]  # one module for the unit
+    unit = cache.get_unit("expert_rank.cuh", "80")
+    assert fake.log[2][2] == unit.lowered["fill_i32_kernel"]
+    assert fake.log[3][2:] == ((7, 1, 1), (256, 1, 1), 0, 0xABC, 12345, -1)
+    big = launchers.combine_smem_bytes(1024)
+    src = abi.CombineSource(nrows=4)
+    for _ in range(2):
+        launch("combine_kernel<float, 4>", (1, 1, 1), (128, 1, 1), big, 0x1000, 64, src, None, 1, 1024, 0x2000)
+    attrs = [e for e in fake.log if e[0] == "attr"]
+    assert len(attrs) == 1 and attrs[0][2:] == (8, big)  # raised once, above 48 KiB (as moe_ops::launch)
