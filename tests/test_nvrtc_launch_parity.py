@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from moe_ops import envs
-from moe_ops.nvrtc import driver, launchers, manifest
+from moe_ops.nvrtc import driver, launchers, manifest, sources
 from tests.nvrtc_support import ROOT
 
 CU_FILES = ("topk_gating.cu", "permute.cu", "capacity.cu", "grouped_gemm.cu")  # what moe_ops/nvrtc/ops.py implements
@@ -147,10 +147,18 @@ int main() {{
 
 
 def _cuda_host_includes():
+    """The CUDA host headers (cuda_fp16.h and the CCCL <nv/target> it includes), as the emulator build finds them."""
     roots = [os.path.join(r, "include") for r in (envs.raw("CUDA_HOME"), envs.raw("CUDA_PATH")) if r]
+    try:
+        roots.append(sources.toolkit_include_dir())
+    except FileNotFoundError:
+        pass
     for root in roots + ["/usr/local/cuda/include"]:
-        if os.path.isfile(os.path.join(root, "cuda_fp16.h")):
-            return [root] + ([os.path.join(root, "cccl")] if os.path.isdir(os.path.join(root, "cccl")) else [])
+        if not os.path.isfile(os.path.join(root, "cuda_fp16.h")):
+            continue
+        for cccl in (root, os.path.join(root, "cccl")):
+            if os.path.isfile(os.path.join(cccl, "nv", "target")):
+                return [root] + ([cccl] if cccl != root else [])
     return None
 
 
