@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import backend as _backend
 from tests.compare import assert_bitwise_equal, assert_close_to_reference, reference_hi
 from tests.inputs import make_ids, make_offsets, make_x, seed_for
 from tests.poison import poison

@@ -103,12 +103,9 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
 
     float acc[NB][2][4][4];
     MOE_UNROLL
-    for (int g = 0; g < NB; ++g)
-      MOE_UNROLL
-    for (int i = 0; i < 2; ++i)
-      MOE_UNROLL
-    for (int j = 0; j < 4; ++j)
-      MOE_UNROLL
+    for (int g = 0; g < NB; ++g) MOE_UNROLL
+    for (int i = 0; i < 2; ++i) MOE_UNROLL
+    for (int j = 0; j < 4; ++j) MOE_UNROLL
     for (int v = 0; v < 4; ++v) acc[g][i][j][v] = 0.0f;
 
     // Every iteration commits one group (empty past the last k tile), so wait_group
@@ -149,8 +146,7 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
             }
           }
           MOE_UNROLL
-          for (int i = 0; i < 2; ++i)
-            MOE_UNROLL
+          for (int i = 0; i < 2; ++i) MOE_UNROLL
           for (int j = 0; j < 4; ++j) warp::mma_m16n8k16<T>(acc[g][i][j], af[i], bf[j], acc[g][i][j]);
         }
       }
