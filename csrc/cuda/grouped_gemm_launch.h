@@ -60,7 +60,7 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 // Whether the tensor-core kernel takes this problem: bf16/fp16 on an sm_80+ device, every row
 // it copies 16-byte aligned (cp.async moves whole 16-byte chunks; zero-fill only at chunk
 // granularity). MOE_OPS_CUDA_GEMM=simt sends everything to the CUDA-core kernel.
-inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
+inline bool mma_allowed(DType dtype) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
   const char* choice = env::get("CUDA_GEMM");
   if (choice != nullptr && std::string(choice) == "simt") return false;
@@ -70,7 +70,18 @@ inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8)
     return false;
 #endif
+  return true;
+}
+
+// The wgrad reads rows of a[M, K] and dc[M, N] in 16-byte chunks.
+inline bool use_mma_wgrad(DType dtype, const void* a, const void* dc, long long K, long long N) {
+  return mma_allowed(dtype) && K % 8 == 0 && N % 8 == 0 && aligned16(a) && aligned16(dc);
+}
+
+inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
+  if (!mma_allowed(dtype)) return false;
   const bool b_kmajor = p.b_sn == 1;
+  if (b_kmajor && p.act != kern::kActNone) return false;  // no caller; not instantiated
   const long long b_row = b_kmajor ? p.b_sk : p.b_sn;
   return p.K % 8 == 0 && p.lda % 8 == 0 && b_row % 8 == 0 && p.b_expert % 8 == 0 && (!b_kmajor || p.N % 8 == 0) &&
          (b_kmajor || p.b_sk == 1) && aligned16(p.a) && aligned16(p.b);
@@ -87,9 +98,8 @@ inline void run_grouped_gemm(DType dtype, const kern::GroupedGemmParams& p, Stre
     const size_t smem = kern::mma_smem_bytes(gated);
     auto go = [&](auto tag) {
       using T = decltype(tag);
-      if (p.b_sn == 1) {
-        if (gated) launch(kern::grouped_gemm_mma_kernel<T, true, true>, grid, block, smem, stream, p);
-        else launch(kern::grouped_gemm_mma_kernel<T, false, true>, grid, block, smem, stream, p);
+      if (p.b_sn == 1) {  // k-major B: the grouped_gemm op (trans_b=False), never gated
+        launch(kern::grouped_gemm_mma_kernel<T, false, true>, grid, block, smem, stream, p);
       } else {
         if (gated) launch(kern::grouped_gemm_mma_kernel<T, true, false>, grid, block, smem, stream, p);
         else launch(kern::grouped_gemm_mma_kernel<T, false, false>, grid, block, smem, stream, p);

@@ -16,6 +16,8 @@
 //   c_rows[r] or r.
 // Each output's k order is fixed by the kernel (k tiles in order, mma's internal order within 16),
 // independent of grid size and block: bitwise deterministic.
+// grouped_gemm_wgrad_mma_kernel: the same ring and warp step with a's rows as a k-major A
+// (ldmatrix .trans), items (expert, 64 x 64 of db[e]), the reduction over the expert's rows.
 #pragma once
 
 #include "grouped_gemm.cuh"
@@ -28,6 +30,7 @@ constexpr int kMmaBM = 64, kMmaBN = 64, kMmaBK = 32, kMmaThreads = 128, kMmaStag
 static_assert(kMmaBM == 64, "the tensor-core kernel walks the same 64-row schedule as the CUDA-core one");
 
 // Shared bytes of one launch: kMmaStages x (A tile + NB B tiles), 2-byte elements.
+// (The wgrad kernel's two 32 x 64 tiles take the same bytes as one ungated stage.)
 __host__ __device__ constexpr size_t mma_smem_bytes(bool gated) {
   return static_cast<size_t>(kMmaStages) * (kMmaBM * kMmaBK + (gated ? 2 : 1) * kMmaBN * kMmaBK) * 2;
 }
@@ -37,6 +40,78 @@ __host__ __device__ constexpr size_t mma_smem_bytes(bool gated) {
 // rows of `chunks` (8 per 64 columns), chunk c at r * chunks + (c ^ (r & 7)).
 __device__ __forceinline__ int swz_k(int r, int c) { return r * 4 + (c ^ ((r >> 1) & 3)); }
 __device__ __forceinline__ int swz_n(int r, int c, int chunks) { return r * chunks + (c ^ (r & 7)); }
+
+// One BK = 32 step of a warp's 32 x 32 (x NB) outputs from the stage's shared tiles. A is stored
+// m-major ([m][k], swz_k) or k-major ([k][m], 8 chunks a row: the wgrad's a^T); B n-major
+// ([n][k], NB x 64 rows, swz_k) or k-major ([k][n], 8 * NB chunks a row).
+template <typename T, int NB, bool A_KMAJOR, bool B_KMAJOR>
+__device__ __forceinline__ void mma_warp_step(const uint4* sA, const uint4* sB, int warp_m, int warp_n, int lane,
+                                              float (&acc)[NB][2][4][4]) {
+  MOE_UNROLL
+  for (int ks = 0; ks < kMmaBK / 16; ++ks) {
+    uint32_t af[2][4];
+    MOE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      if constexpr (A_KMAJOR) {  // matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15)
+        const int r = ks * 16 + ((lane >> 4) << 3) + (lane & 7), c = (warp_m * 32 + i * 16) / 8 + ((lane >> 3) & 1);
+        warp::ldmatrix_x4_trans(af[i][0], af[i][1], af[i][2], af[i][3], sA + swz_n(r, c, 8));
+      } else {
+        const int r = warp_m * 32 + i * 16 + (lane & 15);
+        warp::ldmatrix_x4(af[i][0], af[i][1], af[i][2], af[i][3], sA + swz_k(r, ks * 2 + (lane >> 4)));
+      }
+    }
+    MOE_UNROLL
+    for (int g = 0; g < NB; ++g) {
+      uint32_t bf[4][2];
+      MOE_UNROLL
+      for (int j = 0; j < 4; j += 2) {  // two n8 tiles per ldmatrix_x4
+        const int nloc = warp_n * 32 + j * 8;
+        if constexpr (B_KMAJOR) {
+          const int r = ks * 16 + (lane & 15), c = g * 8 + nloc / 8 + (lane >> 4);
+          warp::ldmatrix_x4_trans(bf[j][0], bf[j][1], bf[j + 1][0], bf[j + 1][1], sB + swz_n(r, c, 8 * NB));
+        } else {
+          const int r = g * kMmaBN + nloc + ((lane >> 4) << 3) + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
+          warp::ldmatrix_x4(bf[j][0], bf[j][1], bf[j + 1][0], bf[j + 1][1], sB + swz_k(r, c));
+        }
+      }
+      MOE_UNROLL
+      for (int i = 0; i < 2; ++i) MOE_UNROLL
+      for (int j = 0; j < 4; ++j) warp::mma_m16n8k16<T>(acc[g][i][j], af[i], bf[j], acc[g][i][j]);
+    }
+  }
+}
+
+// The cp.async ring over `tiles` k tiles: load(stage, tile) issues one tile's copies, compute(stage)
+// multiplies one. Every iteration commits one group (empty past the last tile), so
+// wait_group kMmaStages - 2 always means "tile kt has landed". Ends with the ring drained and
+// the block synchronised, so the caller may reuse the shared memory.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void mma_pipeline(long long tiles, Load load, Compute compute) {
+  MOE_UNROLL
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < tiles) load(s, static_cast<long long>(s));
+    warp::cp_async_commit();
+  }
+  for (long long kt = 0; kt < tiles; ++kt) {
+    warp::cp_async_wait<kMmaStages - 2>();
+    __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1's stage
+    const long long next = kt + kMmaStages - 1;
+    if (next < tiles) load(static_cast<int>(next % kMmaStages), next);
+    warp::cp_async_commit();
+    compute(static_cast<int>(kt % kMmaStages));
+  }
+  warp::cp_async_wait<0>();
+  __syncthreads();
+}
+
+template <int NB>
+__device__ __forceinline__ void zero_acc(float (&acc)[NB][2][4][4]) {
+  MOE_UNROLL
+  for (int g = 0; g < NB; ++g) MOE_UNROLL
+  for (int i = 0; i < 2; ++i) MOE_UNROLL
+  for (int j = 0; j < 4; ++j) MOE_UNROLL
+  for (int v = 0; v < 4; ++v) acc[g][i][j][v] = 0.0f;
+}
 
 template <typename T, bool GATED, bool B_KMAJOR>
 __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
@@ -102,57 +177,11 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
     };
 
     float acc[NB][2][4][4];
-    MOE_UNROLL
-    for (int g = 0; g < NB; ++g) MOE_UNROLL
-    for (int i = 0; i < 2; ++i) MOE_UNROLL
-    for (int j = 0; j < 4; ++j) MOE_UNROLL
-    for (int v = 0; v < 4; ++v) acc[g][i][j][v] = 0.0f;
-
-    // Every iteration commits one group (empty past the last k tile), so wait_group
-    // kMmaStages - 2 always means "tile kt has landed".
-    MOE_UNROLL
-    for (int s = 0; s < kMmaStages - 1; ++s) {
-      if (s < k_tiles) load_stage(s, s);
-      warp::cp_async_commit();
-    }
-    for (long long kt = 0; kt < k_tiles; ++kt) {
-      warp::cp_async_wait<kMmaStages - 2>();
-      __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1's stage
-      const long long next = kt + kMmaStages - 1;
-      if (next < k_tiles) load_stage(static_cast<int>(next % kMmaStages), next);
-      warp::cp_async_commit();
-      const uint4* sA = smem + static_cast<int>(kt % kMmaStages) * kStageChunks;
-      const uint4* sB = sA + kAChunks;
-      MOE_UNROLL
-      for (int ks = 0; ks < kMmaBK / 16; ++ks) {
-        uint32_t af[2][4];
-        MOE_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          const int r = warp_m * 32 + i * 16 + (lane & 15);
-          warp::ldmatrix_x4(af[i][0], af[i][1], af[i][2], af[i][3], sA + swz_k(r, ks * 2 + (lane >> 4)));
-        }
-        MOE_UNROLL
-        for (int g = 0; g < NB; ++g) {
-          uint32_t bf[4][2];
-          MOE_UNROLL
-          for (int j = 0; j < 4; j += 2) {  // two n8 tiles per ldmatrix_x4
-            const int nloc = warp_n * 32 + j * 8;
-            if constexpr (B_KMAJOR) {
-              const int r = ks * 16 + (lane & 15), c = g * 8 + nloc / 8 + (lane >> 4);
-              warp::ldmatrix_x4_trans(bf[j][0], bf[j][1], bf[j + 1][0], bf[j + 1][1], sB + swz_n(r, c, 8 * NB));
-            } else {
-              const int r = g * kMmaBN + nloc + ((lane >> 4) << 3) + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
-              warp::ldmatrix_x4(bf[j][0], bf[j][1], bf[j + 1][0], bf[j + 1][1], sB + swz_k(r, c));
-            }
-          }
-          MOE_UNROLL
-          for (int i = 0; i < 2; ++i) MOE_UNROLL
-          for (int j = 0; j < 4; ++j) warp::mma_m16n8k16<T>(acc[g][i][j], af[i], bf[j], acc[g][i][j]);
-        }
-      }
-    }
-    warp::cp_async_wait<0>();
-    __syncthreads();  // the next work item's prologue overwrites the ring
+    zero_acc<NB>(acc);
+    mma_pipeline(k_tiles, load_stage, [&](int stage) {
+      const uint4* sA = smem + stage * kStageChunks;
+      mma_warp_step<T, NB, false, B_KMAJOR>(sA, sA + kAChunks, warp_m, warp_n, lane, acc);
+    });
 
     // Fragment (i, j): rows lane / 4 and + 8 of m16 tile i, columns 2 * (lane % 4) + {0, 1} of n8 tile j.
     MOE_UNROLL
@@ -175,6 +204,58 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
             crow[col] = from_f32<T>(out * scale);
           }
         }
+      }
+    }
+  }
+}
+
+// db[e] = a[rows e]^T @ dc[rows e] on tensor cores: items (e, 64 rows of K, 64 columns of N),
+// reduced over the expert's rows 32 at a time in row order; a's rows are the k-major A
+// ([r][kd], ldmatrix .trans), dc's the k-major B. Experts with no rows write zeros.
+template <typename T>
+__global__ void grouped_gemm_wgrad_mma_kernel(const T* a, const T* dc, const int* offs, int E, long long K, long long N,
+                                              T* db) {
+  constexpr int kAChunks = kMmaBK * kMmaBM / 8, kBChunks = kMmaBK * kMmaBN / 8;
+  constexpr int kStageChunks = kAChunks + kBChunks;
+  MOE_DYNAMIC_SMEM(uint4, smem);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp >> 1, warp_n = warp & 1;
+  const long long m_tiles = (K + kMmaBM - 1) / kMmaBM, n_tiles = (N + kMmaBN - 1) / kMmaBN;
+  const long long total = static_cast<long long>(E) * m_tiles * n_tiles;
+  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
+    const int e = static_cast<int>(w / (m_tiles * n_tiles));
+    const long long rest = w - static_cast<long long>(e) * m_tiles * n_tiles;
+    const long long kd0 = rest / n_tiles * kMmaBM, n0 = rest % n_tiles * kMmaBN;
+    const long long r_begin = offs[e], r_end = offs[e + 1];
+    auto load_stage = [&](int stage, long long rt) {
+      uint4* sA = smem + stage * kStageChunks;
+      uint4* sB = sA + kAChunks;
+      MOE_UNROLL
+      for (int i = 0; i < kAChunks / kMmaThreads; ++i) {  // both tiles: 32 rows x 8 chunks
+        const int q = tid + kMmaThreads * i, row = q / 8, c = q % 8;
+        const long long r = r_begin + rt * kMmaBK + row, kd = kd0 + c * 8, n = n0 + c * 8;
+        const bool ok_a = r < r_end && kd < K, ok_b = r < r_end && n < N;
+        warp::cp_async_16(sA + swz_n(row, c, 8), ok_a ? a + r * K + kd : a, ok_a ? 16 : 0);
+        warp::cp_async_16(sB + swz_n(row, c, 8), ok_b ? dc + r * N + n : dc, ok_b ? 16 : 0);
+      }
+    };
+    float acc[1][2][4][4];
+    zero_acc<1>(acc);
+    mma_pipeline((r_end - r_begin + kMmaBK - 1) / kMmaBK, load_stage, [&](int stage) {
+      const uint4* sA = smem + stage * kStageChunks;
+      mma_warp_step<T, 1, true, true>(sA, sA + kAChunks, warp_m, warp_n, lane, acc);
+    });
+    T* out = db + static_cast<long long>(e) * K * N;
+    MOE_UNROLL
+    for (int i = 0; i < 2; ++i) MOE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const long long kd = kd0 + warp_m * 32 + i * 16 + (lane >> 2) + h * 8;
+      if (kd >= K) continue;
+      MOE_UNROLL
+      for (int j = 0; j < 4; ++j) MOE_UNROLL
+      for (int v = 0; v < 2; ++v) {
+        const long long n = n0 + warp_n * 32 + j * 8 + 2 * (lane & 3) + v;
+        if (n < N) out[kd * N + n] = from_f32<T>(acc[0][i][j][h * 2 + v]);
       }
     }
   }
