@@ -48,7 +48,11 @@
 #if defined(MOE_OPS_SIM)
 #include "../sim/warp_matrix.h"
 #endif
-#if !defined(__CUDACC_RTC__)
+#if defined(__CUDACC_RTC__)
+// NVRTC has no <cstdint>; a typedef may be repeated with the same type, so this coexists with
+// any other declaration of ::uint32_t (always unsigned int on CUDA's platforms).
+typedef unsigned int uint32_t;
+#else
 #include <cstdint>
 #endif
 
