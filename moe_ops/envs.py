@@ -47,6 +47,8 @@ _SETTINGS = [
             "(default: on only on CPUs with AMX-BF16)", "c++"),
     Setting("MOE_OPS_CPU_EMULATE_AVX512", None, "set: run the AVX512-BF16 kernels through their "
             "SIMDe emulation (testing on CPUs without them)", "c++"),
+    Setting("MOE_OPS_CUDA_GEMM", None, "`simt`: the CUDA grouped GEMMs on CUDA cores only (default: "
+            "tensor cores for bf16/fp16 with 16-byte aligned rows on sm_80+)", "c++"),
     Setting("MOE_OPS_SIM_BLOCK_ORDER", None, "SIMT emulator: `reverse` runs blocks in reverse order "
             "(testing order independence)", "c++"),
     Setting("MOE_OPS_SIM_DEADLOCK_SECONDS", "2.0", "SIMT emulator: a block stuck this long at a "

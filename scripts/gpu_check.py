@@ -17,6 +17,9 @@ checkout):
             what did not run is listed
 5. bench    ``python -m bench --preset gpu``: the layer and grouped GEMM against torch._grouped_mm,
             cuBLAS at equal FLOPs, permute/unpermute against the device copy (E 8/64/256, T 64/512/4096)
+            From the bench rows it also writes ``auto_backend.json``: moe_ops/auto_backend.json with
+            this GPU arch's entry measured (per op, cuda or triton, whichever has the lower
+            geometric-mean time over the points both ran) -- commit it to make the choice stick.
 6. profile  a torch.profiler Chrome trace of one moe_forward
 
 Where no GPU exists it rehearses the same steps on CPU, reduced (CI runs this): the build as
@@ -67,6 +70,7 @@ OUT_FILES = OrderedDict([
     ("csv", "results.csv"),      # the benchmark rows (bench/report.py columns)
     ("md", "latest.md"),         # the benchmark tables
     ("trace", "trace.json"),     # Chrome trace of one moe_forward (Perfetto / chrome://tracing)
+    ("auto", "auto_backend.json"),  # GPU only: the measured per-arch backend table (commit to moe_ops/)
 ])
 MAX_OUT_FILES = 8
 
@@ -409,6 +413,18 @@ class Check:
                 self.warn(f"{what} (baseline): {problem[:200]}")
         if m:
             self.warn(f"bench: {m.group(1)} point(s) not run (time/memory limit)")
+        if self.device == "cuda" and rows:
+            import torch
+            arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+            entry = measured_auto_backend(rows, arch, f"measured {time.strftime('%Y-%m-%d')} "
+                                          f"{torch.cuda.get_device_name()} (make gpu-check)")
+            with open(os.path.join(ROOT, "moe_ops", "auto_backend.json")) as f:
+                table = json.load(f)
+            table.setdefault("cuda", {}).update(entry)
+            with open(self.path("auto"), "w") as f:
+                json.dump(table, f, indent=2)
+            shares = cuda_gemm_of_dense(rows)
+            self.info["bench"].update(auto_backend=entry, cuda_gemm_of_dense=shares)
 
     # 6 -------------------------------------------------------------------------------- profile
     def profile(self, timeout):
@@ -554,6 +570,41 @@ def bench_table(rows) -> list:
     return out
 
 
+AUTO_OPS = ("grouped_gemm", "grouped_gemm_wgrad", "moe_forward")
+
+
+def measured_auto_backend(rows, arch: str, source: str) -> dict:
+    """The ``auto_backend.json`` entry for ``arch`` from bench rows: per op in :data:`AUTO_OPS`,
+    ``cuda`` or ``triton``, whichever has the lower geometric-mean median time over the points
+    both ran ok (ties: cuda). Ops without such a point are left out (the design default stays)."""
+    import math
+    points = {}
+    for r in rows:
+        if r["kind"] != "backend" or r["status"] != "ok" or r["op"] not in AUTO_OPS \
+                or r["backend"] not in ("cuda", "triton") or not r["check"].startswith("ok"):
+            continue
+        key = (r["model"], r["E"], r["k"], r["T"], r["dtype"])
+        points.setdefault(r["op"], {}).setdefault(key, {})[r["backend"]] = float(r["median_ms"])
+    entry = {"source": source}
+    for op in AUTO_OPS:
+        both = [p for p in points.get(op, {}).values() if len(p) == 2]
+        if both:
+            score = {b: sum(math.log(p[b]) for p in both) for b in ("cuda", "triton")}
+            entry[op] = "cuda" if score["cuda"] <= score["triton"] else "triton"
+    return {arch: entry}
+
+
+def cuda_gemm_of_dense(rows, min_rows_per_expert: int = 512) -> list:
+    """cuda grouped GEMM time as a share of cuBLAS dense at equal FLOPs (speedup_vs_dense) at the
+    points with at least ``min_rows_per_expert`` rows per expert: issue 16's design target."""
+    out = []
+    for r in rows:
+        if r["op"] == "grouped_gemm" and r["backend"] == "cuda" and r["status"] == "ok" \
+                and int(r["T"]) * int(r["k"]) >= min_rows_per_expert * int(r["E"]) and _f(r["speedup_vs_dense"]):
+            out.append(float(r["speedup_vs_dense"]))
+    return out
+
+
 def _x(v, fmt="{:.2f}x"):
     return "-" if v is None else fmt.format(v)
 
@@ -610,6 +661,13 @@ def summary(info, device, out) -> str:
                          f"{str(r['gemm_backend'])[:7]:>7} {_x(r['gemm_ms'], '{:.3f}'):>11} "
                          f"{_x(r['gemm_x_torch_grouped_mm']):>11} {_x(r['gemm_x_dense']):>7} | "
                          f"{_x(r['permute_of_copy']):>9} {_x(r['unpermute_of_copy']):>11}")
+    if b and b.get("auto_backend"):
+        (arch, picks), = b["auto_backend"].items()
+        sh = b.get("cuda_gemm_of_dense") or []
+        lines.append(f"auto backend measured for {arch}: " + ", ".join(f"{k}={v}" for k, v in picks.items()
+                                                                    if k != "source")
+                     + f" (written to {OUT_FILES['auto']}) | cuda grouped GEMM / cuBLAS dense at >= 512 rows per "
+                     + "expert: " + (f"{min(sh):.0%}..{max(sh):.0%} over {len(sh)} points" if sh else "no point"))
     p = info.get("profile")
     if p:
         shape = " ".join(f"{k}={v}" for k, v in p["shape"].items())

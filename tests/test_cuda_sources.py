@@ -54,12 +54,14 @@ def test_kernel_subset(path):
         "<<<": "launch through moe_ops::launch (launch.cuh), the one place <<<>>> appears",
         "cooperative_groups": "not emulated",
         "cub::": "no CUB: the ranking is written out so it is deterministic and emulated",
-        "asm(": "no inline PTX",
-        "asm volatile": "no inline PTX",
+        "asm(": "no inline PTX outside mma.cuh",
+        "asm volatile": "no inline PTX outside mma.cuh",
         "cudaDeviceSynchronize": "no host synchronisation",
         "cudaStreamSynchronize": "no host synchronisation",
         "cudaMemcpy": "no host round trips",
     }
+    if path.name == "mma.cuh":  # the one home of inline PTX, each instruction with its emulator model
+        forbidden = {n: w for n, w in forbidden.items() if not n.startswith("asm")}
     for needle, why in forbidden.items():
         assert needle not in code, f"{path.name}: '{needle}' -- {why}"
     # float atomics would make results order-dependent; the kernels use no atomics at all

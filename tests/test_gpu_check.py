@@ -203,3 +203,21 @@ def test_bench_table_ratios():
     text = G.summary(dict(steps={}, failures=[], warnings=[], bench=dict(rows=11, points_not_run=0, table=[r])),
                      "cuda", "/out")
     assert "PASS" in text and "1.25x" in text
+
+
+def test_measured_auto_backend_picks_the_faster_and_reports_gemm_share():
+    def row(op, backend, T, ms, E="8", status="ok", check="ok", dense=None):
+        return dict(op=op, backend=backend, kind="backend", status=status, check=check, model="m", E=E, k="2",
+                    T=str(T), dtype="bfloat16", median_ms=str(ms), speedup_vs_dense=str(dense) if dense else "")
+    rows = [row("grouped_gemm", "cuda", 64, 1.0), row("grouped_gemm", "triton", 64, 2.0),
+            row("grouped_gemm", "cuda", 4096, 4.0, dense=0.7), row("grouped_gemm", "triton", 4096, 3.0),
+            row("moe_forward", "cuda", 64, 5.0), row("moe_forward", "triton", 64, 1.0),
+            row("moe_forward", "cuda", 512, 9.0, status="error: x"),  # not both ok: ignored
+            row("grouped_gemm_wgrad", "cuda", 64, 1.0)]                # no triton row: left out
+    got = G.measured_auto_backend(rows, "sm_90", "measured today")
+    assert got == {"sm_90": {"source": "measured today", "grouped_gemm": "cuda", "moe_forward": "triton"}}
+    assert G.cuda_gemm_of_dense(rows) == [0.7]  # only T*k >= 512*E
+    table = json.load(open(os.path.join(G.ROOT, "moe_ops", "auto_backend.json")))
+    table["cuda"].update(got)  # what the check writes: still a table backend.auto_order reads
+    from moe_ops import backend
+    assert got["sm_90"]["grouped_gemm"] in backend.auto_order("grouped_gemm", "cuda", arch="sm_90")

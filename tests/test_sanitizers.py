@@ -44,6 +44,13 @@ CASES = {
         st.early_exit(torch.randint(-5, 9, (256,), dtype=torch.int32))
         st.histogram(torch.randint(-1, 20, (1000,), dtype=torch.int32), 17, 3, 64)
         st.block_reverse(torch.randn(300), 100, 64)
+        # tensor cores + async copies: the correct tiled GEMM of planted_bugs.cuh, and cp.async's
+        # deferred copies (performed by the issuing thread at its wait, ordered by the barrier)
+        for dt in (torch.bfloat16, torch.float16):
+            a, b = torch.randn(32, 32).to(dt), torch.randn(48, 32).to(dt)
+            c = st.tiled_gemm(a, b, 0)
+            assert torch.allclose(c.double(), a.double() @ b.double().T, rtol=1e-4, atol=1e-3), "tiled_gemm"
+        st.cp_async(torch.randint(1, 255, (2, 2560), dtype=torch.uint8), torch.arange(32, dtype=torch.int32) % 17)
         for what in ("bad_shuffle", "deadlock", "trap"):
             try:
                 st.misuse(what, 64)

@@ -401,6 +401,18 @@ def test_cp_async_zero_fill_and_groups():
         assert torch.equal(snap1[4], poison), "an uncommitted (or a previous block's) copy was performed"
 
 
+def test_cp_async_8_and_4_byte_forms():
+    src = torch.randint(1, 255, (384,), dtype=torch.uint8, generator=_gen(23))
+    sizes8 = torch.arange(32, dtype=torch.int32) % 9
+    sizes4 = torch.arange(32, dtype=torch.int32).flip(0) % 5
+    out = sim.cp_async_small(src, sizes8, sizes4)
+    ref = src.clone()
+    for t in range(32):
+        ref[t * 8 + int(sizes8[t]):(t + 1) * 8] = 0
+        ref[256 + t * 4 + int(sizes4[t]):256 + (t + 1) * 4] = 0
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("what,threads,message", [
     (0, 32, r"ldmatrix.x4: all 32 lanes of the warp must execute it, but lanes 0x20 did not"),
     (1, 32, r"ldmatrix: lane 3 gives row address .* not 16-byte aligned"),

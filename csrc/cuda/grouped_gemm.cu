@@ -54,6 +54,20 @@ void grouped_gemm_wgrad(const void* a, const void* dc, DType dtype, int64_t M, i
   const detail::GemmSchedule sched = detail::build_gemm_schedule(offsets, E, M, workspace, stream);
   const long long items =
       static_cast<long long>(E) * ((K + kern::kSimtBM - 1) / kern::kSimtBM) * ((N + kern::kSimtBN - 1) / kern::kSimtBN);
+  if (detail::use_mma_wgrad(dtype, a, dc, K, N)) {
+    const long long mma_items =
+        static_cast<long long>(E) * ((K + kern::kMmaBM - 1) / kern::kMmaBM) * ((N + kern::kMmaBN - 1) / kern::kMmaBN);
+    const dim3 grid(detail::persistent_blocks(mma_items)), block(kern::kMmaThreads);
+    auto go = [&](auto tag) {
+      using T = decltype(tag);
+      launch(kern::grouped_gemm_wgrad_mma_kernel<T>, grid, block, kern::mma_smem_bytes(false), stream,
+             static_cast<const T*>(a), static_cast<const T*>(dc), static_cast<const int*>(sched.offs), E,
+             static_cast<long long>(K), static_cast<long long>(N), static_cast<T*>(db));
+    };
+    if (dtype == DType::kBFloat16) go(__nv_bfloat16{});
+    else go(__half{});
+    return;
+  }
   const dim3 grid(detail::persistent_blocks(items)), block(kern::kSimtThreads);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

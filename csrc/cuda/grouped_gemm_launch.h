@@ -4,7 +4,8 @@
 #pragma once
 
 #include "launch_config.h"
-#include "../kernels/grouped_gemm_schedule.cuh"
+#include "../env.h"
+#include "../kernels/grouped_gemm_mma.cuh"
 #include "../kernels/grouped_gemm_simt.cuh"
 
 namespace moe_ops {
@@ -54,9 +55,60 @@ inline void zero_outside_rows(DType dtype, const int* offs, int E, long long M, 
   });
 }
 
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Whether the tensor-core kernel takes this problem: bf16/fp16 on an sm_80+ device, every row
+// it copies 16-byte aligned (cp.async moves whole 16-byte chunks; zero-fill only at chunk
+// granularity). MOE_OPS_CUDA_GEMM=simt sends everything to the CUDA-core kernel.
+inline bool mma_allowed(DType dtype) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
+  const char* choice = env::get("CUDA_GEMM");
+  if (choice != nullptr && std::string(choice) == "simt") return false;
+#if defined(__CUDACC__)
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8)
+    return false;
+#endif
+  return true;
+}
+
+// The wgrad reads rows of a[M, K] and dc[M, N] in 16-byte chunks.
+inline bool use_mma_wgrad(DType dtype, const void* a, const void* dc, long long K, long long N) {
+  return mma_allowed(dtype) && K % 8 == 0 && N % 8 == 0 && aligned16(a) && aligned16(dc);
+}
+
+inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
+  if (!mma_allowed(dtype)) return false;
+  const bool b_kmajor = p.b_sn == 1;
+  if (b_kmajor && p.act != kern::kActNone) return false;  // no caller; not instantiated
+  const long long b_row = b_kmajor ? p.b_sk : p.b_sn;
+  return p.K % 8 == 0 && p.lda % 8 == 0 && b_row % 8 == 0 && p.b_expert % 8 == 0 && (!b_kmajor || p.N % 8 == 0) &&
+         (b_kmajor || p.b_sk == 1) && aligned16(p.a) && aligned16(p.b);
+}
+
 // One grouped GEMM over a built schedule (p.offs, p.tiles set); gated when p.act != 0.
 inline void run_grouped_gemm(DType dtype, const kern::GroupedGemmParams& p, Stream stream) {
+  static_assert(kern::kMmaBM == kern::kSimtBM, "one schedule serves both kernels");
   const long long tiles_bound = (p.M + kern::kSimtBM - 1) / kern::kSimtBM + (p.E < p.M ? p.E : p.M);
+  const bool gated = p.act != kern::kActNone;
+  if (use_mma(dtype, p)) {
+    const long long items = tiles_bound * ((p.N + kern::kMmaBN - 1) / kern::kMmaBN);
+    const dim3 grid(persistent_blocks(items)), block(kern::kMmaThreads);
+    const size_t smem = kern::mma_smem_bytes(gated);
+    auto go = [&](auto tag) {
+      using T = decltype(tag);
+      if (p.b_sn == 1) {  // k-major B: the grouped_gemm op (trans_b=False), never gated
+        launch(kern::grouped_gemm_mma_kernel<T, false, true>, grid, block, smem, stream, p);
+      } else {
+        if (gated) launch(kern::grouped_gemm_mma_kernel<T, true, false>, grid, block, smem, stream, p);
+        else launch(kern::grouped_gemm_mma_kernel<T, false, false>, grid, block, smem, stream, p);
+      }
+    };
+    if (dtype == DType::kBFloat16) go(__nv_bfloat16{});
+    else go(__half{});
+    return;
+  }
   const long long items = tiles_bound * ((p.N + kern::kSimtBN - 1) / kern::kSimtBN);
   const dim3 grid(persistent_blocks(items)), block(kern::kSimtThreads);
   dispatch_dtype(dtype, [&](auto tag) {

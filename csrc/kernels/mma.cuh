@@ -7,6 +7,8 @@
 //       copies 16 bytes global -> shared without passing through registers; bytes past src_bytes
 //       (0..16, the PTX src-size operand) are zero-filled, so a predicated-off row is
 //       cp_async_16(dst, any_valid_ptr, 0) (nothing is read). dst and src 16-byte aligned.
+//   cp_async_8(dst, src, src_bytes), cp_async_4(...)   the same with cp.async.ca (L1-cached),
+//       8 / 4 bytes, src_bytes in [0, 8] / [0, 4], both addresses 8- / 4-byte aligned.
 //   cp_async_commit()                  cp.async.commit_group: closes this thread's open group.
 //   cp_async_wait<N>()                 cp.async.wait_group N: waits until at most the N most
 //       recently committed groups of this thread are pending (N = 0: all committed ones);
@@ -46,7 +48,11 @@
 #if defined(MOE_OPS_SIM)
 #include "../sim/warp_matrix.h"
 #endif
-#if !defined(__CUDACC_RTC__)
+#if defined(__CUDACC_RTC__)
+// NVRTC has no <cstdint>; a typedef may be repeated with the same type, so this coexists with
+// any other declaration of ::uint32_t (always unsigned int on CUDA's platforms).
+typedef unsigned int uint32_t;
+#else
 #include <cstdint>
 #endif
 
@@ -70,6 +76,26 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes = 16) {
 #if MOE_OPS_WARP_MMA_SM80
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(detail::smem_u32(smem_dst)),
+               "l"(__cvta_generic_to_global(gmem_src)), "r"(src_bytes)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src, int src_bytes = 8) {
+#if MOE_OPS_WARP_MMA_SM80
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(detail::smem_u32(smem_dst)),
+               "l"(__cvta_generic_to_global(gmem_src)), "r"(src_bytes)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src, int src_bytes = 4) {
+#if MOE_OPS_WARP_MMA_SM80
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(detail::smem_u32(smem_dst)),
                "l"(__cvta_generic_to_global(gmem_src)), "r"(src_bytes)
                : "memory");
 #else
@@ -168,6 +194,12 @@ __device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32
 
 inline void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes = 16) {
   ::moe_sim::cp_async(smem_dst, gmem_src, 16, src_bytes);
+}
+inline void cp_async_8(void* smem_dst, const void* gmem_src, int src_bytes = 8) {
+  ::moe_sim::cp_async(smem_dst, gmem_src, 8, src_bytes);
+}
+inline void cp_async_4(void* smem_dst, const void* gmem_src, int src_bytes = 4) {
+  ::moe_sim::cp_async(smem_dst, gmem_src, 4, src_bytes);
 }
 inline void cp_async_commit() { ::moe_sim::cp_async_commit(); }
 template <int N>

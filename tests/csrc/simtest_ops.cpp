@@ -190,6 +190,19 @@ at::Tensor cp_async(const at::Tensor& src, const at::Tensor& sizes) {
   return out;
 }
 
+// src: uint8 [384], sizes8 / sizes4: int32 [32] -> uint8 [384] (the shared memory after the wait).
+at::Tensor cp_async_small(const at::Tensor& src, const at::Tensor& sizes8, const at::Tensor& sizes4) {
+  check_cpu(src, at::kByte, "src");
+  check_cpu(sizes8, at::kInt, "sizes8");
+  check_cpu(sizes4, at::kInt, "sizes4");
+  TORCH_CHECK(src.numel() == 384 && sizes8.numel() == 32 && sizes4.numel() == 32,
+              "cp_async_small: src [384], sizes8 [32], sizes4 [32]");
+  auto out = at::full({384}, 0x5a, src.options());
+  launch(cp_async_small_kernel, dim3(1), dim3(32), 384, nullptr, src.data_ptr<uint8_t>(), sizes8.data_ptr<int>(),
+         sizes4.data_ptr<int>(), out.data_ptr<uint8_t>());
+  return out;
+}
+
 at::Tensor warp_matrix_misuse(int64_t what, int64_t threads) {
   auto out = at::zeros({threads}, at::TensorOptions().dtype(at::kInt));
   launch(warp_matrix_misuse_kernel, dim3(1), dim3(static_cast<unsigned>(threads)), 0, nullptr, static_cast<int>(what),
@@ -247,6 +260,7 @@ TORCH_LIBRARY(moe_ops_simtest, m) {
   m.def("ldmatrix(Tensor src, Tensor slot, int num, bool trans) -> Tensor");
   m.def("mma(Tensor a, Tensor b, Tensor c, str dtype) -> Tensor");
   m.def("cp_async(Tensor src, Tensor sizes) -> Tensor");
+  m.def("cp_async_small(Tensor src, Tensor sizes8, Tensor sizes4) -> Tensor");
   m.def("warp_matrix_misuse(int what, int threads) -> Tensor");
   m.def("tiled_gemm(Tensor a, Tensor b, int bug) -> Tensor");
 }
@@ -263,6 +277,7 @@ TORCH_LIBRARY_IMPL(moe_ops_simtest, CPU, m) {
   m.impl("ldmatrix", &ldmatrix);
   m.impl("mma", &mma);
   m.impl("cp_async", &cp_async);
+  m.impl("cp_async_small", &cp_async_small);
   m.impl("tiled_gemm", &tiled_gemm);
 }
 

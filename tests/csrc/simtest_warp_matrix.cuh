@@ -94,6 +94,21 @@ __global__ void cp_async_kernel(const unsigned char* __restrict__ src, const int
   warp::cp_async_commit();
 }
 
+// The 8- and 4-byte forms: thread t copies src[t*8 .. +8) with src-size sizes8[t] to smem[t*8],
+// and src[256 + t*4 .. +4) with src-size sizes4[t] to smem[256 + t*4], in one group; after
+// wait<0> the 384 bytes of shared memory go to out.
+__global__ void cp_async_small_kernel(const unsigned char* __restrict__ src, const int* __restrict__ sizes8,
+                                      const int* __restrict__ sizes4, unsigned char* __restrict__ out) {
+  MOE_DYNAMIC_SMEM(unsigned char, smem);
+  const int t = threadIdx.x;
+  warp::cp_async_8(smem + t * 8, src + t * 8, sizes8[t]);
+  warp::cp_async_4(smem + 256 + t * 4, src + 256 + t * 4, sizes4[t]);
+  warp::cp_async_commit();
+  warp::cp_async_wait<0>();
+  __syncthreads();
+  for (int i = t; i < 384; i += 32) out[i] = smem[i];
+}
+
 enum class WarpMatrixMisuse : int {
   kLdmatrixLaneReturned = 0,
   kLdmatrixMisaligned,
