@@ -127,7 +127,10 @@ def test_side_stream_and_empty_inputs():
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_gemm_and_wgrad(dtype, trans_b):
+@pytest.mark.parametrize("gemm", [None, "simt"])  # bf16/fp16: tensor cores, or CUDA cores when forced
+def test_grouped_gemm_and_wgrad(dtype, trans_b, gemm, monkeypatch):
+    if gemm is not None:
+        monkeypatch.setenv("MOE_OPS_CUDA_GEMM", gemm)
     E, K, N = 5, 48, 40
     offs = torch.tensor([3, 3, 70, 71, 140, 190], dtype=torch.int32, device="cuda")  # rows outside, empty experts
     M = 200

@@ -250,8 +250,9 @@ def test_grouped_gemm_plans(rec):
     c = ops.grouped_gemm(a, b, offs, True)
     assert c.shape == (M, N) and c.dtype == torch.bfloat16
     assert rec.kernels() == ["gemm_schedule_kernel", "zero_outside_rows_kernel<__nv_bfloat16>",
-                             "grouped_gemm_simt_kernel<__nv_bfloat16, false>"]
+                             "grouped_gemm_mma_kernel<__nv_bfloat16, false, false>"]  # tensor cores: n-major B
     sched, zero, gemm = rec.calls
+    assert gemm[2:4] == ((128, 1, 1), launchers.mma_smem_bytes(False))
     assert sched[1:4] == ((1, 1, 1), (1024, 1, 1), 0) and sched[4][:4] == (offs.data_ptr(), E, M, 64)
     (p,) = gemm[4]
     assert (p.a, p.b, p.c, p.lda, p.ldc, p.b_expert, p.b_sk, p.b_sn) == (a.data_ptr(), b.data_ptr(), c.data_ptr(), K,
@@ -260,7 +261,11 @@ def test_grouped_gemm_plans(rec):
     assert gemm[1] == (3, 1, 1)  # the persistent grid without a device to ask: the emulator's cap
     rec.calls.clear()
     db = ops.grouped_gemm_wgrad(a, torch.randn(M, N, dtype=torch.bfloat16), offs, E)
-    assert db.shape == (E, K, N) and rec.kernels() == ["gemm_schedule_kernel", "grouped_gemm_wgrad_kernel<__nv_bfloat16>"]
+    assert db.shape == (E, K, N)
+    assert rec.kernels() == ["gemm_schedule_kernel", "grouped_gemm_wgrad_mma_kernel<__nv_bfloat16>"]
+    rec.calls.clear()
+    ops.grouped_gemm(a[:, :63], b[:, :, :63], offs, True)  # K % 8 != 0: CUDA cores
+    assert rec.kernels()[-1] == "grouped_gemm_simt_kernel<__nv_bfloat16, false>"
     rec.calls.clear()
     assert ops.grouped_gemm(a[:0], b, offs, True).shape == (0, N) and rec.calls == []
 
@@ -290,7 +295,9 @@ def test_every_launchable_instantiation_is_in_the_manifest(rec):
             ops.unpermute(x, _i32(6, hi=6), None, 1)
             ops.capacity_dispatch(x, _i32(6, 2, hi=4), 4, 2, "token_major")
             ops.capacity_combine(x.view(2, 3, H), _i32(6, 1, hi=2), _i32(6, 1, hi=3), None)
-            ops.grouped_gemm(x, torch.randn(2, H, 5).to(dtype), torch.tensor([0, 2, 6], dtype=torch.int32), False)
+            for n in (5, 8):
+                ops.grouped_gemm(x, torch.randn(2, H, n).to(dtype), torch.tensor([0, 2, 6], dtype=torch.int32), False)
+                ops.grouped_gemm(x, torch.randn(2, n, H).to(dtype), torch.tensor([0, 2, 6], dtype=torch.int32), True)
             ops.grouped_gemm_wgrad(x, x, torch.tensor([0, 2, 6], dtype=torch.int32), 2)
             ops.fused_experts(x, _i32(6, 2, hi=4), None, torch.randn(4, 6, H).to(dtype), torch.randn(4, H, 3).to(dtype),
                               "swiglu")
@@ -450,7 +457,7 @@ def test_driver_launcher_loads_once_and_packs_the_parameters(monkeypatch, tmp_pa
     monkeypatch.setattr(driver.Launcher, "_modules", {})
     monkeypatch.setattr(driver.Launcher, "_functions", {})
     monkeypatch.setattr(driver.Launcher, "_smem_set", {})
-    launch = driver.Launcher(0, "80", 0xABC, 132)
+    launch = driver.Launcher(0, "80", 0xABC, 132, 8)
     launch("fill_i32_kernel", (7, 1, 1), (256, 1, 1), 0, 0x1000, 12345, -1)
     launch("rank_scan_kernel", (1, 1, 1), (256, 1, 1), 0, 0x1000, 3, 8, 1, 0x2000, 0, 0, 0x3000)
     launch("fill_i32_kernel", (0, 1, 1), (256, 1, 1), 0, 0x1000, 0, -1)  # empty grid: nothing happens

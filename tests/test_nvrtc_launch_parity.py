@@ -1,14 +1,16 @@
 """The Python launchers (moe_ops/nvrtc/launchers.py) plan exactly what the C++ launchers do.
 
-The C++ launchers of the NVRTC binding's ops (csrc/cuda/{topk_gating,permute,capacity}.cu) are
-compiled here as host C++ in the emulator's vocabulary (-DMOE_OPS_SIM, one translation unit)
-and linked with a *recording* ``moe_sim::run_grid`` instead of the emulator runtime: every launch
+The C++ launchers of the NVRTC binding's ops (csrc/cuda/*.cu of CU_FILES) are compiled here as
+host C++ in the emulator's vocabulary (-DMOE_OPS_SIM, one translation unit) and linked with the
+emulator runtime whose ``moe_sim::run_grid`` is replaced by a *recording* one: every launch
 prints its kernel (looked up among the NVRTC manifest's instantiations by address -- a kernel
 the manifest lacks prints as UNKNOWN), grid, block and dynamic shared memory, and never runs.
 The same calls through the Python launchers must print the same lines; the workspace sizes and
 ``topk_gating_supported`` are compared too. Needs g++ and the CUDA host headers (as the emulator
 build does); ~20 s of compiling, once per session."""
+import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -45,10 +47,11 @@ for elem in manifest.DATA_TYPES:
         CASES.append(("unpermute", (y, elem, 1000, H, IDS, AUX, 33, 2, OUT)))
         CASES.append(("capacity_combine", (y, elem, 4, 9, H, IDS, AUX, 0, 33, 1024, OUT)))
 for elem in manifest.DATA_TYPES:
-    for M, K, E, N, tb in [(300, 64, 8, 96, False), (300, 64, 8, 96, True), (0, 8, 2, 8, False), (5, 3, 7, 0, True),
-                           (100000, 4096, 256, 7168, True), (33, 5, 1, 1, False)]:
-        CASES.append(("grouped_gemm", (X, elem, M, K, AUX, E, N, tb, IDS, OUT, WS)))
-        CASES.append(("grouped_gemm_wgrad", (X, AUX, elem, M, K, N, IDS, E, OUT, WS)))
+    for M, K, E, N, tb, a in [(300, 64, 8, 96, False, X), (300, 64, 8, 96, True, X), (0, 8, 2, 8, False, X),
+                              (5, 3, 7, 0, True, X), (100000, 4096, 256, 7168, True, X), (33, 5, 1, 1, False, X),
+                              (300, 64, 8, 96, True, X + 2), (300, 64, 8, 12, False, X), (300, 64, 8, 12, True, X)]:
+        CASES.append(("grouped_gemm", (a, elem, M, K, AUX, E, N, tb, IDS, OUT, WS)))
+        CASES.append(("grouped_gemm_wgrad", (a, AUX, elem, M, K, N, IDS, E, OUT, WS)))
     for T, k, E, H, I, act in [(100, 2, 8, 64, 32, 1), (3, 8, 64, 7168, 2048, 2), (0, 2, 4, 8, 8, 1), (5, 1, 1, 0, 4, 1),
                                (6, 2, 4, 16, 0, 2), (6, 2, 4, 16, 8, 3)]:
         CASES.append(("fused_experts", (X, elem, T, H, IDS, k, AUX, X + 0x10000, X + 0x20000, E, I, act, OUT, WS)))
@@ -127,16 +130,8 @@ void run_grid(dim3 g, dim3 b, size_t smem, const void* kernel, void (*)(void*), 
   std::printf("L %s %u %u %u %u %u %u %zu\\n", it == kKernels.end() ? "UNKNOWN" : it->second.c_str(), g.x, g.y, g.z,
               b.x, b.y, b.z, smem);
 }}
-// the emulator runtime's other entry points: never reached (no kernel body runs)
-void* dynamic_smem() {{ std::abort(); }}
-void syncthreads() {{ std::abort(); }}
-int syncthreads_count(int) {{ std::abort(); }}
-bool syncthreads_or(int) {{ std::abort(); }}
-bool syncthreads_and(int) {{ std::abort(); }}
-uint64_t warp_collective(unsigned, WarpOp, uint64_t, int) {{ std::abort(); }}
-unsigned activemask() {{ std::abort(); }}
-unsigned lane_id() {{ std::abort(); }}
-void trap(const char*) {{ std::abort(); }}
+// every other entry point comes from the emulator runtime itself (csrc/sim/runtime.cpp, whose
+// own run_grid is renamed away when it is compiled here); none is reached, no kernel body runs
 }}  // namespace moe_sim
 
 int main() {{
@@ -163,7 +158,7 @@ def _cuda_host_includes():
 
 
 @pytest.fixture(scope="module")
-def cpp_lines(tmp_path_factory):
+def cpp_driver(tmp_path_factory):
     cxx = shutil.which("g++") or shutil.which("c++")
     incs = _cuda_host_includes()
     if cxx is None or incs is None:
@@ -175,8 +170,16 @@ def cpp_lines(tmp_path_factory):
     cmd = [cxx, "-std=c++20", "-O0", "-w", "-DMOE_OPS_SIM", "-I", os.path.join(ROOT, "csrc")]
     for i in incs:
         cmd += ["-isystem", i]
-    subprocess.run(cmd + [str(src), "-o", str(exe), "-pthread"], check=True, capture_output=True, timeout=600)
-    return subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    objs = []
+    for unit in sorted(glob.glob(os.path.join(ROOT, "csrc", "sim", "*.cpp"))):
+        if re.search(r"#include <(torch|ATen)/", open(unit).read()):  # ops_sim.cpp: the torch binding
+            continue
+        objs.append(str(d / (os.path.basename(unit) + ".o")))
+        subprocess.run(cmd + ["-Drun_grid=emulator_run_grid_unused", "-c", unit, "-o", objs[-1]], check=True,
+                       capture_output=True, timeout=600)
+    subprocess.run(cmd + [str(src)] + objs + ["-o", str(exe), "-pthread", "-ldl"], check=True, capture_output=True,
+                   timeout=600)
+    return str(exe)
 
 
 def _python_lines():
@@ -202,10 +205,20 @@ def _python_lines():
     return out
 
 
-def test_python_launchers_plan_what_the_cpp_launchers_launch(cpp_lines):
+@pytest.mark.parametrize("gemm", [None, "simt"])  # MOE_OPS_CUDA_GEMM: both read it (tensor cores or not)
+def test_python_launchers_plan_what_the_cpp_launchers_launch(cpp_driver, monkeypatch, gemm):
+    env = {k: v for k, v in os.environ.items() if k != "MOE_OPS_CUDA_GEMM"}
+    monkeypatch.delenv("MOE_OPS_CUDA_GEMM", raising=False)
+    if gemm is not None:
+        env["MOE_OPS_CUDA_GEMM"] = gemm
+        monkeypatch.setenv("MOE_OPS_CUDA_GEMM", gemm)
+    cpp_lines = subprocess.run([cpp_driver], check=True, capture_output=True, text=True, timeout=120,
+                               env=env).stdout.splitlines()
     assert not [ln for ln in cpp_lines if "UNKNOWN" in ln], "the C++ launchers launch a kernel the NVRTC manifest lacks"
     py = _python_lines()
     assert len([ln for ln in cpp_lines if ln.startswith("L ")]) > 100  # the cases did launch
     assert cpp_lines.count("ERROR") == 3 + len(manifest.DATA_TYPES)  # + act 3 per dtype
+    mma = [ln for ln in cpp_lines if "_mma_kernel" in ln]
+    assert (len(mma) > 20) if gemm is None else not mma
     diff = [(i, a, b) for i, (a, b) in enumerate(zip(cpp_lines, py)) if a != b]
     assert not diff and len(cpp_lines) == len(py), f"first differences (line, C++, Python): {diff[:5]}"

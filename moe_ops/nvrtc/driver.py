@@ -59,11 +59,12 @@ class Launcher:
     _smem_set: Dict[Tuple[int, str], int] = {}     # the dynamic smem limit raised so far
     _lock = threading.Lock()
 
-    def __init__(self, device_index: int, arch: str, stream: int, sm_count: int):
+    def __init__(self, device_index: int, arch: str, stream: int, sm_count: int, cc_major: int):
         self.device = device_index
         self.arch = arch
         self.stream = stream
         self.sm_count = sm_count  # sizes the persistent GEMM grids (launchers.persistent_blocks)
+        self.cc_major = cc_major  # tensor-core GEMM from sm_80 (launchers.mma_allowed)
 
     def _make_current(self, driver, runtime) -> None:
         # cudaSetDevice makes the device's primary context (torch's) current on this thread; it
@@ -111,6 +112,7 @@ class Recorder:
     against the manifest (instantiation known, arguments packable) like a real launch."""
 
     sm_count = None  # persistent grids take the emulator build's cap, as the C++ compiled without nvcc
+    cc_major = None  # and no device arch is asked (the emulator build's choice)
 
     def __init__(self):
         self.calls: List[tuple] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+from .. import envs
 from . import abi, manifest
 
 Launch = Callable[..., None]
@@ -23,6 +24,7 @@ GATHER_WARPS_PER_BLOCK = 8
 COMBINE_WARPS_PER_BLOCK = 4
 SCHED_THREADS = 1024                                       # grouped_gemm_schedule.cuh
 SIMT_BM, SIMT_BN, SIMT_THREADS = 64, 64, 256               # grouped_gemm_simt.cuh
+MMA_BM, MMA_BN, MMA_BK, MMA_THREADS, MMA_STAGES = 64, 64, 32, 128, 3  # grouped_gemm_mma.cuh
 ACT_NONE, ACT_SWIGLU, ACT_GEGLU = 0, 1, 2                  # grouped_gemm.cuh GemmAct
 ELEM_BYTES = manifest.ELEM_BYTES
 # csrc/cuda/launcher_api.h / arg_limits.h
@@ -291,9 +293,51 @@ def zero_outside_rows(launch: Launch, elem: str, offs: int, E: int, M: int, N: i
            c)
 
 
+def mma_smem_bytes(gated: bool) -> int:
+    """grouped_gemm_mma.cuh mma_smem_bytes."""
+    return MMA_STAGES * (MMA_BM * MMA_BK + (2 if gated else 1) * MMA_BN * MMA_BK) * 2
+
+
+def mma_allowed(launch: Launch, elem: str) -> bool:
+    """grouped_gemm_launch.h mma_allowed: bf16/fp16 on an sm_80+ device (``launch.cc_major``; not
+    asked where there is no device, as the emulator build), unless MOE_OPS_CUDA_GEMM=simt."""
+    if elem not in manifest.MMA_TYPES:
+        return False
+    if envs.get("MOE_OPS_CUDA_GEMM") == "simt":
+        return False
+    major = getattr(launch, "cc_major", None)
+    return major is None or major >= 8
+
+
+def use_mma_wgrad(launch: Launch, elem: str, a: int, dc: int, K: int, N: int) -> bool:
+    return mma_allowed(launch, elem) and K % 8 == 0 and N % 8 == 0 and a % 16 == 0 and dc % 16 == 0
+
+
+def use_mma(launch: Launch, elem: str, p: abi.GroupedGemmParams) -> bool:
+    """grouped_gemm_launch.h use_mma."""
+    if not mma_allowed(launch, elem):
+        return False
+    b_kmajor = p.b_sn == 1
+    if b_kmajor and p.act != ACT_NONE:
+        return False
+    b_row = p.b_sk if b_kmajor else p.b_sn
+    return (p.K % 8 == 0 and p.lda % 8 == 0 and b_row % 8 == 0 and p.b_expert % 8 == 0 and (not b_kmajor or p.N % 8 == 0)
+            and (b_kmajor or p.b_sk == 1) and (p.a or 0) % 16 == 0 and (p.b or 0) % 16 == 0)
+
+
 def run_grouped_gemm(launch: Launch, elem: str, p: abi.GroupedGemmParams) -> None:
-    """grouped_gemm_launch.h run_grouped_gemm (gated when p.act != 0)."""
+    """grouped_gemm_launch.h run_grouped_gemm (gated when p.act != 0): tensor cores when
+    :func:`use_mma`, else CUDA cores."""
     tiles_bound = cdiv(p.M, SIMT_BM) + (p.E if p.E < p.M else p.M)
+    gated = p.act != ACT_NONE
+    if use_mma(launch, elem, p):
+        grid = (persistent_blocks(launch, tiles_bound * cdiv(p.N, MMA_BN)), 1, 1)
+        if p.b_sn == 1:  # k-major B: the grouped_gemm op (trans_b=False), never gated
+            name = f"grouped_gemm_mma_kernel<{elem}, false, true>"
+        else:
+            name = f"grouped_gemm_mma_kernel<{elem}, {'true' if gated else 'false'}, false>"
+        launch(name, grid, (MMA_THREADS, 1, 1), mma_smem_bytes(gated), p)
+        return
     items = tiles_bound * cdiv(p.N, SIMT_BN)
     gated = "true" if p.act != ACT_NONE else "false"
     launch(f"grouped_gemm_simt_kernel<{elem}, {gated}>", (persistent_blocks(launch, items), 1, 1),
@@ -323,6 +367,11 @@ def grouped_gemm_wgrad(launch: Launch, a: int, dc: int, elem: str, M: int, K: in
     if E == 0 or K == 0 or N == 0:
         return
     offs, _ = build_gemm_schedule(launch, offsets, E, M, workspace)
+    if use_mma_wgrad(launch, elem, a, dc, K, N):
+        items = E * cdiv(K, MMA_BM) * cdiv(N, MMA_BN)
+        launch(f"grouped_gemm_wgrad_mma_kernel<{elem}>", (persistent_blocks(launch, items), 1, 1),
+               (MMA_THREADS, 1, 1), mma_smem_bytes(False), a, dc, offs, E, K, N, db)
+        return
     items = E * cdiv(K, SIMT_BM) * cdiv(N, SIMT_BN)
     launch(f"grouped_gemm_wgrad_kernel<{elem}>", (persistent_blocks(launch, items), 1, 1), (SIMT_THREADS, 1, 1), 0,
            a, dc, offs, E, K, N, db)

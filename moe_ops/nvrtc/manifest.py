@@ -15,6 +15,7 @@ NAMESPACE = "moe_ops::kern::"
 # kernel element types: the router's (no float64, DESIGN.md) and the data movement's
 GATING_TYPES = ("float", "__half", "__nv_bfloat16")
 DATA_TYPES = ("float", "__half", "__nv_bfloat16", "double")
+MMA_TYPES = ("__half", "__nv_bfloat16")  # the tensor-core GEMM's operand types
 ELEM_BYTES = {"float": 4, "__half": 2, "__nv_bfloat16": 2, "double": 8}
 # gather words, widest first (row_gather_launch.h): 16/8/4/2/1 bytes
 GATHER_WORDS = ("uint4", "uint2", "unsigned int", "unsigned short", "unsigned char")
@@ -40,8 +41,12 @@ KERNELS: Dict[str, List[str]] = {
     "grouped_gemm_schedule.cuh": ["gemm_schedule_kernel"] + [f"zero_outside_rows_kernel<{t}>" for t in DATA_TYPES],
     "grouped_gemm_simt.cuh": [f"grouped_gemm_simt_kernel<{t}, {g}>" for t in DATA_TYPES for g in ("false", "true")]
     + [f"grouped_gemm_wgrad_kernel<{t}>" for t in DATA_TYPES],
-    # A new kernel header (the tensor-core grouped_gemm_mma.cuh) adds its instantiations here and
-    # their SIGNATURES below; its Python launcher goes in launchers.py (mirroring csrc/cuda).
+    # tensor cores, bf16/fp16 only: <T, GATED, B_KMAJOR> as grouped_gemm_launch.h instantiates them
+    "grouped_gemm_mma.cuh": [f"grouped_gemm_mma_kernel<{t}, {g}, {km}>" for t in MMA_TYPES
+                             for g, km in (("false", "true"), ("true", "false"), ("false", "false"))]
+    + [f"grouped_gemm_wgrad_mma_kernel<{t}>" for t in MMA_TYPES],
+    # A new kernel header adds its instantiations here and their SIGNATURES below; its Python
+    # launcher goes in launchers.py (mirroring csrc/cuda).
 }
 
 # Parameter types per kernel (base name): "i32" int, "i64" long long, "f32" float, "ptr" any
@@ -60,6 +65,8 @@ SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "zero_outside_rows_kernel": ("ptr", "i32", "i64", "i64", "ptr"),
     "grouped_gemm_simt_kernel": ("GroupedGemmParams",),
     "grouped_gemm_wgrad_kernel": ("ptr", "ptr", "ptr", "i32", "i64", "i64", "ptr"),
+    "grouped_gemm_mma_kernel": ("GroupedGemmParams",),
+    "grouped_gemm_wgrad_mma_kernel": ("ptr", "ptr", "ptr", "i32", "i64", "i64", "ptr"),
 }
 
 

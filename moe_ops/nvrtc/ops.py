@@ -42,8 +42,9 @@ def _arch(device: torch.device) -> str:
 def _gpu_launcher(t: torch.Tensor):
     from .driver import Launcher
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
     return Launcher(index, _arch(t.device), torch.cuda.current_stream(t.device).cuda_stream,
-                    torch.cuda.get_device_properties(index).multi_processor_count)
+                    props.multi_processor_count, props.major)
 
 
 # The launch callable for the tensors' device (tests swap in a recorder).
