@@ -7,6 +7,7 @@ Pipeline: router (:func:`topk_gating`) -> dispatch (:func:`permute` / :func:`cap
 """
 from .backend import available_backends, load_errors
 from .layer import MoE, MoEAux
+from .quant import dequantize_experts, quantize_experts
 from .ops import (
     DispatchResult,
     PackedExperts,
@@ -46,5 +47,6 @@ def build_info() -> dict:
 __all__ = [
     "MoE", "MoEAux", "available_backends", "build_info", "capacity_combine", "capacity_dispatch", "expert_capacity",
     "grouped_gemm", "grouped_gemm_wgrad", "load_errors", "moe_forward", "permute", "to_local_ids", "topk_gating",
-    "unpermute", "PermuteResult", "DispatchResult", "PackedExperts", "pack_experts",
+    "unpermute", "PermuteResult", "DispatchResult", "PackedExperts", "pack_experts", "dequantize_experts",
+    "quantize_experts",
 ]

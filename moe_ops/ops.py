@@ -618,13 +618,33 @@ def cuda_fused_moe(name: str, fused_experts):
     return fused
 
 
+def _dequantized_weights(x, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size):
+    """moe_forward's quantized weights, checked, as float32 tensors (the fallback of every
+    backend until quantized kernels exist)."""
+    from . import quant
+    if weight_format is None or gu_scale is None or d_scale is None:
+        raise ValueError("moe_ops: quantized weights need weight_format, w_gate_up_scale and w_down_scale together")
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    for name, w, s in (("w_gate_up", w_gate_up, gu_scale), ("w_down", w_down, d_scale)):
+        if not isinstance(w, torch.Tensor) or w.dim() != (4 if weight_format == "mxfp4" else 3):
+            raise ValueError(f"moe_ops: quantized {name} must be the [E, ...] {weight_format} tensor, "
+                             f"got {getattr(w, 'shape', type(w))}")
+        quant.check_quantized(w, s, weight_format, block_size)
+    with torch.no_grad():
+        return (quant.dequantize_experts(w_gate_up, gu_scale, weight_format, block_size=block_size),
+                quant.dequantize_experts(w_down, d_scale, weight_format, block_size=block_size))
+
+
 @profiled
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
                 correction_bias: Optional[torch.Tensor] = None, scaling_factor: float = 1.0,
                 capacity_factor: Optional[float] = None, min_capacity: int = 0, priority: str = "kmajor",
-                backend: Optional[str] = None, packed: Optional[PackedExperts] = None) -> torch.Tensor:
+                backend: Optional[str] = None, packed: Optional[PackedExperts] = None,
+                weight_format: Optional[str] = None, w_gate_up_scale: Optional[torch.Tensor] = None,
+                w_down_scale: Optional[torch.Tensor] = None,
+                block_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """A whole MoE layer: router -> dispatch -> experts -> combine.
 
     ``x[T, H]``, ``router_logits[T, E]``, ``w_gate_up[E, 2I, H]`` (rows ``[gate; up]``),
@@ -636,7 +656,23 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     ``packed`` (:func:`pack_experts` of these weights): the ``cpu`` backend's dropless path runs
     its panel GEMM on them when no gradient is needed (otherwise, and on other backends, the
     weights are used as usual). Results agree with the unpacked path to rounding, not bitwise.
+    ``weight_format`` (``fp8_e4m3``, ``mxfp4``, ``int8``; :mod:`moe_ops.quant`): the two weights
+    are quantized checkpoint tensors with scales ``w_gate_up_scale`` / ``w_down_scale`` (and fp8's
+    ``block_size``); the output is in ``x``'s dtype. No backend has a quantized expert kernel yet:
+    the weights are dequantized to float32 on every call (a float32 copy of both, freed after the
+    call) and the layer runs in float32 (``x`` upcast), i.e. the oracle's own computation.
     """
+    if weight_format is not None or w_gate_up_scale is not None or w_down_scale is not None:
+        w_gate_up, w_down = _dequantized_weights(x, w_gate_up, w_down, weight_format, w_gate_up_scale,
+                                                 w_down_scale, block_size)
+        out = moe_forward(x.to(torch.float32), router_logits, w_gate_up, w_down, k, activation=activation,
+                          scoring=scoring, renormalize=renormalize, n_group=n_group, topk_group=topk_group,
+                          correction_bias=correction_bias, scaling_factor=scaling_factor,
+                          capacity_factor=capacity_factor, min_capacity=min_capacity, priority=priority,
+                          backend=backend)
+        return out.to(x.dtype)
+    if block_size is not None:
+        raise ValueError("moe_ops: block_size is for quantized weights (weight_format='fp8_e4m3')")
     _check_tensor("x", x, FLOAT_DTYPES, 2)
     _check_tensor("router_logits", router_logits, FLOAT_DTYPES, 2)
     _check_tensor("w_gate_up", w_gate_up, FLOAT_DTYPES, 3)

@@ -256,3 +256,53 @@ def grouped_gemm_wgrad(a: Tensor, dc: Tensor, expert_offsets: Tensor, num_expert
     if not out:
         return a.new_zeros(0, a.shape[1], dc.shape[1])
     return torch.stack(out).to(a.dtype)
+
+
+# --------------------------------------------------------------------------- quantized weights
+# The oracle of the weight-only formats (issue 17). Each returns float32 [..., N, K] from the
+# checkpoint's own tensors; DESIGN.md "Quantized experts" has the layouts.
+
+# OCP MX e2m1: sign bit 3, then the eight magnitudes of exponent/mantissa 00.0 .. 11.1.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_fp8_block(q: Tensor, scale_inv: Tensor, block_n: int, block_k: int) -> Tensor:
+    """``q[..., N, K]`` float8_e4m3fn times ``scale_inv[..., ceil(N/bn), ceil(K/bk)]`` per block
+    (DeepSeek-V3 / Qwen3-FP8 ``weight_scale_inv``; edge blocks partial). fp8 NaN stays NaN."""
+    N, K = q.shape[-2:]
+    s = scale_inv.to(torch.float32).repeat_interleave(block_n, dim=-2)[..., :N, :]
+    s = s.repeat_interleave(block_k, dim=-1)[..., :K]
+    return q.to(torch.float32) * s
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
+    """GPT-OSS MXFP4: ``blocks[..., N, K/32, 16]`` uint8 (two e2m1 codes a byte, low nibble
+    first), ``scales[..., N, K/32]`` uint8 e8m0 -> ``[..., N, K]`` = value * 2^(scale - 127), as
+    ``torch.ldexp`` computes it in float32, which is what transformers' ``convert_moe_packed_tensors``
+    does: e8m0 255 is 2^128 (0.5 -> 2^127, larger codes overflow to +-inf, zeros stay 0; the OCP MX
+    spec calls 255 NaN), 0 is 2^-127 (a float32 subnormal)."""
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.int64)
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)  # [..., N, K/32, 32], low nibble first
+    vals = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return vals.flatten(-2)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """``q[..., N, K]`` int8 times ``scale[..., N]`` (or ``[..., N, 1]``) per output channel."""
+    s = scale.to(torch.float32)
+    if s.dim() == q.dim():
+        s = s.squeeze(-1)
+    return q.to(torch.float32) * s.unsqueeze(-1)
+
+
+def dequantize_experts(weight: Tensor, scale: Tensor, fmt: str, block_size: Tuple[int, int] = (128, 128)) -> Tensor:
+    """float32 experts from one of the formats: ``fp8_e4m3`` (block-scaled), ``mxfp4`` (weight =
+    the blocks, scale = the e8m0 scales), ``int8`` (per output channel)."""
+    if fmt == "fp8_e4m3":
+        return dequantize_fp8_block(weight, scale, block_size[0], block_size[1])
+    if fmt == "mxfp4":
+        return dequantize_mxfp4(weight, scale)
+    if fmt == "int8":
+        return dequantize_int8(weight, scale)
+    raise ValueError(f"unknown weight format {fmt!r}")

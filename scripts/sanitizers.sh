@@ -4,13 +4,14 @@
 #   1. builds _C_sim twice with the top-level CMake (emulator library only):
 #        build-asan/  -DMOE_OPS_SANITIZER=address  (ASan + UBSan)
 #        build-tsan/  -DMOE_OPS_SANITIZER=thread   (TSan)
-#   2. in each, runs the emulator's own tests and the cuda_sim op tests (tests/test_<op family>.py
-#      -k cuda_sim) with the sanitizer runtime LD_PRELOADed into python and
+#   2. in each, runs the emulator's own tests, the cuda_sim op tests (tests/test_<op family>.py
+#      -k cuda_sim), the CUDA kernels' edge cases and the grouped GEMM / fused stage cases
+#      (tests/test_cuda_{kernels,grouped_gemm}.py) with the sanitizer runtime LD_PRELOADed into python and
 #      MOE_OPS_SIM_LIB pointing at that build;
 #   3. runs tests/test_sanitizers.py: the planted-bug kernels must be reported (a missing
 #      __syncthreads by TSan, out-of-bounds writes by ASan).
 # Exits non-zero on any failure. Knobs: PY (python), MAX_JOBS, SANITIZERS ("address thread"),
-# SAN_OPS_K / SAN_EMU_K (the -k selections of the op tests tests/test_<op stem>.py / test_sim_emulator.py), SAN_PYTEST_ARGS (extra pytest args, e.g.
+# SAN_OPS_K / SAN_EMU_K / SAN_GEMM_K (the -k selections of the op tests tests/test_<op stem>.py / test_sim_emulator.py), SAN_PYTEST_ARGS (extra pytest args, e.g.
 # "-x"), SKIP_BUILD=1 (reuse the builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ SANITIZERS=${SANITIZERS:-"address thread"}
 SAN_OPS_K=${SAN_OPS_K:-"cuda_sim"}
 # the per-op backend matrix (tests/op_matrix.py), one file per op family
 OP_TESTS="tests/test_topk_gating.py tests/test_permute.py tests/test_capacity.py tests/test_grouped_gemm.py"
+# The CUDA GEMM's own cases minus the float32/float64 CUDA-core runs the op matrix already covers.
+SAN_GEMM_K=${SAN_GEMM_K:-"not (kernels and (float32 or float64))"}
 # The emulator self-tests minus the 1024-thread blocks (the slowest to emulate under TSan).
 SAN_EMU_K=${SAN_EMU_K:-"not 1024 and not 4096"}
 read -r -a EXTRA <<<"${SAN_PYTEST_ARGS:-}"
@@ -104,6 +107,11 @@ for san in $SANITIZERS; do
   if [ -f tests/test_cuda_kernels.py ]; then
     log "$san: CUDA kernel edge cases (tests/test_cuda_kernels.py)"
     run_under "$san" tests/test_cuda_kernels.py || status=1
+  fi
+  if [ -f tests/test_cuda_grouped_gemm.py ]; then
+    # both GEMM kernels (tensor cores: cp.async ring, ldmatrix, mma) and the fused expert stage
+    log "$san: CUDA grouped GEMM and fused stage (tests/test_cuda_grouped_gemm.py -k \"$SAN_GEMM_K\")"
+    run_under "$san" tests/test_cuda_grouped_gemm.py -k "$SAN_GEMM_K" || status=1
   fi
 done
 

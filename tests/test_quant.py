@@ -1,0 +1,169 @@
+"""Quantized expert formats (issue 17): the reference dequantizers (the oracle of every
+quantized kernel), the quantizers, and their argument errors.
+
+mxfp4 is checked bit for bit against transformers' ``convert_moe_packed_tensors`` on every byte
+(both nibbles) and every e8m0 scale value, 0/127/254/255 included; fp8 block scales against a
+block-by-block float64 loop written here, with partial edge blocks and fp8 NaN codes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import quant
+from tests.inputs import make_x
+
+
+def _same(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    assert bool(same.all()), f"{int((~same).sum())} of {a.numel()} differ; first {(~same).nonzero()[:3].tolist()}"
+
+
+def test_mxfp4_bit_exact_with_transformers_on_every_code_and_scale():
+    mx = pytest.importorskip("transformers.integrations.mxfp4")
+    E, N, G = 2, 256, 4
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.arange(E * N * G * 16, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(E, N, G, 16)
+    blocks = blocks[:, torch.randperm(N, generator=g)]           # every byte value, shuffled rows
+    scales = torch.arange(E * N * G, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(E, N, G)
+    ours = moe_ops.dequantize_experts(blocks, scales, "mxfp4")
+    theirs = mx.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
+    assert ours.dtype == torch.float32 and ours.shape == (E, N, G * 32)
+    _same(ours, theirs)
+    # the edges of e8m0 spelled out: 127 = 2^0, 254 = 2^127, 0 = 2^-127 (a float32 subnormal)
+    byte = torch.tensor([0x21, 0x80, 0xF7, 0x08], dtype=torch.uint8)  # codes lo/hi: (1,2) (0,8) (7,15) (8,0)
+    for s, want in ((127, [0.5, 1.0, 0.0, -0.0, 6.0, -6.0, -0.0, 0.0]),
+                    (254, [2.0 ** 126, 2.0 ** 126 * 2, 0.0, -0.0, 6 * 2.0 ** 127, -6 * 2.0 ** 127, -0.0, 0.0]),
+                    (0, [0.5 * 2.0 ** -127, 2.0 ** -127, 0.0, -0.0, 6 * 2.0 ** -127, -6 * 2.0 ** -127, -0.0, 0.0])):
+        b = byte.repeat(4).reshape(1, 1, 16)
+        got = moe_ops.dequantize_experts(b, torch.tensor([[s]], dtype=torch.uint8), "mxfp4")[0, :8]
+        _same(got, torch.tensor(want, dtype=torch.float32))
+        assert torch.equal(torch.signbit(got), torch.signbit(torch.tensor(want)))
+    inf = moe_ops.dequantize_experts(byte.repeat(4).reshape(1, 1, 16), torch.tensor([[255]], dtype=torch.uint8), "mxfp4")[0, :8]
+    # e8m0 255 = 2^128, torch.ldexp's (and transformers') reading, not the OCP MX NaN
+    assert inf[0] == 2.0 ** 127 and torch.isinf(inf[[1, 4, 5]]).all() and (inf[[2, 3, 6, 7]] == 0).all()
+
+
+@pytest.mark.parametrize("N,K,block", [(130, 200, (128, 128)), (7, 2880, (128, 128)), (9, 10, (4, 3))])
+def test_fp8_block_scales_with_partial_blocks(N, K, block):
+    E = 2
+    w = make_x(E * N, K, seed=N + K).reshape(E, N, K)
+    q, s = moe_ops.quantize_experts(w, "fp8_e4m3", block_size=block)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (E, -(-N // block[0]), -(-K // block[1]))
+    q = q.clone()
+    q.view(torch.uint8)[0, 0, :3] = torch.tensor([0x7F, 0xFF, 0x7E], dtype=torch.uint8)  # NaN, -NaN, 448
+    got = moe_ops.dequantize_experts(q, s, "fp8_e4m3", block_size=block)
+    want = torch.empty(E, N, K, dtype=torch.float64)
+    for e in range(E):
+        for i in range(0, N, block[0]):
+            for j in range(0, K, block[1]):
+                want[e, i:i + block[0], j:j + block[1]] = q[e, i:i + block[0], j:j + block[1]].double() \
+                    * s[e, i // block[0], j // block[1]].double()
+    _same(got, want.float())
+    assert torch.isnan(got[0, 0, :2]).all() and got[0, 0, 2] == 448 * s[0, 0, 0]
+    # round trip: e4m3 keeps 3 mantissa bits (2^-4 relative), below 2^-6 its subnormal spacing is
+    # 2^-9 (times the block's scale)
+    q2, s2 = moe_ops.quantize_experts(w, "fp8_e4m3", block_size=block)
+    w2 = moe_ops.dequantize_experts(q2, s2, "fp8_e4m3", block_size=block)
+    full = s2.repeat_interleave(block[0], 1)[:, :N].repeat_interleave(block[1], 2)[:, :, :K]
+    assert ((w2 - w).abs() <= w.abs() * 2 ** -4 + full * 2 ** -10 + 1e-7).all()
+
+
+@pytest.mark.parametrize("scale_3d", [False, True])
+def test_int8_per_row(scale_3d):
+    E, N, K = 3, 5, 33
+    w = make_x(E * N, K, seed=3).reshape(E, N, K)
+    q, s = moe_ops.quantize_experts(w, "int8")
+    assert q.dtype == torch.int8 and s.shape == (E, N)
+    got = moe_ops.dequantize_experts(q, s.unsqueeze(-1) if scale_3d else s, "int8")
+    _same(got, q.float() * s.unsqueeze(-1))
+    assert ((got - w).abs() <= w.abs().amax(-1, keepdim=True) / 254 + 1e-7).all()
+
+
+def test_mxfp4_quantizer_round_trips_representable_values():
+    """Values that are e2m1 codes times a power of two come back exactly; others to within half
+    the code spacing (1/8 of the group's amax at worst, the 4..6 step)."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (2, 3, 64), generator=g)
+    exps = torch.randint(-10, 10, (2, 3, 2), generator=g).repeat_interleave(32, -1)
+    vals = torch.tensor(quant.R.E2M1_VALUES)[codes] * torch.exp2(exps.float())
+    vals[..., ::32] = 6 * torch.exp2(exps[..., ::32].float())  # each group holds its top code
+    blocks, scales = moe_ops.quantize_experts(vals, "mxfp4")
+    assert blocks.shape == (2, 3, 2, 16) and scales.shape == (2, 3, 2)
+    _same(moe_ops.dequantize_experts(blocks, scales, "mxfp4"), vals)
+    w = make_x(4, 96, seed=5)
+    back = moe_ops.dequantize_experts(*moe_ops.quantize_experts(w, "mxfp4"), "mxfp4")
+    amax = w.unflatten(-1, (3, 32)).abs().amax(-1).repeat_interleave(32, -1)
+    assert ((back - w).abs() <= amax / 4 + 1e-7).all()
+
+
+def test_one_expert_2d_forms():
+    w = make_x(6, 64, seed=9)
+    for fmt, kw in (("fp8_e4m3", {"block_size": (4, 32)}), ("int8", {}), ("mxfp4", {})):
+        q, s = moe_ops.quantize_experts(w, fmt, **kw)
+        full = moe_ops.dequantize_experts(q.unsqueeze(0), s.unsqueeze(0), fmt, **kw)[0]
+        _same(moe_ops.dequantize_experts(q, s, fmt, **kw), full)
+
+
+def test_bad_arguments_raise_before_anything_runs():
+    w = make_x(8, 64, seed=2).reshape(1, 8, 64)
+    q8, s8 = moe_ops.quantize_experts(w, "fp8_e4m3")
+    with pytest.raises(ValueError, match="format"):
+        moe_ops.dequantize_experts(q8, s8, "nf4")
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        moe_ops.dequantize_experts(q8.view(torch.uint8), s8, "fp8_e4m3")
+    with pytest.raises(ValueError, match="scale_inv of shape"):
+        moe_ops.dequantize_experts(q8, s8, "fp8_e4m3", block_size=(4, 4))
+    with pytest.raises(ValueError, match="block_size"):
+        moe_ops.dequantize_experts(q8, s8, "fp8_e4m3", block_size=(0, 4))
+    qi, si = moe_ops.quantize_experts(w, "int8")
+    with pytest.raises(ValueError, match="per-row scale"):
+        moe_ops.dequantize_experts(qi, si[..., :4], "int8")
+    with pytest.raises(ValueError, match="fp8_e4m3 only"):
+        moe_ops.dequantize_experts(qi, si, "int8", block_size=(128, 128))
+    b, s = moe_ops.quantize_experts(w, "mxfp4")
+    with pytest.raises(ValueError, match="scales must be"):
+        moe_ops.dequantize_experts(b, s[..., :1], "mxfp4")
+    with pytest.raises(TypeError, match="uint8"):
+        moe_ops.dequantize_experts(b.to(torch.int32), s, "mxfp4")
+    with pytest.raises(ValueError, match="divisible by 32"):
+        moe_ops.quantize_experts(make_x(2, 40, seed=1), "mxfp4")
+
+
+def _rel_rms(got, ref):
+    return float((got.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("fmt,kw", [("fp8_e4m3", {"block_size": (16, 32)}), ("mxfp4", {}), ("int8", {})])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_moe_forward_with_quantized_weights(fmt, kw, dtype):
+    """The layer on quantized weights vs dequantize-then-reference in float32: scale-invariant
+    error (RMS of the difference / RMS of the reference) <= 5e-3 for bf16 activations."""
+    from tests.inputs import make_layer
+    T, H, I, E, k = 11, 64, 32, 6, 2
+    x, logits, w1, w2 = make_layer(T, H, I, E, seed=21, dtype=torch.float32)
+    q1, s1 = moe_ops.quantize_experts(w1, fmt, **kw)
+    q2, s2 = moe_ops.quantize_experts(w2, fmt, **kw)
+    ref = moe_ops.moe_forward(x, logits, moe_ops.dequantize_experts(q1, s1, fmt, **kw),
+                              moe_ops.dequantize_experts(q2, s2, fmt, **kw), k, backend="reference")
+    got = moe_ops.moe_forward(x.to(dtype), logits, q1, q2, k, weight_format=fmt, w_gate_up_scale=s1,
+                              w_down_scale=s2, **kw)
+    assert got.dtype == dtype and got.shape == (T, H)
+    assert _rel_rms(got, ref) <= (5e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_moe_forward_quantized_argument_errors():
+    from tests.inputs import make_layer
+    x, logits, w1, w2 = make_layer(3, 32, 32, 2, seed=1)
+    q1, s1 = moe_ops.quantize_experts(w1, "int8")
+    q2, s2 = moe_ops.quantize_experts(w2, "int8")
+    with pytest.raises(ValueError, match="together"):
+        moe_ops.moe_forward(x, logits, q1, q2, 1, weight_format="int8", w_gate_up_scale=s1)
+    with pytest.raises(ValueError, match="per-row scale"):
+        moe_ops.moe_forward(x, logits, q1, q2, 1, weight_format="int8", w_gate_up_scale=s2, w_down_scale=s2)
+    with pytest.raises(ValueError, match="block_size"):
+        moe_ops.moe_forward(x, logits, w1, w2, 1, block_size=(128, 128))
+    with pytest.raises(TypeError, match="float8"):
+        moe_ops.moe_forward(x, logits, q1, q2, 1, weight_format="fp8_e4m3", w_gate_up_scale=s1, w_down_scale=s2)
