@@ -21,6 +21,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -160,6 +161,19 @@ class CMakeBuild(build_ext):
         subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs])
 
 
+class BuildPyWithKernels(build_py):
+    """Installs a copy of the CUDA kernel headers (csrc/kernels/*.cuh) as moe_ops/nvrtc/kernels/,
+    where the NVRTC path (moe_ops/nvrtc/sources.py) finds them in a non-editable install; a
+    source checkout (editable install) reads csrc/kernels directly."""
+
+    def run(self):
+        super().run()
+        dst = Path(self.build_lib) / "moe_ops" / "nvrtc" / "kernels"
+        dst.mkdir(parents=True, exist_ok=True)
+        for header in sorted((ROOT / "csrc" / "kernels").glob("*.cuh")):
+            shutil.copy2(header, dst / header.name)
+
+
 setup(
     name="moe-ops",
     version=VERSION,
@@ -172,7 +186,7 @@ setup(
     package_data={"moe_ops": ["auto_backend.json"], "moe_ops.triton_kernels": ["configs/*.json"]},
     ext_modules=[CMakeExtension("moe_ops._C")]
     + ([CMakeExtension("moe_ops._C_sim", optional=True)] if envs.get("MOE_OPS_SIM") != "0" else []),
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernels},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     extras_require={"test": ["pytest", "pytest-timeout", "transformers>=5"], "bench": ["matplotlib", "pytest-benchmark"]},
