@@ -53,6 +53,12 @@ inline constexpr const char* kNativeOnlySchemas[] = {
     // [E, ceil(H/16), ceil(I/2), 16, 2]; "auto": vnni for bf16 where the CPU has AVX512-BF16,
     // else panel16. Same dtype, zero padding.
     "pack_experts(Tensor w_gate_up, Tensor w_down, str layout=\"panel16\") -> (Tensor, Tensor)",
+    // fused_experts with weight-only quantized experts as checkpoints store them (moe_ops/quant.py;
+    // csrc/cpu/fused_moe_quant.cpp): format fp8_e4m3 (scale_inv [E, ceil(N/block_n),
+    // ceil(K/block_k)]), mxfp4 (uint8 blocks [E, N, K/32, 16] + e8m0 scales [E, N, K/32]) or int8
+    // (scale [E, N]); x bf16.
+    "fused_experts_quantized(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up, Tensor w_gate_up_scale, "
+    "Tensor w_down, Tensor w_down_scale, str format, int block_n, int block_k, str activation) -> Tensor",
     // fused_experts on packed weights (the broadcast-form GEMM that reaches the FMA peak).
     "fused_experts_packed(Tensor x, Tensor ids, Tensor? weights, Tensor w_gate_up_packed, "
     "Tensor w_down_packed, str activation) -> Tensor",

@@ -23,7 +23,7 @@ def _schema_names():
 
 
 CONTRACT = _schema_names()
-NATIVE_ONLY = {"fused_experts", "fused_experts_packed", "pack_experts"}
+NATIVE_ONLY = {"fused_experts", "fused_experts_packed", "fused_experts_quantized", "pack_experts"}
 
 
 def test_backend_switch_lists_the_schemas():

@@ -137,6 +137,18 @@ def samples(op, dtype=torch.float32):
             (_x(7, 8, dtype=dtype), _ids(7, 2, 4), None, pgu, pd, "geglu"),
             (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, pgu, pd, "swiglu"),
         ]
+    if op == "fused_experts_quantized":  # bf16 activations whatever dtype is asked
+        x = _x(7, 64, dtype=torch.bfloat16)
+        w1, w2 = _x(3, 2 * 32, 64, seed=2) * 0.3, _x(3, 64, 32, seed=3) * 0.3
+        out = []
+        # (fp8 weights: opcheck's schema check compares tensors with ops float8 lacks on CPU;
+        # the op's fp8 path is tested in tests/test_quant.py)
+        for fmt, bn, bk in (("int8", 0, 0), ("mxfp4", 0, 0)):
+            kw = {"block_size": (bn, bk)} if fmt == "fp8_e4m3" else {}
+            q1, s1 = moe_ops.quantize_experts(w1, fmt, **kw)
+            q2, s2 = moe_ops.quantize_experts(w2, fmt, **kw)
+            out.append((x, _ids(7, 2, 3, invalid=True), _x(7, 2, seed=1), q1, s1, q2, s2, fmt, bn, bk, "swiglu"))
+        return out
     if op == "fused_moe":
         wgu, wd = _x(8, 6, 8, dtype=dtype, seed=2) * 0.3, _x(8, 8, 3, dtype=dtype, seed=3) * 0.3
         bias = torch.randn(8, generator=_g(4)).to(dtype) * 0.1

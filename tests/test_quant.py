@@ -167,3 +167,124 @@ def test_moe_forward_quantized_argument_errors():
         moe_ops.moe_forward(x, logits, w1, w2, 1, block_size=(128, 128))
     with pytest.raises(TypeError, match="float8"):
         moe_ops.moe_forward(x, logits, q1, q2, 1, weight_format="fp8_e4m3", w_gate_up_scale=s1, w_down_scale=s2)
+
+
+# ----------------------------------------------------------------- the CPU quantized expert op
+
+def _quant_op_ready():
+    info = moe_ops.build_info()
+    return bool(info.get("cpu", {}).get("avx512_kernels")) and hasattr(torch.ops.moe_ops, "fused_experts_quantized")
+
+
+needs_quant_op = pytest.mark.skipif(not _quant_op_ready(), reason="no AVX512-BF16 kernels here (the op needs them; "
+                                    "tests/test_quant.py::test_quantized_op_emulated runs it emulated)")
+QUANT_CASES = [  # (T, H, I, E, k, format, block)
+    (11, 64, 32, 6, 2, "int8", (0, 0)),
+    (37, 256, 160, 8, 2, "fp8_e4m3", (128, 128)),   # I = 160: partial k block in GEMM2, partial n block
+    (9, 96, 48, 4, 3, "fp8_e4m3", (16, 32)),        # small blocks: several k splits, odd k count
+    (1, 96, 64, 4, 1, "mxfp4", (0, 0)),
+    (300, 64, 96, 3, 2, "mxfp4", (0, 0)),          # > 256 rows an expert: tiles share a block
+]
+
+
+def _quant_inputs(T, H, I, E, k, fmt, block, seed):
+    from tests.inputs import make_ids, make_layer
+    x, logits, w1, w2 = make_layer(T, H, I, E, seed=seed)
+    kw = {"block_size": block} if fmt == "fp8_e4m3" else {}
+    q1, s1 = moe_ops.quantize_experts(w1, fmt, **kw)
+    q2, s2 = moe_ops.quantize_experts(w2, fmt, **kw)
+    ids = make_ids(T, k, E, seed=seed + 1, mode="uniform", invalid=0.1)
+    w = make_x(T, k, seed=seed + 2).abs()
+    return x.bfloat16(), ids, w, (q1, s1, q2, s2), kw
+
+
+@needs_quant_op
+@pytest.mark.parametrize("case", QUANT_CASES, ids=lambda c: f"{c[5]}-T{c[0]}-H{c[1]}-I{c[2]}")
+def test_quantized_op_matches_dequantized_reference(case):
+    """fused_experts_quantized vs the reference expert stage on the dequantized weights (float64
+    oracle, bf16 run as the dtype's own error), sentinel ids dropped; mxfp4's dequantized weights
+    are bf16 values, so there it must equal the bf16 fused_experts on them bit for bit."""
+    from tests.compare import assert_bitwise_equal, assert_close_to_reference
+    T, H, I, E, k, fmt, block = case
+    x, ids, w, (q1, s1, q2, s2), kw = _quant_inputs(*case, seed=T + H)
+    op = torch.ops.moe_ops.fused_experts_quantized
+    got = op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu")
+    d1, d2 = moe_ops.dequantize_experts(q1, s1, fmt, **kw), moe_ops.dequantize_experts(q2, s2, fmt, **kw)
+    ref = dict(allow_invalid_ids=True, backend="reference")
+    lowp = moe_ops.ops.experts_forward(x, w, ids, d1.bfloat16(), d2.bfloat16(), **ref)
+    hi = moe_ops.ops.experts_forward(x.double(), w.double(), ids, d1.double(), d2.double(), **ref)
+    assert_close_to_reference(got, lowp, hi, name=f"fused_experts_quantized {fmt}")
+    assert _rel_rms(got, hi) <= 6e-3  # the bf16 layer's own error is ~5e-3 (x, h, y rounded)
+    assert_bitwise_equal(got, op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu"), "determinism")
+    if fmt == "mxfp4":
+        assert_bitwise_equal(got, torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "swiglu"),
+                             "mxfp4 = bf16 experts on the exact dequantized weights")
+
+
+@needs_quant_op
+def test_quantized_op_special_values():
+    """mxfp4 e8m0 0/127/254 and fp8 NaN codes flow through like the dequantized reference: the
+    mxfp4 output equals the bf16 op on the dequantized weights bit for bit (NaN where it has NaN)."""
+    T, H, I, E, k = 5, 64, 32, 2, 2
+    x, ids, w, (q1, s1, q2, s2), _ = _quant_inputs(T, H, I, E, k, "mxfp4", (0, 0), seed=4)
+    s1 = s1.clone()
+    s1[0, :, 0] = 0
+    s1[0, 3, 1] = 254
+    s1[1, :, 1] = 127
+    d1, d2 = moe_ops.dequantize_experts(q1, s1, "mxfp4"), moe_ops.dequantize_experts(q2, s2, "mxfp4")
+    got = torch.ops.moe_ops.fused_experts_quantized(x, ids, w, q1, s1, q2, s2, "mxfp4", 0, 0, "geglu")
+    want = torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "geglu")
+    _same(got.float(), want.float())
+    xq, ids8, w8, (f1, g1, f2, g2), _ = _quant_inputs(T, H, I, E, k, "fp8_e4m3", (32, 32), seed=5)
+    f1, ids8 = f1.clone(), ids8.clone()
+    ids8[0], ids8[1:] = 0, 1                                          # token 0 on expert 0 only
+    f1.view(torch.uint8)[0, :, 0] = 0x7F                              # NaN in every gate/up row of expert 0
+    out = torch.ops.moe_ops.fused_experts_quantized(xq, ids8, w8, f1, g1, f2, g2, "fp8_e4m3", 32, 32, "swiglu")
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1:]).all()
+
+
+@needs_quant_op
+def test_quantized_op_argument_errors():
+    x, ids, w, (q1, s1, q2, s2), _ = _quant_inputs(3, 64, 32, 2, 1, "int8", (0, 0), seed=6)
+    op = torch.ops.moe_ops.fused_experts_quantized
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        op(x.float(), ids, w, q1, s1, q2, s2, "int8", 0, 0, "swiglu")
+    with pytest.raises(RuntimeError, match="format"):
+        op(x, ids, w, q1, s1, q2, s2, "nf4", 0, 0, "swiglu")
+    with pytest.raises(RuntimeError, match="scale must be"):
+        op(x, ids, w, q1, s1[:, :3], q2, s2, "int8", 0, 0, "swiglu")
+    with pytest.raises(RuntimeError, match="w_down must be"):
+        op(x, ids, w, q1, s1, q2.transpose(1, 2).contiguous(), s2, "int8", 0, 0, "swiglu")
+    f1, g1 = moe_ops.quantize_experts(torch.randn(2, 64, 64), "fp8_e4m3", block_size=(16, 15))
+    f2, g2 = moe_ops.quantize_experts(torch.randn(2, 64, 32), "fp8_e4m3", block_size=(16, 15))
+    with pytest.raises(RuntimeError, match="even number of columns"):
+        op(x, ids, w, f1, g1, f2, g2, "fp8_e4m3", 16, 15, "swiglu")
+
+
+@needs_quant_op
+def test_moe_forward_routes_bf16_cpu_to_the_quantized_op(monkeypatch):
+    """moe_forward on bf16 CPU tensors runs the quantized op (not the float32 fallback)."""
+    from tests.inputs import make_layer
+    x, logits, w1, w2 = make_layer(7, 64, 32, 4, seed=8)
+    q1, s1 = moe_ops.quantize_experts(w1, "int8")
+    q2, s2 = moe_ops.quantize_experts(w2, "int8")
+    calls = []
+    real = moe_ops.ops._dequantized_weights
+    monkeypatch.setattr(moe_ops.ops, "_dequantized_weights", lambda *a: calls.append(1) or real(*a))
+    out = moe_ops.moe_forward(x.bfloat16(), logits, q1, q2, 2, weight_format="int8", w_gate_up_scale=s1,
+                              w_down_scale=s2)
+    assert out.dtype == torch.bfloat16 and not calls
+    moe_ops.moe_forward(x.bfloat16(), logits, q1, q2, 2, weight_format="int8", w_gate_up_scale=s1,
+                        w_down_scale=s2, backend="reference")
+    assert calls == [1]
+
+
+from tests.cpu_isa import avx512_emulation_built, rerun_with_emulated_avx512  # noqa: E402
+
+
+@pytest.mark.skipif(not avx512_emulation_built(), reason="no SIMDe build")
+def test_quantized_op_emulated():
+    """The quantized op on the SIMDe-emulated AVX512-BF16 kernels, in a subprocess: CPUs without
+    AVX512-BF16 (CI's Zen 3) run it too."""
+    import os
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values")

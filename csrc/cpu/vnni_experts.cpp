@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "activations.h"
@@ -35,6 +37,112 @@ struct RepackedBlock {
   void set(uint64_t c, int64_t ex, int64_t blk) { call = c, e = ex, b = blk; }
 };
 std::atomic<uint64_t> call_counter{0};
+
+// float8_e4m3fn -> float: 4 exponent bits (bias 7), 3 mantissa bits, no infinities, S.1111.111 NaN.
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+      v[b] = (e == 15 && m == 7) ? std::numeric_limits<float>::quiet_NaN() : ((b & 128) ? -mag : mag);
+    }
+  }
+};
+const Fp8Table& fp8_table() {
+  static const Fp8Table t;
+  return t;
+}
+constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// A float that is a bf16 value (low 16 bits zero) as bf16 bits: exact by construction here.
+inline uint16_t exact_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Rows [n0, n0 + cols) of expert e's quantized [N, K] weight as bf16 rows of K (exact).
+void dequant_rows(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0, int64_t cols,
+                  uint16_t* dst) {
+  const uint8_t* base = gate_up ? q.gate_up : q.down;
+  for (int64_t i = 0; i < cols; ++i) {
+    const int64_t n = e * N + n0 + i;
+    uint16_t* d = dst + i * K;
+    if (q.fmt == QuantFmt::kMxfp4) {
+      const uint8_t* blk = base + n * (K / 2);
+      const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + n * (K / 32);
+      for (int64_t g = 0; g < K / 32; ++g) {
+        const int ex = static_cast<int>(sc[g]) - 127;
+        for (int64_t b = 0; b < 16; ++b) {
+          const uint8_t byte = blk[g * 16 + b];
+          d[g * 32 + 2 * b] = exact_bf16(std::ldexp(kE2M1[byte & 15], ex));
+          d[g * 32 + 2 * b + 1] = exact_bf16(std::ldexp(kE2M1[byte >> 4], ex));
+        }
+      }
+    } else if (q.fmt == QuantFmt::kFp8) {
+      const float* t = fp8_table().v;
+      for (int64_t k = 0; k < K; ++k) d[k] = exact_bf16(t[base[n * K + k]]);
+    } else {
+      for (int64_t k = 0; k < K; ++k) d[k] = exact_bf16(static_cast<float>(static_cast<int8_t>(base[n * K + k])));
+    }
+  }
+}
+
+// The scale of output column n (row n of the [N, K] weight) for k block kb (fp8) or all of K (int8).
+inline float quant_scale(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n, int64_t kb) {
+  const float* s = static_cast<const float*>(gate_up ? q.gate_up_scale : q.down_scale);
+  if (q.fmt == QuantFmt::kInt8) return s[e * N + n];
+  const int64_t nbn = (N + q.bn - 1) / q.bn, nbk = (K + q.bk - 1) / q.bk;
+  return s[(e * nbn + n / q.bn) * nbk + kb];
+}
+
+// One 32-column block's GEMM C[rows, 32] (ldc) = A[rows, 2*K2] x block, with the quantized
+// format's non-power-of-two scales applied; col_n(j) = the weight row of column j (< 0: none).
+template <class ColN>
+void block_gemm(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, ColN col_n, const uint16_t* a,
+                int64_t lda, const uint16_t* wb, int64_t K2, float* c, int64_t ldc, int64_t rows,
+                const PrefetchRanges* next) {
+  constexpr int64_t prow = 2 * kVnniBlock;
+  if (q.fmt != QuantFmt::kFp8) {
+    gemm_panels_vnni(a, lda, wb, 2 * kPanel, prow, K2, 2, c, ldc, rows, next);
+    if (q.fmt == QuantFmt::kInt8)
+      for (int64_t j = 0; j < kVnniBlock; ++j) {
+        const int64_t n = col_n(j);
+        if (n < 0) continue;
+        const float s = quant_scale(q, gate_up, e, N, K, n, 0);
+        for (int64_t i = 0; i < rows; ++i) c[i * ldc + j] *= s;
+      }
+    return;
+  }
+  // fp8: one GEMM per bk-deep k block, scaled per column and summed in k-block order.
+  thread_local std::vector<float> part;
+  part.resize(static_cast<size_t>(rows * kVnniBlock));
+  const int64_t kbp = q.bk / 2, nkb = (K2 + kbp - 1) / kbp;
+  for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, kVnniBlock * sizeof(float));
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t p0 = kb * kbp, np2 = std::min(kbp, K2 - p0);
+    gemm_panels_vnni(a + 2 * p0, lda, wb + p0 * prow, 2 * kPanel, prow, np2, 2, part.data(), kVnniBlock, rows,
+                     kb + 1 == nkb ? next : nullptr);
+    for (int64_t j = 0; j < kVnniBlock; ++j) {
+      const int64_t n = col_n(j);
+      if (n < 0) continue;
+      const float s = quant_scale(q, gate_up, e, N, K, n, kb);
+      for (int64_t i = 0; i < rows; ++i) c[i * ldc + j] += s * part[i * kVnniBlock + j];
+    }
+  }
+}
+
+// Bytes of rows [n0, n0 + cols) of a quantized [N, K] weight, for the next-block prefetch.
+inline PrefetchRanges quant_range(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0,
+                                  int64_t cols) {
+  const int64_t row_bytes = q.fmt == QuantFmt::kMxfp4 ? K / 2 : K;
+  PrefetchRanges r;
+  r.p[0] = (gate_up ? q.gate_up : q.down) + (e * N + n0) * row_bytes;
+  r.bytes[0] = cols * row_bytes;
+  return r;
+}
 
 }  // namespace
 
@@ -81,15 +189,24 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     r.p[0] = p, r.bytes[0] = elems * 2;
     return r;
   };
+  const VnniQuant& q = w.q;
+  const bool quant = q.fmt != QuantFmt::kNone;
   const auto gu_ranges = [&](int64_t e, int64_t p) {
     if (w.packed) return range(w.gate_up + (e * P1 + p) * blk1, blk1);
     const int64_t cols = std::min<int64_t>(kPanel, I - p * kPanel);
+    if (quant) {
+      PrefetchRanges r = quant_range(q, true, e, 2 * I, H, p * kPanel, cols);
+      const PrefetchRanges up = quant_range(q, true, e, 2 * I, H, I + p * kPanel, cols);
+      r.p[1] = up.p[0], r.bytes[1] = up.bytes[0];
+      return r;
+    }
     PrefetchRanges r = range(w.gate_up + e * 2 * I * H + p * kPanel * H, cols * H);      // gate rows
     r.p[1] = w.gate_up + e * 2 * I * H + (I + p * kPanel) * H, r.bytes[1] = r.bytes[0];  // up rows
     return r;
   };
   const auto down_ranges = [&](int64_t e, int64_t u) {
     if (w.packed) return range(w.down + (e * U2 + u) * blk2, blk2);
+    if (quant) return quant_range(q, false, e, H, I, u * kVnniBlock, std::min<int64_t>(kVnniBlock, H - u * kVnniBlock));
     return range(w.down + (e * H + u * kVnniBlock) * I, std::min<int64_t>(kVnniBlock, H - u * kVnniBlock) * I);
   };
 
@@ -107,17 +224,32 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
       if (!buf.holds(call, t.e, p)) {
         buf.data.resize(static_cast<size_t>(blk1));
-        const PrefetchRanges src = gu_ranges(t.e, p);
-        pack_panels_vnni(static_cast<const uint16_t*>(src.p[0]), cols, H, H, buf.data.data(), 0, 2 * kVnniBlock);
-        pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data.data() + 2 * kPanel, 0,
-                         2 * kVnniBlock);
+        const uint16_t *gate, *up;
+        if (quant) {  // exact bf16 rows of the gate and the up half, then the same repack
+          thread_local std::vector<uint16_t> deq;
+          deq.resize(static_cast<size_t>(2 * kPanel * H));
+          dequant_rows(q, true, t.e, 2 * I, H, p * kPanel, cols, deq.data());
+          dequant_rows(q, true, t.e, 2 * I, H, I + p * kPanel, cols, deq.data() + kPanel * H);
+          gate = deq.data(), up = deq.data() + kPanel * H;
+        } else {
+          const PrefetchRanges src = gu_ranges(t.e, p);
+          gate = static_cast<const uint16_t*>(src.p[0]), up = static_cast<const uint16_t*>(src.p[1]);
+        }
+        pack_panels_vnni(gate, cols, H, H, buf.data.data(), 0, 2 * kVnniBlock);
+        pack_panels_vnni(up, cols, H, H, buf.data.data() + 2 * kPanel, 0, 2 * kVnniBlock);
         buf.set(call, t.e, p);
       }
       wb = buf.data.data();
     }
     c.resize(static_cast<size_t>(rows * 2 * kPanel));
     const uint16_t* a = A1 + t.m0 * Hp;
-    if (brg) {  // bitwise the panel kernel's result without AMX
+    if (quant) {  // columns 0..15: gate rows p*16 + j, 16..31: up rows I + p*16 + j - 16
+      const auto col_n = [&](int64_t j) {
+        const int64_t jj = j % kPanel;
+        return jj < cols ? (j < kPanel ? p * kPanel + jj : I + p * kPanel + jj) : -1;
+      };
+      block_gemm(q, true, t.e, 2 * I, H, col_n, a, Hp, wb, Hp / 2, c.data(), 2 * kPanel, rows, pf ? &next : nullptr);
+    } else if (brg) {  // bitwise the panel kernel's result without AMX
       brgemm_bf16(rows, kVnniBlock, Hp, a, Hp, wb, kVnniBlock, c.data(), 2 * kPanel);
       brgemm_done();
     } else {
@@ -153,19 +285,31 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
           buf.data.resize(static_cast<size_t>(blk2));
           uint16_t* d = buf.data.data();
           const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
-          pack_panels_vnni(w.down + (t.e * H + u * kVnniBlock) * I, cols, I, I, d, 2 * kPanel, 2 * kVnniBlock);
+          const uint16_t* src = w.down + (t.e * H + u * kVnniBlock) * I;
+          if (quant) {
+            thread_local std::vector<uint16_t> deq;
+            deq.resize(static_cast<size_t>(kVnniBlock * I));
+            dequant_rows(q, false, t.e, H, I, u * kVnniBlock, cols, deq.data());
+            src = deq.data();
+          }
+          pack_panels_vnni(src, cols, I, I, d, 2 * kPanel, 2 * kVnniBlock);
           if (cols <= kPanel)  // the second panel: no columns (the packing zero-fills it too)
             for (int64_t q = 0; q < Iv / 2; ++q) std::memset(d + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
           buf.set(call, t.e, u);
         }
         wb = buf.data.data();
       }
-      if (brg) brgemm_bf16(rows, kVnniBlock, Iv, a2, Iv, wb, kVnniBlock, c.data() + j * kVnniBlock, ldc);
+      if (quant) {
+        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
+        const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
+        block_gemm(q, false, t.e, H, I, col_n, a2, Iv, wb, Iv / 2, c.data() + j * kVnniBlock, ldc, rows,
+                   pf ? &next : nullptr);
+      } else if (brg) brgemm_bf16(rows, kVnniBlock, Iv, a2, Iv, wb, kVnniBlock, c.data() + j * kVnniBlock, ldc);
       else
         gemm_panels_vnni(a2, Iv, wb, 2 * kPanel, 2 * kVnniBlock, Iv / 2, 2, c.data() + j * kVnniBlock, ldc, rows,
                          pf ? &next : nullptr);
     }
-    if (brg) brgemm_done();
+    if (brg && !quant) brgemm_done();
     const int64_t c0 = t.n0 * kVnniBlock, cols = std::min<int64_t>(ldc, H - c0);
     for (int64_t i = 0; i < rows; ++i) round_rows(c.data() + i * ldc, Y + (t.m0 + i) * H + c0, cols, dt);
   });

@@ -17,10 +17,28 @@
 
 namespace moe_cpu {
 
+// Weight-only quantized experts as stored (moe_ops/quant.py layouts, fused_experts_quantized).
+// The repack dequantizes each block to bf16 *exactly* -- int8 and fp8 codes, and mxfp4's
+// code * 2^(s-127), are all bf16 values -- and the scales that are not powers of two are applied
+// to the float32 GEMM results: int8's per output column, fp8's per (column, bk-deep k block) by
+// splitting the block's GEMM at the k blocks. So no weight is rounded: the error is the bf16
+// layer's own (activations and intermediates), not the format's plus a bf16 rounding.
+enum class QuantFmt : int { kNone = 0, kInt8 = 1, kFp8 = 2, kMxfp4 = 3 };
+struct VnniQuant {
+  QuantFmt fmt = QuantFmt::kNone;
+  const uint8_t* gate_up = nullptr;  // int8/fp8 [E, 2I, H]; mxfp4 blocks [E, 2I, H/32, 16]
+  const uint8_t* down = nullptr;     // int8/fp8 [E, H, I]; mxfp4 blocks [E, H, I/32, 16]
+  const void* gate_up_scale =
+      nullptr;                       // int8 f32 [E, 2I]; fp8 f32 [E, ceil(2I/bn), ceil(H/bk)]; mxfp4 u8 [E, 2I, H/32]
+  const void* down_scale = nullptr;  // the same for w_down (N = H, K = I)
+  int64_t bn = 0, bk = 0;            // fp8 block (bk even)
+};
+
 struct VnniWeights {
   const uint16_t* gate_up;  // packed [E, P1, Hp/2, 2, 16, 2], or as stored [E, 2I, H]
   const uint16_t* down;     // packed [E, ceil(H/32), Iv/2, 32, 2], or as stored [E, H, I]
   bool packed;
+  VnniQuant q = {};  // q.fmt != kNone: the weights are q's (as stored), gate_up/down unused
 };
 
 // x[T,H] bf16 (contiguous), pl: the slots placed by expert, k: slots per token, I: the experts'
