@@ -96,7 +96,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--impls", default=None,
                    help="comma list (default: cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,"
-                        "kt_kernel,dense,dense_fp32,weight_read; with --decode: " + ",".join(decode.DEFAULT_IMPLS) + ")")
+                        "kt_kernel,dense,dense_fp32,weight_read; with --decode: " + ",".join(decode.DEFAULT_IMPLS) + "; also "
+                        + ",".join(decode.QUANT_IMPLS) + ")")
     p.add_argument("--decode", action="store_true", help="cold-weight decode rows (bench/decode.py) instead")
     p.add_argument("--decode-tokens", default="1,2,4,8")
     a = p.parse_args(argv)

@@ -32,6 +32,10 @@ from . import kt_peer
 
 OP = "moe_decode_cold"
 DEFAULT_IMPLS = ("cpu", "cpu_packed", "kt_kernel", "weight_read")
+# Weight-only quantized experts (moe_ops.quant) on the cpu backend: name -> format. Their bytes are
+# the quantized ones (scales included), so GB/s and % of stream compare with the bf16 rows.
+QUANT_IMPLS = {"cpu_int8": "int8", "cpu_fp8": "fp8_e4m3", "cpu_mxfp4": "mxfp4"}
+QUANT_BYTES = {"int8": 1 + 4 / 2048, "fp8_e4m3": 1 + 4 / 16384, "mxfp4": 0.5 + 1 / 32}  # per weight, approx. scales
 
 
 def llc_bytes() -> int:
@@ -97,6 +101,18 @@ def make_impls(names, wgu: torch.Tensor, wd: torch.Tensor, k: int, max_tokens: i
         elif n == "cpu_packed":
             packed = moe_ops.pack_experts(wgu, wd)
             impls[n] = lambda x, lg, p=packed: moe_ops.moe_forward(x, lg, wgu, wd, k, backend="cpu", packed=p)
+        elif n in QUANT_IMPLS:
+            fmt = QUANT_IMPLS[n]
+            if wgu.dtype != torch.bfloat16:
+                impls[n] = "the quantized CPU op takes bf16 activations"
+                continue
+            # quantized once per expert (the quantizers' temporaries are a few x one expert)
+            q = [[moe_ops.quantize_experts(w[e], fmt) for e in range(w.shape[0])] for w in (wgu, wd)]
+            (q1, s1), (q2, s2) = [(torch.stack([a for a, _ in qs]), torch.stack([b for _, b in qs])) for qs in q]
+            kw = dict(weight_format=fmt, w_gate_up_scale=s1, w_down_scale=s2)
+            impls[n] = lambda x, lg, q1=q1, q2=q2, kw=kw: moe_ops.moe_forward(x, lg, q1, q2, k, backend="cpu", **kw)
+            impls[n].reference = lambda x, lg, q1=q1, q2=q2, kw=kw: moe_ops.moe_forward(
+                x, lg, q1, q2, k, backend="reference", **kw)
         elif n == "kt_kernel":
             if not kt_peer.available():
                 impls[n] = kt_peer.load()[1]
@@ -157,7 +173,8 @@ def run(E: int, H: int, I: int, k: int, tokens, dtype=torch.bfloat16, impls=DEFA
             route = ColdRouting(E, expert_bytes, llc, seed=seed + T)
             x = torch.randn(T, H, generator=g).to(dtype)
             times = {n: [] for n in live}
-            nbytes = {n: [] for n in live}
+            nbytes = {n: [] for n in live}      # bytes the impl reads (quantized: fewer)
+            bf16_bytes = {n: [] for n in live}  # the touched experts in the model dtype (the floor's)
             check: Dict[str, str] = {}
             for rep in range(reps + 1):  # rep 0: warmup (and the correctness check)
                 for n, f in live.items():
@@ -170,15 +187,19 @@ def run(E: int, H: int, I: int, k: int, tokens, dtype=torch.bfloat16, impls=DEFA
                         time.sleep(kt_peer.SETTLE_S)
                     if rep == 0:
                         if n != "weight_read":
-                            check[n] = _check(out, moe_ops.moe_forward(x, lg, wgu, wd, k, backend="reference"))
+                            ref = getattr(f, "reference", None)
+                            check[n] = _check(out, ref(x, lg) if ref else
+                                              moe_ops.moe_forward(x, lg, wgu, wd, k, backend="reference"))
                         continue
                     times[n].append(dt)
-                    nbytes[n].append(touched * expert_bytes)
+                    scale = QUANT_BYTES[QUANT_IMPLS[n]] / elem if n in QUANT_IMPLS else 1.0
+                    nbytes[n].append(int(touched * expert_bytes * scale))
+                    bf16_bytes[n].append(touched * expert_bytes)
                 t0 = time.perf_counter()
                 stream()  # the stream bandwidth, interleaved with the calls it judges
                 stream_ms.append((time.perf_counter() - t0) * 1e3)
             sbw = total / (statistics.median(stream_ms) * 1e-3) / 1e9
-            floor = [b / (sbw * 1e9) * 1e3 for n in live for b in nbytes[n]]
+            floor = [b / (sbw * 1e9) * 1e3 for n in live for b in bf16_bytes[n]]
             fl = statistics.median(floor)
             for n in live:
                 gbps = statistics.median(b / (t * 1e-3) / 1e9 for b, t in zip(nbytes[n], times[n]))
@@ -193,7 +214,7 @@ def run(E: int, H: int, I: int, k: int, tokens, dtype=torch.bfloat16, impls=DEFA
                              median_ms=statistics.median(stream_ms), min_ms=min(stream_ms), reps=len(stream_ms),
                              bytes=total, gbps=sbw, pct_stream=100.0, note="amax over all experts' weights"))
             rows.append(dict(T=T, impl="floor", kind="derived", status="ok", median_ms=fl, min_ms=min(floor), reps=0,
-                             bytes=int(statistics.median(b for n in live for b in nbytes[n])), gbps=sbw,
+                             bytes=int(statistics.median(b for n in live for b in bf16_bytes[n])), gbps=sbw,
                              pct_stream=100.0, ratio_floor=1.0, note="touched bytes / stream read bandwidth"))
             log(f"[decode] T={T} done ({reps} reps per impl, stream read {sbw:.1f} GB/s; checks {check})")
     return rows

@@ -179,3 +179,13 @@ def test_plot_vs_floor(tmp_path):
     pngs = os.listdir(tmp_path / "plots")
     assert pngs == [p for p in pngs if p.startswith("moe_forward__tiny__E8_k2") and p.endswith("__vs_floor.png")]
     assert len(pngs) == 1 and (tmp_path / "plots" / pngs[0]).stat().st_size > 1000
+
+
+def test_decode_quantized_impls_rows():
+    """The quantized decode rows run, check against their own dequantized reference, and count
+    the quantized bytes (fewer than the bf16 row's)."""
+    rows = decode.run(E=4, H=64, I=32, k=2, tokens=[2], impls=("cpu", "cpu_int8", "cpu_fp8", "cpu_mxfp4"), reps=2)
+    by = {r["impl"]: r for r in rows}
+    for n in ("cpu_int8", "cpu_fp8", "cpu_mxfp4"):
+        assert by[n]["status"] == "ok" and by[n]["check"] == "ok", by[n]
+    assert by["cpu_mxfp4"]["bytes"] < by["cpu_int8"]["bytes"] < by["cpu"]["bytes"]

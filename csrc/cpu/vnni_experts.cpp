@@ -38,24 +38,6 @@ struct RepackedBlock {
 };
 std::atomic<uint64_t> call_counter{0};
 
-// float8_e4m3fn -> float: 4 exponent bits (bias 7), 3 mantissa bits, no infinities, S.1111.111 NaN.
-struct Fp8Table {
-  float v[256];
-  Fp8Table() {
-    for (int b = 0; b < 256; ++b) {
-      const int e = (b >> 3) & 15, m = b & 7;
-      const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
-      v[b] = (e == 15 && m == 7) ? std::numeric_limits<float>::quiet_NaN() : ((b & 128) ? -mag : mag);
-    }
-  }
-};
-const Fp8Table& fp8_table() {
-  static const Fp8Table t;
-  return t;
-}
-constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
 // A float that is a bf16 value (low 16 bits zero) as bf16 bits: exact by construction here.
 inline uint16_t exact_bf16(float f) {
   uint32_t u;
@@ -63,9 +45,33 @@ inline uint16_t exact_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// byte -> bf16 bits of every code, built once: int8 (the signed value), float8_e4m3fn (4
+// exponent bits, bias 7, 3 mantissa bits, no infinities, S.1111.111 NaN) and, per e8m0 scale s,
+// the 16 e2m1 values times 2^(s-127) as std::ldexp gives them (= torch.ldexp: 2^128 overflows
+// codes >= 1 to inf and keeps zeros, 2^-127 stays a subnormal). All exact in bf16.
+struct DequantTables {
+  uint16_t int8[256], fp8[256], mx[256][16];
+  DequantTables() {
+    constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                 -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    for (int b = 0; b < 256; ++b) {
+      int8[b] = exact_bf16(static_cast<float>(static_cast<int8_t>(b)));
+      const int e = (b >> 3) & 15, m = b & 7;
+      const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+      fp8[b] = exact_bf16((e == 15 && m == 7) ? std::numeric_limits<float>::quiet_NaN() : ((b & 128) ? -mag : mag));
+      for (int c = 0; c < 16; ++c) mx[b][c] = exact_bf16(std::ldexp(kE2M1[c], b - 127));
+    }
+  }
+};
+const DequantTables& dequant_tables() {
+  static const DequantTables t;
+  return t;
+}
+
 // Rows [n0, n0 + cols) of expert e's quantized [N, K] weight as bf16 rows of K (exact).
 void dequant_rows(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0, int64_t cols,
                   uint16_t* dst) {
+  const DequantTables& t = dequant_tables();
   const uint8_t* base = gate_up ? q.gate_up : q.down;
   for (int64_t i = 0; i < cols; ++i) {
     const int64_t n = e * N + n0 + i;
@@ -74,18 +80,17 @@ void dequant_rows(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_
       const uint8_t* blk = base + n * (K / 2);
       const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + n * (K / 32);
       for (int64_t g = 0; g < K / 32; ++g) {
-        const int ex = static_cast<int>(sc[g]) - 127;
+        const uint16_t* v = t.mx[sc[g]];
         for (int64_t b = 0; b < 16; ++b) {
           const uint8_t byte = blk[g * 16 + b];
-          d[g * 32 + 2 * b] = exact_bf16(std::ldexp(kE2M1[byte & 15], ex));
-          d[g * 32 + 2 * b + 1] = exact_bf16(std::ldexp(kE2M1[byte >> 4], ex));
+          d[g * 32 + 2 * b] = v[byte & 15];
+          d[g * 32 + 2 * b + 1] = v[byte >> 4];
         }
       }
-    } else if (q.fmt == QuantFmt::kFp8) {
-      const float* t = fp8_table().v;
-      for (int64_t k = 0; k < K; ++k) d[k] = exact_bf16(t[base[n * K + k]]);
     } else {
-      for (int64_t k = 0; k < K; ++k) d[k] = exact_bf16(static_cast<float>(static_cast<int8_t>(base[n * K + k])));
+      const uint16_t* v = q.fmt == QuantFmt::kFp8 ? t.fp8 : t.int8;
+      const uint8_t* src = base + n * K;
+      for (int64_t k = 0; k < K; ++k) d[k] = v[src[k]];
     }
   }
 }
