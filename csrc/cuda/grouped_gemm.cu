@@ -26,23 +26,10 @@ void grouped_gemm(const void* a, DType dtype, int64_t M, int64_t K, const void* 
   if (M == 0 || N == 0) return;
   const detail::GemmSchedule sched = detail::build_gemm_schedule(offsets, E, M, workspace, stream);
   detail::zero_outside_rows(dtype, sched.offs, E, M, N, c, stream);
-  kern::GroupedGemmParams p{};
-  p.a = a;
-  p.lda = K;
-  p.a_row_div = 1;
-  p.b = b;
-  p.b_expert = K * N;
-  p.b_sk = trans_b ? 1 : N;
-  p.b_sn = trans_b ? K : 1;
-  p.c = c;
-  p.ldc = N;
-  p.offs = sched.offs;
-  p.tiles = sched.tiles;
-  p.E = E;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.act = kern::kActNone;
+  // a[M,K] rows as they are; B(e, k, n) = b[e][k][n], or b[e][n][k] when trans_b
+  const kern::GroupedGemmParams p{
+      a,          K,           nullptr, 1, b, K * N, trans_b ? 1 : N, trans_b ? K : 1, c, N, nullptr, nullptr,
+      sched.offs, sched.tiles, E,       M, N, K,     kern::kActNone};
   detail::run_grouped_gemm(dtype, p, stream);
 }
 
@@ -118,40 +105,15 @@ void fused_experts(const void* x, DType dtype, int64_t T, int64_t H, const int* 
   const long long N = T * static_cast<long long>(k);
   detail::build_slot_index(ids, T, k, E, 1, ws + L.rank, offsets, sorted_slots, slot_rows, stream);
   const detail::GemmSchedule sched = detail::build_gemm_schedule(offsets, E, N, ws + L.sched, stream);
-  kern::GroupedGemmParams g1{};
-  g1.a = x;
-  g1.lda = H;
-  g1.a_rows = sorted_slots;
-  g1.a_row_div = k;
-  g1.b = w_gate_up;
-  g1.b_expert = 2 * I * H;
-  g1.b_sk = 1;
-  g1.b_sn = H;
-  g1.c = h;
-  g1.ldc = I;
-  g1.offs = sched.offs;
-  g1.tiles = sched.tiles;
-  g1.E = E;
-  g1.M = N;
-  g1.N = I;
-  g1.K = H;
-  g1.act = act;
+  // GEMM1: x rows gathered by slot (row sorted_slots[r] / k), B(e, k, n) = w_gate_up[e][n][k] with the
+  // up half N = I rows further, gated -> h[r] (sorted order)
+  const kern::GroupedGemmParams g1{x,       H,       sorted_slots, k,           w_gate_up, 2 * I * H, 1, H, h,  I,
+                                   nullptr, nullptr, sched.offs,   sched.tiles, E,         N,         I, H, act};
   detail::run_grouped_gemm(dtype, g1, stream);
-  kern::GroupedGemmParams g2 = g1;
-  g2.a = h;
-  g2.lda = I;
-  g2.a_rows = nullptr;
-  g2.a_row_div = 1;
-  g2.b = w_down;
-  g2.b_expert = H * I;
-  g2.b_sn = I;
-  g2.c = y;
-  g2.ldc = H;
-  g2.c_rows = sorted_slots;
-  g2.row_scale = weights;
-  g2.N = H;
-  g2.K = I;
-  g2.act = kern::kActNone;
+  // GEMM2: h rows, B(e, k, n) = w_down[e][n][k], * weights[slot] -> y[sorted_slots[r]] (slot order)
+  const kern::GroupedGemmParams g2{h, I, nullptr,       1,       w_down,     H * I,       1, I,
+                                   y, H, sorted_slots,  weights, sched.offs, sched.tiles, E, N,
+                                   H, I, kern::kActNone};
   detail::run_grouped_gemm(dtype, g2, stream);
   kern::CombineSource src{slot_rows, nullptr, nullptr, 0, 0, N, true};
   detail::combine(y, dtype, H, src, nullptr, T, k, out, stream);

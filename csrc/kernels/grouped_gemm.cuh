@@ -55,5 +55,28 @@ __device__ __forceinline__ typename AccType<T>::type load_acc(const void* base, 
   return to_acc<typename AccType<T>::type>(static_cast<const T*>(base)[i]);
 }
 
+// Where row r's results go: C row c_rows[r] (or r), scaled by row_scale[C row] (or 1).
+template <typename T>
+struct OutRowT {
+  T* dst;
+  typename AccType<T>::type scale;
+};
+template <typename T>
+__device__ __forceinline__ OutRowT<T> out_row(const GroupedGemmParams& p, long long r) {
+  using Acc = typename AccType<T>::type;
+  const long long cr = p.c_rows != nullptr ? p.c_rows[r] : r;
+  return {static_cast<T*>(p.c) + cr * p.ldc,
+          p.row_scale != nullptr ? static_cast<const Acc*>(p.row_scale)[cr] : Acc(1)};
+}
+
+// One output element of the row: act(gate) * up when gated, times the row's scale, cast, stored.
+template <typename T, bool GATED>
+__device__ __forceinline__ void store_out(const GroupedGemmParams& p, const OutRowT<T>& o, long long col,
+                                          typename AccType<T>::type gate, typename AccType<T>::type up) {
+  typename AccType<T>::type v = gate;
+  if constexpr (GATED) v = gate_act(v, p.act) * up;
+  o.dst[col] = from_acc<T>(v * o.scale);
+}
+
 }  // namespace kern
 }  // namespace moe_ops

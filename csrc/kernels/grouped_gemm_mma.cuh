@@ -190,18 +190,13 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
       for (int h = 0; h < 2; ++h) {
         const long long r = row0 + warp_m * 32 + i * 16 + (lane >> 2) + h * 8;
         if (r >= row_end) continue;
-        const long long cr = p.c_rows != nullptr ? p.c_rows[r] : r;
-        const float scale = p.row_scale != nullptr ? static_cast<const float*>(p.row_scale)[cr] : 1.0f;
-        T* crow = static_cast<T*>(p.c) + cr * p.ldc;
+        const OutRowT<T> o = out_row<T>(p, r);
         MOE_UNROLL
         for (int j = 0; j < 4; ++j) {
           MOE_UNROLL
           for (int v = 0; v < 2; ++v) {
             const long long col = n0 + warp_n * 32 + j * 8 + 2 * (lane & 3) + v;
-            if (col >= p.N) continue;
-            float out = acc[0][i][j][h * 2 + v];
-            if constexpr (GATED) out = gate_act(out, p.act) * acc[NB - 1][i][j][h * 2 + v];
-            crow[col] = from_f32<T>(out * scale);
+            if (col < p.N) store_out<T, GATED>(p, o, col, acc[0][i][j][h * 2 + v], acc[NB - 1][i][j][h * 2 + v]);
           }
         }
       }

@@ -104,15 +104,11 @@ __global__ void grouped_gemm_simt_kernel(GroupedGemmParams p) {
     for (int i = 0; i < 4; ++i) {
       const long long r = row0 + ty + 16 * i;
       if (r >= row_end) continue;
-      const long long cr = p.c_rows != nullptr ? p.c_rows[r] : r;
-      const Acc scale = p.row_scale != nullptr ? static_cast<const Acc*>(p.row_scale)[cr] : Acc(1);
+      const OutRowT<T> o = out_row<T>(p, r);
       MOE_UNROLL
       for (int j = 0; j < 4; ++j) {
         const long long col = n0 + tx + 16 * j;
-        if (col >= p.N) continue;
-        Acc v = acc[0][i][j];
-        if constexpr (GATED) v = gate_act(v, p.act) * acc[NB - 1][i][j];
-        static_cast<T*>(p.c)[cr * p.ldc + col] = from_acc<T>(v * scale);
+        if (col < p.N) store_out<T, GATED>(p, o, col, acc[0][i][j], acc[NB - 1][i][j]);
       }
     }
   }

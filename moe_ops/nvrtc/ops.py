@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from . import launchers
+from ..backend import OP_NAMES
 
 _ELEM = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
 MAX_EXPERTS = launchers.INT32_MAX - 1
@@ -328,13 +329,6 @@ def fused_experts(x_in: torch.Tensor, ids_in: torch.Tensor, weights_in: Optional
     return out
 
 
-IMPLS = {
-    "topk_gating": topk_gating,
-    "permute": permute,
-    "unpermute": unpermute,
-    "capacity_dispatch": capacity_dispatch,
-    "capacity_combine": capacity_combine,
-    "grouped_gemm": grouped_gemm,
-    "grouped_gemm_wgrad": grouped_gemm_wgrad,
-    "fused_experts": fused_experts,  # native-only: the cuda backend's fused layer (ops.cuda_fused_moe)
-}
+# Every op of the contract, plus the native-only fused_experts (the cuda backend's fused layer,
+# ops.cuda_fused_moe).
+IMPLS = {name: globals()[name] for name in (*OP_NAMES, "fused_experts")}
