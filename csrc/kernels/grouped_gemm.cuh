@@ -78,5 +78,33 @@ __device__ __forceinline__ void store_out(const GroupedGemmParams& p, const OutR
   o.dst[col] = from_acc<T>(v * o.scale);
 }
 
+// The wgrad's work items: (expert e, a BM-row tile of db[e]'s K rows from kd0, a BN-column tile
+// from n0), e slowest; wgrad_items(...) of them for E experts.
+struct WgradItem {
+  int e;
+  long long kd0, n0;
+};
+__device__ __forceinline__ long long wgrad_items(int E, long long K, long long N, int bm, int bn) {
+  return static_cast<long long>(E) * ((K + bm - 1) / bm) * ((N + bn - 1) / bn);
+}
+__device__ __forceinline__ WgradItem wgrad_item(long long w, long long K, long long N, int bm, int bn) {
+  const long long per_e = ((K + bm - 1) / bm) * ((N + bn - 1) / bn), n_tiles = (N + bn - 1) / bn;
+  const long long rest = w % per_e;
+  return {static_cast<int>(w / per_e), rest / n_tiles * bm, rest % n_tiles * bn};
+}
+
+// A forward work item w (of tiles[E] x n_tiles, BN-column tiles fastest so consecutive blocks
+// share the A rows): expert e, its rows [row0, row_end) (at most BM of them) and columns from n0.
+struct GemmItem {
+  int e;
+  long long row0, row_end, n0;
+};
+__device__ __forceinline__ GemmItem gemm_item(const GroupedGemmParams& p, long long w, int bm, int bn) {
+  const long long n_tiles = (p.N + bn - 1) / bn, mt = w / n_tiles;
+  const int e = find_tile_expert(p.tiles, p.E, mt);
+  const long long row0 = p.offs[e] + (mt - p.tiles[e]) * bm;
+  return {e, row0, p.offs[e + 1], (w - mt * n_tiles) * bn};
+}
+
 }  // namespace kern
 }  // namespace moe_ops

@@ -124,15 +124,12 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
   const int warp_m = warp >> 1, warp_n = warp & 1;
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
-  const long long n_tiles = (p.N + kMmaBN - 1) / kMmaBN;
-  const long long total = p.tiles[p.E] * n_tiles;
+  const long long total = p.tiles[p.E] * ((p.N + kMmaBN - 1) / kMmaBN);
   const long long k_tiles = (p.K + kMmaBK - 1) / kMmaBK;
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const long long mt = w / n_tiles;
-    const long long n0 = (w - mt * n_tiles) * kMmaBN;
-    const int e = find_tile_expert(p.tiles, p.E, mt);
-    const long long row0 = p.offs[e] + (mt - p.tiles[e]) * kMmaBM;
-    const long long row_end = p.offs[e + 1];
+    const GemmItem it = gemm_item(p, w, kMmaBM, kMmaBN);
+    const int e = it.e;
+    const long long row0 = it.row0, row_end = it.row_end, n0 = it.n0;
     const T* b_e = b + static_cast<long long>(e) * p.b_expert;
 
     // This thread's copies per stage: A chunks tid + 128 i (row q / 4, k chunk q % 4); the
@@ -215,13 +212,10 @@ __global__ void grouped_gemm_wgrad_mma_kernel(const T* a, const T* dc, const int
   MOE_DYNAMIC_SMEM(uint4, smem);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 1, warp_n = warp & 1;
-  const long long m_tiles = (K + kMmaBM - 1) / kMmaBM, n_tiles = (N + kMmaBN - 1) / kMmaBN;
-  const long long total = static_cast<long long>(E) * m_tiles * n_tiles;
-  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const int e = static_cast<int>(w / (m_tiles * n_tiles));
-    const long long rest = w - static_cast<long long>(e) * m_tiles * n_tiles;
-    const long long kd0 = rest / n_tiles * kMmaBM, n0 = rest % n_tiles * kMmaBN;
-    const long long r_begin = offs[e], r_end = offs[e + 1];
+  for (long long w = blockIdx.x; w < wgrad_items(E, K, N, kMmaBM, kMmaBN); w += gridDim.x) {
+    const WgradItem it = wgrad_item(w, K, N, kMmaBM, kMmaBN);
+    const int e = it.e;
+    const long long kd0 = it.kd0, n0 = it.n0, r_begin = offs[e], r_end = offs[e + 1];
     auto load_stage = [&](int stage, long long rt) {
       uint4* sA = smem + stage * kStageChunks;
       uint4* sB = sA + kAChunks;

@@ -67,16 +67,12 @@ __global__ void grouped_gemm_simt_kernel(GroupedGemmParams p) {
   __shared__ Acc sA[kSimtBK][kSimtBM];
   __shared__ Acc sB[NB][kSimtBK][kSimtBN];
   const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
-  const long long n_tiles = (p.N + kSimtBN - 1) / kSimtBN;
-  const long long total = p.tiles[p.E] * n_tiles;
+  const long long total = p.tiles[p.E] * ((p.N + kSimtBN - 1) / kSimtBN);
   const bool b_k_contig = p.b_sk == 1 && p.b_sn != 1;
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const long long mt = w / n_tiles;
-    const long long n0 = (w - mt * n_tiles) * kSimtBN;
-    const int e = find_tile_expert(p.tiles, p.E, mt);
-    const long long row0 = p.offs[e] + (mt - p.tiles[e]) * kSimtBM;
-    const long long row_end = p.offs[e + 1];
-    const long long b_e = static_cast<long long>(e) * p.b_expert;
+    const GemmItem it = gemm_item(p, w, kSimtBM, kSimtBN);
+    const long long row0 = it.row0, row_end = it.row_end, n0 = it.n0;
+    const long long b_e = static_cast<long long>(it.e) * p.b_expert;
     Acc acc[NB][4][4];
     MOE_UNROLL
     for (int g = 0; g < NB; ++g) MOE_UNROLL
@@ -122,13 +118,10 @@ __global__ void grouped_gemm_wgrad_kernel(const T* a, const T* dc, const int* of
   __shared__ Acc sA[kSimtBK][kSimtBM];
   __shared__ Acc sB[1][kSimtBK][kSimtBN];
   const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
-  const long long k_tiles = (K + kSimtBM - 1) / kSimtBM, n_tiles = (N + kSimtBN - 1) / kSimtBN;
-  const long long total = static_cast<long long>(E) * k_tiles * n_tiles;
-  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const int e = static_cast<int>(w / (k_tiles * n_tiles));
-    const long long rest = w - static_cast<long long>(e) * k_tiles * n_tiles;
-    const long long kd0 = rest / n_tiles * kSimtBM, n0 = rest % n_tiles * kSimtBN;
-    const long long r_begin = offs[e], r_end = offs[e + 1];
+  for (long long w = blockIdx.x; w < wgrad_items(E, K, N, kSimtBM, kSimtBN); w += gridDim.x) {
+    const WgradItem it = wgrad_item(w, K, N, kSimtBM, kSimtBN);
+    const int e = it.e;
+    const long long kd0 = it.kd0, n0 = it.n0, r_begin = offs[e], r_end = offs[e + 1];
     Acc acc[1][4][4];
     MOE_UNROLL
     for (int i = 0; i < 4; ++i) MOE_UNROLL
