@@ -288,3 +288,39 @@ def test_quantized_op_emulated():
     AVX512-BF16 (CI's Zen 3) run it too."""
     import os
     rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values")
+
+
+@needs_quant_op
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_quantized_op_every_code_bitwise(fmt):
+    """Every int8 / (non-NaN) e4m3 code through the op's vectorised dequantization, one code per
+    weight row so none hides behind a larger one: x = ones makes gate/up row n = H * code, and a
+    one-hot w_down passes act(gate_n) * up_n to output column n. With unit scales and one k block
+    the op must equal the bf16 fused_experts on the dequantized weights bit for bit."""
+    T, H, I, E, k = 3, 128, 128, 2, 1
+    codes = torch.arange(256, dtype=torch.int64)
+    if fmt == "fp8_e4m3":
+        codes = codes[(codes & 0x7F) != 0x7F]                      # the two NaN codes
+    g = torch.Generator().manual_seed(11)
+    rows = codes[torch.randperm(codes.numel(), generator=g)]
+    rows = rows.repeat(3)[: E * 2 * I].reshape(E, 2 * I, 1).expand(E, 2 * I, H)
+    one = 1 if fmt == "int8" else 0x38                              # the code of 1.0
+    eye = torch.where(torch.eye(H, I, dtype=torch.bool), one, 0).expand(E, H, I)
+
+    def as_fmt(b):
+        b = b.to(torch.uint8).contiguous()
+        return b.view(torch.int8) if fmt == "int8" else b.view(torch.float8_e4m3fn)
+    q1, q2 = as_fmt(rows), as_fmt(eye)
+    if fmt == "int8":
+        s1, s2, bn, bk, kw = torch.ones(E, 2 * I), torch.ones(E, H), 0, 0, {}
+    else:
+        s1, s2, bn, bk, kw = torch.ones(E, 2, 1), torch.ones(E, 1, 1), 128, 128, {"block_size": (128, 128)}
+    x = torch.ones(T, H, dtype=torch.bfloat16)
+    ids = torch.tensor([[0], [1], [0]], dtype=torch.int32)
+    w = torch.ones(T, k)
+    got = torch.ops.moe_ops.fused_experts_quantized(x, ids, w, q1, s1, q2, s2, fmt, bn, bk, "swiglu")
+    d1 = moe_ops.dequantize_experts(q1, s1, fmt, **kw)
+    d2 = moe_ops.dequantize_experts(q2, s2, fmt, **kw)
+    assert torch.equal(d1.bfloat16().float(), d1)                   # every code is a bf16 value
+    want = torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "swiglu")
+    _same(got.float(), want.float())

@@ -8,6 +8,8 @@
 // of 32-bit lanes (unpack 32, unpack 64, two 128-bit lane shuffles: 64 shuffles) -> 16 row
 // stores. The bits are moved, never converted: the result equals the scalar packing's.
 
+#include <cstring>
+
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
 
@@ -68,6 +70,42 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
       const int64_t nq = K2 - q0 < 16 ? K2 - q0 : 16;
       for (int64_t q = 0; q < nq; ++q) _mm512_storeu_si512(d + (q0 + q) * prow, r[q]);
     }
+  }
+}
+
+// n int8 (fmt 1) or float8_e4m3fn (fmt 2) codes -> their bf16 bits, exactly: 32 a step, the tail
+// masked. int8 through float (every int8 is a bf16 value); e4m3 by moving its fields -- a normal
+// S.EEEE.MMM is S | (EEEE + 120) << 7 | MMM << 4, the 8 subnormals come from a table, S.1111.111
+// is a quiet NaN.
+void dequant_bytes_bf16(const uint8_t* src, int64_t n, int fmt, uint16_t* dst) {
+  const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
+                                       0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (n - i)) - 1ull);
+    __m256i b;
+    if (n - i >= 32) {
+      b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    } else {  // (SIMDe has no masked byte load)
+      alignas(32) uint8_t tail[32] = {};
+      std::memcpy(tail, src + i, static_cast<size_t>(n - i));
+      b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    const __m512i x16 = _mm512_cvtepi8_epi16(b);  // sign-extended codes, 32 lanes of 16 bits
+    __m512i out;
+    if (fmt == 1) {
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x16)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x16, 1)));
+      out = bits_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    } else {
+      const __m512i x = _mm512_and_si512(x16, _mm512_set1_epi16(0xFF));
+      const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
+      const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+      __m512i v = _mm512_mask_blend_epi16(_mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(7)), normal,
+                                          _mm512_permutexvar_epi16(mag, sub));
+      v = _mm512_mask_blend_epi16(_mm512_cmpeq_epu16_mask(mag, _mm512_set1_epi16(0x7F)), v, _mm512_set1_epi16(0x7FC0));
+      out = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+    }
+    _mm512_mask_storeu_epi16(dst + i, m, out);
   }
 }
 

@@ -45,22 +45,16 @@ inline uint16_t exact_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// byte -> bf16 bits of every code, built once: int8 (the signed value), float8_e4m3fn (4
-// exponent bits, bias 7, 3 mantissa bits, no infinities, S.1111.111 NaN) and, per e8m0 scale s,
-// the 16 e2m1 values times 2^(s-127) as std::ldexp gives them (= torch.ldexp: 2^128 overflows
-// codes >= 1 to inf and keeps zeros, 2^-127 stays a subnormal). All exact in bf16.
+// mxfp4: per e8m0 scale s, the 16 e2m1 values times 2^(s-127) as bf16 bits, built once, as
+// std::ldexp gives them (= torch.ldexp: 2^128 overflows codes >= 1 to inf and keeps zeros, 2^-127
+// stays a subnormal). All exact in bf16. (int8 and fp8: avx512_bf16.h dequant_bytes_bf16.)
 struct DequantTables {
-  uint16_t int8[256], fp8[256], mx[256][16];
+  uint16_t mx[256][16];
   DequantTables() {
     constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-    for (int b = 0; b < 256; ++b) {
-      int8[b] = exact_bf16(static_cast<float>(static_cast<int8_t>(b)));
-      const int e = (b >> 3) & 15, m = b & 7;
-      const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
-      fp8[b] = exact_bf16((e == 15 && m == 7) ? std::numeric_limits<float>::quiet_NaN() : ((b & 128) ? -mag : mag));
+    for (int b = 0; b < 256; ++b)
       for (int c = 0; c < 16; ++c) mx[b][c] = exact_bf16(std::ldexp(kE2M1[c], b - 127));
-    }
   }
 };
 const DequantTables& dequant_tables() {
@@ -88,9 +82,7 @@ void dequant_rows(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_
         }
       }
     } else {
-      const uint16_t* v = q.fmt == QuantFmt::kFp8 ? t.fp8 : t.int8;
-      const uint8_t* src = base + n * K;
-      for (int64_t k = 0; k < K; ++k) d[k] = v[src[k]];
+      dequant_bytes_bf16(base + n * K, K, q.fmt == QuantFmt::kFp8 ? 2 : 1, d);
     }
   }
 }
