@@ -30,9 +30,9 @@ constexpr int64_t kVnniBlock = 32;
 // AVX-512 where a kernel build runs (pack_vnni_avx512.cpp), else scalar: the same bits.
 PackPanelsVnniFn pack_panels_vnni;
 
-// n int8 (fmt 1) or float8_e4m3fn (fmt 2) codes -> their exact bf16 bits (pack_vnni_avx512.cpp):
-// the quantized experts' dequantization (vnni_experts.h, VnniQuant).
-DequantBytesBf16Fn dequant_bytes_bf16;
+// pack_panels_vnni of N rows of K int8 (fmt 1) or float8_e4m3fn (fmt 2) codes: each code becomes its
+// exact bf16 value on the way (pack_vnni_avx512.cpp): the quantized experts' repack (vnni_experts.h).
+PackPanelsVnniQFn pack_panels_vnni_q;
 
 // C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p*pstride + (k/2)*prow + 2*c + k%2]  for i < M, p < np, c < 16
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero

@@ -27,20 +27,21 @@ using CombineRowBf16Fn = void(const void* const* src, const float* w, int n, voi
                               const void* const* next, int n_next);
 using PackPanelsVnniFn = void(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
                               int64_t prow);
-using DequantBytesBf16Fn = void(const uint8_t* src, int64_t n, int fmt, uint16_t* dst);
+using PackPanelsVnniQFn = void(const uint8_t* src, int fmt, int64_t N, int64_t K, int64_t ld, uint16_t* dst,
+                               int64_t pstride, int64_t prow);
 
 namespace avx512_native {
 GemmPanelsVnniFn gemm_panels_vnni;
 CombineRowBf16Fn combine_row_bf16_avx512;
 PackPanelsVnniFn pack_panels_vnni;
-DequantBytesBf16Fn dequant_bytes_bf16;
+PackPanelsVnniQFn pack_panels_vnni_q;
 }  // namespace avx512_native
 
 namespace avx512_emu {
 GemmPanelsVnniFn gemm_panels_vnni;
 CombineRowBf16Fn combine_row_bf16_avx512;
 PackPanelsVnniFn pack_panels_vnni;
-DequantBytesBf16Fn dequant_bytes_bf16;
+PackPanelsVnniQFn pack_panels_vnni_q;
 }  // namespace avx512_emu
 
 }  // namespace moe_cpu

@@ -50,6 +50,36 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// 32 int8 (fmt 1) or float8_e4m3fn (fmt 2) codes (the first `count` read, the rest zero) ->
+// their bf16 bits, exactly: int8 through float (every int8 is a bf16 value); e4m3 by moving its
+// fields -- a normal S.EEEE.MMM is S | (EEEE + 120) << 7 | MMM << 4, the 8 subnormals come from a
+// table, S.1111.111 is a quiet NaN.
+inline __m512i codes_to_bf16(const uint8_t* src, int64_t count, int fmt) {
+  __m256i b;
+  if (count >= 32) {
+    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  } else {  // (SIMDe has no masked byte load)
+    alignas(32) uint8_t tail[32] = {};
+    if (count > 0) std::memcpy(tail, src, static_cast<size_t>(count));
+    b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  }
+  const __m512i x16 = _mm512_cvtepi8_epi16(b);  // sign-extended codes, 32 lanes of 16 bits
+  if (fmt == 1) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x16)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x16, 1)));
+    return bits_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
+                                       0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
+  const __m512i x = _mm512_and_si512(x16, _mm512_set1_epi16(0xFF));
+  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+  __m512i v = _mm512_mask_blend_epi16(_mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(7)), normal,
+                                      _mm512_permutexvar_epi16(mag, sub));
+  v = _mm512_mask_blend_epi16(_mm512_cmpeq_epu16_mask(mag, _mm512_set1_epi16(0x7F)), v, _mm512_set1_epi16(0x7FC0));
+  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+}
+
 }  // namespace
 
 void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
@@ -73,39 +103,26 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
   }
 }
 
-// n int8 (fmt 1) or float8_e4m3fn (fmt 2) codes -> their bf16 bits, exactly: 32 a step, the tail
-// masked. int8 through float (every int8 is a bf16 value); e4m3 by moving its fields -- a normal
-// S.EEEE.MMM is S | (EEEE + 120) << 7 | MMM << 4, the 8 subnormals come from a table, S.1111.111
-// is a quiet NaN.
-void dequant_bytes_bf16(const uint8_t* src, int64_t n, int fmt, uint16_t* dst) {
-  const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
-                                       0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
-  for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (n - i)) - 1ull);
-    __m256i b;
-    if (n - i >= 32) {
-      b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    } else {  // (SIMDe has no masked byte load)
-      alignas(32) uint8_t tail[32] = {};
-      std::memcpy(tail, src + i, static_cast<size_t>(n - i));
-      b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+// pack_panels_vnni of quantized rows: each row load is 32 int8/e4m3 codes turned into their exact
+// bf16 bits in registers (codes_to_bf16), so a quantized block is read once and never stored as
+// bf16 rows.
+void pack_panels_vnni_q(const uint8_t* src, int fmt, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                        int64_t prow) {
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t p = 0; p * kRows < N; ++p) {
+    const int64_t rows = N - p * kRows < kRows ? N - p * kRows : kRows;
+    const uint8_t* s = src + p * kRows * ld;
+    uint16_t* d = dst + p * pstride;
+    for (int64_t q0 = 0; q0 < K2; q0 += 16) {
+      const int64_t left = K - 2 * q0;  // bf16 values of each row from pair q0 on
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c)
+        r[c] = c < rows ? codes_to_bf16(s + c * ld + 2 * q0, left, fmt) : _mm512_setzero_si512();
+      transpose16(r);
+      const int64_t nq = K2 - q0 < 16 ? K2 - q0 : 16;
+      for (int64_t q = 0; q < nq; ++q) _mm512_storeu_si512(d + (q0 + q) * prow, r[q]);
     }
-    const __m512i x16 = _mm512_cvtepi8_epi16(b);  // sign-extended codes, 32 lanes of 16 bits
-    __m512i out;
-    if (fmt == 1) {
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x16)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x16, 1)));
-      out = bits_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    } else {
-      const __m512i x = _mm512_and_si512(x16, _mm512_set1_epi16(0xFF));
-      const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
-      const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-      __m512i v = _mm512_mask_blend_epi16(_mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(7)), normal,
-                                          _mm512_permutexvar_epi16(mag, sub));
-      v = _mm512_mask_blend_epi16(_mm512_cmpeq_epu16_mask(mag, _mm512_set1_epi16(0x7F)), v, _mm512_set1_epi16(0x7FC0));
-      out = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
-    }
-    _mm512_mask_storeu_epi16(dst + i, m, out);
   }
 }
 

@@ -47,7 +47,7 @@ inline uint16_t exact_bf16(float f) {
 
 // mxfp4: per e8m0 scale s, the 16 e2m1 values times 2^(s-127) as bf16 bits, built once, as
 // std::ldexp gives them (= torch.ldexp: 2^128 overflows codes >= 1 to inf and keeps zeros, 2^-127
-// stays a subnormal). All exact in bf16. (int8 and fp8: avx512_bf16.h dequant_bytes_bf16.)
+// stays a subnormal). All exact in bf16. (int8 and fp8: avx512_bf16.h pack_panels_vnni_q.)
 struct DequantTables {
   uint16_t mx[256][16];
   DequantTables() {
@@ -62,29 +62,35 @@ const DequantTables& dequant_tables() {
   return t;
 }
 
-// Rows [n0, n0 + cols) of expert e's quantized [N, K] weight as bf16 rows of K (exact).
-void dequant_rows(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0, int64_t cols,
-                  uint16_t* dst) {
-  const DequantTables& t = dequant_tables();
+// Rows [n0, n0 + cols) of expert e's quantized [N, K] weight, exactly as bf16, repacked into VNNI
+// panels at dst (pack_panels_vnni's pstride; rows of 2 * kVnniBlock). int8 / fp8: converted in
+// registers by the repack itself (pack_panels_vnni_q); mxfp4: through a bf16 row buffer.
+void repack_quant(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0, int64_t cols,
+                  uint16_t* dst, int64_t pstride) {
   const uint8_t* base = gate_up ? q.gate_up : q.down;
+  if (q.fmt != QuantFmt::kMxfp4) {
+    pack_panels_vnni_q(base + (e * N + n0) * K, q.fmt == QuantFmt::kFp8 ? 2 : 1, cols, K, K, dst, pstride,
+                       2 * kVnniBlock);
+    return;
+  }
+  thread_local std::vector<uint16_t> deq;
+  deq.resize(static_cast<size_t>(cols * K));
+  const DequantTables& t = dequant_tables();
   for (int64_t i = 0; i < cols; ++i) {
     const int64_t n = e * N + n0 + i;
-    uint16_t* d = dst + i * K;
-    if (q.fmt == QuantFmt::kMxfp4) {
-      const uint8_t* blk = base + n * (K / 2);
-      const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + n * (K / 32);
-      for (int64_t g = 0; g < K / 32; ++g) {
-        const uint16_t* v = t.mx[sc[g]];
-        for (int64_t b = 0; b < 16; ++b) {
-          const uint8_t byte = blk[g * 16 + b];
-          d[g * 32 + 2 * b] = v[byte & 15];
-          d[g * 32 + 2 * b + 1] = v[byte >> 4];
-        }
+    uint16_t* d = deq.data() + i * K;
+    const uint8_t* blk = base + n * (K / 2);
+    const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + n * (K / 32);
+    for (int64_t g = 0; g < K / 32; ++g) {
+      const uint16_t* v = t.mx[sc[g]];
+      for (int64_t b = 0; b < 16; ++b) {
+        const uint8_t byte = blk[g * 16 + b];
+        d[g * 32 + 2 * b] = v[byte & 15];
+        d[g * 32 + 2 * b + 1] = v[byte >> 4];
       }
-    } else {
-      dequant_bytes_bf16(base + n * K, K, q.fmt == QuantFmt::kFp8 ? 2 : 1, d);
     }
   }
+  pack_panels_vnni(deq.data(), cols, K, K, dst, pstride, 2 * kVnniBlock);
 }
 
 // The scale of output column n (row n of the [N, K] weight) for k block kb (fp8) or all of K (int8).
@@ -221,19 +227,15 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
       if (!buf.holds(call, t.e, p)) {
         buf.data.resize(static_cast<size_t>(blk1));
-        const uint16_t *gate, *up;
-        if (quant) {  // exact bf16 rows of the gate and the up half, then the same repack
-          thread_local std::vector<uint16_t> deq;
-          deq.resize(static_cast<size_t>(2 * kPanel * H));
-          dequant_rows(q, true, t.e, 2 * I, H, p * kPanel, cols, deq.data());
-          dequant_rows(q, true, t.e, 2 * I, H, I + p * kPanel, cols, deq.data() + kPanel * H);
-          gate = deq.data(), up = deq.data() + kPanel * H;
+        if (quant) {  // the gate and the up half, dequantized exactly on the way
+          repack_quant(q, true, t.e, 2 * I, H, p * kPanel, cols, buf.data.data(), 0);
+          repack_quant(q, true, t.e, 2 * I, H, I + p * kPanel, cols, buf.data.data() + 2 * kPanel, 0);
         } else {
           const PrefetchRanges src = gu_ranges(t.e, p);
-          gate = static_cast<const uint16_t*>(src.p[0]), up = static_cast<const uint16_t*>(src.p[1]);
+          pack_panels_vnni(static_cast<const uint16_t*>(src.p[0]), cols, H, H, buf.data.data(), 0, 2 * kVnniBlock);
+          pack_panels_vnni(static_cast<const uint16_t*>(src.p[1]), cols, H, H, buf.data.data() + 2 * kPanel, 0,
+                           2 * kVnniBlock);
         }
-        pack_panels_vnni(gate, cols, H, H, buf.data.data(), 0, 2 * kVnniBlock);
-        pack_panels_vnni(up, cols, H, H, buf.data.data() + 2 * kPanel, 0, 2 * kVnniBlock);
         buf.set(call, t.e, p);
       }
       wb = buf.data.data();
@@ -282,16 +284,10 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
           buf.data.resize(static_cast<size_t>(blk2));
           uint16_t* d = buf.data.data();
           const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
-          const uint16_t* src = w.down + (t.e * H + u * kVnniBlock) * I;
-          if (quant) {
-            thread_local std::vector<uint16_t> deq;
-            deq.resize(static_cast<size_t>(kVnniBlock * I));
-            dequant_rows(q, false, t.e, H, I, u * kVnniBlock, cols, deq.data());
-            src = deq.data();
-          }
-          pack_panels_vnni(src, cols, I, I, d, 2 * kPanel, 2 * kVnniBlock);
+          if (quant) repack_quant(q, false, t.e, H, I, u * kVnniBlock, cols, d, 2 * kPanel);
+          else pack_panels_vnni(w.down + (t.e * H + u * kVnniBlock) * I, cols, I, I, d, 2 * kPanel, 2 * kVnniBlock);
           if (cols <= kPanel)  // the second panel: no columns (the packing zero-fills it too)
-            for (int64_t q = 0; q < Iv / 2; ++q) std::memset(d + q * 2 * kVnniBlock + 2 * kPanel, 0, 64);
+            for (int64_t kk = 0; kk < Iv / 2; ++kk) std::memset(d + kk * 2 * kVnniBlock + 2 * kPanel, 0, 64);
           buf.set(call, t.e, u);
         }
         wb = buf.data.data();
