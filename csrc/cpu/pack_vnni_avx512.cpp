@@ -80,22 +80,19 @@ inline __m512i codes_to_bf16(const uint8_t* src, int64_t count, int fmt) {
   return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
 }
 
-}  // namespace
-
-void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
-                      int64_t prow) {
+// The packing loop: panel p = rows [16p, 16p + 16) (past N: zero), per 16 pairs one
+// `load(row, k0, left)` of each row's 32 values from element k0 (`left` of them remain; the rest
+// of the vector must be zero), a transpose, 16 row stores.
+template <class RowLoad>
+void pack_panels(int64_t N, int64_t K, uint16_t* dst, int64_t pstride, int64_t prow, RowLoad load) {
   const int64_t K2 = (K + 1) / 2;
   for (int64_t p = 0; p * kRows < N; ++p) {
     const int64_t rows = N - p * kRows < kRows ? N - p * kRows : kRows;
-    const uint16_t* s = src + p * kRows * ld;
     uint16_t* d = dst + p * pstride;
     for (int64_t q0 = 0; q0 < K2; q0 += 16) {
-      const int64_t left = K - 2 * q0;  // bf16 values of each row from pair q0 on
-      const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
       __m512i r[16];
 #pragma GCC unroll 16
-      for (int c = 0; c < 16; ++c)
-        r[c] = c < rows ? _mm512_maskz_loadu_epi16(m, s + c * ld + 2 * q0) : _mm512_setzero_si512();
+      for (int c = 0; c < 16; ++c) r[c] = c < rows ? load(p * kRows + c, 2 * q0, K - 2 * q0) : _mm512_setzero_si512();
       transpose16(r);
       const int64_t nq = K2 - q0 < 16 ? K2 - q0 : 16;
       for (int64_t q = 0; q < nq; ++q) _mm512_storeu_si512(d + (q0 + q) * prow, r[q]);
@@ -103,27 +100,23 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
   }
 }
 
+}  // namespace
+
+void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
+                      int64_t prow) {
+  pack_panels(N, K, dst, pstride, prow, [&](int64_t row, int64_t k0, int64_t left) {
+    const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
+    return _mm512_maskz_loadu_epi16(m, src + row * ld + k0);
+  });
+}
+
 // pack_panels_vnni of quantized rows: each row load is 32 int8/e4m3 codes turned into their exact
 // bf16 bits in registers (codes_to_bf16), so a quantized block is read once and never stored as
 // bf16 rows.
 void pack_panels_vnni_q(const uint8_t* src, int fmt, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
                         int64_t prow) {
-  const int64_t K2 = (K + 1) / 2;
-  for (int64_t p = 0; p * kRows < N; ++p) {
-    const int64_t rows = N - p * kRows < kRows ? N - p * kRows : kRows;
-    const uint8_t* s = src + p * kRows * ld;
-    uint16_t* d = dst + p * pstride;
-    for (int64_t q0 = 0; q0 < K2; q0 += 16) {
-      const int64_t left = K - 2 * q0;  // bf16 values of each row from pair q0 on
-      __m512i r[16];
-#pragma GCC unroll 16
-      for (int c = 0; c < 16; ++c)
-        r[c] = c < rows ? codes_to_bf16(s + c * ld + 2 * q0, left, fmt) : _mm512_setzero_si512();
-      transpose16(r);
-      const int64_t nq = K2 - q0 < 16 ? K2 - q0 : 16;
-      for (int64_t q = 0; q < nq; ++q) _mm512_storeu_si512(d + (q0 + q) * prow, r[q]);
-    }
-  }
+  pack_panels(N, K, dst, pstride, prow,
+              [&](int64_t row, int64_t k0, int64_t left) { return codes_to_bf16(src + row * ld + k0, left, fmt); });
 }
 
 }  // namespace moe_cpu::MOE_CPU_AVX512_NS
