@@ -39,12 +39,9 @@ void grouped_gemm_wgrad(const void* a, const void* dc, DType dtype, int64_t M, i
   const Stream stream = detail::to_stream(stream_handle);
   if (E == 0 || K == 0 || N == 0) return;
   const detail::GemmSchedule sched = detail::build_gemm_schedule(offsets, E, M, workspace, stream);
-  const long long items =
-      static_cast<long long>(E) * ((K + kern::kSimtBM - 1) / kern::kSimtBM) * ((N + kern::kSimtBN - 1) / kern::kSimtBN);
   if (detail::use_mma_wgrad(dtype, a, dc, K, N)) {
-    const long long mma_items =
-        static_cast<long long>(E) * ((K + kern::kMmaBM - 1) / kern::kMmaBM) * ((N + kern::kMmaBN - 1) / kern::kMmaBN);
-    const dim3 grid(detail::persistent_blocks(mma_items)), block(kern::kMmaThreads);
+    const dim3 grid(detail::persistent_blocks(kern::wgrad_items(E, K, N, kern::kMmaBM, kern::kMmaBN))),
+        block(kern::kMmaThreads);
     auto go = [&](auto tag) {
       using T = decltype(tag);
       launch(kern::grouped_gemm_wgrad_mma_kernel<T>, grid, block, kern::mma_smem_bytes(false), stream,
@@ -55,7 +52,8 @@ void grouped_gemm_wgrad(const void* a, const void* dc, DType dtype, int64_t M, i
     else go(__half{});
     return;
   }
-  const dim3 grid(detail::persistent_blocks(items)), block(kern::kSimtThreads);
+  const dim3 grid(detail::persistent_blocks(kern::wgrad_items(E, K, N, kern::kSimtBM, kern::kSimtBN))),
+      block(kern::kSimtThreads);
   detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch(kern::grouped_gemm_wgrad_kernel<T>, grid, block, 0, stream, static_cast<const T*>(a),

@@ -55,8 +55,6 @@ inline void zero_outside_rows(DType dtype, const int* offs, int E, long long M, 
   });
 }
 
-inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 // Whether the tensor-core kernel takes this problem: bf16/fp16 on an sm_80+ device, every row
 // it copies 16-byte aligned (cp.async moves whole 16-byte chunks; zero-fill only at chunk
 // granularity). MOE_OPS_CUDA_GEMM=simt sends everything to the CUDA-core kernel.
@@ -75,7 +73,7 @@ inline bool mma_allowed(DType dtype) {
 
 // The wgrad reads rows of a[M, K] and dc[M, N] in 16-byte chunks.
 inline bool use_mma_wgrad(DType dtype, const void* a, const void* dc, long long K, long long N) {
-  return mma_allowed(dtype) && K % 8 == 0 && N % 8 == 0 && aligned16(a) && aligned16(dc);
+  return mma_allowed(dtype) && K % 8 == 0 && N % 8 == 0 && kern::is_aligned16(a) && kern::is_aligned16(dc);
 }
 
 inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
@@ -84,7 +82,7 @@ inline bool use_mma(DType dtype, const kern::GroupedGemmParams& p) {
   if (b_kmajor && p.act != kern::kActNone) return false;  // no caller; not instantiated
   const long long b_row = b_kmajor ? p.b_sk : p.b_sn;
   return p.K % 8 == 0 && p.lda % 8 == 0 && b_row % 8 == 0 && p.b_expert % 8 == 0 && (!b_kmajor || p.N % 8 == 0) &&
-         (b_kmajor || p.b_sk == 1) && aligned16(p.a) && aligned16(p.b);
+         (b_kmajor || p.b_sk == 1) && kern::is_aligned16(p.a) && kern::is_aligned16(p.b);
 }
 
 // One grouped GEMM over a built schedule (p.offs, p.tiles set); gated when p.act != 0.

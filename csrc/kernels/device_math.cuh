@@ -192,7 +192,9 @@ __device__ __forceinline__ void store16(T* dst, const T (&src)[N]) {
 #endif
 }
 
-__device__ __forceinline__ bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__host__ __device__ __forceinline__ bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
 
 }  // namespace kern
 }  // namespace moe_ops

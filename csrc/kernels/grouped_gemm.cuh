@@ -57,12 +57,12 @@ __device__ __forceinline__ typename AccType<T>::type load_acc(const void* base, 
 
 // Where row r's results go: C row c_rows[r] (or r), scaled by row_scale[C row] (or 1).
 template <typename T>
-struct OutRowT {
+struct OutRow {
   T* dst;
   typename AccType<T>::type scale;
 };
 template <typename T>
-__device__ __forceinline__ OutRowT<T> out_row(const GroupedGemmParams& p, long long r) {
+__device__ __forceinline__ OutRow<T> out_row(const GroupedGemmParams& p, long long r) {
   using Acc = typename AccType<T>::type;
   const long long cr = p.c_rows != nullptr ? p.c_rows[r] : r;
   return {static_cast<T*>(p.c) + cr * p.ldc,
@@ -71,7 +71,7 @@ __device__ __forceinline__ OutRowT<T> out_row(const GroupedGemmParams& p, long l
 
 // One output element of the row: act(gate) * up when gated, times the row's scale, cast, stored.
 template <typename T, bool GATED>
-__device__ __forceinline__ void store_out(const GroupedGemmParams& p, const OutRowT<T>& o, long long col,
+__device__ __forceinline__ void store_out(const GroupedGemmParams& p, const OutRow<T>& o, long long col,
                                           typename AccType<T>::type gate, typename AccType<T>::type up) {
   typename AccType<T>::type v = gate;
   if constexpr (GATED) v = gate_act(v, p.act) * up;
@@ -84,11 +84,11 @@ struct WgradItem {
   int e;
   long long kd0, n0;
 };
-__device__ __forceinline__ long long wgrad_items(int E, long long K, long long N, int bm, int bn) {
+__host__ __device__ inline long long wgrad_items(int E, long long K, long long N, int bm, int bn) {
   return static_cast<long long>(E) * ((K + bm - 1) / bm) * ((N + bn - 1) / bn);
 }
 __device__ __forceinline__ WgradItem wgrad_item(long long w, long long K, long long N, int bm, int bn) {
-  const long long per_e = ((K + bm - 1) / bm) * ((N + bn - 1) / bn), n_tiles = (N + bn - 1) / bn;
+  const long long n_tiles = (N + bn - 1) / bn, per_e = (K + bm - 1) / bm * n_tiles;
   const long long rest = w % per_e;
   return {static_cast<int>(w / per_e), rest / n_tiles * bm, rest % n_tiles * bn};
 }

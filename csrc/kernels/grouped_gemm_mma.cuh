@@ -187,7 +187,7 @@ __global__ void grouped_gemm_mma_kernel(GroupedGemmParams p) {
       for (int h = 0; h < 2; ++h) {
         const long long r = row0 + warp_m * 32 + i * 16 + (lane >> 2) + h * 8;
         if (r >= row_end) continue;
-        const OutRowT<T> o = out_row<T>(p, r);
+        const OutRow<T> o = out_row<T>(p, r);
         MOE_UNROLL
         for (int j = 0; j < 4; ++j) {
           MOE_UNROLL
@@ -212,7 +212,8 @@ __global__ void grouped_gemm_wgrad_mma_kernel(const T* a, const T* dc, const int
   MOE_DYNAMIC_SMEM(uint4, smem);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 1, warp_n = warp & 1;
-  for (long long w = blockIdx.x; w < wgrad_items(E, K, N, kMmaBM, kMmaBN); w += gridDim.x) {
+  const long long total = wgrad_items(E, K, N, kMmaBM, kMmaBN);
+  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const WgradItem it = wgrad_item(w, K, N, kMmaBM, kMmaBN);
     const int e = it.e;
     const long long kd0 = it.kd0, n0 = it.n0, r_begin = offs[e], r_end = offs[e + 1];

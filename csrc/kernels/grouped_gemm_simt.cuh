@@ -100,7 +100,7 @@ __global__ void grouped_gemm_simt_kernel(GroupedGemmParams p) {
     for (int i = 0; i < 4; ++i) {
       const long long r = row0 + ty + 16 * i;
       if (r >= row_end) continue;
-      const OutRowT<T> o = out_row<T>(p, r);
+      const OutRow<T> o = out_row<T>(p, r);
       MOE_UNROLL
       for (int j = 0; j < 4; ++j) {
         const long long col = n0 + tx + 16 * j;
@@ -118,7 +118,8 @@ __global__ void grouped_gemm_wgrad_kernel(const T* a, const T* dc, const int* of
   __shared__ Acc sA[kSimtBK][kSimtBM];
   __shared__ Acc sB[1][kSimtBK][kSimtBN];
   const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
-  for (long long w = blockIdx.x; w < wgrad_items(E, K, N, kSimtBM, kSimtBN); w += gridDim.x) {
+  const long long total = wgrad_items(E, K, N, kSimtBM, kSimtBN);
+  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const WgradItem it = wgrad_item(w, K, N, kSimtBM, kSimtBN);
     const int e = it.e;
     const long long kd0 = it.kd0, n0 = it.n0, r_begin = offs[e], r_end = offs[e + 1];
