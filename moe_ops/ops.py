@@ -12,6 +12,7 @@ Pipeline names follow vLLM's fused_moe: router (``topk_gating``) -> dispatch/per
 from __future__ import annotations
 
 import math
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -618,53 +619,57 @@ def cuda_fused_moe(name: str, fused_experts):
     return fused
 
 
-def _quantized_cpu_path(x, router_logits, w_gate_up, w_down, k, weight_format, gu_scale, d_scale, block_size,
+def _check_quantized_layer(x, router_logits, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size):
+    """moe_forward's arguments with quantized weights, checked once before anything runs."""
+    from . import quant
+    if weight_format is None or gu_scale is None or d_scale is None:
+        raise ValueError("moe_ops: quantized weights need weight_format, w_gate_up_scale and w_down_scale together")
+    _check_tensor("x", x, FLOAT_DTYPES, 2)
+    shapes = []
+    for name, w, s in (("w_gate_up", w_gate_up, gu_scale), ("w_down", w_down, d_scale)):
+        if not isinstance(w, torch.Tensor) or w.dim() != (4 if weight_format == "mxfp4" else 3):
+            raise ValueError(f"moe_ops: quantized {name} must be the [E, ...] {weight_format} tensor, "
+                             f"got {getattr(w, 'shape', type(w))}")
+        shapes.append((w.shape[0], *quant.check_quantized(w, s, weight_format, block_size)))
+    (E, N, K), (Ed, Nd, Kd) = shapes
+    if N % 2 or K != x.shape[1] or (Ed, Nd, Kd) != (E, x.shape[1], N // 2):
+        raise ValueError(f"moe_ops: quantized w_gate_up must hold [E, 2I, H={x.shape[1]}] and w_down [E, H, I], got "
+                         f"{(E, N, K)} and {(Ed, Nd, Kd)}")
+    _check_tensor("router_logits", router_logits, FLOAT_DTYPES, 2)
+    if tuple(router_logits.shape) != (x.shape[0], E):
+        raise ValueError(f"moe_ops: router_logits must be [T={x.shape[0]}, E={E}], got {tuple(router_logits.shape)}")
+    _check_same_device(x=x, router_logits=router_logits, w_gate_up=w_gate_up, w_down=w_down)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_avx512_kernels() -> bool:
+    """Whether the CPU backend runs its AVX512-BF16 kernels here (fixed for the process: the C++
+    reads the CPU and MOE_OPS_CPU_EMULATE_AVX512 once)."""
+    from . import build_info
+    return bool(build_info().get("cpu", {}).get("avx512_kernels"))
+
+
+def _quantized_cpu_path(x, router_logits, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size,
                         capacity_factor, backend):
     """``(ids, weights, activation) -> out`` through the CPU's quantized fused expert op when it
     applies (dropless, bf16 x on CPU, the cpu backend, AVX512-BF16 kernels, no gradient), else None.
-    The arguments are checked first either way (by :func:`_dequantized_weights` on the way)."""
-    _dequantized_check(x, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size)
-    _check_tensor("router_logits", router_logits, FLOAT_DTYPES, 2)
-    if tuple(router_logits.shape) != (x.shape[0], w_gate_up.shape[0]):
-        raise ValueError(f"moe_ops: router_logits must be [T={x.shape[0]}, E={w_gate_up.shape[0]}], "
-                         f"got {tuple(router_logits.shape)}")
-    _check_same_device(x=x, router_logits=router_logits, w_gate_up=w_gate_up, w_down=w_down)
+    The arguments are checked (:func:`_check_quantized_layer`)."""
     bn, bk = (128, 128) if block_size is None else tuple(block_size)
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or capacity_factor is not None
             or backend not in (None, "cpu") or (weight_format == "fp8_e4m3" and bk % 2)
             or (torch.is_grad_enabled() and (x.requires_grad or router_logits.requires_grad))):
         return None
     op = _backend.native_op("fused_experts_quantized")
-    from . import build_info
-    if op is None or not build_info().get("cpu", {}).get("avx512_kernels"):
+    if op is None or not _cpu_avx512_kernels():
         return None
     return lambda ids, weights, act: op(x, ids, weights, w_gate_up, gu_scale, w_down, d_scale, weight_format,
                                         bn, bk, act)
 
 
-def _dequantized_check(x, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size):
+def _dequantized_weights(w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size):
+    """moe_forward's quantized weights (checked) as float32 tensors: the fallback of every backend
+    without a quantized expert kernel."""
     from . import quant
-    if weight_format is None or gu_scale is None or d_scale is None:
-        raise ValueError("moe_ops: quantized weights need weight_format, w_gate_up_scale and w_down_scale together")
-    _check_tensor("x", x, FLOAT_DTYPES, 2)
-    for name, w, s in (("w_gate_up", w_gate_up, gu_scale), ("w_down", w_down, d_scale)):
-        if not isinstance(w, torch.Tensor) or w.dim() != (4 if weight_format == "mxfp4" else 3):
-            raise ValueError(f"moe_ops: quantized {name} must be the [E, ...] {weight_format} tensor, "
-                             f"got {getattr(w, 'shape', type(w))}")
-        quant.check_quantized(w, s, weight_format, block_size)
-    E, two_i = w_gate_up.shape[:2]
-    N, K = quant.check_quantized(w_gate_up, gu_scale, weight_format, block_size)
-    Nd, Kd = quant.check_quantized(w_down, d_scale, weight_format, block_size)
-    if two_i % 2 or K != x.shape[1] or (w_down.shape[0], Nd, Kd) != (E, x.shape[1], two_i // 2):
-        raise ValueError(f"moe_ops: quantized w_gate_up must hold [E, 2I, H={x.shape[1]}] and w_down [E, H, I], got "
-                         f"{(E, N, K)} and {(w_down.shape[0], Nd, Kd)}")
-
-
-def _dequantized_weights(x, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size):
-    """moe_forward's quantized weights, checked, as float32 tensors (the fallback of every
-    backend until quantized kernels exist)."""
-    from . import quant
-    _dequantized_check(x, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size)
     with torch.no_grad():
         return (quant.dequantize_experts(w_gate_up, gu_scale, weight_format, block_size=block_size),
                 quant.dequantize_experts(w_down, d_scale, weight_format, block_size=block_size))
@@ -700,7 +705,9 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     freed after the call) and runs the layer in float32 (``x`` upcast), the oracle's computation.
     """
     if weight_format is not None or w_gate_up_scale is not None or w_down_scale is not None:
-        fast = _quantized_cpu_path(x, router_logits, w_gate_up, w_down, k, weight_format, w_gate_up_scale,
+        _check_quantized_layer(x, router_logits, w_gate_up, w_down, weight_format, w_gate_up_scale, w_down_scale,
+                               block_size)
+        fast = _quantized_cpu_path(x, router_logits, w_gate_up, w_down, weight_format, w_gate_up_scale,
                                    w_down_scale, block_size, capacity_factor, backend)
         if fast is not None:
             weights, ids = topk_gating(router_logits, k, scoring=scoring, renormalize=renormalize,
@@ -708,8 +715,8 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
                                        scaling_factor=scaling_factor, backend="cpu")
             with stage("dispatch"), stage("experts"), stage("combine"):
                 return fast(ids, weights, activation)
-        w_gate_up, w_down = _dequantized_weights(x, w_gate_up, w_down, weight_format, w_gate_up_scale,
-                                                 w_down_scale, block_size)
+        w_gate_up, w_down = _dequantized_weights(w_gate_up, w_down, weight_format, w_gate_up_scale, w_down_scale,
+                                                 block_size)
         out = moe_forward(x.to(torch.float32), router_logits, w_gate_up, w_down, k, activation=activation,
                           scoring=scoring, renormalize=renormalize, n_group=n_group, topk_group=topk_group,
                           correction_bias=correction_bias, scaling_factor=scaling_factor,
