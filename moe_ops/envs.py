@@ -81,6 +81,8 @@ _SETTINGS = [
             "gpu-check"),
     Setting("MOE_OPS_SANITIZERS_REQUIRED", None, "1: a missing sanitizer build fails the sanitizer "
             "tests (CI) instead of skipping them", "tests"),
+    Setting("MOE_OPS_NVRTC_REQUIRED", None, "1: a missing CuPy NVRTC fails the NVRTC tests instead of skipping "
+            "them (`make test` sets it when its requirements install CuPy)", "tests"),
 ]
 
 SETTINGS: Dict[str, Setting] = {s.name: s for s in _SETTINGS}
