@@ -45,6 +45,9 @@ _SETTINGS = [
             "them", "c++"),
     Setting("MOE_OPS_CPU_BRGEMM", None, "`1`/`0`: the bf16 expert GEMMs on oneDNN's brgemm or not "
             "(default: on only on CPUs with AMX-BF16)", "c++"),
+    Setting("MOE_OPS_CPU_GEMV_ROWS", "4", "quantized experts (fused_experts_quantized): tiles of at most "
+            "this many rows an expert run the decode GEMV on the quantized rows as stored, larger ones "
+            "repack to VNNI panels (0: never the GEMV)", "c++"),
     Setting("MOE_OPS_CPU_EMULATE_AVX512", None, "set: run the AVX512-BF16 kernels through their "
             "SIMDe emulation (testing on CPUs without them)", "c++"),
     Setting("MOE_OPS_CUDA_GEMM", None, "`simt`: the CUDA grouped GEMMs on CUDA cores only (default: "

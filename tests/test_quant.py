@@ -198,13 +198,27 @@ def _quant_inputs(T, H, I, E, k, fmt, block, seed):
     return x.bfloat16(), ids, w, (q1, s1, q2, s2), kw
 
 
+GEMV_CASES = [  # decode-sized: every expert's tile has <= 4 rows (the GEMV on the rows as stored)
+    (2, 200, 48, 4, 2, "int8", (0, 0)),            # K tails: H = 200, I = 48 (not multiples of 32)
+    (3, 256, 160, 4, 2, "fp8_e4m3", (128, 128)),   # partial k block (I = 160) and n block
+    (2, 96, 72, 3, 2, "fp8_e4m3", (16, 32)),       # several k blocks a row, I = 72: a 8-element tail block
+    (4, 96, 64, 4, 1, "mxfp4", (0, 0)),
+    (2, 64, 96, 2, 2, "mxfp4", (0, 0)),
+    (2, 64, 48, 2, 2, "fp8_e4m3", (16, 24)),       # bk not a multiple of 32: the repack path
+]
+
+
 @needs_quant_op
-@pytest.mark.parametrize("case", QUANT_CASES, ids=lambda c: f"{c[5]}-T{c[0]}-H{c[1]}-I{c[2]}")
-def test_quantized_op_matches_dequantized_reference(case):
+@pytest.mark.parametrize("gemv_rows", ["0", "4"], ids=["repack", "gemv"])
+@pytest.mark.parametrize("case", QUANT_CASES + GEMV_CASES, ids=lambda c: f"{c[5]}-T{c[0]}-H{c[1]}-I{c[2]}")
+def test_quantized_op_matches_dequantized_reference(case, gemv_rows, monkeypatch):
     """fused_experts_quantized vs the reference expert stage on the dequantized weights (float64
-    oracle, bf16 run as the dtype's own error), sentinel ids dropped; mxfp4's dequantized weights
-    are bf16 values, so there it must equal the bf16 fused_experts on them bit for bit."""
+    oracle, bf16 run as the dtype's own error), sentinel ids dropped, with the decode GEMV on
+    (MOE_OPS_CPU_GEMV_ROWS=4, the default) and off; mxfp4's dequantized weights are bf16 values,
+    so on the repack path (the panel GEMM's summation order) it must equal the bf16 fused_experts
+    on them bit for bit."""
     from tests.compare import assert_bitwise_equal, assert_close_to_reference
+    monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)
     T, H, I, E, k, fmt, block = case
     x, ids, w, (q1, s1, q2, s2), kw = _quant_inputs(*case, seed=T + H)
     op = torch.ops.moe_ops.fused_experts_quantized
@@ -216,25 +230,37 @@ def test_quantized_op_matches_dequantized_reference(case):
     assert_close_to_reference(got, lowp, hi, name=f"fused_experts_quantized {fmt}")
     assert _rel_rms(got, hi) <= 6e-3  # the bf16 layer's own error is ~5e-3 (x, h, y rounded)
     assert_bitwise_equal(got, op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu"), "determinism")
-    if fmt == "mxfp4":
+    if fmt == "mxfp4" and gemv_rows == "0":
         assert_bitwise_equal(got, torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "swiglu"),
                              "mxfp4 = bf16 experts on the exact dequantized weights")
 
 
 @needs_quant_op
-def test_quantized_op_special_values():
-    """mxfp4 e8m0 0/127/254 and fp8 NaN codes flow through like the dequantized reference: the
-    mxfp4 output equals the bf16 op on the dequantized weights bit for bit (NaN where it has NaN)."""
-    T, H, I, E, k = 5, 64, 32, 2, 2
+@pytest.mark.parametrize("T", [5, 2], ids=["repack", "gemv"])
+def test_quantized_op_special_values(T, monkeypatch):
+    """mxfp4 e8m0 0/127/254/255 and fp8 NaN codes flow through like the dequantized reference: the
+    mxfp4 output equals the bf16 op on the dequantized weights (bit for bit on the repack path,
+    T = 5: 5 rows an expert; to rounding on the decode GEMV, T = 2, with NaN and inf where it
+    has them)."""
+    H, I, E, k = 64, 32, 2, 2
+    monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", "0" if T == 5 else "4")
     x, ids, w, (q1, s1, q2, s2), _ = _quant_inputs(T, H, I, E, k, "mxfp4", (0, 0), seed=4)
     s1 = s1.clone()
     s1[0, :, 0] = 0
     s1[0, 3, 1] = 254
     s1[1, :, 1] = 127
+    s2 = s2.clone()
+    s2[1, 5, 0] = 255                                                 # 2^128: inf where a code is not 0
     d1, d2 = moe_ops.dequantize_experts(q1, s1, "mxfp4"), moe_ops.dequantize_experts(q2, s2, "mxfp4")
-    got = torch.ops.moe_ops.fused_experts_quantized(x, ids, w, q1, s1, q2, s2, "mxfp4", 0, 0, "geglu")
-    want = torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "geglu")
-    _same(got.float(), want.float())
+    got = torch.ops.moe_ops.fused_experts_quantized(x, ids, w, q1, s1, q2, s2, "mxfp4", 0, 0, "geglu").float()
+    want = torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "geglu").float()
+    assert not torch.isfinite(want).all() and torch.isfinite(want).any()
+    if T == 5:
+        _same(got, want)
+    else:
+        fin = torch.isfinite(want)
+        _same(torch.where(fin, 0.0, got), torch.where(fin, 0.0, want))   # the same NaN/inf, same signs
+        assert _rel_rms(got[fin], want[fin]) <= 1e-2
     xq, ids8, w8, (f1, g1, f2, g2), _ = _quant_inputs(T, H, I, E, k, "fp8_e4m3", (32, 32), seed=5)
     f1, ids8 = f1.clone(), ids8.clone()
     ids8[0], ids8[1:] = 0, 1                                          # token 0 on expert 0 only

@@ -34,6 +34,13 @@ PackPanelsVnniFn pack_panels_vnni;
 // exact bf16 value on the way (pack_vnni_avx512.cpp): the quantized experts' repack (vnni_experts.h).
 PackPanelsVnniQFn pack_panels_vnni_q;
 
+// C[i*ldc + j] = sum_k A[i*lda + k] * w_j[k] for i < M, j < job.n: the quantized weight rows
+// job.w[j] (GemvQuantJob) dequantized exactly to bf16 in registers, scales applied (fp8's per k
+// block to the block's partial sums, int8's to the sum), one vdpbf16ps chain per (row, column,
+// k block) over the 32-element chunks in ascending order, lanes summed in a fixed order. For the
+// few-row tiles of decode (vnni_experts.cpp), where repacking the weights costs more than the GEMM.
+GemvQuantFn gemv_quant;
+
 // C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p*pstride + (k/2)*prow + 2*c + k%2]  for i < M, p < np, c < 16
 // A: bf16 rows holding 2*K2 values each (an odd K's pad element must be finite: it meets a zero
 // weight). Each output is one vdpbf16ps chain over

@@ -10,7 +10,8 @@
 set(MOE_OPS_CPU_AVX512_SOURCES
   ${CMAKE_SOURCE_DIR}/csrc/cpu/gemm_vnni_avx512.cpp
   ${CMAKE_SOURCE_DIR}/csrc/cpu/combine_row_bf16_avx512.cpp
-  ${CMAKE_SOURCE_DIR}/csrc/cpu/pack_vnni_avx512.cpp)
+  ${CMAKE_SOURCE_DIR}/csrc/cpu/pack_vnni_avx512.cpp
+  ${CMAKE_SOURCE_DIR}/csrc/cpu/gemv_quant_avx512.cpp)
 
 # One compilation of the AVX512-BF16 kernels into namespace moe_cpu::<ns>, linked into _C.
 function(moe_ops_cpu_avx512_build target ns)

@@ -12,6 +12,7 @@
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
+#include "quant_codes_avx512.h"
 
 #ifndef MOE_CPU_AVX512_NS
 #error "compiled by cpu.cmake once per instruction set, with -DMOE_CPU_AVX512_NS=avx512_native|avx512_emu"
@@ -48,36 +49,6 @@ inline void transpose16(__m512i r[16]) {
     r[8 + q] = _mm512_shuffle_i32x4(x1, y1, 0x88);
     r[12 + q] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
   }
-}
-
-// 32 int8 (fmt 1) or float8_e4m3fn (fmt 2) codes (the first `count` read, the rest zero) ->
-// their bf16 bits, exactly: int8 through float (every int8 is a bf16 value); e4m3 by moving its
-// fields -- a normal S.EEEE.MMM is S | (EEEE + 120) << 7 | MMM << 4, the 8 subnormals come from a
-// table, S.1111.111 is a quiet NaN.
-inline __m512i codes_to_bf16(const uint8_t* src, int64_t count, int fmt) {
-  __m256i b;
-  if (count >= 32) {
-    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  } else {  // (SIMDe has no masked byte load)
-    alignas(32) uint8_t tail[32] = {};
-    if (count > 0) std::memcpy(tail, src, static_cast<size_t>(count));
-    b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-  }
-  const __m512i x16 = _mm512_cvtepi8_epi16(b);  // sign-extended codes, 32 lanes of 16 bits
-  if (fmt == 1) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(x16)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x16, 1)));
-    return bits_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-  }
-  const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
-                                       0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
-  const __m512i x = _mm512_and_si512(x16, _mm512_set1_epi16(0xFF));
-  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
-  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-  __m512i v = _mm512_mask_blend_epi16(_mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(7)), normal,
-                                      _mm512_permutexvar_epi16(mag, sub));
-  v = _mm512_mask_blend_epi16(_mm512_cmpeq_epu16_mask(mag, _mm512_set1_epi16(0x7F)), v, _mm512_set1_epi16(0x7FC0));
-  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
 }
 
 // The packing loop: panel p = rows [16p, 16p + 16) (past N: zero), per 16 pairs one

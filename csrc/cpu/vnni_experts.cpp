@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "activations.h"
+#include "env.h"
 #include "avx512_bf16.h"
 #include "gemm_panels.h"
 #include "host_alloc.h"
@@ -146,6 +148,41 @@ inline PrefetchRanges quant_range(const VnniQuant& q, bool gate_up, int64_t e, i
   return r;
 }
 
+
+// Tiles of at most this many rows take the decode GEMV on the quantized rows as stored
+// (gemv_quant) instead of a repack and the panel GEMM: measured in docs/cpu.md ("Quantized
+// experts"). MOE_OPS_CPU_GEMV_ROWS overrides it (0: never), read at every call.
+int64_t gemv_max_rows() {
+  const char* v = moe_ops::env::get("CPU_GEMV_ROWS");
+  return v ? std::max<int64_t>(0, std::atoll(v)) : 4;
+}
+
+// The GEMV takes every format but fp8 with k blocks that are not a multiple of its 32-element chunks.
+inline bool gemv_takes(const VnniQuant& q) { return q.fmt != QuantFmt::kFp8 || q.bk % 32 == 0; }
+
+// The GEMV job of a block's columns: col_n(j) = the weight row of column j (< 0: none).
+template <class ColN>
+GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int ncols, ColN col_n) {
+  GemvQuantJob job;
+  job.fmt = static_cast<int>(q.fmt);
+  job.K = K, job.bk = q.bk, job.n = ncols;
+  job.mx = q.fmt == QuantFmt::kMxfp4 ? &dequant_tables().mx[0][0] : nullptr;
+  const uint8_t* base = gate_up ? q.gate_up : q.down;
+  const int64_t row_bytes = q.fmt == QuantFmt::kMxfp4 ? K / 2 : K;
+  const int64_t nbn = q.fmt == QuantFmt::kFp8 ? (N + q.bn - 1) / q.bn : 0, nbk = q.fmt == QuantFmt::kFp8 ? (K + q.bk - 1) / q.bk : 0;
+  for (int j = 0; j < ncols; ++j) {
+    const int64_t n = col_n(j);
+    job.w[j] = n < 0 ? nullptr : base + (e * N + n) * row_bytes;
+    job.s[j] = nullptr;
+    if (n < 0) continue;
+    const void* sc = gate_up ? q.gate_up_scale : q.down_scale;
+    if (q.fmt == QuantFmt::kInt8) job.s[j] = static_cast<const float*>(sc) + e * N + n;
+    else if (q.fmt == QuantFmt::kFp8) job.s[j] = static_cast<const float*>(sc) + (e * nbn + n / q.bn) * nbk;
+    else job.s[j] = static_cast<const uint8_t*>(sc) + (e * N + n) * (K / 32);
+  }
+  return job;
+}
+
 }  // namespace
 
 void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I, const VnniWeights& w, bool swiglu,
@@ -168,6 +205,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // poorly. Both measured (docs/cpu.md, "Weights as stored at packed speed").
   const int64_t pf_min_rows = w.packed ? 12 : 0;
   const uint64_t call = ++call_counter;
+  const int64_t gemv_rows = w.q.fmt != QuantFmt::kNone && gemv_takes(w.q) ? gemv_max_rows() : 0;
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
   // Scratch comes from the host cache (host_alloc.h): no page faults at steady state.
@@ -222,8 +260,16 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const bool other = nx && (nx->e != t.e || nx->n0 != t.n0);  // the next tile has other weights
     const PrefetchRanges next = other ? gu_ranges(nx->e, nx->n0) : PrefetchRanges{};
     const bool pf = other && rows >= pf_min_rows;
+    c.resize(static_cast<size_t>(rows * 2 * kPanel));
+    const uint16_t* a = A1 + t.m0 * Hp;
+    // columns 0..15: gate rows p*16 + j, 16..31: up rows I + p*16 + j - 16
+    const auto col_n = [&](int64_t j) {
+      const int64_t jj = j % kPanel;
+      return jj < cols ? (j < kPanel ? p * kPanel + jj : I + p * kPanel + jj) : -1;
+    };
+    const bool gemv = rows <= gemv_rows;  // the quantized rows as stored, no repack
     const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
-    if (!w.packed) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
+    if (!w.packed && !gemv) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
       if (!buf.holds(call, t.e, p)) {
         buf.data.resize(static_cast<size_t>(blk1));
         if (quant) {  // the gate and the up half, dequantized exactly on the way
@@ -239,13 +285,9 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       }
       wb = buf.data.data();
     }
-    c.resize(static_cast<size_t>(rows * 2 * kPanel));
-    const uint16_t* a = A1 + t.m0 * Hp;
-    if (quant) {  // columns 0..15: gate rows p*16 + j, 16..31: up rows I + p*16 + j - 16
-      const auto col_n = [&](int64_t j) {
-        const int64_t jj = j % kPanel;
-        return jj < cols ? (j < kPanel ? p * kPanel + jj : I + p * kPanel + jj) : -1;
-      };
+    if (gemv) {
+      gemv_quant(gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n), a, Hp, rows, c.data(), 2 * kPanel);
+    } else if (quant) {
       block_gemm(q, true, t.e, 2 * I, H, col_n, a, Hp, wb, Hp / 2, c.data(), 2 * kPanel, rows, pf ? &next : nullptr);
     } else if (brg) {  // bitwise the panel kernel's result without AMX
       brgemm_bf16(rows, kVnniBlock, Hp, a, Hp, wb, kVnniBlock, c.data(), 2 * kPanel);
@@ -278,6 +320,12 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
                                           : PrefetchRanges{};
       const bool pf = other && rows >= pf_min_rows;
       const uint16_t* wb = w.down + (t.e * U2 + u) * blk2;
+      if (rows <= gemv_rows) {
+        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
+        const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
+        gemv_quant(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
+        continue;
+      }
       if (!w.packed) {
         if (!buf.holds(call, t.e, u)) {
           buf.data.resize(static_cast<size_t>(blk2));
