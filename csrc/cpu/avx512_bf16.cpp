@@ -34,8 +34,7 @@ const Kernels* kernels_here() {
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
     static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
-                             avx512_emu::pack_panels_vnni, avx512_emu::pack_panels_vnni_q,
-                             avx512_emu::gemv_quant};
+                             avx512_emu::pack_panels_vnni, avx512_emu::pack_panels_vnni_q, avx512_emu::gemv_quant};
     return &emu;
 #else
     return nullptr;

@@ -31,12 +31,12 @@ using PackPanelsVnniQFn = void(const uint8_t* src, int fmt, int64_t N, int64_t K
                                int64_t pstride, int64_t prow);
 // One decode GEMV job on quantized weight rows as stored (avx512_bf16.h gemv_quant).
 struct GemvQuantJob {
-  int fmt = 0;           // 1 int8, 2 float8_e4m3fn, 3 mxfp4
-  int64_t K = 0;         // the dequantized row length
-  int64_t bk = 0;        // fp8: the scale's k block, a multiple of 32
-  int n = 0;             // output columns, <= kGemvCols
-  const uint8_t* w[32];  // column j's weight row (mxfp4: its blocks); nullptr: the column is zero
-  const void* s[32];     // int8: its float scale; fp8: its float k-block scales; mxfp4: its e8m0 bytes
+  int fmt = 0;                   // 1 int8, 2 float8_e4m3fn, 3 mxfp4
+  int64_t K = 0;                 // the dequantized row length
+  int64_t bk = 0;                // fp8: the scale's k block, a multiple of 32
+  int n = 0;                     // output columns, <= kGemvCols
+  const uint8_t* w[32];          // column j's weight row (mxfp4: its blocks); nullptr: the column is zero
+  const void* s[32];             // int8: its float scale; fp8: its float k-block scales; mxfp4: its e8m0 bytes
   const uint16_t* mx = nullptr;  // mxfp4: [256][16] bf16 bits of e2m1(c) * 2^(s - 127)
 };
 using GemvQuantFn = void(const GemvQuantJob& job, const uint16_t* A, int64_t lda, int64_t M, float* C, int64_t ldc);

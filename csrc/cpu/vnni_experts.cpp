@@ -148,7 +148,6 @@ inline PrefetchRanges quant_range(const VnniQuant& q, bool gate_up, int64_t e, i
   return r;
 }
 
-
 // Tiles of at most this many rows take the decode GEMV on the quantized rows as stored
 // (gemv_quant) instead of a repack and the panel GEMM: measured in docs/cpu.md ("Quantized
 // experts"). MOE_OPS_CPU_GEMV_ROWS overrides it (0: never), read at every call.
@@ -169,7 +168,8 @@ GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, in
   job.mx = q.fmt == QuantFmt::kMxfp4 ? &dequant_tables().mx[0][0] : nullptr;
   const uint8_t* base = gate_up ? q.gate_up : q.down;
   const int64_t row_bytes = q.fmt == QuantFmt::kMxfp4 ? K / 2 : K;
-  const int64_t nbn = q.fmt == QuantFmt::kFp8 ? (N + q.bn - 1) / q.bn : 0, nbk = q.fmt == QuantFmt::kFp8 ? (K + q.bk - 1) / q.bk : 0;
+  const int64_t nbn = q.fmt == QuantFmt::kFp8 ? (N + q.bn - 1) / q.bn : 0,
+                nbk = q.fmt == QuantFmt::kFp8 ? (K + q.bk - 1) / q.bk : 0;
   for (int j = 0; j < ncols; ++j) {
     const int64_t n = col_n(j);
     job.w[j] = n < 0 ? nullptr : base + (e * N + n) * row_bytes;
