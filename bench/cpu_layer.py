@@ -96,8 +96,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--impls", default=None,
                    help="comma list (default: cpu,cpu_packed,cpu_experts,cpu_packed_experts,hf_grouped_mm,hf_eager,"
-                        "kt_kernel,dense,dense_fp32,weight_read; with --decode: " + ",".join(decode.DEFAULT_IMPLS) + "; also "
-                        + ",".join(decode.QUANT_IMPLS) + ")")
+                        "kt_kernel,dense,dense_fp32,weight_read; with --decode: " + ",".join(decode.DEFAULT_IMPLS) + "; also, "
+                        "both ways: " + ",".join(decode.QUANT_IMPLS) + ", the layer on int8/fp8/mxfp4 copies of the weights)")
     p.add_argument("--decode", action="store_true", help="cold-weight decode rows (bench/decode.py) instead")
     p.add_argument("--decode-tokens", default="1,2,4,8")
     a = p.parse_args(argv)
@@ -134,6 +134,11 @@ def main(argv=None):
         if "cpu_packed_experts" in want:
             impls["cpu_packed_experts"] = lambda: torch.ops.moe_ops.fused_experts_packed(
                 x, ids, weights, packed.w_gate_up, packed.w_down, "swiglu")
+    for name, fmt in decode.QUANT_IMPLS.items():  # the same layer on quantized copies of the weights
+        if name in want:
+            (q1, s1), (q2, s2) = decode.quantize_per_expert(wgu, fmt), decode.quantize_per_expert(wd, fmt)
+            impls[name] = lambda q1=q1, s1=s1, q2=q2, s2=s2, fmt=fmt: moe_ops.moe_forward(
+                x, logits, q1, q2, k, backend="cpu", weight_format=fmt, w_gate_up_scale=s1, w_down_scale=s2)
     for impl in ("grouped_mm", "eager"):
         if f"hf_{impl}" in want:
             ex = hf_experts(E, H, I, k, wgu, wd, impl)

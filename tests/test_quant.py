@@ -313,16 +313,18 @@ def test_quantized_op_emulated():
     """The quantized op on the SIMDe-emulated AVX512-BF16 kernels, in a subprocess: CPUs without
     AVX512-BF16 (CI's Zen 3) run it too."""
     import os
-    rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values")
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values or every_code")
 
 
 @needs_quant_op
+@pytest.mark.parametrize("gemv_rows", ["0", "4"], ids=["repack", "gemv"])
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
-def test_quantized_op_every_code_bitwise(fmt):
+def test_quantized_op_every_code_bitwise(fmt, gemv_rows, monkeypatch):
     """Every int8 / (non-NaN) e4m3 code through the op's vectorised dequantization, one code per
     weight row so none hides behind a larger one: x = ones makes gate/up row n = H * code, and a
     one-hot w_down passes act(gate_n) * up_n to output column n. With unit scales and one k block
     the op must equal the bf16 fused_experts on the dequantized weights bit for bit."""
+    monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)   # both conversions: the repack's and the GEMV's
     T, H, I, E, k = 3, 128, 128, 2, 1
     codes = torch.arange(256, dtype=torch.int64)
     if fmt == "fp8_e4m3":

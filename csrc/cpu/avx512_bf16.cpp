@@ -21,6 +21,7 @@ struct Kernels {
   decltype(&pack_panels_vnni) pack;
   PackPanelsVnniQFn* pack_q;
   GemvQuantFn* gemv_q;
+  PackPanelsVnniMxFn* pack_mx;
 };
 
 // nullptr when neither build exists here.
@@ -29,12 +30,13 @@ const Kernels* kernels_here() {
 #ifdef MOE_OPS_HAVE_AVX512_NATIVE
     static const Kernels native{avx512_native::gemm_panels_vnni, avx512_native::combine_row_bf16_avx512,
                                 avx512_native::pack_panels_vnni, avx512_native::pack_panels_vnni_q,
-                                avx512_native::gemv_quant};
+                                avx512_native::gemv_quant,       avx512_native::pack_panels_vnni_mx};
     if (have_avx512_bf16()) return &native;
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
     static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
-                             avx512_emu::pack_panels_vnni, avx512_emu::pack_panels_vnni_q, avx512_emu::gemv_quant};
+                             avx512_emu::pack_panels_vnni, avx512_emu::pack_panels_vnni_q,
+                             avx512_emu::gemv_quant,       avx512_emu::pack_panels_vnni_mx};
     return &emu;
 #else
     return nullptr;
@@ -81,6 +83,11 @@ void pack_panels_vnni(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uin
 void pack_panels_vnni_q(const uint8_t* src, int fmt, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
                         int64_t prow) {
   if (N > 0 && K > 0) kernels().pack_q(src, fmt, N, K, ld, dst, pstride, prow);
+}
+
+void pack_panels_vnni_mx(const uint8_t* blocks, const uint8_t* scales, const uint16_t* table, int64_t N, int64_t K,
+                         uint16_t* dst, int64_t pstride, int64_t prow) {
+  if (N > 0 && K > 0) kernels().pack_mx(blocks, scales, table, N, K, dst, pstride, prow);
 }
 
 void gemv_quant(const GemvQuantJob& job, const uint16_t* A, int64_t lda, int64_t M, float* C, int64_t ldc) {

@@ -34,6 +34,10 @@ PackPanelsVnniFn pack_panels_vnni;
 // exact bf16 value on the way (pack_vnni_avx512.cpp): the quantized experts' repack (vnni_experts.h).
 PackPanelsVnniQFn pack_panels_vnni_q;
 
+// pack_panels_vnni of N mxfp4 rows (GPT-OSS blocks [N, K/32, 16] and e8m0 scales [N, K/32]): each
+// 32-element block becomes its exact bf16 values table[16 * scale + code] in registers.
+PackPanelsVnniMxFn pack_panels_vnni_mx;
+
 // C[i*ldc + j] = sum_k A[i*lda + k] * w_j[k] for i < M, j < job.n: the quantized weight rows
 // job.w[j] (GemvQuantJob) dequantized exactly to bf16 in registers, scales applied (fp8's per k
 // block to the block's partial sums, int8's to the sum), one vdpbf16ps chain per (row, column,

@@ -29,6 +29,8 @@ using PackPanelsVnniFn = void(const uint16_t* src, int64_t N, int64_t K, int64_t
                               int64_t prow);
 using PackPanelsVnniQFn = void(const uint8_t* src, int fmt, int64_t N, int64_t K, int64_t ld, uint16_t* dst,
                                int64_t pstride, int64_t prow);
+using PackPanelsVnniMxFn = void(const uint8_t* blocks, const uint8_t* scales, const uint16_t* table, int64_t N,
+                                int64_t K, uint16_t* dst, int64_t pstride, int64_t prow);
 // One decode GEMV job on quantized weight rows as stored (avx512_bf16.h gemv_quant).
 struct GemvQuantJob {
   int fmt = 0;                   // 1 int8, 2 float8_e4m3fn, 3 mxfp4
@@ -47,6 +49,7 @@ CombineRowBf16Fn combine_row_bf16_avx512;
 PackPanelsVnniFn pack_panels_vnni;
 PackPanelsVnniQFn pack_panels_vnni_q;
 GemvQuantFn gemv_quant;
+PackPanelsVnniMxFn pack_panels_vnni_mx;
 }  // namespace avx512_native
 
 namespace avx512_emu {
@@ -55,6 +58,7 @@ CombineRowBf16Fn combine_row_bf16_avx512;
 PackPanelsVnniFn pack_panels_vnni;
 PackPanelsVnniQFn pack_panels_vnni_q;
 GemvQuantFn gemv_quant;
+PackPanelsVnniMxFn pack_panels_vnni_mx;
 }  // namespace avx512_emu
 
 }  // namespace moe_cpu

@@ -90,4 +90,13 @@ void pack_panels_vnni_q(const uint8_t* src, int fmt, int64_t N, int64_t K, int64
               [&](int64_t row, int64_t k0, int64_t left) { return codes_to_bf16(src + row * ld + k0, left, fmt); });
 }
 
+// pack_panels_vnni of mxfp4 rows (blocks [N, K/32, 16], e8m0 scales [N, K/32], K a multiple of 32):
+// each row load is one 32-element block, dequantized through its scale's row of `table`.
+void pack_panels_vnni_mx(const uint8_t* blocks, const uint8_t* scales, const uint16_t* table, int64_t N, int64_t K,
+                         uint16_t* dst, int64_t pstride, int64_t prow) {
+  pack_panels(N, K, dst, pstride, prow, [&](int64_t row, int64_t k0, int64_t) {
+    return mxfp4_block_to_bf16(blocks + row * (K / 2) + k0 / 2, table + 16 * scales[row * (K / 32) + k0 / 32]);
+  });
+}
+
 }  // namespace moe_cpu::MOE_CPU_AVX512_NS

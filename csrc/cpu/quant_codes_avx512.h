@@ -12,10 +12,21 @@
 namespace moe_cpu::MOE_CPU_AVX512_NS {
 namespace {
 
+// |e4m3| -> bf16 bits for the 128 magnitudes S.EEEE.MMM without S: a normal is (EEEE + 120) << 7
+// | MMM << 4, a subnormal MMM * 2^-9 a bf16 normal, 0x7F a quiet NaN. Built by the compiler.
+struct Fp8Magnitudes {
+  alignas(64) uint16_t v[128];
+  constexpr Fp8Magnitudes() : v() {
+    constexpr uint16_t sub[8] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};  // m * 2^-9
+    for (int m = 0; m < 128; ++m)
+      v[m] = m == 0x7F ? 0x7FC0 : m < 8 ? sub[m] : static_cast<uint16_t>((m << 4) + (120 << 7));
+  }
+};
+inline constexpr Fp8Magnitudes kFp8Magnitudes{};
+
 // 32 int8 (fmt 1) or float8_e4m3fn (fmt 2) codes (the first `count` read, the rest zero) ->
-// their bf16 bits, exactly: int8 through float (every int8 is a bf16 value); e4m3 by moving its
-// fields -- a normal S.EEEE.MMM is S | (EEEE + 120) << 7 | MMM << 4, the 8 subnormals come from a
-// table, S.1111.111 is a quiet NaN.
+// their bf16 bits, exactly: int8 through float (every int8 is a bf16 value); e4m3 by table
+// (kFp8Magnitudes, two 64-entry vpermi2w lookups picked by the magnitude's bit 6) and its sign.
 inline __m512i codes_to_bf16(const uint8_t* src, int64_t count, int fmt) {
   __m256i b;
   if (count >= 32) {
@@ -31,15 +42,12 @@ inline __m512i codes_to_bf16(const uint8_t* src, int64_t count, int fmt) {
     const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(x16, 1)));
     return bits_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
   }
-  const __m512i sub = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
-                                       0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
-  const __m512i x = _mm512_and_si512(x16, _mm512_set1_epi16(0xFF));
-  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
-  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-  __m512i v = _mm512_mask_blend_epi16(_mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(7)), normal,
-                                      _mm512_permutexvar_epi16(mag, sub));
-  v = _mm512_mask_blend_epi16(_mm512_cmpeq_epu16_mask(mag, _mm512_set1_epi16(0x7F)), v, _mm512_set1_epi16(0x7FC0));
-  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+  const __m512i* t = reinterpret_cast<const __m512i*>(kFp8Magnitudes.v);
+  const __m512i lo = _mm512_permutex2var_epi16(_mm512_load_si512(t), x16, _mm512_load_si512(t + 1));
+  const __m512i hi = _mm512_permutex2var_epi16(_mm512_load_si512(t + 2), x16, _mm512_load_si512(t + 3));
+  const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(x16, _mm512_set1_epi16(0x40)), lo, hi);
+  // the sign: bit 15 of the sign-extended code (0xF8 is A | (B & C))
+  return _mm512_ternarylogic_epi32(v, x16, _mm512_set1_epi16(static_cast<short>(0x8000)), 0xF8);
 }
 
 // One 32-element e8m0 block of mxfp4 (16 bytes, low nibble first) as 32 bf16 values: the block's

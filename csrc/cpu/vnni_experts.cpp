@@ -65,7 +65,7 @@ const DequantTables& dequant_tables() {
 
 // Rows [n0, n0 + cols) of expert e's quantized [N, K] weight, exactly as bf16, repacked into VNNI
 // panels at dst (pack_panels_vnni's pstride; rows of 2 * kVnniBlock). int8 / fp8: converted in
-// registers by the repack itself (pack_panels_vnni_q); mxfp4: through a bf16 row buffer.
+// registers by the repack itself (pack_panels_vnni_q; mxfp4: pack_panels_vnni_mx, through the tables).
 void repack_quant(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n0, int64_t cols,
                   uint16_t* dst, int64_t pstride) {
   const uint8_t* base = gate_up ? q.gate_up : q.down;
@@ -74,28 +74,14 @@ void repack_quant(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_
                        2 * kVnniBlock);
     return;
   }
-  thread_local std::vector<uint16_t> deq;
-  deq.resize(static_cast<size_t>(cols * K));
-  const DequantTables& t = dequant_tables();
-  for (int64_t i = 0; i < cols; ++i) {
-    const int64_t n = e * N + n0 + i;
-    uint16_t* d = deq.data() + i * K;
-    const uint8_t* blk = base + n * (K / 2);
-    const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + n * (K / 32);
-    for (int64_t g = 0; g < K / 32; ++g) {
-      const uint16_t* v = t.mx[sc[g]];
-      for (int64_t b = 0; b < 16; ++b) {
-        const uint8_t byte = blk[g * 16 + b];
-        d[g * 32 + 2 * b] = v[byte & 15];
-        d[g * 32 + 2 * b + 1] = v[byte >> 4];
-      }
-    }
-  }
-  pack_panels_vnni(deq.data(), cols, K, K, dst, pstride, 2 * kVnniBlock);
+  const uint8_t* sc = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale);
+  pack_panels_vnni_mx(base + (e * N + n0) * (K / 2), sc + (e * N + n0) * (K / 32), &dequant_tables().mx[0][0], cols, K,
+                      dst, pstride, 2 * kVnniBlock);
 }
 
 // The scale of output column n (row n of the [N, K] weight) for k block kb (fp8) or all of K (int8).
-inline float quant_scale(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n, int64_t kb) {
+inline const float& quant_scale(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int64_t n,
+                                int64_t kb) {
   const float* s = static_cast<const float*>(gate_up ? q.gate_up_scale : q.down_scale);
   if (q.fmt == QuantFmt::kInt8) return s[e * N + n];
   const int64_t nbn = (N + q.bn - 1) / q.bn, nbk = (K + q.bk - 1) / q.bk;
@@ -111,29 +97,39 @@ void block_gemm(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t 
   constexpr int64_t prow = 2 * kVnniBlock;
   if (q.fmt != QuantFmt::kFp8) {
     gemm_panels_vnni(a, lda, wb, 2 * kPanel, prow, K2, 2, c, ldc, rows, next);
-    if (q.fmt == QuantFmt::kInt8)
+    if (q.fmt == QuantFmt::kInt8) {
+      float sc[kVnniBlock];
       for (int64_t j = 0; j < kVnniBlock; ++j) {
         const int64_t n = col_n(j);
-        if (n < 0) continue;
-        const float s = quant_scale(q, gate_up, e, N, K, n, 0);
-        for (int64_t i = 0; i < rows; ++i) c[i * ldc + j] *= s;
+        sc[j] = n < 0 ? 1.0f : quant_scale(q, gate_up, e, N, K, n, 0);
       }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < kVnniBlock; ++j) c[i * ldc + j] *= sc[j];
+    }
     return;
   }
-  // fp8: one GEMM per bk-deep k block, scaled per column and summed in k-block order.
+  // fp8: one GEMM per bk-deep k block, scaled per column and summed in k-block order. Each
+  // column's row of k-block scales is found once: quant_scale's divisions for every (column, k
+  // block) cost as much as a 16-row block's GEMM.
   thread_local std::vector<float> part;
   part.resize(static_cast<size_t>(rows * kVnniBlock));
   const int64_t kbp = q.bk / 2, nkb = (K2 + kbp - 1) / kbp;
+  const float* srow[kVnniBlock];
+  for (int64_t j = 0; j < kVnniBlock; ++j) {
+    const int64_t n = col_n(j);
+    srow[j] = n < 0 ? nullptr : &quant_scale(q, gate_up, e, N, K, n, 0);
+  }
   for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, kVnniBlock * sizeof(float));
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t p0 = kb * kbp, np2 = std::min(kbp, K2 - p0);
     gemm_panels_vnni(a + 2 * p0, lda, wb + p0 * prow, 2 * kPanel, prow, np2, 2, part.data(), kVnniBlock, rows,
                      kb + 1 == nkb ? next : nullptr);
-    for (int64_t j = 0; j < kVnniBlock; ++j) {
-      const int64_t n = col_n(j);
-      if (n < 0) continue;
-      const float s = quant_scale(q, gate_up, e, N, K, n, kb);
-      for (int64_t i = 0; i < rows; ++i) c[i * ldc + j] += s * part[i * kVnniBlock + j];
+    float sc[kVnniBlock];
+    for (int64_t j = 0; j < kVnniBlock; ++j) sc[j] = srow[j] ? srow[j][kb] : 0.0f;  // a column past N: unused
+    for (int64_t i = 0; i < rows; ++i) {
+      float* ci = c + i * ldc;
+      const float* pi = part.data() + i * kVnniBlock;
+      for (int64_t j = 0; j < kVnniBlock; ++j) ci[j] += sc[j] * pi[j];
     }
   }
 }
