@@ -732,6 +732,55 @@ def _dequantized_weights(w_gate_up, w_down, weight_format, gu_scale, d_scale, bl
                 quant.dequantize_experts(w_down, d_scale, weight_format, block_size=block_size))
 
 
+def _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_format, gu_scale, d_scale, block_size,
+                            backend, *, activation, capacity_factor, min_capacity, priority, **gating):
+    """moe_forward on quantized weights (checked by :func:`_check_quantized_layer`) through the
+    Triton quantized grouped GEMM, the weights dequantized in its mainloop (no float32 copy): when
+    Triton runs this call (``backend="triton"``, or CUDA tensors with no backend chosen) and no
+    gradient is needed (the op has no derivative) and ``x`` is fp16/bf16/fp32; else None. The
+    other stages are :func:`experts_forward`'s, on the same backend choice."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, router_logits, gating.get("correction_bias")))
+    op = None if needs_grad or x.dtype not in QUANT_ACT_DTYPES else _triton_quantized_gemm(x.device.type, backend)
+    if op is None:
+        return None
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_ops: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"moe_ops: priority must be one of {PRIORITIES}, got {priority!r}")
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    _check_int("k", k, 1, min(E, MAX_K))
+    _check_rows("T*k", T * k)
+    bn, bk = (128, 128) if block_size is None else tuple(block_size)
+    dev = x.device.type
+
+    def be(name):
+        return _backend.resolved_name(name, dev, backend, strict=False)
+
+    def experts(a, offsets):
+        h = op(a, w_gate_up, gu_scale, offsets, weight_format, bn, bk)
+        return op(gated_activation(h, activation), w_down, d_scale, offsets, weight_format, bn, bk)
+
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, backend=be("topk_gating"), **gating)
+    if capacity_factor is None:
+        with stage("dispatch"):
+            x_sorted, _, offsets, slot_rows = permute(x, ids, E, backend=be("permute"))
+        with stage("experts"):
+            y = experts(x_sorted, offsets)
+        with stage("combine"):
+            return unpermute(y, slot_rows, weights, backend=be("unpermute"))
+    C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
+    with stage("dispatch"):
+        d = capacity_dispatch(x, ids, E, C, priority=priority, backend=be("capacity_dispatch"))
+    with stage("experts"):
+        offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+        y = experts(d.buf.reshape(E * C, H), offsets)
+    with stage("combine"):
+        return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
+
+
 @profiled
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
@@ -772,6 +821,14 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
                                        scaling_factor=scaling_factor, backend="cpu")
             with stage("dispatch"), stage("experts"), stage("combine"):
                 return fast(ids, weights, activation)
+        out = _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_format, w_gate_up_scale,
+                                      w_down_scale, block_size, backend, activation=activation,
+                                      capacity_factor=capacity_factor, min_capacity=min_capacity, priority=priority,
+                                      scoring=scoring, renormalize=renormalize, n_group=n_group,
+                                      topk_group=topk_group, correction_bias=correction_bias,
+                                      scaling_factor=scaling_factor)
+        if out is not None:
+            return out
         w_gate_up, w_down = _dequantized_weights(w_gate_up, w_down, weight_format, w_gate_up_scale, w_down_scale,
                                                  block_size)
         out = moe_forward(x.to(torch.float32), router_logits, w_gate_up, w_down, k, activation=activation,
