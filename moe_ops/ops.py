@@ -737,8 +737,9 @@ def _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_forma
     """moe_forward on quantized weights (checked by :func:`_check_quantized_layer`) through the
     Triton quantized grouped GEMM, the weights dequantized in its mainloop (no float32 copy): when
     Triton runs this call (``backend="triton"``, or CUDA tensors with no backend chosen) and no
-    gradient is needed (the op has no derivative) and ``x`` is fp16/bf16/fp32; else None. The
-    other stages are :func:`experts_forward`'s, on the same backend choice."""
+    gradient is needed (the op has no derivative) and ``x`` is fp16/bf16/fp32; else None. Dropless:
+    the fused Triton layer (``triton_kernels.fused_moe.fused_moe_quantized_forward``); capacity: the
+    other stages as :func:`experts_forward`, on the same backend choice."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, router_logits, gating.get("correction_bias")))
     op = None if needs_grad or x.dtype not in QUANT_ACT_DTYPES else _triton_quantized_gemm(x.device.type, backend)
@@ -762,15 +763,13 @@ def _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_forma
         h = op(a, w_gate_up, gu_scale, offsets, weight_format, bn, bk)
         return op(gated_activation(h, activation), w_down, d_scale, offsets, weight_format, bn, bk)
 
+    if capacity_factor is None:  # the fused Triton layer (its own router, index build and combine)
+        import importlib
+        tk = importlib.import_module("moe_ops.triton_kernels")  # loaded already (the backend's loader)
+        return tk.fused_moe_quantized_forward(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, weight_format,
+                                              bn, bk, k, activation=activation, **gating)
     with stage("router"):
         weights, ids = topk_gating(router_logits, k, backend=be("topk_gating"), **gating)
-    if capacity_factor is None:
-        with stage("dispatch"):
-            x_sorted, _, offsets, slot_rows = permute(x, ids, E, backend=be("permute"))
-        with stage("experts"):
-            y = experts(x_sorted, offsets)
-        with stage("combine"):
-            return unpermute(y, slot_rows, weights, backend=be("unpermute"))
     C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
     with stage("dispatch"):
         d = capacity_dispatch(x, ids, E, C, priority=priority, backend=be("capacity_dispatch"))

@@ -206,29 +206,57 @@ def test_other_backends_dequantize_then_run_their_gemm():
     _same(got, R.grouped_gemm_quantized(a.cpu(), q.cpu(), sc.cpu(), offs.cpu(), fmt, *block), "reference backend")
 
 
-@pytest.mark.parametrize("fmt,block", [("fp8_e4m3", (16, 32)), ("mxfp4", None), ("int8", None)])
-def test_moe_forward_runs_the_quantized_triton_gemm(fmt, block, monkeypatch):
+LAYER_CASES = [
+    # (format, block, T, H, I, E, k, activation, gating extras)
+    ("fp8_e4m3", (16, 32), 11, 64, 32, 6, 2, "swiglu", {}),
+    ("fp8_e4m3", (128, 128), 9, 80, 48, 4, 2, "geglu", {}),        # partial blocks in both GEMMs
+    ("fp8_e4m3", (7, 12), 7, 36, 20, 5, 3, "swiglu", {}),          # per-element scales, gate/up rows split a block
+    ("mxfp4", None, 11, 64, 32, 6, 1, "swiglu", {}),               # k = 1: GEMM2 writes out directly
+    ("int8", None, 13, 32, 24, 8, 3, "geglu", dict(scoring="sigmoid", renormalize=True, n_group=4, topk_group=2)),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[6]}-{c[7]}")
+def test_moe_forward_runs_the_quantized_triton_gemm(case, monkeypatch):
     """moe_forward(weight_format=..., backend="triton") vs the reference layer on the dequantized
-    weights, without the float32 dequantize fallback; dropless and capacity."""
-    T, H, I, E, k = 11, 64, 32, 6, 2
-    x, logits, w1, w2 = make_layer(T, H, I, E, seed=31)
+    weights, without the float32 dequantize fallback: dropless through the fused quantized layer
+    (7 launches, 6 for k = 1, as the float one), and capacity through the op chain."""
+    fmt, block, T, H, I, E, k, act, gating = case
+    x, logits, w1, w2 = make_layer(T, H, I, E, seed=seed_for("layer", fmt, str(block)))
     kw = _kw(fmt, block)
     q1, s1 = quant.quantize_experts(w1, fmt, **kw)
     q2, s2 = quant.quantize_experts(w2, fmt, **kw)
     d1, d2 = quant.dequantize_experts(q1, s1, fmt, **kw), quant.dequantize_experts(q2, s2, fmt, **kw)
-    dev = [t.to(DEVICE) for t in (x, logits, q1, s1, q2, s2)]
+    xd, lg, a1, b1, a2, b2 = [t.to(DEVICE) for t in (x, logits, q1, s1, q2, s2)]
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the float32 dequantize fallback ran")
     monkeypatch.setattr(moe_ops.ops, "_dequantized_weights", no_fallback)
     for cf in (None, 1.0):
-        ref = moe_ops.moe_forward(x, logits, d1, d2, k, capacity_factor=cf, backend="reference")
-        for dtype in DTYPES[:2]:
-            xd, lg, a1, b1, a2, b2 = dev
-            got = moe_ops.moe_forward(xd.to(dtype), lg, a1, a2, k, weight_format=fmt, w_gate_up_scale=b1,
-                                      w_down_scale=b2, capacity_factor=cf, backend="triton", **kw)
+        ref = moe_ops.moe_forward(x, logits, d1, d2, k, activation=act, capacity_factor=cf, backend="reference",
+                                  **gating)
+        for dtype in DTYPES:
+            run = lambda: moe_ops.moe_forward(xd.to(dtype), lg, a1, a2, k, weight_format=fmt,  # noqa: E731
+                                              w_gate_up_scale=b1, w_down_scale=b2, activation=act,
+                                              capacity_factor=cf, backend="triton", **gating, **kw)
+            got = run()
             assert got.dtype == dtype and got.shape == (T, H)
             assert _rel_rms(got.cpu(), ref) <= 4 * TOL[dtype], (cf, dtype, _rel_rms(got.cpu(), ref))
+            if cf is None and dtype == torch.float32:
+                assert TK.last_launch_count() == (6 if k == 1 else 7)
+                assert_bitwise_equal(got, run(), "two calls")
+
+
+def test_fused_quantized_launch_count_independent_of_E():
+    counts = []
+    for E in (4, 64):
+        x, logits, w1, w2 = make_layer(5, 32, 32, E, seed=E)
+        q1, s1 = quant.quantize_experts(w1, "mxfp4")
+        q2, s2 = quant.quantize_experts(w2, "mxfp4")
+        moe_ops.moe_forward(x.to(DEVICE), logits.to(DEVICE), q1.to(DEVICE), q2.to(DEVICE), 2, weight_format="mxfp4",
+                            w_gate_up_scale=s1.to(DEVICE), w_down_scale=s2.to(DEVICE), backend="triton")
+        counts.append(TK.last_launch_count())
+    assert counts == [7, 7]
 
 
 def test_moe_forward_with_gradient_falls_back():

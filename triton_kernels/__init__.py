@@ -22,7 +22,7 @@ from torch.library import triton_op
 from .. import backend as _backend
 from . import capacity, grouped_gemm, grouped_gemm_quant, permute, topk_gating
 from .launch import interpreted, interpreter_defect, launch_count
-from .fused_moe import fused_moe_forward, last_launch_count
+from .fused_moe import fused_moe_forward, fused_moe_quantized_forward, last_launch_count
 
 NAMESPACE = "moe_ops_triton"
 
@@ -96,4 +96,5 @@ _devices = ("cuda",) + (("cpu",) if interpreted() else ())
 _backend.register("triton", _devices, OPS, unsupported=UNSUPPORTED)
 _backend.register_fused_moe("triton", fused_moe_forward)
 
-__all__ = ["OPS", "EXTENSION_OPS", "UNSUPPORTED", "fused_moe_forward", "last_launch_count", "launch_count", "interpreted"]
+__all__ = ["OPS", "EXTENSION_OPS", "UNSUPPORTED", "fused_moe_forward", "fused_moe_quantized_forward",
+           "last_launch_count", "launch_count", "interpreted"]

@@ -49,16 +49,66 @@ def _pow2(x):
 
 
 @triton.jit
+def _quant_b_tile(b_e, s_e, rows_n, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk, stride_bg,
+                  stride_sn, stride_sk, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, dot_ty: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of weight rows ``rows_n`` and columns ``kidx`` of one expert, decoded
+    (and, for SCALE_PER_ELEMENT, scaled) in ``dot_ty``; masked elements are 0."""
+    bmask = km[:, None] & nmask[None, :]
+    b_row = b_e + rows_n.to(tl.int64)[None, :] * stride_bn
+    if FMT == 2:
+        # byte k // 2 of the row; the low nibble holds the even k
+        byte = tl.load(b_row + ((kidx // 32) * stride_bg + ((kidx // 2) % 16) * stride_bk)[:, None],
+                       mask=bmask, other=0)
+        code = (byte.to(tl.int32) >> ((kidx & 1) * 4)[:, None]) & 0xF
+        ex = (code >> 1) & 3
+        man = (code & 1).to(tl.float32)
+        mag = tl.where(ex == 0, man * 0.5, (1.0 + man * 0.5) * ((ex + 126) << 23).to(tl.float32, bitcast=True))
+        w = tl.where(code >= 8, -mag, mag)
+    else:
+        q = tl.load(b_row + kidx[:, None] * stride_bk, mask=bmask, other=0)
+        if FMT == 1:  # fp8 arrives as its uint8 bits (a masked fp8 load cannot take other=0 everywhere)
+            w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            w = tl.where((q & 0x7F) == 0x7F, float("nan"), w)
+        else:
+            w = q.to(tl.float32)
+    if SCALE_MODE == 0:
+        s = tl.load(s_e + (rows_n // block_n)[None, :] * stride_sn + (kidx // block_k)[:, None] * stride_sk,
+                    mask=bmask, other=0.0).to(tl.float32)
+        w = w * s
+    return w.to(dot_ty)
+
+
+@triton.jit
+def _col_scaled(part, s_e, rows_n, nmask, k0, block_n, block_k, stride_sn, stride_sk, FMT: tl.constexpr):
+    """``part`` (float32 [BLOCK_M, BLOCK_N]) times the scale of weight rows ``rows_n``: fp8 of the K
+    tile at k0, mxfp4 of the 32-group at k0, int8 of the row."""
+    if FMT == 1:
+        sc = tl.load(s_e + (rows_n // block_n) * stride_sn + (k0 // block_k) * stride_sk,
+                     mask=nmask, other=0.0).to(tl.float32)
+        res = part * sc[None, :]
+    elif FMT == 2:
+        x = tl.load(s_e + rows_n * stride_sn + (k0 // 32) * stride_sk, mask=nmask, other=127).to(tl.int32) - 127
+        lo = x >> 1  # floor(x / 2): 2^x = 2^lo * 2^(x - lo), both finite
+        res = (part * _pow2(lo)[None, :]) * _pow2(x - lo)[None, :]
+    else:
+        sc = tl.load(s_e + rows_n * stride_sn, mask=nmask, other=0.0).to(tl.float32)
+        res = part * sc[None, :]
+    return res
+
+
+@triton.jit
 def _grouped_gemm_quant_kernel(
-    a_ptr, b_ptr, s_ptr, c_ptr, offs_ptr, sched_ptr,
-    M, N, K, E, block_n, block_k,
+    a_ptr, b_ptr, s_ptr, c_ptr, offs_ptr, sched_ptr, slots_ptr, w_ptr,
+    M, N, K, E, topk, block_n, block_k,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bg,
     stride_se, stride_sn, stride_sk, stride_cm, stride_cn,
     NUM_PROGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
 ):
-    """c[M, N] from a[M, K] and quantized b[E, N, K] (mxfp4: bytes [E, N, K/32, 16], stride_bg
-    between 32-element groups, stride_bk between bytes)."""
+    """c[M, N] (N = I for ACT) from a[., K] and quantized b[E, N(x2 for ACT), K] (mxfp4: bytes
+    [E, N, K/32, 16], stride_bg between 32-element groups, stride_bk between bytes). GATHER / ACT /
+    SCATTER / ZERO_OUTSIDE as in grouped_gemm.py's kernel."""
     pid = tl.program_id(0)
     out_ty = c_ptr.dtype.element_ty
     dot_ty = a_ptr.dtype.element_ty
@@ -76,69 +126,81 @@ def _grouped_gemm_quant_kernel(
         row_end = tl.load(offs_ptr + e + 1)
         rows = tl.load(offs_ptr + e) + (mt - tl.load(sched_ptr + e)) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
+        if GATHER:
+            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
+            amask = rmask & (slot >= 0)
+            arow = (tl.where(amask, slot, 0) // topk).to(tl.int64)
+        else:
+            amask = rmask
+            arow = rows.to(tl.int64)
         cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
         kk = tl.arange(0, BLOCK_K)
         e64 = e.to(tl.int64)
-        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + kk[None, :] * stride_ak
-        b_row = b_ptr + e64 * stride_be + cols.to(tl.int64)[None, :] * stride_bn
-        s_exp = s_ptr + e64 * stride_se
+        a_ptrs = a_ptr + arow[:, None] * stride_am + kk[None, :] * stride_ak
+        b_e = b_ptr + e64 * stride_be
+        s_e = s_ptr + e64 * stride_se
         acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+        if ACT != 0:
+            acc_up = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kidx = k0 + kk
             km = kidx < K
-            bmask = km[:, None] & nmask[None, :]
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            if FMT == 2:
-                # byte k // 2 of the row; the low nibble holds the even k
-                byte = tl.load(b_row + ((kidx // 32) * stride_bg + ((kidx // 2) % 16) * stride_bk)[:, None],
-                               mask=bmask, other=0)
-                code = (byte.to(tl.int32) >> ((kidx & 1) * 4)[:, None]) & 0xF
-                ex = (code >> 1) & 3
-                man = (code & 1).to(tl.float32)
-                mag = tl.where(ex == 0, man * 0.5, (1.0 + man * 0.5) * _pow2(ex - 1))
-                w = tl.where(code >= 8, -mag, mag)
+            a = tl.load(a_ptrs, mask=amask[:, None] & km[None, :], other=0.0)
+            w = _quant_b_tile(b_e, s_e, cols, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk, stride_bg,
+                              stride_sn, stride_sk, FMT, SCALE_MODE, dot_ty)
+            if SCALE_MODE == 1:
+                part = tl.dot(a, w, input_precision=PRECISION, out_dtype=tl.float32)
+                acc += _col_scaled(part, s_e, cols, nmask, k0, block_n, block_k, stride_sn, stride_sk, FMT)
             else:
-                q = tl.load(b_row + kidx[:, None] * stride_bk, mask=bmask, other=0)
-                if FMT == 1:  # fp8 arrives as its uint8 bits (a masked fp8 load cannot take other=0 everywhere)
-                    w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                    w = tl.where((q & 0x7F) == 0x7F, float("nan"), w)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
+            if ACT != 0:  # the up rows I + n of the same expert, one A tile for both
+                wu = _quant_b_tile(b_e, s_e, cols + N, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk,
+                                   stride_bg, stride_sn, stride_sk, FMT, SCALE_MODE, dot_ty)
+                if SCALE_MODE == 1:
+                    part = tl.dot(a, wu, input_precision=PRECISION, out_dtype=tl.float32)
+                    acc_up += _col_scaled(part, s_e, cols + N, nmask, k0, block_n, block_k, stride_sn, stride_sk,
+                                          FMT)
                 else:
-                    w = q.to(tl.float32)
-            if SCALE_MODE == 0:
-                s = tl.load(s_exp + (cols // block_n)[None, :] * stride_sn + (kidx // block_k)[:, None] * stride_sk,
-                            mask=bmask, other=0.0).to(tl.float32)
-                acc = tl.dot(a, (w * s).to(dot_ty), acc, input_precision=PRECISION, out_dtype=tl.float32)
-            elif SCALE_MODE == 1:
-                part = tl.dot(a, w.to(dot_ty), input_precision=PRECISION, out_dtype=tl.float32)
-                if FMT == 1:
-                    sc = tl.load(s_exp + (cols // block_n) * stride_sn + (k0 // block_k) * stride_sk,
-                                 mask=nmask, other=0.0).to(tl.float32)
-                    acc += part * sc[None, :]
-                else:
-                    x = tl.load(s_exp + cols * stride_sn + (k0 // 32) * stride_sk, mask=nmask,
-                                other=127).to(tl.int32) - 127
-                    lo = x >> 1  # floor(x / 2): both halves in [-64, 64], finite
-                    acc += (part * _pow2(lo)[None, :]) * _pow2(x - lo)[None, :]
-            else:
-                acc = tl.dot(a, w.to(dot_ty), acc, input_precision=PRECISION, out_dtype=tl.float32)
+                    acc_up = tl.dot(a, wu, acc_up, input_precision=PRECISION, out_dtype=tl.float32)
             a_ptrs += BLOCK_K * stride_ak
         if SCALE_MODE == 2:
-            sc = tl.load(s_exp + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-            acc = acc * sc[None, :]
-        c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(out_ty), mask=rmask[:, None] & nmask[None, :])
-    # rows outside [offs[0], offs[E]) are zero (the op contract, as grouped_gemm's ZERO_OUTSIDE)
-    first = tl.load(offs_ptr)
-    last = tl.load(offs_ptr + E)
-    for mb in range(pid, (M + BLOCK_M - 1) // BLOCK_M, NUM_PROGS):
-        if (mb * BLOCK_M < first) | ((mb + 1) * BLOCK_M > last):
-            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            zm = ((rows < first) | (rows >= last)) & (rows < M)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
-                         tl.full([BLOCK_M, BLOCK_N], 0, out_ty), mask=zm[:, None] & (cols < N)[None, :])
+            acc = _col_scaled(acc, s_e, cols, nmask, 0, block_n, block_k, stride_sn, stride_sk, FMT)
+            if ACT != 0:
+                acc_up = _col_scaled(acc_up, s_e, cols + N, nmask, 0, block_n, block_k, stride_sn, stride_sk, FMT)
+        if ACT != 0:
+            gate = acc.to(out_ty).to(tl.float32)  # rounded to the input dtype first, as ops.gated_activation
+            up = acc_up.to(out_ty).to(tl.float32)
+            if ACT == 1:
+                act = gate / (1.0 + tl.exp(-gate))
+            else:
+                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+            res = act * up
+        else:
+            res = acc
+        if SCATTER:
+            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
+            smask = rmask & (slot >= 0)
+            sslot = tl.where(smask, slot, 0)
+            wt = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(tl.float32)
+            res = res.to(out_ty).to(tl.float32) * wt[:, None]
+            crow = sslot.to(tl.int64)
+        else:
+            smask = rmask
+            crow = rows.to(tl.int64)
+        c_ptrs = c_ptr + crow[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, res.to(out_ty), mask=smask[:, None] & nmask[None, :])
+    if ZERO_OUTSIDE:  # rows outside [offs[0], offs[E]) are zero (the op contract)
+        first = tl.load(offs_ptr)
+        last = tl.load(offs_ptr + E)
+        for mb in range(pid, (M + BLOCK_M - 1) // BLOCK_M, NUM_PROGS):
+            if (mb * BLOCK_M < first) | ((mb + 1) * BLOCK_M > last):
+                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+                zm = ((rows < first) | (rows >= last)) & (rows < M)
+                for n0 in range(0, N, BLOCK_N):
+                    cols = n0 + tl.arange(0, BLOCK_N)
+                    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
+                             tl.full([BLOCK_M, BLOCK_N], 0, out_ty), mask=zm[:, None] & (cols < N)[None, :])
 
 
 def _pow2_divisor(n: int) -> int:
@@ -166,7 +228,7 @@ def logical_nk(b: torch.Tensor, format: str):
 
 def run_quantized_gemm(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, expert_offsets: torch.Tensor,
                        format: str, block_n: int, block_k: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out[M, N]`` (every element written) and return it; arguments already checked."""
+    """The op: fill ``out[M, N]`` (every element written) and return it; arguments already checked."""
     M = a.shape[0]
     E, N, K = logical_nk(b, format)
     if M == 0 or N == 0:
@@ -174,26 +236,37 @@ def run_quantized_gemm(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, 
     if K == 0 or E == 0:
         return out.zero_()
     cfg = get_config(E, N, K, a.dtype, a.device, M)
-    bk_tile, mode = plan(format, block_k, cfg["BLOCK_K"])
     offs = _clamped_offsets(expert_offsets, M)
     sched = build_schedule(offs, E, cfg["BLOCK_M"], M)
+    launch_quantized_gemm(a, b, b_scale, out, offs, sched, format, block_n, block_k, cfg, N=N, K=K, rows=M,
+                          zero_outside=True)
+    return out
+
+
+def launch_quantized_gemm(a, b, b_scale, c, offsets, sched, format, block_n, block_k, cfg, *, N, K, rows,
+                          slots=None, weights=None, topk=1, act=0, scatter=False, zero_outside=False):
+    """One launch of the quantized grouped GEMM (``sched`` built for ``cfg['BLOCK_M']``; ``rows``
+    bounds the scheduled rows); options as ``grouped_gemm.run_gemm``'s. ``N`` is the output width
+    (I with ``act``: b then holds 2I rows, [gate; up])."""
+    E = b.shape[0]
+    bk_tile, mode = plan(format, block_k, cfg["BLOCK_K"])
     if format == "mxfp4":
         sbe, sbn, sbg, sbk = b.stride(0), b.stride(1), b.stride(2), b.stride(3)
-    elif format == "fp8_e4m3":
-        b = b.view(torch.uint8)
-        sbe, sbn, sbk, sbg = b.stride(0), b.stride(1), b.stride(2), 0
     else:
+        if format == "fp8_e4m3":
+            b = b.view(torch.uint8)
         sbe, sbn, sbk, sbg = b.stride(0), b.stride(1), b.stride(2), 0
     sse, ssn = b_scale.stride(0), b_scale.stride(1)
     ssk = b_scale.stride(2) if b_scale.dim() > 2 else 0
-    grid = max(1, min(num_programs(a.device), max_row_tiles(M, E, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])))
-    launch(_grouped_gemm_quant_kernel, (grid,), a, b, b_scale, out, offs, sched,
-           M, N, K, E, max(block_n, 1), max(block_k, 1),
-           a.stride(0), a.stride(1), sbe, sbn, sbk, sbg, sse, ssn, ssk, out.stride(0), out.stride(1),
+    grid = max(1, min(num_programs(c.device), max_row_tiles(rows, E, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])))
+    launch(_grouped_gemm_quant_kernel, (grid,), a, b, b_scale, c, offsets, sched,
+           slots if slots is not None else offsets, weights if weights is not None else offsets,
+           c.shape[0], N, K, E, topk, max(block_n, 1), max(block_k, 1),
+           a.stride(0), a.stride(1), sbe, sbn, sbk, sbg, sse, ssn, ssk, c.stride(0), c.stride(1),
            NUM_PROGS=grid, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk_tile,
            GROUP_M=cfg["GROUP_M"], FMT=FORMATS[format], SCALE_MODE=mode, PRECISION=dot_precision(a.dtype),
+           GATHER=slots is not None and not scatter, ACT=act, SCATTER=scatter, ZERO_OUTSIDE=zero_outside,
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
 
 
 def grouped_gemm_quantized(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, expert_offsets: torch.Tensor,
