@@ -21,6 +21,10 @@ decoded to exact values (an fp8 / e2m1 / int8 value is exact in fp16, bf16 and f
   (2^-127) give what ``torch.ldexp`` gives the reference (0 stays 0, no 0 * inf).
 * ``int8``: one scale per output column (weight row n): plain K loop, scale after it.
 
+The kernel has grouped_gemm.py's options too (gather x rows through sorted_slots, the SwiGLU/GeGLU
+epilogue over [gate; up] weight rows, router weight + scatter to slot order): the fused layer on
+quantized experts (fused_moe.py ``fused_moe_quantized_forward``) runs on it.
+
 fp8 NaN codes (0x7F / 0xFF) are made NaN explicitly: Triton's interpreter converts them to +-480
 (the GPU's conversion gives NaN), and the reference propagates NaN.
 """
