@@ -141,10 +141,13 @@ def test_mxfp4_every_nibble_and_e8m0_scale(dtype):
     _same(got.cpu(), want, "mxfp4 decode")
 
 
-@pytest.mark.parametrize("fmt,block", [("fp8_e4m3", (16, 16)), ("fp8_e4m3", (8, 8)), ("int8", None)])
-def test_every_fp8_and_int8_code(fmt, block):
+@pytest.mark.parametrize("fmt,block,fp8_bits", [("fp8_e4m3", (16, 16), False), ("fp8_e4m3", (8, 8), False),
+                                                ("fp8_e4m3", (16, 16), True), ("int8", None, False)])
+def test_every_fp8_and_int8_code(fmt, block, fp8_bits, monkeypatch):
     """Every code through the kernel; fp8 NaN codes (0x7F, 0xFF) make their weight column NaN for
-    every row of the expert (0 * NaN in the dot), as the reference's GEMM does."""
+    every row of the expert (0 * NaN in the dot), as the reference's GEMM does. ``fp8_bits``: the
+    decoder GPUs before sm_89 use (no fp8 conversion instruction), forced here."""
+    monkeypatch.setattr(GQ, "FORCE_FP8_BITS", fp8_bits)
     E, N, K = 2, 16, 16
     codes = torch.arange(E * N * K, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(E, N, K)
     g = torch.Generator().manual_seed(2)

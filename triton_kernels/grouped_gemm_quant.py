@@ -30,6 +30,8 @@ fp8 NaN codes (0x7F / 0xFF) are made NaN explicitly: Triton's interpreter conver
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -54,9 +56,9 @@ def _pow2(x):
 
 @triton.jit
 def _quant_b_tile(b_e, s_e, rows_n, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk, stride_bg,
-                  stride_sn, stride_sk, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, dot_ty: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of weight rows ``rows_n`` and columns ``kidx`` of one expert, decoded
-    (and, for SCALE_PER_ELEMENT, scaled) in ``dot_ty``; masked elements are 0."""
+                  stride_sn, stride_sk, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, FP8_BITS: tl.constexpr):
+    """The float32 [BLOCK_K, BLOCK_N] tile of weight rows ``rows_n`` and columns ``kidx`` of one expert,
+    decoded (and, for SCALE_PER_ELEMENT, scaled); masked elements are 0."""
     bmask = km[:, None] & nmask[None, :]
     b_row = b_e + rows_n.to(tl.int64)[None, :] * stride_bn
     if FMT == 2:
@@ -71,7 +73,15 @@ def _quant_b_tile(b_e, s_e, rows_n, nmask, kidx, km, block_n, block_k, stride_bn
     else:
         q = tl.load(b_row + kidx[:, None] * stride_bk, mask=bmask, other=0)
         if FMT == 1:  # fp8 arrives as its uint8 bits (a masked fp8 load cannot take other=0 everywhere)
-            w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            if FP8_BITS:  # decoded from the bits: GPUs without fp8 conversions (before sm_89)
+                qi = q.to(tl.int32)
+                ex = (qi >> 3) & 15
+                man = qi & 7
+                normal = ((qi & 0x80) << 24) | ((ex + 120) << 23) | (man << 20)
+                sub = man.to(tl.float32) * 0.001953125  # 2^-9
+                w = tl.where(ex == 0, tl.where(qi >= 0x80, -sub, sub), normal.to(tl.float32, bitcast=True))
+            else:
+                w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             w = tl.where((q & 0x7F) == 0x7F, float("nan"), w)
         else:
             w = q.to(tl.float32)
@@ -79,7 +89,7 @@ def _quant_b_tile(b_e, s_e, rows_n, nmask, kidx, km, block_n, block_k, stride_bn
         s = tl.load(s_e + (rows_n // block_n)[None, :] * stride_sn + (kidx // block_k)[:, None] * stride_sk,
                     mask=bmask, other=0.0).to(tl.float32)
         w = w * s
-    return w.to(dot_ty)
+    return w
 
 
 @triton.jit
@@ -109,6 +119,7 @@ def _grouped_gemm_quant_kernel(
     NUM_PROGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, PRECISION: tl.constexpr,
     GATHER: tl.constexpr, ACT: tl.constexpr, SCATTER: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
+    FP8_BITS: tl.constexpr,
 ):
     """c[M, N] (N = I for ACT) from a[., K] and quantized b[E, N(x2 for ACT), K] (mxfp4: bytes
     [E, N, K/32, 16], stride_bg between 32-element groups, stride_bk between bytes). GATHER / ACT /
@@ -152,7 +163,7 @@ def _grouped_gemm_quant_kernel(
             km = kidx < K
             a = tl.load(a_ptrs, mask=amask[:, None] & km[None, :], other=0.0)
             w = _quant_b_tile(b_e, s_e, cols, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk, stride_bg,
-                              stride_sn, stride_sk, FMT, SCALE_MODE, dot_ty)
+                              stride_sn, stride_sk, FMT, SCALE_MODE, FP8_BITS).to(dot_ty)
             if SCALE_MODE == 1:
                 part = tl.dot(a, w, input_precision=PRECISION, out_dtype=tl.float32)
                 acc += _col_scaled(part, s_e, cols, nmask, k0, block_n, block_k, stride_sn, stride_sk, FMT)
@@ -160,7 +171,7 @@ def _grouped_gemm_quant_kernel(
                 acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
             if ACT != 0:  # the up rows I + n of the same expert, one A tile for both
                 wu = _quant_b_tile(b_e, s_e, cols + N, nmask, kidx, km, block_n, block_k, stride_bn, stride_bk,
-                                   stride_bg, stride_sn, stride_sk, FMT, SCALE_MODE, dot_ty)
+                                   stride_bg, stride_sn, stride_sk, FMT, SCALE_MODE, FP8_BITS).to(dot_ty)
                 if SCALE_MODE == 1:
                     part = tl.dot(a, wu, input_precision=PRECISION, out_dtype=tl.float32)
                     acc_up += _col_scaled(part, s_e, cols + N, nmask, k0, block_n, block_k, stride_sn, stride_sk,
@@ -205,6 +216,27 @@ def _grouped_gemm_quant_kernel(
                     cols = n0 + tl.arange(0, BLOCK_N)
                     tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
                              tl.full([BLOCK_M, BLOCK_N], 0, out_ty), mask=zm[:, None] & (cols < N)[None, :])
+
+
+# Tests set this to run the bit decoder where the conversion instruction exists (None: by device).
+FORCE_FP8_BITS = None
+
+
+def fp8_from_bits(device: torch.device) -> bool:
+    """Whether fp8 weights are decoded from their bits: GPUs before sm_89 have no fp8 conversion
+    instruction for Triton's float8e4nv (A100 runs DeepSeek/Qwen FP8 checkpoints weight-only too)."""
+    if FORCE_FP8_BITS is not None:
+        return FORCE_FP8_BITS
+    return device.type == "cuda" and _capability(device) < (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device):
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _pow2_divisor(n: int) -> int:
@@ -270,6 +302,7 @@ def launch_quantized_gemm(a, b, b_scale, c, offsets, sched, format, block_n, blo
            NUM_PROGS=grid, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk_tile,
            GROUP_M=cfg["GROUP_M"], FMT=FORMATS[format], SCALE_MODE=mode, PRECISION=dot_precision(a.dtype),
            GATHER=slots is not None and not scatter, ACT=act, SCATTER=scatter, ZERO_OUTSIDE=zero_outside,
+           FP8_BITS=format == "fp8_e4m3" and fp8_from_bits(c.device),
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
