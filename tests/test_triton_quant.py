@@ -284,3 +284,25 @@ def test_fake_tensor_shapes():
                                                               mode.from_tensor(torch.tensor([0, 3, 3, 9], dtype=torch.int32)),
                                                               "mxfp4", 0, 0)
     assert out.shape == (9, 20) and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile of user Triton kernels needs a GPU")
+def test_torch_compile_fullgraph():
+    """The op is a triton_op and the fused layer launches through wrap_triton: no graph break."""
+    q, s = quant.quantize_experts(make_x(3 * 32, 64, seed=1).reshape(3, 32, 64), "fp8_e4m3", block_size=(16, 32))
+    a = make_x(21, 64, seed=2, dtype=torch.bfloat16, device=DEVICE)
+    offs = torch.tensor([1, 8, 8, 20], dtype=torch.int32, device=DEVICE)
+    x, logits, w1, w2 = make_layer(9, 32, 16, 4, seed=3)
+    q1, s1 = quant.quantize_experts(w1, "int8")
+    q2, s2 = quant.quantize_experts(w2, "int8")
+    dev = [t.to(DEVICE) for t in (q, s, x.bfloat16(), logits, q1, s1, q2, s2)]
+
+    def f(a, offs, q, s, x, logits, q1, s1, q2, s2):
+        c = torch.ops.moe_ops_triton.grouped_gemm_quantized(a, q, s, offs, "fp8_e4m3", 16, 32)
+        y = TK.fused_moe_quantized_forward(x, logits, q1, s1, q2, s2, "int8", 0, 0, 2)
+        return c, y
+
+    eager = f(a, offs, *dev)
+    compiled = torch.compile(f, fullgraph=True)(a, offs, *dev)
+    for e, c in zip(eager, compiled):
+        assert_bitwise_equal(e, c, "compiled vs eager")
