@@ -367,8 +367,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     ``trans_b=True``), ``b_scale`` its scales and fp8's ``block_size``; ``a`` fp16/bf16/fp32. The
     result is ``a @ dequantize_experts(b, b_scale).T`` per expert. The ``triton`` backend (chosen,
     or automatically for CUDA tensors) dequantizes inside its GEMM mainloop
-    (``moe_ops_triton::grouped_gemm_quantized``); every other backend dequantizes the weights to
-    float32 and runs its float32 grouped GEMM (``a`` upcast), the reference's computation."""
+    (``moe_ops_triton::grouped_gemm_quantized``; not when ``a`` needs a gradient); every other case
+    dequantizes the weights to float32 and runs the backend's float32 grouped GEMM (``a`` upcast),
+    the reference's computation."""
     if weight_format is not None or b_scale is not None or block_size is not None:
         return _grouped_gemm_quantized(a, b, expert_offsets, trans_b, backend, weight_format, b_scale, block_size)
     _check_tensor("a", a, FLOAT_DTYPES, 2)
@@ -425,7 +426,7 @@ def _triton_quantized_gemm(device_type: str, backend: Optional[str]):
 def _grouped_gemm_quantized(a, b, expert_offsets, trans_b, backend, weight_format, b_scale, block_size):
     bn, bk = _check_quantized_gemm(a, b, expert_offsets, trans_b, weight_format, b_scale, block_size)
     op = _triton_quantized_gemm(a.device.type, backend)
-    if op is not None:
+    if op is not None and not (torch.is_grad_enabled() and a.requires_grad):  # the op has no derivative
         return op(a, b, b_scale, expert_offsets, weight_format, bn, bk)
     fn = _backend.resolve("grouped_gemm", a.device.type, backend)
     from . import reference

@@ -275,6 +275,18 @@ def test_moe_forward_with_gradient_falls_back():
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
+def test_gemm_with_gradient_falls_back():
+    """a that needs a gradient: dequantize, then the float grouped GEMM (which has a derivative)."""
+    a, q, sc, offs, fmt, block = _case_inputs(CASES[5], torch.float32)   # int8
+    a = a.nan_to_num(0.0).requires_grad_(True)
+    c = moe_ops.grouped_gemm(a, q, offs, trans_b=True, weight_format=fmt, b_scale=sc, backend="triton")
+    c.pow(2).sum().backward()
+    w = quant.dequantize_experts(q.cpu(), sc.cpu(), fmt)
+    a0 = a.detach().cpu().requires_grad_(True)
+    R.grouped_gemm(a0, w, offs.cpu(), True).pow(2).sum().backward()
+    assert _rel_rms(a.grad.cpu(), a0.grad) <= 1e-5
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     q, s = quant.quantize_experts(torch.randn(3, 20, 64), "mxfp4")
