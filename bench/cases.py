@@ -255,6 +255,32 @@ def _quantized_gemm_cases(ob: OpBench, inp: Inputs, a, offs, tol, check: bool) -
                              note=f"{fmt} weights ({bytes_per_w:g} B each) dequantized in the Triton mainloop"))
 
 
+def _quantized_layer_cases(ob: OpBench, inp: Inputs, kw, tol, check: bool) -> None:
+    """moe_forward's rows on weight-only quantized experts: ``triton_<format>``, the fused Triton layer
+    with both GEMMs dequantizing in their mainloop, on random checkpoint-layout weights of the
+    layer's shapes; checked against the triton layer on the dequantized weights in the activation
+    dtype (GPU only)."""
+    E, two_i, H = inp.w_gate_up.shape
+    k = inp.pt.k
+    for fmt in ("fp8_e4m3", "mxfp4", "int8"):
+        if fmt == "mxfp4" and (H % 32 or (two_i // 2) % 32):
+            continue
+        q1, s1 = _quantized_weights((E, two_i, H), fmt, inp.x.device, seed=23)
+        q2, s2 = _quantized_weights((E, H, two_i // 2), fmt, inp.x.device, seed=29)
+        ref = None
+        if check:
+            w1 = moe_ops.dequantize_experts(q1, s1, fmt).to(inp.x.dtype)
+            w2 = moe_ops.dequantize_experts(q2, s2, fmt).to(inp.x.dtype)
+            ref = moe_ops.moe_forward(inp.x, inp.logits, w1, w2, k, backend="triton", **kw)
+            del w1, w2
+        ob.cases.append(Case(f"triton_{fmt}", "backend",
+                             lambda q1=q1, s1=s1, q2=q2, s2=s2, fmt=fmt: moe_ops.moe_forward(
+                                 inp.x, inp.logits, q1, q2, k, weight_format=fmt, w_gate_up_scale=s1,
+                                 w_down_scale=s2, backend="triton", **kw),
+                             _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
+                             note=f"{fmt} experts dequantized in the fused Triton layer's GEMM mainloops"))
+
+
 def _hf_experts(inp: Inputs, impl: str):
     """transformers' MixtralExperts built from a tiny config, holding the benchmark's weights."""
     from transformers import MixtralConfig
@@ -457,6 +483,8 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                      note=f"kt-kernel {kt_peer.variant()} {kt.kernel}, {kt.threads} threads",
                                      settle_s=kt_peer.SETTLE_S))
         _dense_and_read(ob, inp, want, [(T * k, H, 2 * I), (T * k, I, H)], [inp.w_gate_up, inp.w_down])
+        if "triton" in backends and dev == "cuda" and dt in (torch.float16, torch.bfloat16):
+            _quantized_layer_cases(ob, inp, kw, tol, check)
     else:
         raise ValueError(f"unknown op {op!r}")
     return ob
