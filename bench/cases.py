@@ -27,6 +27,7 @@ moe_forward           ``hf_eager`` / ``hf_grouped_mm`` (transformers' MixtralExp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -215,6 +216,71 @@ def _weight_read_case(inp: Inputs, tensors) -> Case:
     return Case("weight_read", "baseline", fn, note=f"amax over the {inp.n_hit} touched experts' weights")
 
 
+def _quantized_weights(shape, fmt: str, device, seed: int):
+    """Random ``[E, N, K]`` checkpoint tensors in ``fmt`` with weights of about ``K**-0.5``, drawn
+    directly as codes (quantizing a float copy would cost several float32 copies of the experts)."""
+    E, N, K = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    if fmt == "fp8_e4m3":  # |q| ~ 0.3..448 -> scale so that q * s ~ K**-0.5
+        q = (torch.randn(E, N, K, device=device, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return q, torch.full((E, -(-N // 128), -(-K // 128)), K ** -0.5 / 100, device=device)
+    if fmt == "int8":
+        q = torch.randint(-127, 128, (E, N, K), device=device, generator=g, dtype=torch.int8)
+        return q, torch.full((E, N), K ** -0.5 / 73, device=device)
+    blocks = torch.randint(0, 256, (E, N, K // 32, 16), device=device, generator=g, dtype=torch.uint8)
+    shift = round(math.log2(K ** -0.5 / 3.0))    # e2m1 values ~3 -> K**-0.5
+    return blocks, torch.full((E, N, K // 32), 127 + shift, device=device, dtype=torch.uint8)
+
+
+def _quantized_gemm_cases(ob: OpBench, inp: Inputs, a, offs, tol, check: bool) -> None:
+    """The grouped GEMM's rows on weight-only quantized experts (issue 17): the Triton kernel that
+    dequantizes in its mainloop, ``triton_<format>``, on random checkpoint-layout weights of the
+    same shape as w_gate_up; checked against the triton float grouped GEMM on the dequantized
+    weights in the activation dtype (a GPU-only row: the interpreter would take minutes)."""
+    E, N, K = inp.w_gate_up.shape
+    for fmt in ("fp8_e4m3", "mxfp4", "int8"):
+        if fmt == "mxfp4" and K % 32:
+            continue
+        q, sc = _quantized_weights((E, N, K), fmt, a.device, seed=17)
+        ref = None
+        if check:
+            w = moe_ops.dequantize_experts(q, sc, fmt).to(a.dtype)
+            ref = moe_ops.grouped_gemm(a, w, offs, trans_b=True, backend="triton")
+            del w
+        bytes_per_w = {"fp8_e4m3": 1.0, "int8": 1.0, "mxfp4": 0.5 + 1 / 32}[fmt]
+        ob.cases.append(Case(f"triton_{fmt}", "backend",
+                             lambda q=q, sc=sc, fmt=fmt: moe_ops.grouped_gemm(
+                                 a, q, offs, trans_b=True, weight_format=fmt, b_scale=sc, backend="triton"),
+                             _checker(ref, [(0, "c")], tol) if check else None,
+                             note=f"{fmt} weights ({bytes_per_w:g} B each) dequantized in the Triton mainloop"))
+
+
+def _quantized_layer_cases(ob: OpBench, inp: Inputs, kw, tol, check: bool) -> None:
+    """moe_forward's rows on weight-only quantized experts: ``triton_<format>``, the fused Triton layer
+    with both GEMMs dequantizing in their mainloop, on random checkpoint-layout weights of the
+    layer's shapes; checked against the triton layer on the dequantized weights in the activation
+    dtype (GPU only)."""
+    E, two_i, H = inp.w_gate_up.shape
+    k = inp.pt.k
+    for fmt in ("fp8_e4m3", "mxfp4", "int8"):
+        if fmt == "mxfp4" and (H % 32 or (two_i // 2) % 32):
+            continue
+        q1, s1 = _quantized_weights((E, two_i, H), fmt, inp.x.device, seed=23)
+        q2, s2 = _quantized_weights((E, H, two_i // 2), fmt, inp.x.device, seed=29)
+        ref = None
+        if check:
+            w1 = moe_ops.dequantize_experts(q1, s1, fmt).to(inp.x.dtype)
+            w2 = moe_ops.dequantize_experts(q2, s2, fmt).to(inp.x.dtype)
+            ref = moe_ops.moe_forward(inp.x, inp.logits, w1, w2, k, backend="triton", **kw)
+            del w1, w2
+        ob.cases.append(Case(f"triton_{fmt}", "backend",
+                             lambda q1=q1, s1=s1, q2=q2, s2=s2, fmt=fmt: moe_ops.moe_forward(
+                                 inp.x, inp.logits, q1, q2, k, weight_format=fmt, w_gate_up_scale=s1,
+                                 w_down_scale=s2, backend="triton", **kw),
+                             _checker(ref, [(0, "out")], max(tol, 1e-3) * 2) if check else None,
+                             note=f"{fmt} experts dequantized in the fused Triton layer's GEMM mainloops"))
+
+
 def _hf_experts(inp: Inputs, impl: str):
     """transformers' MixtralExperts built from a tiny config, holding the benchmark's weights."""
     from transformers import MixtralConfig
@@ -363,6 +429,8 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
             except Exception:  # transformers missing: no such baseline
                 pass
         _dense_and_read(ob, inp, want, [(M, H, N)], [inp.w_gate_up])
+        if "triton" in backends and dev == "cuda" and dt in (torch.float16, torch.bfloat16):
+            _quantized_gemm_cases(ob, inp, a, offs, tol, check)
 
     elif op == "moe_forward":
         ob.flops = 2 * T * k * H * (2 * I) + 2 * T * k * I * H
@@ -415,6 +483,8 @@ def op_cases(op: str, inp: Inputs, backends: List[str], baselines, check: bool,
                                      note=f"kt-kernel {kt_peer.variant()} {kt.kernel}, {kt.threads} threads",
                                      settle_s=kt_peer.SETTLE_S))
         _dense_and_read(ob, inp, want, [(T * k, H, 2 * I), (T * k, I, H)], [inp.w_gate_up, inp.w_down])
+        if "triton" in backends and dev == "cuda" and dt in (torch.float16, torch.bfloat16):
+            _quantized_layer_cases(ob, inp, kw, tol, check)
     else:
         raise ValueError(f"unknown op {op!r}")
     return ob

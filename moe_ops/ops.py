@@ -356,10 +356,22 @@ def capacity_combine(buf_out: torch.Tensor, ids: torch.Tensor, slot_pos: torch.T
 
 @profiled
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, trans_b: bool = False,
-                 backend: Optional[str] = None) -> torch.Tensor:
+                 backend: Optional[str] = None, weight_format: Optional[str] = None,
+                 b_scale: Optional[torch.Tensor] = None, block_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Experts: ``c[M, N]``; rows ``offs[e]:offs[e+1]`` of ``a[M, K]`` multiply ``b[e]``
     (``b[E, K, N]``, or ``b[E, N, K]`` with ``trans_b``); rows outside ``[offs[0], offs[E])`` are 0.
-    float32 accumulation; output in ``a``'s dtype."""
+    float32 accumulation; output in ``a``'s dtype.
+
+    Quantized experts (weight-only; :mod:`moe_ops.quant`): ``weight_format`` (``fp8_e4m3``,
+    ``mxfp4``, ``int8``) with ``b`` the checkpoint tensor in its ``[E, N, K]`` layout (so
+    ``trans_b=True``), ``b_scale`` its scales and fp8's ``block_size``; ``a`` fp16/bf16/fp32. The
+    result is ``a @ dequantize_experts(b, b_scale).T`` per expert. The ``triton`` backend (chosen,
+    or automatically for CUDA tensors) dequantizes inside its GEMM mainloop
+    (``moe_ops_triton::grouped_gemm_quantized``; not when ``a`` needs a gradient); every other case
+    dequantizes the weights to float32 and runs the backend's float32 grouped GEMM (``a`` upcast),
+    the reference's computation."""
+    if weight_format is not None or b_scale is not None or block_size is not None:
+        return _grouped_gemm_quantized(a, b, expert_offsets, trans_b, backend, weight_format, b_scale, block_size)
     _check_tensor("a", a, FLOAT_DTYPES, 2)
     _check_tensor("b", b, FLOAT_DTYPES, 3)
     if a.dtype != b.dtype:
@@ -374,6 +386,52 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     _check_rows("M", a.shape[0])
     fn = _backend.resolve("grouped_gemm", a.device.type, backend)
     return fn(a, b, expert_offsets, bool(trans_b))
+
+
+QUANT_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_quantized_gemm(a, b, expert_offsets, trans_b, weight_format, b_scale, block_size):
+    """grouped_gemm's arguments with quantized ``b``; returns ``(block_n, block_k)`` for the op."""
+    from . import quant
+    if weight_format is None or b_scale is None:
+        raise ValueError("moe_ops: quantized b needs weight_format and b_scale together")
+    _check_tensor("a", a, QUANT_ACT_DTYPES, 2)
+    if not isinstance(b, torch.Tensor) or b.dim() != (4 if weight_format == "mxfp4" else 3):
+        raise ValueError(f"moe_ops: quantized b must be the [E, ...] {weight_format} tensor, "
+                         f"got {getattr(b, 'shape', type(b))}")
+    N, K = quant.check_quantized(b, b_scale, weight_format, block_size)
+    if not trans_b:
+        raise ValueError("moe_ops: quantized b is stored [E, N, K] (the checkpoint's [out, in]): pass trans_b=True")
+    if a.shape[1] != K:
+        raise ValueError(f"moe_ops: a has K={a.shape[1]} but the quantized b {tuple(b.shape)} holds K={K}")
+    _check_offsets(expert_offsets, b.shape[0], a.shape[0])
+    _check_same_device(a=a, b=b, b_scale=b_scale, expert_offsets=expert_offsets)
+    _check_rows("M", a.shape[0])
+    return quant._block(block_size) if weight_format == "fp8_e4m3" else (0, 0)
+
+
+def _triton_quantized_gemm(device_type: str, backend: Optional[str]):
+    """``moe_ops_triton::grouped_gemm_quantized`` when the Triton backend runs this call (chosen, or
+    automatically for CUDA tensors, since no other backend has a quantized GEMM kernel), else None."""
+    name = backend if backend is not None else envs.get("MOE_OPS_BACKEND")
+    if name == "triton":
+        _backend.resolve("grouped_gemm", device_type, "triton")  # the clear error when it cannot run here
+    elif name is not None or device_type != "cuda" or "triton" not in _backend.available_backends(
+            "grouped_gemm", device_type):
+        return None
+    return torch.ops.moe_ops_triton.grouped_gemm_quantized
+
+
+def _grouped_gemm_quantized(a, b, expert_offsets, trans_b, backend, weight_format, b_scale, block_size):
+    bn, bk = _check_quantized_gemm(a, b, expert_offsets, trans_b, weight_format, b_scale, block_size)
+    op = _triton_quantized_gemm(a.device.type, backend)
+    if op is not None and not (torch.is_grad_enabled() and a.requires_grad):  # the op has no derivative
+        return op(a, b, b_scale, expert_offsets, weight_format, bn, bk)
+    fn = _backend.resolve("grouped_gemm", a.device.type, backend)
+    from . import reference
+    w = reference.dequantize_experts(b, b_scale, weight_format, (bn, bk))
+    return fn(a.to(torch.float32), w, expert_offsets, True).to(a.dtype)
 
 
 @profiled
@@ -675,6 +733,54 @@ def _dequantized_weights(w_gate_up, w_down, weight_format, gu_scale, d_scale, bl
                 quant.dequantize_experts(w_down, d_scale, weight_format, block_size=block_size))
 
 
+def _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_format, gu_scale, d_scale, block_size,
+                            backend, *, activation, capacity_factor, min_capacity, priority, **gating):
+    """moe_forward on quantized weights (checked by :func:`_check_quantized_layer`) through the
+    Triton quantized grouped GEMM, the weights dequantized in its mainloop (no float32 copy): when
+    Triton runs this call (``backend="triton"``, or CUDA tensors with no backend chosen) and no
+    gradient is needed (the op has no derivative) and ``x`` is fp16/bf16/fp32; else None. Dropless:
+    the fused Triton layer (``triton_kernels.fused_moe.fused_moe_quantized_forward``); capacity: the
+    other stages as :func:`experts_forward`, on the same backend choice."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, router_logits, gating.get("correction_bias")))
+    op = None if needs_grad or x.dtype not in QUANT_ACT_DTYPES else _triton_quantized_gemm(x.device.type, backend)
+    if op is None:
+        return None
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_ops: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"moe_ops: priority must be one of {PRIORITIES}, got {priority!r}")
+    T, H = x.shape
+    E = w_gate_up.shape[0]
+    _check_int("k", k, 1, min(E, MAX_K))
+    _check_rows("T*k", T * k)
+    bn, bk = (128, 128) if block_size is None else tuple(block_size)
+    dev = x.device.type
+
+    def be(name):
+        return _backend.resolved_name(name, dev, backend, strict=False)
+
+    def experts(a, offsets):
+        h = op(a, w_gate_up, gu_scale, offsets, weight_format, bn, bk)
+        return op(gated_activation(h, activation), w_down, d_scale, offsets, weight_format, bn, bk)
+
+    if capacity_factor is None:  # the fused Triton layer (its own router, index build and combine)
+        import importlib
+        tk = importlib.import_module("moe_ops.triton_kernels")  # loaded already (the backend's loader)
+        return tk.fused_moe_quantized_forward(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, weight_format,
+                                              bn, bk, k, activation=activation, **gating)
+    with stage("router"):
+        weights, ids = topk_gating(router_logits, k, backend=be("topk_gating"), **gating)
+    C = expert_capacity(T, k, E, capacity_factor, min_capacity=min_capacity)
+    with stage("dispatch"):
+        d = capacity_dispatch(x, ids, E, C, priority=priority, backend=be("capacity_dispatch"))
+    with stage("experts"):
+        offsets = torch.arange(E + 1, device=x.device, dtype=torch.int32) * C
+        y = experts(d.buf.reshape(E * C, H), offsets)
+    with stage("combine"):
+        return capacity_combine(y.reshape(E, C, H), ids, d.slot_pos, weights, backend=be("capacity_combine"))
+
+
 @profiled
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 k: int, *, activation: str = "swiglu", scoring: str = "softmax", renormalize: bool = False,
@@ -715,6 +821,14 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
                                        scaling_factor=scaling_factor, backend="cpu")
             with stage("dispatch"), stage("experts"), stage("combine"):
                 return fast(ids, weights, activation)
+        out = _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_format, w_gate_up_scale,
+                                      w_down_scale, block_size, backend, activation=activation,
+                                      capacity_factor=capacity_factor, min_capacity=min_capacity, priority=priority,
+                                      scoring=scoring, renormalize=renormalize, n_group=n_group,
+                                      topk_group=topk_group, correction_bias=correction_bias,
+                                      scaling_factor=scaling_factor)
+        if out is not None:
+            return out
         w_gate_up, w_down = _dequantized_weights(w_gate_up, w_down, weight_format, w_gate_up_scale, w_down_scale,
                                                  block_size)
         out = moe_forward(x.to(torch.float32), router_logits, w_gate_up, w_down, k, activation=activation,

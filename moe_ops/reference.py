@@ -306,3 +306,13 @@ def dequantize_experts(weight: Tensor, scale: Tensor, fmt: str, block_size: Tupl
     if fmt == "int8":
         return dequantize_int8(weight, scale)
     raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def grouped_gemm_quantized(a: Tensor, b: Tensor, b_scale: Tensor, expert_offsets: Tensor, fmt: str,
+                           block_n: int, block_k: int) -> Tensor:
+    """:func:`grouped_gemm` (``trans_b``: ``b`` is the checkpoint's ``[E, N, K]``) on quantized
+    experts: the dequantized float32 weights times ``a`` in float32 (float64 for float64 ``a``),
+    output in ``a``'s dtype. The oracle of the quantized grouped GEMM kernels."""
+    w = dequantize_experts(b, b_scale, fmt, (block_n, block_k))
+    acc = _acc_dtype(a)
+    return grouped_gemm(a.to(acc), w.to(acc), expert_offsets, True).to(a.dtype)

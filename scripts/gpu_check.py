@@ -378,8 +378,9 @@ class Check:
             for op_tests in OP_TEST_FILES:
                 if not per_file.get(op_tests):
                     self.fail(f"no GPU test selected in {op_tests} (the gpu marker selects nothing?)")
-            if not per_file.get("tests/test_triton.py"):
-                self.fail("no GPU test selected in tests/test_triton.py")
+            for triton_tests in ("tests/test_triton.py", "tests/test_triton_quant.py"):
+                if not per_file.get(triton_tests):
+                    self.fail(f"no GPU test selected in {triton_tests}")
         short = c["all"].get("not run", 0) + c["all"].get("cut", 0)
         if short:
             self.warn(f"{short} selected test(s) not run or cut short by the time budget; listed in {OUT_FILES['tests']}")

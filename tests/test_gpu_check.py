@@ -98,7 +98,7 @@ def test_gpu_marker_selects_the_suites_gpu_tests(tmp_path):
     cuda device and test_triton runs on it, so ``-m gpu`` must select tests in each."""
     (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
     files = ["tests/test_topk_gating.py", "tests/test_permute.py", "tests/test_capacity.py", "tests/test_grouped_gemm.py",
-             "tests/test_reference.py", "tests/test_triton.py"]
+             "tests/test_reference.py", "tests/test_triton.py", "tests/test_triton_quant.py"]
 
     def collect(*plugin):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -110,7 +110,7 @@ def test_gpu_marker_selects_the_suites_gpu_tests(tmp_path):
 
     on_gpu = collect("-p", "fake_gpu")
     for f in files:
-        if f == "tests/test_triton.py" and not _has_triton():
+        if f in ("tests/test_triton.py", "tests/test_triton_quant.py") and not _has_triton():
             continue
         assert on_gpu.count(f) > 0, f"no gpu-marked test in {f}"
     if not torch.cuda.is_available():

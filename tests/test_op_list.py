@@ -53,7 +53,8 @@ def test_native_namespace_defines_the_schemas_and_only_its_extensions():
 def test_other_namespaces_define_exactly_the_schemas(name, ns):
     if backend._load(name) is None:
         pytest.skip(f"{name} not available here: {backend.load_errors().get(name)}")
-    extensions = {"fused_experts"} if ns == "moe_ops_sim" else set()  # the CUDA fused stage, emulated
+    # moe_ops_sim: the CUDA fused stage, emulated; moe_ops_triton: its quantized grouped GEMM
+    extensions = {"fused_experts"} if ns == "moe_ops_sim" else {"grouped_gemm_quantized"}
     assert set(_fake.op_names(ns)) == set(CONTRACT) | extensions
 
 

@@ -137,6 +137,15 @@ def samples(op, dtype=torch.float32):
             (_x(7, 8, dtype=dtype), _ids(7, 2, 4), None, pgu, pd, "geglu"),
             (_x(0, 8, dtype=dtype), _ids(0, 2, 4), None, pgu, pd, "swiglu"),
         ]
+    if op == "grouped_gemm_quantized":  # the Triton op on quantized b [E, N, K] (fp8: see fused_experts_quantized)
+        offs = torch.tensor([1, 1, 5, 10], dtype=torch.int32)   # empty expert, rows outside
+        w = _x(3, 20, 64, seed=1, grad=False) * 0.3
+        out = []
+        for fmt in ("int8", "mxfp4"):
+            q, s = moe_ops.quantize_experts(w, fmt)
+            out += [(_x(11, 64, dtype=dtype, grad=False), q, s, offs, fmt, 0, 0),
+                    (_x(0, 64, dtype=dtype, grad=False), q, s, torch.zeros(4, dtype=torch.int32), fmt, 0, 0)]
+        return out
     if op == "fused_experts_quantized":  # bf16 activations whatever dtype is asked
         x = _x(7, 64, dtype=torch.bfloat16)
         w1, w2 = _x(3, 2 * 32, 64, seed=2) * 0.3, _x(3, 64, 32, seed=3) * 0.3

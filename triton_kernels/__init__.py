@@ -20,9 +20,9 @@ import triton  # noqa: F401  (a missing triton makes the backend unavailable, no
 from torch.library import triton_op
 
 from .. import backend as _backend
-from . import capacity, grouped_gemm, permute, topk_gating
+from . import capacity, grouped_gemm, grouped_gemm_quant, permute, topk_gating
 from .launch import interpreted, interpreter_defect, launch_count
-from .fused_moe import fused_moe_forward, last_launch_count
+from .fused_moe import fused_moe_forward, fused_moe_quantized_forward, last_launch_count
 
 NAMESPACE = "moe_ops_triton"
 
@@ -72,13 +72,29 @@ def _define():
     return defined
 
 
+# Triton-only op outside the cross-backend contract (no C++/CUDA kernel of its own): the grouped GEMM on
+# weight-only quantized experts (grouped_gemm_quant.py). Other backends run moe_ops.grouped_gemm's
+# dequantize-then-grouped_gemm path, so the schema lives with its one implementation.
+EXTENSION_IMPLS = {"grouped_gemm_quantized": grouped_gemm_quant.grouped_gemm_quantized}
+EXTENSION_SCHEMAS = {"grouped_gemm_quantized": grouped_gemm_quant.SCHEMA}
+
+
+def _define_extensions():
+    for name, fn in EXTENSION_IMPLS.items():
+        triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=(), schema=EXTENSION_SCHEMAS[name])
+    return {n: getattr(torch.ops.moe_ops_triton, n) for n in EXTENSION_IMPLS}
+
+
 if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "grouped_gemm"):
     OPS = _define()
+    EXTENSION_OPS = _define_extensions()
 else:  # module re-imported (e.g. importlib.reload): the ops exist already
     OPS = {n: getattr(torch.ops.moe_ops_triton, n) for n in _IMPLS}
+    EXTENSION_OPS = {n: getattr(torch.ops.moe_ops_triton, n) for n in EXTENSION_IMPLS}
 
 _devices = ("cuda",) + (("cpu",) if interpreted() else ())
 _backend.register("triton", _devices, OPS, unsupported=UNSUPPORTED)
 _backend.register_fused_moe("triton", fused_moe_forward)
 
-__all__ = ["OPS", "UNSUPPORTED", "fused_moe_forward", "last_launch_count", "launch_count", "interpreted"]
+__all__ = ["OPS", "EXTENSION_OPS", "UNSUPPORTED", "fused_moe_forward", "fused_moe_quantized_forward",
+           "last_launch_count", "launch_count", "interpreted"]

@@ -12,6 +12,10 @@ weighted row (in x's dtype, as vLLM's fused_moe) and a fixed-order k-sum adds th
 deterministic, no float atomics. When autograd needs the graph (inputs requiring grad), the
 layer runs the unfused op chain instead, whose ops have registered derivatives.
 
+:func:`fused_moe_quantized_forward` is the same layer on weight-only quantized experts
+(grouped_gemm_quant.py's kernel with the same gather / SwiGLU / weight + scatter options, the
+weights dequantized in its mainloop; moe_ops.ops runs it for moe_forward(weight_format=...)).
+
 The fused layer is a plain Python function, not a registered op (the op contract has no such
 op); under torch.compile dynamo traces its ``wrap_triton`` launches like any user kernel.
 """
@@ -27,6 +31,7 @@ from .configs import get_config
 from moe_ops._profiling import stage
 from moe_ops.ops import gated_activation
 from .grouped_gemm import run_gemm
+from .grouped_gemm_quant import launch_quantized_gemm, logical_nk
 
 ACT_CODES = {"swiglu": 1, "geglu": 2}
 _LAST = [0]
@@ -106,3 +111,52 @@ def _eager_fused(*args):
     # Plain launches in eager mode (as triton_op's eager path does), not the tracing HOP.
     with set_wrap_triton_enabled(False):
         return fused_moe_impl(*args)
+
+
+def fused_moe_quantized_impl(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, fmt, block_n, block_k, k,
+                             activation, scoring, renormalize, n_group, topk_group, correction_bias, scaling_factor):
+    """:func:`fused_moe_impl` with quantized ``w_gate_up`` ([E, 2I, H] logical) and ``w_down`` ([E, H, I])."""
+    T, H = x.shape
+    E, two_i, _ = logical_nk(w_gate_up, fmt)
+    I = two_i // 2
+    out = torch.empty((T, H), device=x.device, dtype=x.dtype)
+    if T == 0 or H == 0:
+        return out
+    if I == 0:
+        return out.zero_()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    with stage("router"):
+        weights, ids = topk_gating.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
+                                               correction_bias, scaling_factor)
+    M = T * k
+    cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
+    cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
+    with stage("dispatch"):
+        slot_rows, sorted_slots, offsets, _, sched = index_build.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
+    with stage("experts"):
+        h = torch.empty((M, I), device=x.device, dtype=x.dtype)
+        launch_quantized_gemm(x, w_gate_up, gu_scale, h, offsets, sched, fmt, block_n, block_k, cfg1, N=I, K=H,
+                              rows=M, slots=sorted_slots, topk=k, act=ACT_CODES[activation])
+        y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
+        launch_quantized_gemm(h, w_down, d_scale, y, offsets, sched, fmt, block_n, block_k, cfg2, N=H, K=I,
+                              rows=M, slots=sorted_slots, weights=weights.view(-1), scatter=True)
+    with stage("combine"):
+        return out if k == 1 else weighted_combine.combine(y, T, k, weighted_combine.MODE_SLOT)
+
+
+def fused_moe_quantized_forward(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, fmt, block_n, block_k, k, *,
+                                activation="swiglu", scoring="softmax", renormalize=False, n_group=None,
+                                topk_group=None, correction_bias=None, scaling_factor=1.0):
+    """moe_forward's dropless layer on quantized weights (arguments already validated; no
+    gradient: moe_ops.ops sends calls that need one elsewhere)."""
+    args = (x, router_logits, w_gate_up, gu_scale, w_down, d_scale, fmt, int(block_n), int(block_k), int(k),
+            activation, scoring, bool(renormalize), n_group or 0, topk_group or 0, correction_bias,
+            float(scaling_factor))
+    before = launch.launch_count()
+    if torch.compiler.is_compiling():
+        out = fused_moe_quantized_impl(*args)
+    else:
+        with set_wrap_triton_enabled(False):
+            out = fused_moe_quantized_impl(*args)
+    _LAST[0] = launch.launch_count() - before
+    return out
