@@ -35,6 +35,8 @@ from torch import nn
 from .. import backend as _backend
 from .. import ops
 from .._profiling import stage
+from . import transformers_quant as _quant
+from .transformers_quant import Mxfp4GptOssExperts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
@@ -130,9 +132,16 @@ def _cpu_packing(self, w1, w2):
 
 
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> None:
-    """Register :func:`moe_ops_experts_forward` in transformers' ``ExpertsInterface`` (global)."""
+    """Register :func:`moe_ops_experts_forward` in transformers' ``ExpertsInterface`` and
+    :func:`~moe_ops.integrations.transformers_quant.fp8_experts_forward` in its FP8 experts registry
+    ``ALL_FP8_EXPERTS_FUNCTIONS`` (both global; the FP8 one where transformers has it)."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(name, moe_ops_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    except ImportError:  # a transformers without FP8 experts
+        return
+    type(ALL_FP8_EXPERTS_FUNCTIONS).register(name, _quant.fp8_experts_forward)
 
 
 # ------------------------------------------------------------------------------------ routers
@@ -227,6 +236,8 @@ ROUTER_FORWARDS: Dict[str, Callable] = {
     "DeepseekV3TopkRouter": _deepseek_v3_router_forward,
     "GptOssTopKRouter": _gpt_oss_router_forward,
 }
+# quantized layers that need a forward without transformers' hub kernels (on CPU)
+QUANT_LAYER_FORWARDS: Dict[str, Callable] = {"FP8Linear": _quant.fp8_linear_forward}
 BLOCK_FORWARDS: Dict[str, Dict[str, Callable]] = {
     # block class name -> {attribute: forward}: the block and the submodules it needs patched.
     "Llama4TextMoe": {"": _llama4_moe_forward, "router": _llama4_router_forward},
@@ -287,6 +298,8 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
         name = type(module).__name__
         if routers and name in ROUTER_FORWARDS:
             _patch_class(module, ROUTER_FORWARDS[name])
+        if experts and name in QUANT_LAYER_FORWARDS:
+            _patch_class(module, QUANT_LAYER_FORWARDS[name])
         if sparse_blocks and name in BLOCK_FORWARDS:
             for attr, fwd in BLOCK_FORWARDS[name].items():
                 _patch_class(module if attr == "" else getattr(module, attr), fwd)
