@@ -36,7 +36,8 @@ from .. import backend as _backend
 from .. import ops
 from .._profiling import stage
 from . import transformers_quant as _quant
-from .transformers_quant import Mxfp4GptOssExperts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
+from .transformers_quant import (  # noqa: F401 (public)
+    Mxfp4GptOssExperts, from_pretrained_mxfp4, quantize_experts_, use_mxfp4_experts)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 

@@ -302,3 +302,36 @@ def quantize_experts_(model: nn.Module, weight_format: str, *,
                 setattr(new, f"{proj}_scale_inv", nn.Parameter(s.to(q.device), requires_grad=False))
         model.set_submodule(name, new)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_class(cls: type) -> type:
+    """``cls`` whose experts are :class:`Mxfp4GptOssExperts` from construction on (transformers
+    builds the model on the meta device, so no float experts are ever allocated)."""
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        use_mxfp4_experts(self)
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def from_pretrained_mxfp4(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Module:
+    """Load a GPT-OSS MXFP4 checkpoint with its experts packed, as stored, on any device
+    (transformers itself keeps them packed only with its hub kernels; without them, and always on
+    CPU, it dequantizes them to bf16 at load). The checkpoint's ``quantization_config`` is dropped
+    (no transformers quantizer runs: the ``*_blocks`` / ``*_scales`` tensors load by name into
+    :class:`Mxfp4GptOssExperts`); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``,
+    ...). Returns the model with :func:`~moe_ops.integrations.transformers.apply_moe_ops` applied."""
+    from transformers import AutoConfig
+
+    from .transformers import apply_moe_ops
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        qc = config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(getattr(method, "value", method)) != "mxfp4":
+            raise ValueError(f"moe_ops: from_pretrained_mxfp4 loads MXFP4 checkpoints, this one is {method!r}")
+        del config.quantization_config
+    if model_class is None:
+        from transformers import GptOssForCausalLM as model_class
+    model = _packed_class(model_class).from_pretrained(path, config=config, **kwargs)
+    return apply_moe_ops(model)
