@@ -22,6 +22,10 @@ Three levels, each optional:
    expert *input* by ``sigmoid(logit)``).
 
 :func:`apply_moe_ops` does all three to a built model in place.
+
+Quantized models (FP8 ``FP8Experts`` / ``FP8Linear``, GPT-OSS MXFP4 experts kept packed):
+:mod:`moe_ops.integrations.transformers_quant`, whose public names are re-exported here;
+``"moe_ops"`` is registered in transformers' FP8 experts registry as well.
 """
 from __future__ import annotations
 
@@ -278,6 +282,13 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
       expert weights in memory);
     * ``routers``: fused top-k routers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS);
     * ``sparse_blocks``: the sparse Llama4 MoE block.
+
+    Quantized models: FP8 experts (transformers' ``FP8Experts``) follow the same experts switch
+    (``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``) and keep their fp8 weights; with ``experts``,
+    ``FP8Linear`` layers get a CPU forward that needs no hub kernel (dequantized per call, one
+    layer at a time). Packed MXFP4 GPT-OSS experts (:class:`Mxfp4GptOssExperts`, from
+    :func:`from_pretrained_mxfp4` / :func:`use_mxfp4_experts` / :func:`quantize_experts_`) stay
+    packed and always run on moe_ops. docs/transformers-quantized.md.
 
     Parameter names are untouched: ``save_pretrained``/``load_state_dict`` work as before.
     :func:`remove_moe_ops` undoes the router/block patches.
