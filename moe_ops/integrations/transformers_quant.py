@@ -6,8 +6,9 @@ checkpoint stores them (no bf16 copy of the experts is kept).
   hub kernels. :func:`fp8_experts_forward` is registered there as ``"moe_ops"``, so
   ``set_experts_implementation("moe_ops")`` / ``from_pretrained(..., experts_implementation="moe_ops")``
   run FP8 experts without them. ``FP8Linear`` layers (attention, dense MLPs, shared experts) get
-  a CPU forward from :func:`~moe_ops.integrations.transformers.apply_moe_ops` (dequantized per
-  call, one layer at a time); on other devices they keep transformers' kernels.
+  a forward from :func:`~moe_ops.integrations.transformers.apply_moe_ops` that needs no hub kernel
+  on CPU (dequantized per call, one layer at a time); on other devices transformers' kernel runs
+  where it loads, else the same dequantized forward.
 * **MXFP4** (GPT-OSS): transformers keeps MXFP4 experts only in its hub kernels' swizzled layout
   and dequantizes them to bf16 at load everywhere else (CPU included). :class:`Mxfp4GptOssExperts`
   holds the checkpoint tensors themselves (``*_blocks``, ``*_scales``, biases under their checkpoint
@@ -170,15 +171,29 @@ def fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
                                  gate=gate)
 
 
+# Whether transformers' FP8 linear kernel loaded on a non-CPU device (None: not tried yet); a
+# failed load is not retried on every call (it may try a hub download).
+_hub_fp8_linear: Optional[bool] = None
+
+
 def fp8_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """``FP8Linear.forward`` that runs without transformers' hub kernel on CPU: the weight is
-    dequantized (moe_ops' oracle) per call, one layer at a time, and the product taken in float32.
-    Other devices keep transformers' forward."""
+    """``FP8Linear.forward`` that runs without transformers' hub kernel: on CPU, and on other
+    devices when that kernel cannot be loaded, the weight is dequantized (moe_ops' oracle) per call,
+    one layer at a time, and the product taken in float32. Elsewhere transformers' forward runs."""
+    global _hub_fp8_linear
     w = self.weight
-    if w.element_size() > 1 or input.device.type != "cpu":
+    if w.element_size() > 1:
         return super(type(self), self).forward(input)
+    if input.device.type != "cpu" and _hub_fp8_linear is not False:
+        try:
+            out = super(type(self), self).forward(input)
+            _hub_fp8_linear = True
+            return out
+        except ImportError:
+            _hub_fp8_linear = False
     if w.dtype != torch.float8_e4m3fn or getattr(self, "activation_scheme", "dynamic") == "static":
-        raise NotImplementedError("moe_ops: FP8Linear on CPU takes float8_e4m3fn weights, dynamic activations")
+        raise NotImplementedError("moe_ops: FP8Linear without the hub kernel takes float8_e4m3fn weights and "
+                                  "dynamic activations")
     s = _float_scale(self.weight_scale_inv)
     if s.dim() == 0:
         wf = w.to(torch.float32) * s
