@@ -55,11 +55,12 @@ def _stock(cls, cfg, dtype, seed=0):
     return model
 
 
-def deepseek_v3(dtype=torch.float32):
+def deepseek_v3(dtype=torch.float32, moe_intermediate_size=96):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     # I = 96 with 64-wide blocks: partial blocks in the down projection's K
     return _stock(DeepseekV3ForCausalLM, DeepseekV3Config(
-        vocab_size=V, hidden_size=128, intermediate_size=192, moe_intermediate_size=96, num_hidden_layers=L,
+        vocab_size=V, hidden_size=128, intermediate_size=192, moe_intermediate_size=moe_intermediate_size,
+        num_hidden_layers=L,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=0, norm_topk_prob=True,
         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_scaling=None), dtype)
@@ -241,6 +242,55 @@ def test_fp8_deepseek_v3_float32(monkeypatch):
         held = [t for t in list(m._parameters.values()) + list(m._buffers.values()) + list(vars(m).values())
                 if isinstance(t, torch.Tensor)]
         assert all(t.element_size() == 1 or t.numel() < m.down_proj.numel() // 8 for t in held)
+
+
+def _save_fp8_checkpoint(q, path):
+    """``q`` saved as DeepSeek-V3's FP8 release stores it: per-expert ``gate_proj`` / ``up_proj`` /
+    ``down_proj`` ``weight`` + ``weight_scale_inv``, every other FP8 linear likewise, quant_method fp8."""
+    from safetensors.torch import save_file
+    from transformers import FineGrainedFP8Config
+    sd = {}
+    for key, v in q.state_dict().items():
+        stem, sep, proj = key.partition(".experts.")
+        if not sep:
+            sd[key] = v.contiguous()
+            continue
+        suffix = ".weight_scale_inv" if proj.endswith("_scale_inv") else ".weight"
+        for e in range(v.shape[0]):
+            if proj.startswith("gate_up_proj"):
+                half = v.shape[1] // 2
+                sd[f"{stem}.experts.{e}.gate_proj{suffix}"] = v[e, :half].contiguous()
+                sd[f"{stem}.experts.{e}.up_proj{suffix}"] = v[e, half:].contiguous()
+            else:
+                sd[f"{stem}.experts.{e}.down_proj{suffix}"] = v[e].contiguous()
+    cfg = copy.deepcopy(q.config)
+    cfg.quantization_config = FineGrainedFP8Config(weight_block_size=FP8_BLOCK, modules_to_not_convert=["lm_head"])
+    cfg.save_pretrained(path)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_fp8_deepseek_v3_checkpoint_on_cpu(tmp_path):
+    """An FP8 DeepSeek-V3 checkpoint in the released layout, loaded by from_pretrained_fp8 on CPU:
+    transformers' loader builds and fills the FP8 modules (where on its own it would dequantize
+    to bf16, or refuse without accelerate), the tensors stay fp8, and the logits match the
+    dequantized model's eager run."""
+    stock = deepseek_v3(moe_intermediate_size=128)  # whole blocks: the per-expert halves split cleanly
+    q = fp8_like_the_loader(stock)
+    ref, _ = dequantized_references(q, stock)
+    _save_fp8_checkpoint(q, tmp_path)
+    model = moe_hf.from_pretrained_fp8(tmp_path, dtype=torch.float32)
+    assert model.config._experts_implementation == "moe_ops"
+    experts = _fp8_experts(model)
+    assert len(experts) == L and all(m.gate_up_proj.dtype == torch.float8_e4m3fn for m in experts)
+    linears = [m for m in model.modules() if type(m).__name__.endswith("FP8Linear")]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    for mq, ml in zip(_fp8_experts(q), experts):  # merged back to what was saved
+        assert torch.equal(ml.gate_up_proj_scale_inv, mq.gate_up_proj_scale_inv)
+        assert torch.equal(ml.down_proj.view(torch.uint8), mq.down_proj.view(torch.uint8))
+    ids = _ids()
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert rel_rms(b, a) <= 1e-5, rel_rms(b, a)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])

@@ -41,7 +41,7 @@ from .. import ops
 from .._profiling import stage
 from . import transformers_quant as _quant
 from .transformers_quant import (  # noqa: F401 (public)
-    Mxfp4GptOssExperts, from_pretrained_mxfp4, quantize_experts_, use_mxfp4_experts)
+    Mxfp4GptOssExperts, from_pretrained_fp8, from_pretrained_mxfp4, quantize_experts_, use_mxfp4_experts)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
