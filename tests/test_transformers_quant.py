@@ -342,6 +342,29 @@ def test_fp8_expert_parallel_sentinels_and_chunks(dtype, monkeypatch):
             assert torch.equal(moe_q.fp8_experts_forward(ex, x, ids, w), got)
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="torch without float8_e8m0fnu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_ue8m0_scales(dtype):
+    """ue8m0 scale grids (``float8_e8m0fnu``, scale_fmt="ue8m0" checkpoints) give the same bits as
+    the same powers of two in float32."""
+    q = moe_hf.apply_moe_ops(moe_hf.quantize_experts_(qwen3_moe(dtype), "fp8_e4m3", block_size=FP8_BLOCK))
+    ex = _fp8_experts(q)[0]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, ex.hidden_dim, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(ex.num_experts, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    with torch.no_grad():
+        for p in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+            pow2 = torch.exp2(torch.round(torch.log2(getattr(ex, p))))
+            setattr(ex, p, torch.nn.Parameter(pow2, requires_grad=False))
+        want = moe_q.fp8_experts_forward(ex, x, ids, w)
+        for p in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+            e8 = getattr(ex, p).to(torch.float8_e8m0fnu)
+            assert torch.equal(e8.float(), getattr(ex, p))
+            setattr(ex, p, torch.nn.Parameter(e8, requires_grad=False))
+        assert torch.equal(moe_q.fp8_experts_forward(ex, x, ids, w), want)
+
+
 # ------------------------------------------------------------------------------------ MXFP4 (GPT-OSS)
 
 def _save_mxfp4_checkpoint(stock, path):

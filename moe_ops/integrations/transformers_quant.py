@@ -25,6 +25,7 @@ the oracle's computation; the output is cast to the activations' dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional, Tuple
 
@@ -349,4 +350,40 @@ def from_pretrained_mxfp4(path, *, model_class: Optional[type] = None, **kwargs)
     if model_class is None:
         from transformers import GptOssForCausalLM as model_class
     model = _packed_class(model_class).from_pretrained(path, config=config, **kwargs)
+    return apply_moe_ops(model)
+
+
+@contextlib.contextmanager
+def _fp8_kept_as_stored():
+    """transformers' FP8 quantizer dequantizes pre-quantized checkpoints to bf16 at load on
+    machines without a GPU (or with one older than sm_89), and wants ``accelerate``: inside this
+    context, pre-quantized checkpoints skip that environment check (what moe_ops runs needs neither
+    a GPU nor the hub kernels). Process-global while it lasts (a class attribute is swapped)."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+    original = FineGrainedFP8HfQuantizer.validate_environment
+
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            return None
+        return original(self, *args, **kwargs)
+    FineGrainedFP8HfQuantizer.validate_environment = validate_environment
+    try:
+        yield
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = original
+
+
+def from_pretrained_fp8(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Module:
+    """Load a pre-quantized FP8 checkpoint (DeepSeek-V3/R1, Qwen3-FP8: ``float8_e4m3fn`` weights +
+    ``weight_scale_inv``) keeping it FP8 on any machine, CPU included, with the experts on moe_ops.
+    transformers' own loader builds the FP8 modules (``FP8Linear``, ``FP8Experts``) and merges the
+    per-expert tensors; only its environment check is skipped (:func:`_fp8_kept_as_stored`).
+    ``kwargs`` go to ``from_pretrained``. Returns the model with
+    :func:`~moe_ops.integrations.transformers.apply_moe_ops` applied."""
+    from .transformers import EXPERTS_IMPLEMENTATION, apply_moe_ops
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    kwargs.setdefault("experts_implementation", EXPERTS_IMPLEMENTATION)
+    with _fp8_kept_as_stored():
+        model = model_class.from_pretrained(path, **kwargs)
     return apply_moe_ops(model)
