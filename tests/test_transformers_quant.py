@@ -211,7 +211,7 @@ def _fp8_dequantized(mod):
 
 def test_fp8_registered():
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
-    assert ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"] is moe_q.fp8_experts_forward
+    assert ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"] is moe_hf.moe_ops_fp8_experts_forward
 
 
 def test_fp8_deepseek_v3_float32(monkeypatch):

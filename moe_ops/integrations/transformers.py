@@ -40,21 +40,13 @@ from .. import backend as _backend
 from .. import ops
 from .._profiling import stage
 from . import transformers_quant as _quant
-from .transformers_quant import (  # noqa: F401 (public)
-    Mxfp4GptOssExperts, from_pretrained_fp8, from_pretrained_mxfp4, quantize_experts_, use_mxfp4_experts)
+from .transformers_quant import _row_experts
+from .transformers_quant import Mxfp4GptOssExperts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
 
 # ------------------------------------------------------------------------------------ experts
-
-def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """Expert of each row of a permuted buffer (rows past ``offsets[E]`` clamp to E-1; they hold
-    no slot, so whatever bias they get never reaches the output)."""
-    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    e = torch.searchsorted(offsets[1:].contiguous(), r, right=True)
-    return e.clamp(max=offsets.numel() - 2)
-
 
 def moe_ops_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -138,15 +130,48 @@ def _cpu_packing(self, w1, w2):
 
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> None:
     """Register :func:`moe_ops_experts_forward` in transformers' ``ExpertsInterface`` and
-    :func:`~moe_ops.integrations.transformers_quant.fp8_experts_forward` in its FP8 experts registry
-    ``ALL_FP8_EXPERTS_FUNCTIONS`` (both global; the FP8 one where transformers has it)."""
+    :func:`moe_ops_fp8_experts_forward` in its FP8 experts registry ``ALL_FP8_EXPERTS_FUNCTIONS``
+    (both global; the FP8 one where transformers has it)."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(name, moe_ops_experts_forward)
     try:
         from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
     except ImportError:  # a transformers without FP8 experts
         return
-    type(ALL_FP8_EXPERTS_FUNCTIONS).register(name, _quant.fp8_experts_forward)
+    type(ALL_FP8_EXPERTS_FUNCTIONS).register(name, moe_ops_fp8_experts_forward)
+
+
+def moe_ops_fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``: transformers' ``FP8Experts`` with fp8 weights on
+    :func:`~moe_ops.integrations.transformers_quant.fp8_experts_forward` (the stored tensors);
+    ones holding float weights (dequantized at load) on :func:`moe_ops_experts_forward`."""
+    w1 = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
+    if w1.element_size() > 1:
+        return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _quant.fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def from_pretrained_fp8(path, *, model_class=None, **kwargs) -> nn.Module:
+    """Load a pre-quantized FP8 checkpoint (DeepSeek-V3/R1, Qwen3-FP8: ``float8_e4m3fn`` weights +
+    ``weight_scale_inv``) keeping it FP8 on any machine, CPU included, and apply
+    :func:`apply_moe_ops`. transformers' own loader builds the FP8 modules (``FP8Linear``,
+    ``FP8Experts``) and merges the per-expert tensors; only its environment check, which would
+    dequantize to bf16 without a recent GPU, is skipped
+    (:func:`~moe_ops.integrations.transformers_quant.fp8_kept_as_stored`). ``model_class``
+    defaults to ``AutoModelForCausalLM``; ``kwargs`` go to ``from_pretrained``."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    kwargs.setdefault("experts_implementation", EXPERTS_IMPLEMENTATION)
+    with _quant.fp8_kept_as_stored():
+        model = model_class.from_pretrained(path, **kwargs)
+    return apply_moe_ops(model)
+
+
+def from_pretrained_mxfp4(path, *, model_class=None, **kwargs) -> nn.Module:
+    """A GPT-OSS MXFP4 checkpoint with its experts kept packed
+    (:func:`~moe_ops.integrations.transformers_quant.load_mxfp4`), :func:`apply_moe_ops` applied."""
+    return apply_moe_ops(_quant.load_mxfp4(path, model_class=model_class, **kwargs))
 
 
 # ------------------------------------------------------------------------------------ routers

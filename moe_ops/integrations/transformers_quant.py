@@ -3,7 +3,8 @@ checkpoint stores them (no bf16 copy of the experts is kept).
 
 * **FP8** (DeepSeek-V3/R1, Qwen3-FP8): transformers' ``FP8Experts`` (``float8_e4m3fn`` weights,
   ``*_scale_inv`` per block) dispatch through ``ALL_FP8_EXPERTS_FUNCTIONS``, whose entries load
-  hub kernels. :func:`fp8_experts_forward` is registered there as ``"moe_ops"``, so
+  hub kernels. :func:`fp8_experts_forward` runs them there as ``"moe_ops"`` (registered by
+  :mod:`moe_ops.integrations.transformers`), so
   ``set_experts_implementation("moe_ops")`` / ``from_pretrained(..., experts_implementation="moe_ops")``
   run FP8 experts without them. ``FP8Linear`` layers (attention, dense MLPs, shared experts) get
   a forward from :func:`~moe_ops.integrations.transformers.apply_moe_ops` that needs no hub kernel
@@ -12,8 +13,9 @@ checkpoint stores them (no bf16 copy of the experts is kept).
 * **MXFP4** (GPT-OSS): transformers keeps MXFP4 experts only in its hub kernels' swizzled layout
   and dequantizes them to bf16 at load everywhere else (CPU included). :class:`Mxfp4GptOssExperts`
   holds the checkpoint tensors themselves (``*_blocks``, ``*_scales``, biases under their checkpoint
-  names) and runs them on moe_ops; :func:`use_mxfp4_experts` puts empty ones in a built model so that
-  ``load_state_dict`` of the checkpoint fills them, :func:`quantize_experts_` converts float experts.
+  names) and runs them on moe_ops; :func:`load_mxfp4` loads a checkpoint into them,
+  :func:`use_mxfp4_experts` puts empty ones in a built model so that ``load_state_dict`` of the
+  checkpoint fills them, :func:`quantize_experts_` converts float experts.
 
 What runs where (:func:`run_quantized_experts`): dropless bf16 activations on a CPU with moe_ops'
 AVX512-BF16 kernels, plain SwiGLU, no expert biases, no gradient -> the fused op
@@ -42,8 +44,11 @@ DEQUANT_CHUNK_BYTES = 256 << 20
 
 
 def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    from .transformers import _row_experts as rows_of
-    return rows_of(offsets, rows)
+    """Expert of each row of a permuted buffer (rows past ``offsets[E]`` clamp to E-1; they hold
+    no slot, so whatever bias they get never reaches the output)."""
+    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    e = torch.searchsorted(offsets[1:].contiguous(), r, right=True)
+    return e.clamp(max=offsets.numel() - 2)
 
 
 def fp8_block(weight: torch.Tensor, scale: torch.Tensor, block_size) -> Tuple[int, int]:
@@ -144,13 +149,11 @@ def _plain_swiglu(module: nn.Module) -> bool:
 
 def fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``: transformers' ``FP8Experts`` on moe_ops, the
-    ``float8_e4m3fn`` weights and ``*_scale_inv`` grids passed as stored (``fp8_e4m3``)."""
+    """transformers' ``FP8Experts`` on moe_ops, the ``float8_e4m3fn`` weights and ``*_scale_inv``
+    grids passed as stored (``fp8_e4m3``). (``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]`` is
+    ``transformers.moe_ops_fp8_experts_forward``, which sends float weights elsewhere.)"""
     has_gate = getattr(self, "has_gate", True)
     w1 = self.gate_up_proj if has_gate else self.up_proj
-    if w1.element_size() > 1:  # dequantized at load (dequantize=True): plain float experts
-        from .transformers import moe_ops_experts_forward
-        return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if getattr(self, "activation_scheme", "dynamic") == "static":
         raise NotImplementedError("moe_ops: FP8 experts with activation_scheme='static' quantize the activations; "
                                   "moe_ops runs weight-only quantization (activation_scheme='dynamic' checkpoints)")
@@ -330,16 +333,15 @@ def _packed_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 
 
-def from_pretrained_mxfp4(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Module:
+def load_mxfp4(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Module:
     """Load a GPT-OSS MXFP4 checkpoint with its experts packed, as stored, on any device
     (transformers itself keeps them packed only with its hub kernels; without them, and always on
     CPU, it dequantizes them to bf16 at load). The checkpoint's ``quantization_config`` is dropped
     (no transformers quantizer runs: the ``*_blocks`` / ``*_scales`` tensors load by name into
     :class:`Mxfp4GptOssExperts`); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``,
-    ...). Returns the model with :func:`~moe_ops.integrations.transformers.apply_moe_ops` applied."""
+    ...). Public as ``moe_ops.integrations.transformers.from_pretrained_mxfp4`` (+ apply_moe_ops)."""
     from transformers import AutoConfig
 
-    from .transformers import apply_moe_ops
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:
         qc = config.quantization_config
@@ -349,12 +351,11 @@ def from_pretrained_mxfp4(path, *, model_class: Optional[type] = None, **kwargs)
         del config.quantization_config
     if model_class is None:
         from transformers import GptOssForCausalLM as model_class
-    model = _packed_class(model_class).from_pretrained(path, config=config, **kwargs)
-    return apply_moe_ops(model)
+    return _packed_class(model_class).from_pretrained(path, config=config, **kwargs)
 
 
 @contextlib.contextmanager
-def _fp8_kept_as_stored():
+def fp8_kept_as_stored():
     """transformers' FP8 quantizer dequantizes pre-quantized checkpoints to bf16 at load on
     machines without a GPU (or with one older than sm_89), and wants ``accelerate``: inside this
     context, pre-quantized checkpoints skip that environment check (what moe_ops runs needs neither
@@ -371,19 +372,3 @@ def _fp8_kept_as_stored():
         yield
     finally:
         FineGrainedFP8HfQuantizer.validate_environment = original
-
-
-def from_pretrained_fp8(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Module:
-    """Load a pre-quantized FP8 checkpoint (DeepSeek-V3/R1, Qwen3-FP8: ``float8_e4m3fn`` weights +
-    ``weight_scale_inv``) keeping it FP8 on any machine, CPU included, with the experts on moe_ops.
-    transformers' own loader builds the FP8 modules (``FP8Linear``, ``FP8Experts``) and merges the
-    per-expert tensors; only its environment check is skipped (:func:`_fp8_kept_as_stored`).
-    ``kwargs`` go to ``from_pretrained``. Returns the model with
-    :func:`~moe_ops.integrations.transformers.apply_moe_ops` applied."""
-    from .transformers import EXPERTS_IMPLEMENTATION, apply_moe_ops
-    if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
-    kwargs.setdefault("experts_implementation", EXPERTS_IMPLEMENTATION)
-    with _fp8_kept_as_stored():
-        model = model_class.from_pretrained(path, **kwargs)
-    return apply_moe_ops(model)
