@@ -432,3 +432,30 @@ def test_mxfp4_gpt_oss_bf16_layerwise():
             return (u + 1) * g * torch.sigmoid(g * mod.alpha)
         return w1, w2, gate, mod.gate_up_proj_bias, mod.down_proj_bias
     _layerwise_vs_oracle(q, _ids(), dequantized)
+
+
+def test_mxfp4_gradient_wrt_activations():
+    """Adapters train through quantized experts: the dequantizing path is differentiable in the
+    activations (and router weights); output and gradients equal transformers' eager GPT-OSS experts
+    holding the weights transformers' convert_moe_packed_tensors dequantizes."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    stock = gpt_oss()
+    q = moe_hf.quantize_experts_(copy.deepcopy(stock), "mxfp4")
+    mq = next(m for m in q.modules() if isinstance(m, moe_q.Mxfp4GptOssExperts))
+    ms = stock.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for p in ("gate_up_proj", "down_proj"):  # GPT-OSS's own [E, K, N] layout
+            getattr(ms, p).copy_(convert_moe_packed_tensors(getattr(mq, p + "_blocks"), getattr(mq, p + "_scales"),
+                                                            dtype=torch.float32))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, ms.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(ms.num_experts, generator=g)[:2] for _ in range(5)])
+    w = torch.rand(5, 2, generator=g)
+    grads = []
+    for mod in (mq, ms):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = mod(xi, ids, wi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), xi.grad, wi.grad))
+    for got, want in zip(*grads):
+        assert rel_rms(got, want) <= 1e-5, rel_rms(got, want)
