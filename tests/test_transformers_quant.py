@@ -171,7 +171,7 @@ def _fused_kernels() -> bool:
 
 def _layerwise_vs_oracle(model, ids, dequantized):
     """Each experts module's bf16 output against the float64 layer on its dequantized weights."""
-    mods = [m for m in model.modules() if isinstance(m, moe_q.Mxfp4GptOssExperts) or m in _fp8_experts(model)]
+    mods = [m for m in model.modules() if isinstance(m, moe_q.PackedMxfp4Experts) or m in _fp8_experts(model)]
     seen = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp, out))) for m in mods]
     try:
@@ -395,7 +395,7 @@ def test_mxfp4_gpt_oss_checkpoint(tmp_path, monkeypatch):
     ref.set_experts_implementation("eager")
     assert ref.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32  # transformers dequantized at load
     model = moe_hf.from_pretrained_mxfp4(tmp_path, dtype=torch.float32)
-    experts = [m for m in model.modules() if isinstance(m, moe_q.Mxfp4GptOssExperts)]
+    experts = [m for m in model.modules() if isinstance(m, moe_q.PackedMxfp4Experts)]
     assert len(experts) == L
     for m in experts:  # packed: the checkpoint's bytes, no float weights
         assert {p.dtype for n, p in m.named_parameters() if "bias" not in n} == {torch.uint8}
@@ -441,7 +441,7 @@ def test_mxfp4_gradient_wrt_activations():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     stock = gpt_oss()
     q = moe_hf.quantize_experts_(copy.deepcopy(stock), "mxfp4")
-    mq = next(m for m in q.modules() if isinstance(m, moe_q.Mxfp4GptOssExperts))
+    mq = next(m for m in q.modules() if isinstance(m, moe_q.PackedMxfp4Experts))
     ms = stock.model.layers[0].mlp.experts
     with torch.no_grad():
         for p in ("gate_up_proj", "down_proj"):  # GPT-OSS's own [E, K, N] layout

@@ -41,7 +41,7 @@ from .. import ops
 from .._profiling import stage
 from . import transformers_quant as _quant
 from .transformers_quant import _row_experts
-from .transformers_quant import Mxfp4GptOssExperts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
+from .transformers_quant import PackedMxfp4Experts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
@@ -311,7 +311,7 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
     Quantized models: FP8 experts (transformers' ``FP8Experts``) follow the same experts switch
     (``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``) and keep their fp8 weights; with ``experts``,
     ``FP8Linear`` layers get a CPU forward that needs no hub kernel (dequantized per call, one
-    layer at a time). Packed MXFP4 GPT-OSS experts (:class:`Mxfp4GptOssExperts`, from
+    layer at a time). Packed MXFP4 GPT-OSS experts (:class:`PackedMxfp4Experts`, from
     :func:`from_pretrained_mxfp4` / :func:`use_mxfp4_experts` / :func:`quantize_experts_`) stay
     packed and always run on moe_ops. docs/transformers-quantized.md.
 

@@ -11,7 +11,8 @@ checkpoint stores them (no bf16 copy of the experts is kept).
   on CPU (dequantized per call, one layer at a time); on other devices transformers' kernel runs
   where it loads, else the same dequantized forward.
 * **MXFP4** (GPT-OSS): transformers keeps MXFP4 experts only in its hub kernels' swizzled layout
-  and dequantizes them to bf16 at load everywhere else (CPU included). :class:`Mxfp4GptOssExperts`
+  and dequantizes them to bf16 at load everywhere else (CPU included). :class:`PackedMxfp4Experts`
+  (not transformers' ``Mxfp4GptOssExperts``, which holds the hub kernels' swizzled tensors)
   holds the checkpoint tensors themselves (``*_blocks``, ``*_scales``, biases under their checkpoint
   names) and runs them on moe_ops; :func:`load_mxfp4` loads a checkpoint into them,
   :func:`use_mxfp4_experts` puts empty ones in a built model so that ``load_state_dict`` of the
@@ -209,7 +210,7 @@ def fp8_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ MXFP4 (GPT-OSS)
 
-class Mxfp4GptOssExperts(nn.Module):
+class PackedMxfp4Experts(nn.Module):
     """GPT-OSS experts kept as the checkpoint stores them: ``gate_up_proj_blocks`` uint8
     ``[E, 2I, H/32, 16]`` + ``gate_up_proj_scales`` e8m0 ``[E, 2I, H/32]`` (gate/up rows
     interleaved), ``down_proj_blocks`` ``[E, H, I/32, 16]`` + ``down_proj_scales``, and the biases
@@ -259,12 +260,12 @@ def _gpt_oss_experts(model: nn.Module):
 
 
 def use_mxfp4_experts(model: nn.Module) -> nn.Module:
-    """Replace every GPT-OSS experts module of a built model by an empty :class:`Mxfp4GptOssExperts`
+    """Replace every GPT-OSS experts module of a built model by an empty :class:`PackedMxfp4Experts`
     (on the same device; ``meta`` stays ``meta``), so the checkpoint's ``*_blocks`` / ``*_scales``
     load into it as stored: ``model.load_state_dict(checkpoint_tensors, assign=True)``."""
     for name, m in _gpt_oss_experts(model):
         dev = next(m.parameters()).device
-        model.set_submodule(name, Mxfp4GptOssExperts(getattr(m, "config", None) or model.config, device=dev))
+        model.set_submodule(name, PackedMxfp4Experts(getattr(m, "config", None) or model.config, device=dev))
     return model
 
 
@@ -281,14 +282,14 @@ def _fp8_experts_class() -> type:
 def quantize_experts_(model: nn.Module, weight_format: str, *,
                       block_size: Tuple[int, int] = (128, 128)) -> nn.Module:
     """Quantize a float model's experts in place with :func:`moe_ops.quantize_experts`:
-    ``"mxfp4"`` turns GPT-OSS experts into :class:`Mxfp4GptOssExperts`; ``"fp8_e4m3"`` turns the
+    ``"mxfp4"`` turns GPT-OSS experts into :class:`PackedMxfp4Experts`; ``"fp8_e4m3"`` turns the
     ``[gate; up]`` experts (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) into transformers' own
     ``FP8Experts`` (dispatching through ``ALL_FP8_EXPERTS_FUNCTIONS`` by the model's experts
     implementation, ``"moe_ops"`` after :func:`~moe_ops.integrations.transformers.apply_moe_ops`).
     Other layers stay as they are."""
     if weight_format == "mxfp4":
         for name, m in _gpt_oss_experts(model):
-            new = Mxfp4GptOssExperts(getattr(m, "config", None) or model.config, device=m.gate_up_proj.device)
+            new = PackedMxfp4Experts(getattr(m, "config", None) or model.config, device=m.gate_up_proj.device)
             with torch.no_grad():
                 for proj in ("gate_up_proj", "down_proj"):
                     # GPT-OSS stores x @ W ([E, K, N]); the checkpoint layout is [E, N, K/32, 16]
@@ -325,7 +326,7 @@ def quantize_experts_(model: nn.Module, weight_format: str, *,
 
 @functools.lru_cache(maxsize=None)
 def _packed_class(cls: type) -> type:
-    """``cls`` whose experts are :class:`Mxfp4GptOssExperts` from construction on (transformers
+    """``cls`` whose experts are :class:`PackedMxfp4Experts` from construction on (transformers
     builds the model on the meta device, so no float experts are ever allocated)."""
     def __init__(self, config, *args, **kwargs):
         cls.__init__(self, config, *args, **kwargs)
@@ -338,7 +339,7 @@ def load_mxfp4(path, *, model_class: Optional[type] = None, **kwargs) -> nn.Modu
     (transformers itself keeps them packed only with its hub kernels; without them, and always on
     CPU, it dequantizes them to bf16 at load). The checkpoint's ``quantization_config`` is dropped
     (no transformers quantizer runs: the ``*_blocks`` / ``*_scales`` tensors load by name into
-    :class:`Mxfp4GptOssExperts`); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``,
+    :class:`PackedMxfp4Experts`); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``,
     ...). Public as ``moe_ops.integrations.transformers.from_pretrained_mxfp4`` (+ apply_moe_ops)."""
     from transformers import AutoConfig
 
