@@ -22,6 +22,10 @@ Three levels, each optional:
    expert *input* by ``sigmoid(logit)``).
 
 :func:`apply_moe_ops` does all three to a built model in place.
+
+Quantized models (FP8 ``FP8Experts`` / ``FP8Linear``, GPT-OSS MXFP4 experts kept packed):
+:mod:`moe_ops.integrations.transformers_quant`, whose public names are re-exported here;
+``"moe_ops"`` is registered in transformers' FP8 experts registry as well.
 """
 from __future__ import annotations
 
@@ -35,19 +39,14 @@ from torch import nn
 from .. import backend as _backend
 from .. import ops
 from .._profiling import stage
+from . import transformers_quant as _quant
+from .transformers_quant import _row_experts
+from .transformers_quant import PackedMxfp4Experts, quantize_experts_, use_mxfp4_experts  # noqa: F401 (public)
 
 EXPERTS_IMPLEMENTATION = "moe_ops"
 
 
 # ------------------------------------------------------------------------------------ experts
-
-def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """Expert of each row of a permuted buffer (rows past ``offsets[E]`` clamp to E-1; they hold
-    no slot, so whatever bias they get never reaches the output)."""
-    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    e = torch.searchsorted(offsets[1:].contiguous(), r, right=True)
-    return e.clamp(max=offsets.numel() - 2)
-
 
 def moe_ops_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -130,9 +129,49 @@ def _cpu_packing(self, w1, w2):
 
 
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> None:
-    """Register :func:`moe_ops_experts_forward` in transformers' ``ExpertsInterface`` (global)."""
+    """Register :func:`moe_ops_experts_forward` in transformers' ``ExpertsInterface`` and
+    :func:`moe_ops_fp8_experts_forward` in its FP8 experts registry ``ALL_FP8_EXPERTS_FUNCTIONS``
+    (both global; the FP8 one where transformers has it)."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(name, moe_ops_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    except ImportError:  # a transformers without FP8 experts
+        return
+    type(ALL_FP8_EXPERTS_FUNCTIONS).register(name, moe_ops_fp8_experts_forward)
+
+
+def moe_ops_fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``: transformers' ``FP8Experts`` with fp8 weights on
+    :func:`~moe_ops.integrations.transformers_quant.fp8_experts_forward` (the stored tensors);
+    ones holding float weights (dequantized at load) on :func:`moe_ops_experts_forward`."""
+    w1 = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
+    if w1.element_size() > 1:
+        return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _quant.fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def from_pretrained_fp8(path, *, model_class=None, **kwargs) -> nn.Module:
+    """Load a pre-quantized FP8 checkpoint (DeepSeek-V3/R1, Qwen3-FP8: ``float8_e4m3fn`` weights +
+    ``weight_scale_inv``) keeping it FP8 on any machine, CPU included, and apply
+    :func:`apply_moe_ops`. transformers' own loader builds the FP8 modules (``FP8Linear``,
+    ``FP8Experts``) and merges the per-expert tensors; only its environment check, which would
+    dequantize to bf16 without a recent GPU, is skipped
+    (:func:`~moe_ops.integrations.transformers_quant.fp8_kept_as_stored`). ``model_class``
+    defaults to ``AutoModelForCausalLM``; ``kwargs`` go to ``from_pretrained``."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    kwargs.setdefault("experts_implementation", EXPERTS_IMPLEMENTATION)
+    with _quant.fp8_kept_as_stored():
+        model = model_class.from_pretrained(path, **kwargs)
+    return apply_moe_ops(model)
+
+
+def from_pretrained_mxfp4(path, *, model_class=None, **kwargs) -> nn.Module:
+    """A GPT-OSS MXFP4 checkpoint with its experts kept packed
+    (:func:`~moe_ops.integrations.transformers_quant.load_mxfp4`), :func:`apply_moe_ops` applied."""
+    return apply_moe_ops(_quant.load_mxfp4(path, model_class=model_class, **kwargs))
 
 
 # ------------------------------------------------------------------------------------ routers
@@ -227,6 +266,8 @@ ROUTER_FORWARDS: Dict[str, Callable] = {
     "DeepseekV3TopkRouter": _deepseek_v3_router_forward,
     "GptOssTopKRouter": _gpt_oss_router_forward,
 }
+# quantized layers that need a forward without transformers' hub kernels (on CPU)
+QUANT_LAYER_FORWARDS: Dict[str, Callable] = {"FP8Linear": _quant.fp8_linear_forward}
 BLOCK_FORWARDS: Dict[str, Dict[str, Callable]] = {
     # block class name -> {attribute: forward}: the block and the submodules it needs patched.
     "Llama4TextMoe": {"": _llama4_moe_forward, "router": _llama4_router_forward},
@@ -267,6 +308,13 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
     * ``routers``: fused top-k routers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS);
     * ``sparse_blocks``: the sparse Llama4 MoE block.
 
+    Quantized models: FP8 experts (transformers' ``FP8Experts``) follow the same experts switch
+    (``ALL_FP8_EXPERTS_FUNCTIONS["moe_ops"]``) and keep their fp8 weights; with ``experts``,
+    ``FP8Linear`` layers get a CPU forward that needs no hub kernel (dequantized per call, one
+    layer at a time). Packed MXFP4 GPT-OSS experts (:class:`PackedMxfp4Experts`, from
+    :func:`from_pretrained_mxfp4` / :func:`use_mxfp4_experts` / :func:`quantize_experts_`) stay
+    packed and always run on moe_ops. docs/transformers-quantized.md.
+
     Parameter names are untouched: ``save_pretrained``/``load_state_dict`` work as before.
     :func:`remove_moe_ops` undoes the router/block patches.
     """
@@ -287,6 +335,8 @@ def apply_moe_ops(model: nn.Module, *, experts: bool = True, routers: bool = Tru
         name = type(module).__name__
         if routers and name in ROUTER_FORWARDS:
             _patch_class(module, ROUTER_FORWARDS[name])
+        if experts and name in QUANT_LAYER_FORWARDS:
+            _patch_class(module, QUANT_LAYER_FORWARDS[name])
         if sparse_blocks and name in BLOCK_FORWARDS:
             for attr, fwd in BLOCK_FORWARDS[name].items():
                 _patch_class(module if attr == "" else getattr(module, attr), fwd)
