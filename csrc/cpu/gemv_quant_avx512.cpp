@@ -41,16 +41,24 @@ inline __m512i weight_chunk(const GemvQuantJob& job, int j, int64_t k0, int64_t 
   return codes_to_bf16(job.w[j] + k0, left, job.fmt == 2 ? 2 : 1);
 }
 
-// Columns [j0, j0 + G) (all present) against M activation rows.
+// Columns [j0, j0 + G) (all present) against M activation rows. pf[0..npf): the weight rows the
+// next two groups read, prefetched into L2 line by line alongside this group's own reads: a row
+// is only 0.5-2 KiB, too short for the hardware prefetcher to ramp up on. Into L2, not L1: L1's
+// few miss buffers throttled it (measured, docs/cpu.md "Quantized experts": cold int8 decode at
+// T = 1 went from 1.16 ms with L1 prefetches to 0.67 ms).
 template <int M, int G>
-void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc) {
+void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc,
+                const uint8_t* const* pf, int npf) {
   const int64_t K = job.K;
   const bool fp8 = job.fmt == 2;
+  const int shift = job.fmt == 3 ? 1 : 0;  // bytes of a chunk: 32 codes, or 16 for mxfp4
   __m512 acc[G][M], tot[G][M];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < M; ++i) acc[g][i] = tot[g][i] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += 32) {
     const int64_t left = K - k0;
+    if (((k0 >> shift) & 63) == 0)
+      for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + (k0 >> shift)), _MM_HINT_T1);
     const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
     __m512bh x[M];
 #pragma GCC unroll 4
@@ -98,9 +106,13 @@ void gemv_rows(const GemvQuantJob& job, const uint16_t* A, int64_t lda, float* C
     }
     int run = 1;
     while (run < G && j + run < job.n && job.w[j + run]) ++run;
-    if (run == G) gemv_group<M, G>(job, j, A, lda, C, ldc);
+    const uint8_t* pf[2 * G];  // the next two groups' rows
+    int npf = 0;
+    for (int c = j + run; c < job.n && npf < 2 * G; ++c)
+      if (job.w[c]) pf[npf++] = job.w[c];
+    if (run == G) gemv_group<M, G>(job, j, A, lda, C, ldc, pf, npf);
     else
-      for (int r = 0; r < run; ++r) gemv_group<M, 1>(job, j + r, A, lda, C, ldc);
+      for (int r = 0; r < run; ++r) gemv_group<M, 1>(job, j + r, A, lda, C, ldc, pf, r + 1 == run ? npf : 0);
     j += run;
   }
 }
