@@ -47,8 +47,8 @@ inline __m512i weight_chunk(const GemvQuantJob& job, int j, int64_t k0, int64_t 
 // few miss buffers throttled it (measured, docs/cpu.md "Quantized experts": cold int8 decode at
 // T = 1 went from 1.16 ms with L1 prefetches to 0.67 ms).
 template <int M, int G>
-void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc,
-                const uint8_t* const* pf, int npf) {
+void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc, const int* pf,
+                int npf) {
   const int64_t K = job.K;
   const bool fp8 = job.fmt == 2;
   const int shift = job.fmt == 3 ? 1 : 0;  // bytes of a chunk: 32 codes, or 16 for mxfp4
@@ -58,7 +58,10 @@ void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda,
   for (int64_t k0 = 0; k0 < K; k0 += 32) {
     const int64_t left = K - k0;
     if (((k0 >> shift) & 63) == 0)
-      for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + (k0 >> shift)), _MM_HINT_T1);
+      for (int r = 0; r < npf; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + (k0 >> shift)), _MM_HINT_T1);
+    if (job.fmt == 3 && (k0 & 2047) == 0)  // and mxfp4's e8m0 rows, a line per 2048 elements
+      for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + k0 / 32, _MM_HINT_T1);
     const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
     __m512bh x[M];
 #pragma GCC unroll 4
@@ -106,10 +109,10 @@ void gemv_rows(const GemvQuantJob& job, const uint16_t* A, int64_t lda, float* C
     }
     int run = 1;
     while (run < G && j + run < job.n && job.w[j + run]) ++run;
-    const uint8_t* pf[2 * G];  // the next two groups' rows
+    int pf[2 * G];  // the next two groups' columns
     int npf = 0;
     for (int c = j + run; c < job.n && npf < 2 * G; ++c)
-      if (job.w[c]) pf[npf++] = job.w[c];
+      if (job.w[c]) pf[npf++] = c;
     if (run == G) gemv_group<M, G>(job, j, A, lda, C, ldc, pf, npf);
     else
       for (int r = 0; r < run; ++r) gemv_group<M, 1>(job, j + r, A, lda, C, ldc, pf, r + 1 == run ? npf : 0);
