@@ -73,6 +73,8 @@ pybind11::dict build_info() {
   isa["avx512_bf16"] = moe_cpu::have_avx512_bf16();
   isa["avx512_emulated"] = moe_cpu::avx512_emulation_built();
   isa["avx512_kernels"] = moe_cpu::use_avx512_bf16();
+  // fused_experts_quantized's kernels: the AVX512-BF16 ones (repack + decode GEMV), else the AVX2 GEMV, else none
+  isa["quantized_experts"] = moe_cpu::use_avx512_bf16() ? "avx512_bf16" : moe_cpu::have_avx2() ? "avx2" : "";
   isa["onednn_brgemm"] = moe_cpu::brgemm_chosen();  // the bf16 expert GEMMs on oneDNN's micro-GEMM
   info["cpu"] = isa;
   pybind11::dict limits;  // the argument limits of csrc/limits.h (moe_ops/ops.py uses the same)

@@ -700,26 +700,37 @@ def _check_quantized_layer(x, router_logits, w_gate_up, w_down, weight_format, g
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_avx512_kernels() -> bool:
-    """Whether the CPU backend runs its AVX512-BF16 kernels here (fixed for the process: the C++
-    reads the CPU and MOE_OPS_CPU_EMULATE_AVX512 once)."""
+def _cpu_quantized_kernels() -> str:
+    """Which kernels ``moe_ops::fused_experts_quantized`` runs here: ``avx512_bf16``, ``avx2`` or
+    ``""`` (none: the op refuses). Fixed for the process: the C++ reads the CPU and
+    MOE_OPS_CPU_EMULATE_AVX512 once."""
     from . import build_info
-    return bool(build_info().get("cpu", {}).get("avx512_kernels"))
+    return str(build_info().get("cpu", {}).get("quantized_experts") or "")
+
+
+def _quantized_op_takes(x: torch.Tensor, weight_format: str, bk: int) -> bool:
+    """Whether ``moe_ops::fused_experts_quantized`` runs this call here: bf16 ``x`` on CPU, the op
+    built, its kernels present (:func:`_cpu_quantized_kernels`), an even fp8 k block (a multiple
+    of 32 on the AVX2 kernels). Gradients and the rest of the call are the caller's to check."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or _backend.native_op("fused_experts_quantized") is None:
+        return False
+    kernels = _cpu_quantized_kernels()
+    if weight_format == "fp8_e4m3" and bk % (32 if kernels == "avx2" else 2):
+        return False
+    return bool(kernels)
 
 
 def _quantized_cpu_path(x, router_logits, w_gate_up, w_down, weight_format, gu_scale, d_scale, block_size,
                         capacity_factor, backend):
     """``(ids, weights, activation) -> out`` through the CPU's quantized fused expert op when it
-    applies (dropless, bf16 x on CPU, the cpu backend, AVX512-BF16 kernels, no gradient), else None.
+    applies (dropless, bf16 x on CPU, the cpu backend, AVX512-BF16 kernels or AVX2 -- there fp8 k
+    blocks of a multiple of 32 --, no gradient), else None.
     The arguments are checked (:func:`_check_quantized_layer`)."""
     bn, bk = (128, 128) if block_size is None else tuple(block_size)
-    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or capacity_factor is not None
-            or backend not in (None, "cpu") or (weight_format == "fp8_e4m3" and bk % 2)
+    if (capacity_factor is not None or backend not in (None, "cpu") or not _quantized_op_takes(x, weight_format, bk)
             or (torch.is_grad_enabled() and (x.requires_grad or router_logits.requires_grad))):
         return None
     op = _backend.native_op("fused_experts_quantized")
-    if op is None or not _cpu_avx512_kernels():
-        return None
     return lambda ids, weights, act: op(x, ids, weights, w_gate_up, gu_scale, w_down, d_scale, weight_format,
                                         bn, bk, act)
 
@@ -805,10 +816,13 @@ def moe_forward(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.T
     ``weight_format`` (``fp8_e4m3``, ``mxfp4``, ``int8``; :mod:`moe_ops.quant`): the two weights
     are quantized checkpoint tensors with scales ``w_gate_up_scale`` / ``w_down_scale`` (and fp8's
     ``block_size``); the output is in ``x``'s dtype. Dropless bf16 layers on the ``cpu`` backend
-    with its AVX512-BF16 kernels run ``moe_ops::fused_experts_quantized`` (the weights read
-    quantized, dequantized exactly per tile, scales applied to the float32 results; no gradient);
-    everything else dequantizes the weights to float32 on every call (a float32 copy of both,
-    freed after the call) and runs the layer in float32 (``x`` upcast), the oracle's computation.
+    run ``moe_ops::fused_experts_quantized`` (the weights read quantized and dequantized exactly
+    in registers, no gradient; AVX512-BF16 kernels, else AVX2 --
+    ``build_info()["cpu"]["quantized_experts"]``, docs/quantization.md); with ``backend="triton"``
+    (or CUDA tensors and no backend) the Triton quantized grouped GEMMs dequantize in their
+    mainloop; everything else dequantizes the weights to float32 on every call (a float32 copy of
+    both, freed after the call) and runs the layer in float32 (``x`` upcast), the oracle's
+    computation.
     """
     if weight_format is not None or w_gate_up_scale is not None or w_down_scale is not None:
         _check_quantized_layer(x, router_logits, w_gate_up, w_down, weight_format, w_gate_up_scale, w_down_scale,

@@ -12,6 +12,7 @@ import torch
 
 import moe_ops
 from moe_ops import quant
+from tests.cpu_isa import avx512_emulation_built, quantized_kernels, rerun_with_avx2_only, rerun_with_emulated_avx512
 from tests.inputs import make_x
 
 
@@ -172,12 +173,13 @@ def test_moe_forward_quantized_argument_errors():
 # ----------------------------------------------------------------- the CPU quantized expert op
 
 def _quant_op_ready():
-    info = moe_ops.build_info()
-    return bool(info.get("cpu", {}).get("avx512_kernels")) and hasattr(torch.ops.moe_ops, "fused_experts_quantized")
+    return bool(quantized_kernels()) and hasattr(torch.ops.moe_ops, "fused_experts_quantized")
 
 
-needs_quant_op = pytest.mark.skipif(not _quant_op_ready(), reason="no AVX512-BF16 kernels here (the op needs them; "
-                                    "tests/test_quant.py::test_quantized_op_emulated runs it emulated)")
+needs_quant_op = pytest.mark.skipif(not _quant_op_ready(), reason="neither the AVX512-BF16 kernels nor AVX2 here")
+# The AVX512-BF16 kernels repack many-row tiles (the panel GEMM: bitwise the bf16 op's sums); the
+# AVX2 kernels run every tile as a float32 GEMV.
+ON_AVX512 = quantized_kernels() == "avx512_bf16"
 QUANT_CASES = [  # (T, H, I, E, k, format, block)
     (11, 64, 32, 6, 2, "int8", (0, 0)),
     (37, 256, 160, 8, 2, "fp8_e4m3", (128, 128)),   # I = 160: partial k block in GEMM2, partial n block
@@ -220,6 +222,8 @@ def test_quantized_op_matches_dequantized_reference(case, gemv_rows, monkeypatch
     from tests.compare import assert_bitwise_equal, assert_close_to_reference
     monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)
     T, H, I, E, k, fmt, block = case
+    if not ON_AVX512 and (gemv_rows == "0" or (fmt == "fp8_e4m3" and block[1] % 32)):
+        pytest.skip("the AVX2 kernels run every tile on the GEMV, fp8 k blocks of a multiple of 32")
     x, ids, w, (q1, s1, q2, s2), kw = _quant_inputs(*case, seed=T + H)
     op = torch.ops.moe_ops.fused_experts_quantized
     got = op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu")
@@ -244,6 +248,8 @@ def test_quantized_op_special_values(T, monkeypatch):
     has them)."""
     H, I, E, k = 64, 32, 2, 2
     monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", "0" if T == 5 else "4")
+    if T == 5 and not ON_AVX512:
+        pytest.skip("no repack path on the AVX2 kernels")
     x, ids, w, (q1, s1, q2, s2), _ = _quant_inputs(T, H, I, E, k, "mxfp4", (0, 0), seed=4)
     s1 = s1.clone()
     s1[0, :, 0] = 0
@@ -305,7 +311,6 @@ def test_moe_forward_routes_bf16_cpu_to_the_quantized_op(monkeypatch):
     assert calls == [1]
 
 
-from tests.cpu_isa import avx512_emulation_built, rerun_with_emulated_avx512  # noqa: E402
 
 
 @pytest.mark.skipif(not avx512_emulation_built(), reason="no SIMDe build")
@@ -314,6 +319,17 @@ def test_quantized_op_emulated():
     AVX512-BF16 (CI's Zen 3) run it too."""
     import os
     rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values or every_code")
+
+
+@pytest.mark.skipif(not (quantized_kernels() == "avx512_bf16" and moe_ops.build_info()["cpu"].get("avx2")),
+                    reason="runs the AVX2 kernels on a CPU that also has the AVX512-BF16 ones (AVX2-only CPUs run "
+                           "them in every test here)")
+def test_quantized_op_avx2_kernels():
+    """The quantized op on its AVX2 kernels (MOE_OPS_CPU_NO_AVX512=1, in a subprocess), on a CPU
+    with AVX512-BF16: what Zen 3 and other AVX2-only CPUs run."""
+    import os
+    rerun_with_avx2_only(os.path.abspath(__file__),
+                         "quantized_op_matches or special_values or every_code or argument_errors or routes_bf16")
 
 
 @needs_quant_op
@@ -325,6 +341,8 @@ def test_quantized_op_every_code_bitwise(fmt, gemv_rows, monkeypatch):
     one-hot w_down passes act(gate_n) * up_n to output column n. With unit scales and one k block
     the op must equal the bf16 fused_experts on the dequantized weights bit for bit."""
     monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)   # both conversions: the repack's and the GEMV's
+    if gemv_rows == "0" and not ON_AVX512:
+        pytest.skip("no repack path on the AVX2 kernels")
     T, H, I, E, k = 3, 128, 128, 2, 1
     codes = torch.arange(256, dtype=torch.int64)
     if fmt == "fp8_e4m3":

@@ -166,7 +166,7 @@ class Spy:
 
 
 def _fused_kernels() -> bool:
-    return moe_ops.ops._cpu_avx512_kernels() and moe_ops.backend.native_op("fused_experts_quantized") is not None
+    return bool(moe_ops.ops._cpu_quantized_kernels()) and moe_ops.backend.native_op("fused_experts_quantized") is not None
 
 
 def _layerwise_vs_oracle(model, ids, dequantized):

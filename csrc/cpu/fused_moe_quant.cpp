@@ -3,16 +3,19 @@
 //
 //   x[T,H] bf16, ids[T,k], weights[T,k]?, w_gate_up + scale, w_down + scale, format -> out[T,H]
 //
-// Dataflow: fused_moe_frame.h's placement and combine around vnni_experts.h's stages, whose
-// per-tile repack reads the quantized block (1 byte a weight, half a byte for mxfp4: the bytes a
-// cold decode is bound by), dequantizes it to bf16 exactly and applies the non-power-of-two
-// scales to the float32 GEMM results (vnni_experts.h, VnniQuant). bf16 activations on the
-// AVX512-BF16 kernels: natively where the CPU has them, else their SIMDe emulation (correct, slow:
-// moe_ops.moe_forward then prefers dequantize-then-float32).
+// Dataflow: fused_moe_frame.h's placement and combine around vnni_experts.h's stages, which read
+// the quantized weights as stored (1 byte a weight, half a byte for mxfp4: the bytes a cold decode
+// is bound by) and dequantize them exactly in registers:
+//   AVX512-BF16 kernels (native, or SIMDe-emulated under MOE_OPS_CPU_EMULATE_AVX512): tiles of
+//     many rows repack their block to bf16 VNNI panels, the non-power-of-two scales applied to the
+//     float32 GEMM results; decode tiles (<= MOE_OPS_CPU_GEMV_ROWS rows) run the GEMV on the rows;
+//   else AVX2: every tile runs the AVX2 float32 GEMV (quant_gemv.h).
+// build_info()["cpu"]["quantized_experts"] says which.
 #include <string>
 
 #include <torch/library.h>
 
+#include "cpu_features.h"
 #include "fused_moe_frame.h"
 #include "vnni_experts.h"
 
@@ -88,6 +91,12 @@ at::Tensor fused_experts_quantized_cpu(const at::Tensor& x_in, const at::Tensor&
   w.q.gate_up_scale = sgu.const_data_ptr();
   w.q.down_scale = sd.const_data_ptr();
   w.q.bn = block_n, w.q.bk = block_k;
+  w.q.avx2 = !use_avx512_bf16();
+  TORCH_CHECK(!w.q.avx2 || have_avx2(), "moe_ops::", op,
+              " (cpu): needs the AVX512-BF16 kernels or AVX2 (moe_ops.moe_forward dequantizes instead)");
+  TORCH_CHECK(!w.q.avx2 || fmt != QuantFmt::kFp8 || block_k % 32 == 0, "moe_ops::", op,
+              " (cpu): without the AVX512-BF16 kernels, fp8 needs k blocks of a multiple of 32 columns, got ", block_k,
+              " (moe_ops.moe_forward dequantizes instead)");
   const bool swiglu = act == "swiglu";
   return fused_experts_frame(x, ids, weights, E, I, [&](const Placement& pl, at::Tensor& ybuf) {
     vnni_experts(x, pl, ids.size(1), I, w, swiglu, ybuf);

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "activations.h"
@@ -20,6 +21,7 @@
 #include "gemm_panels.h"
 #include "host_alloc.h"
 #include "onednn_brgemm.h"
+#include "quant_gemv.h"
 #include "row_io.h"
 #include "tile_schedule.h"
 
@@ -201,7 +203,13 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   // poorly. Both measured (docs/cpu.md, "Weights as stored at packed speed").
   const int64_t pf_min_rows = w.packed ? 12 : 0;
   const uint64_t call = ++call_counter;
-  const int64_t gemv_rows = w.q.fmt != QuantFmt::kNone && gemv_takes(w.q) ? gemv_max_rows() : 0;
+  const int64_t gemv_rows = w.q.avx2                                        ? std::numeric_limits<int64_t>::max()
+                            : w.q.fmt != QuantFmt::kNone && gemv_takes(w.q) ? gemv_max_rows()
+                                                                            : 0;
+  const auto gemv = [&](const GemvQuantJob& job, const uint16_t* a, int64_t lda, int64_t rows, float* c, int64_t ldc) {
+    if (w.q.avx2) gemv_quant_avx2(job, a, lda, rows, c, ldc);
+    else gemv_quant(job, a, lda, rows, c, ldc);
+  };
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
   // Scratch comes from the host cache (host_alloc.h): no page faults at steady state.
@@ -263,9 +271,9 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       const int64_t jj = j % kPanel;
       return jj < cols ? (j < kPanel ? p * kPanel + jj : I + p * kPanel + jj) : -1;
     };
-    const bool gemv = rows <= gemv_rows;  // the quantized rows as stored, no repack
+    const bool by_gemv = rows <= gemv_rows;  // the quantized rows as stored, no repack
     const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
-    if (!w.packed && !gemv) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
+    if (!w.packed && !by_gemv) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
       if (!buf.holds(call, t.e, p)) {
         buf.data.resize(static_cast<size_t>(blk1));
         if (quant) {  // the gate and the up half, dequantized exactly on the way
@@ -281,8 +289,8 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       }
       wb = buf.data.data();
     }
-    if (gemv) {
-      gemv_quant(gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n), a, Hp, rows, c.data(), 2 * kPanel);
+    if (by_gemv) {
+      gemv(gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n), a, Hp, rows, c.data(), 2 * kPanel);
     } else if (quant) {
       block_gemm(q, true, t.e, 2 * I, H, col_n, a, Hp, wb, Hp / 2, c.data(), 2 * kPanel, rows, pf ? &next : nullptr);
     } else if (brg) {  // bitwise the panel kernel's result without AMX
@@ -319,7 +327,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       if (rows <= gemv_rows) {
         const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
         const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
-        gemv_quant(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
+        gemv(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
         continue;
       }
       if (!w.packed) {

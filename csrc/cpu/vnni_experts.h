@@ -32,6 +32,8 @@ struct VnniQuant {
       nullptr;                       // int8 f32 [E, 2I]; fp8 f32 [E, ceil(2I/bn), ceil(H/bk)]; mxfp4 u8 [E, 2I, H/32]
   const void* down_scale = nullptr;  // the same for w_down (N = H, K = I)
   int64_t bn = 0, bk = 0;            // fp8 block (bk even)
+  // No AVX512-BF16 kernels here: every tile runs the AVX2 GEMV (quant_gemv.h; fp8 needs bk % 32 == 0).
+  bool avx2 = false;
 };
 
 struct VnniWeights {

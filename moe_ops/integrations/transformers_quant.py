@@ -105,10 +105,8 @@ def run_quantized_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     function of the float32 ``h[rows, N1]``) is any other, used on the dequantizing path."""
     E = w_gate_up.shape[0]
     fast = (activation == "swiglu" and gate_up_bias is None and down_bias is None
-            and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and not (weight_format == "fp8_e4m3" and block_size[1] % 2)
-            and not (torch.is_grad_enabled() and (x.requires_grad or top_k_weights.requires_grad))
-            and _backend.native_op("fused_experts_quantized") is not None and ops._cpu_avx512_kernels())
+            and ops._quantized_op_takes(x, weight_format, block_size[1] if weight_format == "fp8_e4m3" else 0)
+            and not (torch.is_grad_enabled() and (x.requires_grad or top_k_weights.requires_grad)))
     if fast:
         bn, bk = block_size if weight_format == "fp8_e4m3" else (0, 0)
         with stage("dispatch"), stage("experts"), stage("combine"):
