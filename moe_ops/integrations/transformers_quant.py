@@ -18,13 +18,14 @@ checkpoint stores them (no bf16 copy of the experts is kept).
   :func:`use_mxfp4_experts` puts empty ones in a built model so that ``load_state_dict`` of the
   checkpoint fills them, :func:`quantize_experts_` converts float experts.
 
-What runs where (:func:`run_quantized_experts`): dropless bf16 activations on a CPU with moe_ops'
-AVX512-BF16 kernels, plain SwiGLU, no expert biases, no gradient -> the fused op
+What runs where (:func:`run_quantized_experts`): dropless bf16 activations on CPU (moe_ops'
+AVX512-BF16 kernels or AVX2), plain SwiGLU, no expert biases, no gradient -> the fused op
 ``moe_ops::fused_experts_quantized`` reads the quantized weights directly. Everything else (GPT-OSS's
 biases and clamped gate, other activations, float32 activations, GPUs, gradients w.r.t. the
-activations) dequantizes the weights to float32 per call, a chunk of experts at a time (at most
-:data:`DEQUANT_CHUNK_BYTES` of float32 weights alive), and runs moe_ops' grouped GEMMs in float32:
-the oracle's computation; the output is cast to the activations' dtype.
+activations) runs moe_ops' grouped GEMMs in float32 with the module's own gate: on CUDA the
+quantized grouped GEMM (Triton, dequantizing in its mainloop; not yet run on a GPU), elsewhere on
+weights dequantized per call a chunk of experts at a time (at most :data:`DEQUANT_CHUNK_BYTES` of
+float32 weights alive): the oracle's computation; the output is cast to the activations' dtype.
 """
 from __future__ import annotations
 
@@ -80,8 +81,12 @@ def _chunks(num_experts: int, rows: int, cols: int):
 
 
 def _dequantized_gemm(a, w, s, fmt, block, offsets, n, k):
-    """``grouped_gemm(a, dequantize(w), offsets, trans_b=True)`` in float32, dequantizing a chunk of
-    experts at a time: each chunk's GEMM fills only its experts' rows (the others are zero)."""
+    """``grouped_gemm(a, dequantize(w), offsets, trans_b=True)`` in float32. On CUDA the grouped
+    GEMM takes the quantized weights itself (Triton dequantizes in its mainloop: no float copy);
+    elsewhere a chunk of experts is dequantized at a time and each chunk's GEMM fills only its
+    experts' rows (the others are zero)."""
+    if a.device.type == "cuda":
+        return ops.grouped_gemm(a, w, offsets, trans_b=True, weight_format=fmt, b_scale=s, block_size=block)
     E = w.shape[0]
     out = None
     for e0, e1 in _chunks(E, n, k):
