@@ -136,7 +136,7 @@ def main(argv=None):
                 x, ids, weights, packed.w_gate_up, packed.w_down, "swiglu")
     for name, fmt in decode.QUANT_IMPLS.items():  # the same layer on quantized copies of the weights
         if name in want:
-            (q1, s1), (q2, s2) = decode.quantize_per_expert(wgu, fmt), decode.quantize_per_expert(wd, fmt)
+            (q1, s1), (q2, s2) = moe_ops.quantize_experts(wgu, fmt), moe_ops.quantize_experts(wd, fmt)
             impls[name] = lambda q1=q1, s1=s1, q2=q2, s2=s2, fmt=fmt: moe_ops.moe_forward(
                 x, logits, q1, q2, k, backend="cpu", weight_format=fmt, w_gate_up_scale=s1, w_down_scale=s2)
     for impl in ("grouped_mm", "eager"):

@@ -38,13 +38,6 @@ QUANT_IMPLS = {"cpu_int8": "int8", "cpu_fp8": "fp8_e4m3", "cpu_mxfp4": "mxfp4"}
 QUANT_BYTES = {"int8": 1 + 4 / 2048, "fp8_e4m3": 1 + 4 / 16384, "mxfp4": 0.5 + 1 / 32}  # per weight, approx. scales
 
 
-def quantize_per_expert(w: torch.Tensor, fmt: str):
-    """``moe_ops.quantize_experts(w, fmt)`` one expert at a time: the quantizers' float
-    temporaries are a few times their input, which for a whole layer's experts is many GiB."""
-    qs = [moe_ops.quantize_experts(w[e], fmt) for e in range(w.shape[0])]
-    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
-
-
 def llc_bytes() -> int:
     """Largest CPU cache (sysfs; 32 MiB when unknown)."""
     best = 0
@@ -113,7 +106,7 @@ def make_impls(names, wgu: torch.Tensor, wd: torch.Tensor, k: int, max_tokens: i
             if wgu.dtype != torch.bfloat16:
                 impls[n] = "the quantized CPU op takes bf16 activations"
                 continue
-            (q1, s1), (q2, s2) = quantize_per_expert(wgu, fmt), quantize_per_expert(wd, fmt)
+            (q1, s1), (q2, s2) = moe_ops.quantize_experts(wgu, fmt), moe_ops.quantize_experts(wd, fmt)
             kw = dict(weight_format=fmt, w_gate_up_scale=s1, w_down_scale=s2)
             impls[n] = lambda x, lg, q1=q1, q2=q2, kw=kw: moe_ops.moe_forward(x, lg, q1, q2, k, backend="cpu", **kw)
             impls[n].reference = lambda x, lg, q1=q1, q2=q2, kw=kw: moe_ops.moe_forward(

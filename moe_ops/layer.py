@@ -178,22 +178,48 @@ class MoE(nn.Module):
         h = x.reshape(-1, self.hidden_size)
         logits = self.router_logits(h)
         w_gate_up, w_down = self.w_gate_up, self.w_down
+        fmt = getattr(self, "weight_format", None)
+        quantized = {} if fmt is None else dict(weight_format=fmt, w_gate_up_scale=self.w_gate_up_scale,
+                                                 w_down_scale=self.w_down_scale, block_size=self.block_size)
         if not return_aux:
             out = ops.moe_forward(h, logits, w_gate_up, w_down, self.top_k, activation=self.activation,
                                   scoring=self.scoring, renormalize=self.renormalize, n_group=self.n_group,
                                   topk_group=self.topk_group, correction_bias=self.e_score_correction_bias,
                                   scaling_factor=self.routed_scaling_factor, capacity_factor=self.capacity_factor,
                                   min_capacity=self.min_capacity, priority=self.priority, backend=self.backend,
-                                  packed=self._current_packing())
+                                  packed=None if quantized else self._current_packing(), **quantized)
             aux = None
         else:
+            if quantized:  # the experts on float32 copies, as moe_forward's fallback (x upcast)
+                w_gate_up, w_down = ops._dequantized_weights(w_gate_up, w_down, fmt, self.w_gate_up_scale,
+                                                             self.w_down_scale, self.block_size)
             weights, ids = self.route(logits)
-            out = experts_forward(h, weights, ids, w_gate_up, w_down, activation=self.activation,
-                                  capacity_factor=self.capacity_factor, min_capacity=self.min_capacity,
-                                  priority=self.priority, backend=self.backend)
+            out = experts_forward(h.to(w_gate_up.dtype) if quantized else h, weights, ids, w_gate_up, w_down,
+                                  activation=self.activation, capacity_factor=self.capacity_factor,
+                                  min_capacity=self.min_capacity, priority=self.priority,
+                                  backend=self.backend).to(h.dtype)
             aux = self.aux_losses(logits, ids)
         out = self.add_shared_experts(h, out).reshape(shape)
         return (out, aux) if return_aux else out
+
+    @torch.no_grad()
+    def quantize_experts_(self, weight_format: str, *, block_size: Optional[Tuple[int, int]] = None) -> "MoE":
+        """Replace the expert weights by weight-only quantized copies for inference
+        (:func:`moe_ops.quantize_experts`: ``fp8_e4m3`` with ``block_size``, ``mxfp4``, ``int8``):
+        ``w_gate_up`` / ``w_down`` become buffers in the format (with ``w_gate_up_scale`` /
+        ``w_down_scale``), so ``state_dict`` holds the quantized checkpoint tensors; ``forward``
+        passes them to :func:`moe_ops.moe_forward` (docs/quantization.md says which kernel runs).
+        The experts get no gradient after this (the router and shared experts still do).
+        Returns ``self``."""
+        from . import quant
+        q1, s1 = quant.quantize_experts(self.w_gate_up, weight_format, block_size=block_size)
+        q2, s2 = quant.quantize_experts(self.w_down, weight_format, block_size=block_size)
+        del self.w_gate_up, self.w_down
+        for name, t in (("w_gate_up", q1), ("w_gate_up_scale", s1), ("w_down", q2), ("w_down_scale", s2)):
+            self.register_buffer(name, t)
+        self.weight_format, self.block_size = weight_format, block_size
+        self._packed, self._pack = None, False
+        return self
 
     def pack_for_cpu(self, enable: bool = True) -> "MoE":
         """Keep a :func:`moe_ops.pack_experts` copy of the expert weights for the ``cpu``

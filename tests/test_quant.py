@@ -370,3 +370,28 @@ def test_quantized_op_every_code_bitwise(fmt, gemv_rows, monkeypatch):
     assert torch.equal(d1.bfloat16().float(), d1)                   # every code is a bf16 value
     want = torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "swiglu")
     _same(got.float(), want.float())
+
+
+@pytest.mark.parametrize("fmt,kw", [("int8", {}), ("fp8_e4m3", {"block_size": (32, 32)}), ("mxfp4", {})])
+def test_moe_layer_quantize_experts(fmt, kw):
+    """moe_ops.MoE.quantize_experts_: the experts become the format's buffers (state_dict holds the
+    quantized tensors, no float copy), and forward -- bf16 and float32, with and without the aux
+    losses -- matches the same layer holding the dequantized weights."""
+    import copy
+    torch.manual_seed(3)
+    layer = moe_ops.MoE(64, 32, 4, 2)
+    q = copy.deepcopy(layer).quantize_experts_(fmt, **kw)
+    sd = q.state_dict()
+    assert sd["w_gate_up"].element_size() == 1 and "w_down_scale" in sd
+    assert not any(p.dtype.is_floating_point and p.shape[0] == 4 and p.dim() == 3 for p in q.parameters())
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        ref.w_gate_up.copy_(moe_ops.dequantize_experts(sd["w_gate_up"], sd["w_gate_up_scale"], fmt, **kw))
+        ref.w_down.copy_(moe_ops.dequantize_experts(sd["w_down"], sd["w_down_scale"], fmt, **kw))
+    x = make_x(9, 64, seed=12)
+    with torch.no_grad():
+        want = ref(x)
+        assert _rel_rms(q(x), want) <= 1e-5
+        out, aux = q(x, return_aux=True)
+        assert _rel_rms(out, want) <= 1e-5 and aux.tokens_per_expert.sum() == 9 * 2
+        assert _rel_rms(q(x.bfloat16()).float(), want) <= 1.5e-2

@@ -36,7 +36,7 @@ inline float hsum_fixed(__m256 v) {
   return t[0];
 }
 
-constexpr float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 // 32 int8/fp8 codes from p (the first `count`, the rest zero) as 16-byte halves.
@@ -124,14 +124,15 @@ void gemv_group(const GemvQuantJob& job, int j0, const float* xf, int64_t ldx, f
                 int npf) {
   const int64_t K = job.K;
   const int shift = job.fmt == 3 ? 1 : 0;  // bytes of a chunk: 32 codes, or 16 for mxfp4
-  const bool blocked = job.fmt != 1;  // scales per k block: fp8 every bk, mxfp4 every 32
+  const bool blocked = job.fmt != 1;       // scales per k block: fp8 every bk, mxfp4 every 32
   const int64_t bk = job.fmt == 3 ? 32 : job.bk;
   __m256 acc[G][M], tot[G][M];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < M; ++i) acc[g][i] = tot[g][i] = _mm256_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += 32) {
     if (((k0 >> shift) & 63) == 0) {
-      for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + (k0 >> shift)), _MM_HINT_T1);
+      for (int r = 0; r < npf; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + (k0 >> shift)), _MM_HINT_T1);
       if (job.fmt == 3 && (k0 & 2047) == 0)
         for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + k0 / 32, _MM_HINT_T1);
     }
@@ -217,8 +218,9 @@ void gemv_quant_avx2(const GemvQuantJob& job, const uint16_t* A, int64_t lda, in
       float* x = xf.data() + i * ldx;
       int64_t k = 0;
       for (; k + 8 <= job.K; k += 8)  // bf16 -> float: the bits shifted up
-        _mm256_storeu_ps(x + k, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))), 16)));
+        _mm256_storeu_ps(x + k,
+                         _mm256_castsi256_ps(_mm256_slli_epi32(
+                             _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k))), 16)));
       for (; k < job.K; ++k) {
         const uint32_t u = static_cast<uint32_t>(a[k]) << 16;
         std::memcpy(x + k, &u, 4);

@@ -124,8 +124,17 @@ void block_gemm(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t 
   for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, kVnniBlock * sizeof(float));
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t p0 = kb * kbp, np2 = std::min(kbp, K2 - p0);
+    // Each k block's GEMM prefetches its share of the next block's bytes, so the prefetch is spread
+    // over the whole block as in the unsplit GEMM (all of it in the last k block came in a burst).
+    PrefetchRanges share;
+    if (next)
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b0 = next->bytes[r] * kb / nkb, b1 = next->bytes[r] * (kb + 1) / nkb;
+        share.p[r] = next->p[r] ? static_cast<const char*>(next->p[r]) + b0 : nullptr;
+        share.bytes[r] = b1 - b0;
+      }
     gemm_panels_vnni(a + 2 * p0, lda, wb + p0 * prow, 2 * kPanel, prow, np2, 2, part.data(), kVnniBlock, rows,
-                     kb + 1 == nkb ? next : nullptr);
+                     next ? &share : nullptr);
     float sc[kVnniBlock];
     for (int64_t j = 0; j < kVnniBlock; ++j) sc[j] = srow[j] ? srow[j][kb] : 0.0f;  // a column past N: unused
     for (int64_t i = 0; i < rows; ++i) {
