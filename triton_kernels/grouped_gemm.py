@@ -69,6 +69,83 @@ def _gemm_tile_schedule_kernel(offs_ptr, sched_ptr, E, max_tiles, BLOCK_M: tl.co
 
 
 @triton.jit
+def tile_position(tile, num_mt, n_tiles, sched_ptr, offs_ptr, slots_ptr, E, N, topk, GROUP_M: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """Where persistent tile ``tile`` lies: its expert, output rows (and mask), the A rows it reads
+    (``arow``/``amask``: the token rows through the slots with GATHER), its columns (and mask).
+    GROUP_M row tiles sweep the columns together (B tiles stay in L2). Shared by the float and the
+    quantized kernels (grouped_gemm_quant.py)."""
+    per_group = GROUP_M * n_tiles
+    first_m = (tile // per_group) * GROUP_M
+    gm = tl.minimum(num_mt - first_m, GROUP_M)
+    mt = first_m + (tile % per_group) % gm
+    nt = (tile % per_group) // gm
+    e = tl.load(sched_ptr + E + 1 + mt)
+    row_end = tl.load(offs_ptr + e + 1)
+    rows = tl.load(offs_ptr + e) + (mt - tl.load(sched_ptr + e)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    if GATHER:
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
+        amask = rmask & (slot >= 0)
+        arow = (tl.where(amask, slot, 0) // topk).to(tl.int64)
+    else:
+        amask = rmask
+        arow = rows.to(tl.int64)
+    cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, rows, rmask, amask, arow, cols, cols < N
+
+
+@triton.jit
+def gated(acc, acc_up, out_ty: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr):
+    """act(gate) * up of the two accumulators, each rounded to the output dtype first (float32, or
+    float64 for float64 inputs), as ops.gated_activation. ACT 1: SiLU, 2: GELU (erf)."""
+    gate = acc.to(out_ty).to(ACC_DTYPE)
+    up = acc_up.to(out_ty).to(ACC_DTYPE)
+    if ACT == 1:
+        act = gate / (1.0 + tl.exp(-gate))
+    else:
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    return act * up
+
+
+@triton.jit
+def store_rows(res, rows, rmask, cols, nmask, slots_ptr, w_ptr, c_ptr, stride_cm, stride_cn, ACC_DTYPE: tl.constexpr,
+               SCATTER: tl.constexpr):
+    """The tile's result into c: at its rows, or (SCATTER) rounded, times the slot's router weight,
+    at its slot's row (rows without a slot are skipped)."""
+    out_ty = c_ptr.dtype.element_ty
+    if SCATTER:
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
+        smask = rmask & (slot >= 0)
+        sslot = tl.where(smask, slot, 0)
+        w = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(ACC_DTYPE)
+        res = res.to(out_ty).to(ACC_DTYPE) * w[:, None]
+        crow = sslot.to(tl.int64)
+    else:
+        smask = rmask
+        crow = rows.to(tl.int64)
+    c_ptrs = c_ptr + crow[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, res.to(out_ty), mask=smask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def zero_outside(pid, offs_ptr, c_ptr, M, N, E, stride_cm, stride_cn, NUM_PROGS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Rows of c outside [offs[0], offs[E]) are zero (the op contract), spread over the programs."""
+    out_ty = c_ptr.dtype.element_ty
+    first = tl.load(offs_ptr)
+    last = tl.load(offs_ptr + E)
+    for mb in range(pid, (M + BLOCK_M - 1) // BLOCK_M, NUM_PROGS):
+        if (mb * BLOCK_M < first) | ((mb + 1) * BLOCK_M > last):
+            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            zm = ((rows < first) | (rows >= last)) & (rows < M)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
+                         tl.full([BLOCK_M, BLOCK_N], 0, out_ty), mask=zm[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, sched_ptr, slots_ptr, w_ptr,
     M, N, K, E, topk,
@@ -84,26 +161,9 @@ def _grouped_gemm_kernel(
     num_mt = tl.load(sched_ptr + E)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     total = num_mt * n_tiles
-    per_group = GROUP_M * n_tiles
     for tile in range(pid, total, NUM_PROGS):
-        # GROUP_M row tiles sweep the columns together (B tiles stay in L2)
-        first_m = (tile // per_group) * GROUP_M
-        gm = tl.minimum(num_mt - first_m, GROUP_M)
-        mt = first_m + (tile % per_group) % gm
-        nt = (tile % per_group) // gm
-        e = tl.load(sched_ptr + E + 1 + mt)
-        row_end = tl.load(offs_ptr + e + 1)
-        rows = tl.load(offs_ptr + e) + (mt - tl.load(sched_ptr + e)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        if GATHER:
-            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
-            amask = rmask & (slot >= 0)
-            arow = (tl.where(amask, slot, 0) // topk).to(tl.int64)
-        else:
-            amask = rmask
-            arow = rows.to(tl.int64)
-        cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = cols < N
+        e, rows, rmask, amask, arow, cols, nmask = tile_position(tile, num_mt, n_tiles, sched_ptr, offs_ptr, slots_ptr,
+                                                                 E, N, topk, GROUP_M, BLOCK_M, BLOCK_N, GATHER)
         kk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + arow[:, None] * stride_am + kk[None, :] * stride_ak
         b_ptrs = b_ptr + e.to(tl.int64) * stride_be + kk[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -122,39 +182,12 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if ACT != 0:
-            gate = acc.to(out_ty).to(ACC_DTYPE)  # float32 (float64 for float64 inputs), as ops.gated_activation
-            up = acc_up.to(out_ty).to(ACC_DTYPE)
-            if ACT == 1:
-                act = gate / (1.0 + tl.exp(-gate))
-            else:
-                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-            res = act * up
+            res = gated(acc, acc_up, out_ty, ACC_DTYPE, ACT)
         else:
             res = acc
-        if SCATTER:
-            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
-            smask = rmask & (slot >= 0)
-            sslot = tl.where(smask, slot, 0)
-            w = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(ACC_DTYPE)
-            res = res.to(out_ty).to(ACC_DTYPE) * w[:, None]
-            crow = sslot.to(tl.int64)
-        else:
-            smask = rmask
-            crow = rows.to(tl.int64)
-        c_ptrs = c_ptr + crow[:, None] * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, res.to(out_ty), mask=smask[:, None] & nmask[None, :])
+        store_rows(res, rows, rmask, cols, nmask, slots_ptr, w_ptr, c_ptr, stride_cm, stride_cn, ACC_DTYPE, SCATTER)
     if ZERO_OUTSIDE:
-        first = tl.load(offs_ptr)
-        last = tl.load(offs_ptr + E)
-        for mb in range(pid, (M + BLOCK_M - 1) // BLOCK_M, NUM_PROGS):
-            if (mb * BLOCK_M < first) | ((mb + 1) * BLOCK_M > last):
-                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-                zm = ((rows < first) | (rows >= last)) & (rows < M)
-                for n0 in range(0, N, BLOCK_N):
-                    cols = n0 + tl.arange(0, BLOCK_N)
-                    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
-                             tl.full([BLOCK_M, BLOCK_N], 0, out_ty),
-                             mask=zm[:, None] & (cols < N)[None, :])
+        zero_outside(pid, offs_ptr, c_ptr, M, N, E, stride_cm, stride_cn, NUM_PROGS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .configs import get_config
-from .grouped_gemm import _clamped_offsets, build_schedule, max_row_tiles
+from .grouped_gemm import _clamped_offsets, build_schedule, gated, max_row_tiles, store_rows, tile_position, zero_outside
 from .launch import cdiv, dot_precision, launch, num_programs
 
 FORMATS = {"fp8_e4m3": 1, "mxfp4": 2, "int8": 3}
@@ -130,26 +130,9 @@ def _grouped_gemm_quant_kernel(
     num_mt = tl.load(sched_ptr + E)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     total = num_mt * n_tiles
-    per_group = GROUP_M * n_tiles
-    for tile in range(pid, total, NUM_PROGS):
-        # the tile order of grouped_gemm.py's kernel (GROUP_M row tiles sweep the columns together)
-        first_m = (tile // per_group) * GROUP_M
-        gm = tl.minimum(num_mt - first_m, GROUP_M)
-        mt = first_m + (tile % per_group) % gm
-        nt = (tile % per_group) // gm
-        e = tl.load(sched_ptr + E + 1 + mt)
-        row_end = tl.load(offs_ptr + e + 1)
-        rows = tl.load(offs_ptr + e) + (mt - tl.load(sched_ptr + e)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        if GATHER:
-            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
-            amask = rmask & (slot >= 0)
-            arow = (tl.where(amask, slot, 0) // topk).to(tl.int64)
-        else:
-            amask = rmask
-            arow = rows.to(tl.int64)
-        cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = cols < N
+    for tile in range(pid, total, NUM_PROGS):  # grouped_gemm.py's tile order and epilogue
+        e, rows, rmask, amask, arow, cols, nmask = tile_position(tile, num_mt, n_tiles, sched_ptr, offs_ptr, slots_ptr,
+                                                                 E, N, topk, GROUP_M, BLOCK_M, BLOCK_N, GATHER)
         kk = tl.arange(0, BLOCK_K)
         e64 = e.to(tl.int64)
         a_ptrs = a_ptr + arow[:, None] * stride_am + kk[None, :] * stride_ak
@@ -184,38 +167,12 @@ def _grouped_gemm_quant_kernel(
             if ACT != 0:
                 acc_up = _col_scaled(acc_up, s_e, cols + N, nmask, 0, block_n, block_k, stride_sn, stride_sk, FMT)
         if ACT != 0:
-            gate = acc.to(out_ty).to(tl.float32)  # rounded to the input dtype first, as ops.gated_activation
-            up = acc_up.to(out_ty).to(tl.float32)
-            if ACT == 1:
-                act = gate / (1.0 + tl.exp(-gate))
-            else:
-                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-            res = act * up
+            res = gated(acc, acc_up, out_ty, tl.float32, ACT)
         else:
             res = acc
-        if SCATTER:
-            slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
-            smask = rmask & (slot >= 0)
-            sslot = tl.where(smask, slot, 0)
-            wt = tl.load(w_ptr + sslot, mask=smask, other=0.0).to(tl.float32)
-            res = res.to(out_ty).to(tl.float32) * wt[:, None]
-            crow = sslot.to(tl.int64)
-        else:
-            smask = rmask
-            crow = rows.to(tl.int64)
-        c_ptrs = c_ptr + crow[:, None] * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, res.to(out_ty), mask=smask[:, None] & nmask[None, :])
-    if ZERO_OUTSIDE:  # rows outside [offs[0], offs[E]) are zero (the op contract)
-        first = tl.load(offs_ptr)
-        last = tl.load(offs_ptr + E)
-        for mb in range(pid, (M + BLOCK_M - 1) // BLOCK_M, NUM_PROGS):
-            if (mb * BLOCK_M < first) | ((mb + 1) * BLOCK_M > last):
-                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-                zm = ((rows < first) | (rows >= last)) & (rows < M)
-                for n0 in range(0, N, BLOCK_N):
-                    cols = n0 + tl.arange(0, BLOCK_N)
-                    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn,
-                             tl.full([BLOCK_M, BLOCK_N], 0, out_ty), mask=zm[:, None] & (cols < N)[None, :])
+        store_rows(res, rows, rmask, cols, nmask, slots_ptr, w_ptr, c_ptr, stride_cm, stride_cn, tl.float32, SCATTER)
+    if ZERO_OUTSIDE:
+        zero_outside(pid, offs_ptr, c_ptr, M, N, E, stride_cm, stride_cn, NUM_PROGS, BLOCK_M, BLOCK_N)
 
 
 # Tests set this to run the bit decoder where the conversion instruction exists (None: by device).
