@@ -42,33 +42,49 @@ def last_launch_count() -> int:
     return _LAST[0]
 
 
-def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                   k: int, activation: str, scoring: str, renormalize: bool, n_group: int, topk_group: int,
-                   correction_bias: Optional[torch.Tensor], scaling_factor: float) -> torch.Tensor:
+def _fused_layer(x, router_logits, k, E, I, routing, gemm1, gemm2) -> torch.Tensor:
+    """router -> index -> GEMM1 (gathers the x rows, gated activation) -> GEMM2 (router weight,
+    scattered to slot rows: the first half of the combine) -> combine, whatever the weights are:
+    ``gemm1(x, h, offsets, sched, slots, cfg)`` and ``gemm2(h, y, offsets, sched, slots, weights, cfg)``
+    launch the two GEMMs. ``routing``: topk_gating's arguments after ``k``."""
     T, H = x.shape
-    E, two_i, _ = w_gate_up.shape
-    I = two_i // 2
     out = torch.empty((T, H), device=x.device, dtype=x.dtype)
     if T == 0 or H == 0:
         return out
+    if I == 0:
+        return out.zero_()
     x = x if x.stride(1) == 1 else x.contiguous()
     with stage("router"):
-        weights, ids = topk_gating.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
-                                           correction_bias, scaling_factor)
+        weights, ids = topk_gating.topk_gating(router_logits, k, *routing)
     M = T * k
-    cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
+    cfg1 = get_config(E, 2 * I, H, x.dtype, x.device, M)
     cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
     with stage("dispatch"):  # the index only: GEMM1 gathers the x rows itself
-        slot_rows, sorted_slots, offsets, _, sched = index_build.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
-    with stage("experts"):  # GEMM2 also weights and scatters the rows, the first half of the combine
+        _, sorted_slots, offsets, _, sched = index_build.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
+    with stage("experts"):
         h = torch.empty((M, I), device=x.device, dtype=x.dtype)
-        run_gemm(x, w_gate_up, h, offsets, sched, E, I, H, cfg1, rows=M, trans_b=True, slots=sorted_slots,
-                 topk=k, act=ACT_CODES[activation])
+        gemm1(x, h, offsets, sched, sorted_slots, cfg1)
         y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
-        run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg2, rows=M, trans_b=True, slots=sorted_slots,
-                 weights=weights.view(-1), scatter=True)
+        gemm2(h, y, offsets, sched, sorted_slots, weights.view(-1), cfg2)
     with stage("combine"):  # empty for k == 1: GEMM2's scatter wrote out
         return out if k == 1 else weighted_combine.combine(y, T, k, weighted_combine.MODE_SLOT)
+
+
+def fused_moe_impl(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                   k: int, activation: str, scoring: str, renormalize: bool, n_group: int, topk_group: int,
+                   correction_bias: Optional[torch.Tensor], scaling_factor: float) -> torch.Tensor:
+    E, two_i, H = w_gate_up.shape
+    I = two_i // 2
+
+    def gemm1(a, h, offsets, sched, slots, cfg):
+        run_gemm(a, w_gate_up, h, offsets, sched, E, I, H, cfg, rows=h.shape[0], trans_b=True, slots=slots,
+                 topk=k, act=ACT_CODES[activation])
+
+    def gemm2(h, y, offsets, sched, slots, weights, cfg):
+        run_gemm(h, w_down, y, offsets, sched, E, H, I, cfg, rows=h.shape[0], trans_b=True, slots=slots,
+                 weights=weights, scatter=True)
+    return _fused_layer(x, router_logits, k, E, I, (scoring, renormalize, n_group, topk_group, correction_bias,
+                                                     scaling_factor), gemm1, gemm2)
 
 
 def _unfused(x, router_logits, w_gate_up, w_down, k, activation, scoring, renormalize, n_group, topk_group,
@@ -116,32 +132,18 @@ def _eager_fused(*args):
 def fused_moe_quantized_impl(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, fmt, block_n, block_k, k,
                              activation, scoring, renormalize, n_group, topk_group, correction_bias, scaling_factor):
     """:func:`fused_moe_impl` with quantized ``w_gate_up`` ([E, 2I, H] logical) and ``w_down`` ([E, H, I])."""
-    T, H = x.shape
-    E, two_i, _ = logical_nk(w_gate_up, fmt)
+    E, two_i, H = logical_nk(w_gate_up, fmt)
     I = two_i // 2
-    out = torch.empty((T, H), device=x.device, dtype=x.dtype)
-    if T == 0 or H == 0:
-        return out
-    if I == 0:
-        return out.zero_()
-    x = x if x.stride(1) == 1 else x.contiguous()
-    with stage("router"):
-        weights, ids = topk_gating.topk_gating(router_logits, k, scoring, renormalize, n_group, topk_group,
-                                               correction_bias, scaling_factor)
-    M = T * k
-    cfg1 = get_config(E, two_i, H, x.dtype, x.device, M)
-    cfg2 = dict(get_config(E, H, I, x.dtype, x.device, M), BLOCK_M=cfg1["BLOCK_M"])  # one schedule
-    with stage("dispatch"):
-        slot_rows, sorted_slots, offsets, _, sched = index_build.build_index(ids, E, block_m=1, sched_bm=cfg1["BLOCK_M"])
-    with stage("experts"):
-        h = torch.empty((M, I), device=x.device, dtype=x.dtype)
-        launch_quantized_gemm(x, w_gate_up, gu_scale, h, offsets, sched, fmt, block_n, block_k, cfg1, N=I, K=H,
-                              rows=M, slots=sorted_slots, topk=k, act=ACT_CODES[activation])
-        y = out if k == 1 else torch.empty((M, H), device=x.device, dtype=x.dtype)
-        launch_quantized_gemm(h, w_down, d_scale, y, offsets, sched, fmt, block_n, block_k, cfg2, N=H, K=I,
-                              rows=M, slots=sorted_slots, weights=weights.view(-1), scatter=True)
-    with stage("combine"):
-        return out if k == 1 else weighted_combine.combine(y, T, k, weighted_combine.MODE_SLOT)
+
+    def gemm1(a, h, offsets, sched, slots, cfg):
+        launch_quantized_gemm(a, w_gate_up, gu_scale, h, offsets, sched, fmt, block_n, block_k, cfg, N=I, K=H,
+                              rows=h.shape[0], slots=slots, topk=k, act=ACT_CODES[activation])
+
+    def gemm2(h, y, offsets, sched, slots, weights, cfg):
+        launch_quantized_gemm(h, w_down, d_scale, y, offsets, sched, fmt, block_n, block_k, cfg, N=H, K=I,
+                              rows=h.shape[0], slots=slots, weights=weights, scatter=True)
+    return _fused_layer(x, router_logits, k, E, I, (scoring, renormalize, n_group, topk_group, correction_bias,
+                                                     scaling_factor), gemm1, gemm2)
 
 
 def fused_moe_quantized_forward(x, router_logits, w_gate_up, gu_scale, w_down, d_scale, fmt, block_n, block_k, k, *,

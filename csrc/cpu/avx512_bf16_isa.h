@@ -43,22 +43,23 @@ struct GemvQuantJob {
 };
 using GemvQuantFn = void(const GemvQuantJob& job, const uint16_t* A, int64_t lda, int64_t M, float* C, int64_t ldc);
 
+// Each build's kernels (one list for both namespaces).
+#define MOE_CPU_AVX512_KERNELS              \
+  GemmPanelsVnniFn gemm_panels_vnni;        \
+  CombineRowBf16Fn combine_row_bf16_avx512; \
+  PackPanelsVnniFn pack_panels_vnni;        \
+  PackPanelsVnniQFn pack_panels_vnni_q;     \
+  PackPanelsVnniMxFn pack_panels_vnni_mx;   \
+  GemvQuantFn gemv_quant;
+
 namespace avx512_native {
-GemmPanelsVnniFn gemm_panels_vnni;
-CombineRowBf16Fn combine_row_bf16_avx512;
-PackPanelsVnniFn pack_panels_vnni;
-PackPanelsVnniQFn pack_panels_vnni_q;
-GemvQuantFn gemv_quant;
-PackPanelsVnniMxFn pack_panels_vnni_mx;
+MOE_CPU_AVX512_KERNELS
 }  // namespace avx512_native
 
 namespace avx512_emu {
-GemmPanelsVnniFn gemm_panels_vnni;
-CombineRowBf16Fn combine_row_bf16_avx512;
-PackPanelsVnniFn pack_panels_vnni;
-PackPanelsVnniQFn pack_panels_vnni_q;
-GemvQuantFn gemv_quant;
-PackPanelsVnniMxFn pack_panels_vnni_mx;
+MOE_CPU_AVX512_KERNELS
 }  // namespace avx512_emu
+
+#undef MOE_CPU_AVX512_KERNELS
 
 }  // namespace moe_cpu
