@@ -726,7 +726,8 @@ def _quantized_cpu_path(x, router_logits, w_gate_up, w_down, weight_format, gu_s
     applies (dropless, bf16 x on CPU, the cpu backend, AVX512-BF16 kernels or AVX2 -- there fp8 k
     blocks of a multiple of 32 --, no gradient), else None.
     The arguments are checked (:func:`_check_quantized_layer`)."""
-    bn, bk = (128, 128) if block_size is None else tuple(block_size)
+    from . import quant
+    bn, bk = quant._block(block_size)
     if (capacity_factor is not None or backend not in (None, "cpu") or not _quantized_op_takes(x, weight_format, bk)
             or (torch.is_grad_enabled() and (x.requires_grad or router_logits.requires_grad))):
         return None
@@ -765,7 +766,8 @@ def _quantized_triton_layer(x, router_logits, w_gate_up, w_down, k, weight_forma
     E = w_gate_up.shape[0]
     _check_int("k", k, 1, min(E, MAX_K))
     _check_rows("T*k", T * k)
-    bn, bk = (128, 128) if block_size is None else tuple(block_size)
+    from . import quant
+    bn, bk = quant._block(block_size)
     dev = x.device.type
 
     def be(name):

@@ -94,7 +94,7 @@ at::Tensor fused_experts_quantized_cpu(const at::Tensor& x_in, const at::Tensor&
   w.q.avx2 = !use_avx512_bf16();
   TORCH_CHECK(!w.q.avx2 || have_avx2(), "moe_ops::", op,
               " (cpu): needs the AVX512-BF16 kernels or AVX2 (moe_ops.moe_forward dequantizes instead)");
-  TORCH_CHECK(!w.q.avx2 || fmt != QuantFmt::kFp8 || block_k % 32 == 0, "moe_ops::", op,
+  TORCH_CHECK(!w.q.avx2 || gemv_takes(w.q), "moe_ops::", op,
               " (cpu): without the AVX512-BF16 kernels, fp8 needs k blocks of a multiple of 32 columns, got ", block_k,
               " (moe_ops.moe_forward dequantizes instead)");
   const bool swiglu = act == "swiglu";

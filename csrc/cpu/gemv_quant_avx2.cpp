@@ -36,9 +36,6 @@ inline float hsum_fixed(__m256 v) {
   return t[0];
 }
 
-constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
 // 32 int8/fp8 codes from p (the first `count`, the rest zero) as 16-byte halves.
 inline void load_codes32(const uint8_t* p, int64_t count, __m128i& lo, __m128i& hi) {
   if (count >= 32) {
@@ -63,8 +60,8 @@ inline __m256 fp8_to_ps_scaled(__m128i b) {
 }
 
 // The 32 weights of chunk k0 of column j as float, in w[4] (int8: the codes; fp8: value * 2^-8;
-// mxfp4: 2 * e2m1). Returns false for an mxfp4 block with e8m0 255 (the caller's slow path).
-inline bool chunk_ps(const GemvQuantJob& job, int j, int64_t k0, __m256 w[4]) {
+// mxfp4: 2 * e2m1; an mxfp4 block with e8m0 255 is the caller's slow path).
+inline void chunk_ps(const GemvQuantJob& job, int j, int64_t k0, __m256 w[4]) {
   if (job.fmt == 3) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.w[j] + k0 / 2));
     const __m128i m = _mm_set1_epi8(0x0F);
@@ -74,14 +71,14 @@ inline bool chunk_ps(const GemvQuantJob& job, int j, int64_t k0, __m256 w[4]) {
     const __m128i v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));  // 16..31
     w[0] = i8_to_ps(v0), w[1] = i8_to_ps(_mm_unpackhi_epi64(v0, v0));
     w[2] = i8_to_ps(v1), w[3] = i8_to_ps(_mm_unpackhi_epi64(v1, v1));
-    return true;
+    return;
   }
   __m128i lo, hi;
   load_codes32(job.w[j] + k0, job.K - k0, lo, hi);
   if (job.fmt == 1) {
     w[0] = i8_to_ps(lo), w[1] = i8_to_ps(_mm_unpackhi_epi64(lo, lo));
     w[2] = i8_to_ps(hi), w[3] = i8_to_ps(_mm_unpackhi_epi64(hi, hi));
-    return true;
+    return;
   }
   w[0] = fp8_to_ps_scaled(lo), w[1] = fp8_to_ps_scaled(_mm_unpackhi_epi64(lo, lo));
   w[2] = fp8_to_ps_scaled(hi), w[3] = fp8_to_ps_scaled(_mm_unpackhi_epi64(hi, hi));
@@ -95,7 +92,6 @@ inline bool chunk_ps(const GemvQuantJob& job, int j, int64_t k0, __m256 w[4]) {
       if ((nan >> e) & 1) t[e] = std::nanf("");
     for (int q = 0; q < 4; ++q) w[q] = _mm256_load_ps(t + 8 * q);
   }
-  return true;
 }
 
 // The partial-sum factor of k block kb of column j: fp8 its scale_inv * 2^8, mxfp4 2^(s - 128)
@@ -140,13 +136,17 @@ void gemv_group(const GemvQuantJob& job, int j0, const float* xf, int64_t ldx, f
       const int j = j0 + g;
       if (job.fmt == 3 && static_cast<const uint8_t*>(job.s[j])[k0 / 32] == 255) {
         // 2^128 overflows float: each weight as the reference makes it (ldexp(e2m1, 128): 0 or
-        // +-inf), its product added in element order into lane 0.
+        // +-inf, the bf16 table row job.mx[255] holds them exactly), its product added in element
+        // order into lane 0.
         const uint8_t* blk = job.w[j] + k0 / 2;
+        const uint16_t* row = job.mx + 16 * 255;
         for (int i = 0; i < M; ++i) {
           float s = 0.0f;
           for (int e = 0; e < 32; ++e) {
-            const uint8_t c = (blk[e / 2] >> (4 * (e % 2))) & 15;
-            s += xf[i * ldx + k0 + e] * std::ldexp(kE2M1[c], 128);
+            const uint32_t bits = static_cast<uint32_t>(row[(blk[e / 2] >> (4 * (e % 2))) & 15]) << 16;
+            float wv;
+            std::memcpy(&wv, &bits, 4);
+            s += xf[i * ldx + k0 + e] * wv;
           }
           tot[g][i] = _mm256_add_ps(tot[g][i], _mm256_setr_ps(s, 0, 0, 0, 0, 0, 0, 0));
         }

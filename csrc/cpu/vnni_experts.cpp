@@ -163,9 +163,6 @@ int64_t gemv_max_rows() {
   return v ? std::max<int64_t>(0, std::atoll(v)) : 4;
 }
 
-// The GEMV takes every format but fp8 with k blocks that are not a multiple of its 32-element chunks.
-inline bool gemv_takes(const VnniQuant& q) { return q.fmt != QuantFmt::kFp8 || q.bk % 32 == 0; }
-
 // The GEMV job of a block's columns: col_n(j) = the weight row of column j (< 0: none).
 template <class ColN>
 GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t K, int ncols, ColN col_n) {
@@ -175,17 +172,13 @@ GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, in
   job.mx = q.fmt == QuantFmt::kMxfp4 ? &dequant_tables().mx[0][0] : nullptr;
   const uint8_t* base = gate_up ? q.gate_up : q.down;
   const int64_t row_bytes = q.fmt == QuantFmt::kMxfp4 ? K / 2 : K;
-  const int64_t nbn = q.fmt == QuantFmt::kFp8 ? (N + q.bn - 1) / q.bn : 0,
-                nbk = q.fmt == QuantFmt::kFp8 ? (K + q.bk - 1) / q.bk : 0;
   for (int j = 0; j < ncols; ++j) {
     const int64_t n = col_n(j);
     job.w[j] = n < 0 ? nullptr : base + (e * N + n) * row_bytes;
     job.s[j] = nullptr;
     if (n < 0) continue;
-    const void* sc = gate_up ? q.gate_up_scale : q.down_scale;
-    if (q.fmt == QuantFmt::kInt8) job.s[j] = static_cast<const float*>(sc) + e * N + n;
-    else if (q.fmt == QuantFmt::kFp8) job.s[j] = static_cast<const float*>(sc) + (e * nbn + n / q.bn) * nbk;
-    else job.s[j] = static_cast<const uint8_t*>(sc) + (e * N + n) * (K / 32);
+    if (q.fmt != QuantFmt::kMxfp4) job.s[j] = &quant_scale(q, gate_up, e, N, K, n, 0);  // int8's, fp8's k-block row
+    else job.s[j] = static_cast<const uint8_t*>(gate_up ? q.gate_up_scale : q.down_scale) + (e * N + n) * (K / 32);
   }
   return job;
 }
@@ -327,18 +320,18 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const uint16_t* a2 = A2 + t.m0 * Iv;
     for (int64_t j = 0; j < nu; ++j) {
       const int64_t u = t.n0 + j;
+      if (rows <= gemv_rows) {  // the quantized rows as stored (the GEMV prefetches its own)
+        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
+        const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
+        gemv(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
+        continue;
+      }
       const bool last = j + 1 == nu, other = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
       const PrefetchRanges next = !last   ? down_ranges(t.e, u + 1)
                                   : other ? down_ranges(nx->e, nx->n0)
                                           : PrefetchRanges{};
       const bool pf = other && rows >= pf_min_rows;
       const uint16_t* wb = w.down + (t.e * U2 + u) * blk2;
-      if (rows <= gemv_rows) {
-        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
-        const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
-        gemv(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
-        continue;
-      }
       if (!w.packed) {
         if (!buf.holds(call, t.e, u)) {
           buf.data.resize(static_cast<size_t>(blk2));

@@ -32,9 +32,13 @@ struct VnniQuant {
       nullptr;                       // int8 f32 [E, 2I]; fp8 f32 [E, ceil(2I/bn), ceil(H/bk)]; mxfp4 u8 [E, 2I, H/32]
   const void* down_scale = nullptr;  // the same for w_down (N = H, K = I)
   int64_t bn = 0, bk = 0;            // fp8 block (bk even)
-  // No AVX512-BF16 kernels here: every tile runs the AVX2 GEMV (quant_gemv.h; fp8 needs bk % 32 == 0).
+  // No AVX512-BF16 kernels here: every tile runs the AVX2 GEMV (quant_gemv.h; fp8 needs gemv_takes).
   bool avx2 = false;
 };
+
+// Whether the GEMV kernels (quant_gemv.h) take q: every format but fp8 with k blocks that are not a
+// multiple of their 32-element chunks (moe_ops/ops.py _quantized_op_takes mirrors it).
+inline bool gemv_takes(const VnniQuant& q) { return q.fmt != QuantFmt::kFp8 || q.bk % 32 == 0; }
 
 struct VnniWeights {
   const uint16_t* gate_up;  // packed [E, P1, Hp/2, 2, 16, 2], or as stored [E, 2I, H]
