@@ -276,6 +276,37 @@ def test_quantized_op_special_values(T, monkeypatch):
 
 
 @needs_quant_op
+@pytest.mark.parametrize("gemv_rows", ["0", "4"], ids=["repack", "gemv"])
+def test_quantized_op_e8m0_255(gemv_rows, monkeypatch):
+    """e8m0 255 (2^128, beyond float32) as torch.ldexp makes it, through every kernel path: code
+    0.5 gives the finite 2^127, code 0 gives 0 (not 0 * inf = NaN), code 1.0 gives inf. One token
+    of ones, gate/up codes 0.5 at 2^-10 (h ~ 5e-4, so the 2^127 row's output is finite), w_down
+    rows 0/1/2 with e8m0 255 and codes 0.5 / 0 / 1.0, the other rows random."""
+    monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)
+    if gemv_rows == "0" and not ON_AVX512:
+        pytest.skip("no repack path on the AVX2 kernels")
+    T, H, I, E = 1, 64, 32, 1
+    q1 = torch.full((E, 2 * I, H // 32, 16), 0x11, dtype=torch.uint8)      # every code 1 = 0.5
+    s1 = torch.full((E, 2 * I, H // 32), 127 - 10, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(21)
+    q2 = torch.randint(0, 256, (E, H, I // 32, 16), generator=g, dtype=torch.uint8)
+    s2 = torch.randint(120, 125, (E, H, I // 32), generator=g, dtype=torch.uint8)
+    q2[0, 0], q2[0, 1], q2[0, 2] = 0x11, 0x00, 0x22                       # 0.5, 0, 1.0
+    s2[0, :3] = 255
+    x = torch.ones(T, H, dtype=torch.bfloat16)
+    ids, w = torch.zeros(T, 1, dtype=torch.int32), torch.ones(T, 1)
+    got = torch.ops.moe_ops.fused_experts_quantized(x, ids, w, q1, s1, q2, s2, "mxfp4", 0, 0, "swiglu").float()
+    d1, d2 = moe_ops.dequantize_experts(q1, s1, "mxfp4"), moe_ops.dequantize_experts(q2, s2, "mxfp4")
+    want = moe_ops.ops.experts_forward(x.double(), w.double(), ids, d1.double(), d2.double(),
+                                       allow_invalid_ids=True, backend="reference")
+    assert torch.isinf(want[0, 2]) and torch.isfinite(want[0, :2]).all() and want[0, 0] > 1e30
+    fin = torch.isfinite(want)
+    _same(torch.where(fin, 0.0, got), torch.where(fin, 0.0, want.float()))
+    assert torch.isfinite(got[fin]).all() and _rel_rms(got[fin], want[fin]) <= 1e-2
+    assert float(got[0, 1]) == 0.0 and abs(float(got[0, 0]) / float(want[0, 0]) - 1) <= 1e-2
+
+
+@needs_quant_op
 def test_quantized_op_argument_errors():
     x, ids, w, (q1, s1, q2, s2), _ = _quant_inputs(3, 64, 32, 2, 1, "int8", (0, 0), seed=6)
     op = torch.ops.moe_ops.fused_experts_quantized
@@ -318,7 +349,7 @@ def test_quantized_op_emulated():
     """The quantized op on the SIMDe-emulated AVX512-BF16 kernels, in a subprocess: CPUs without
     AVX512-BF16 (CI's Zen 3) run it too."""
     import os
-    rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values or every_code")
+    rerun_with_emulated_avx512(os.path.abspath(__file__), "quantized_op_matches or special_values or e8m0_255 or every_code")
 
 
 @pytest.mark.skipif(not (quantized_kernels() == "avx512_bf16" and moe_ops.build_info()["cpu"].get("avx2")),
@@ -329,7 +360,7 @@ def test_quantized_op_avx2_kernels():
     with AVX512-BF16: what Zen 3 and other AVX2-only CPUs run."""
     import os
     rerun_with_avx2_only(os.path.abspath(__file__),
-                         "quantized_op_matches or special_values or every_code or argument_errors or routes_bf16")
+                         "quantized_op_matches or special_values or e8m0_255 or every_code or argument_errors or routes_bf16")
 
 
 @needs_quant_op
