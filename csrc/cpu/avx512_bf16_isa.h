@@ -40,7 +40,12 @@ struct GemvQuantJob {
   const uint8_t* w[32];          // column j's weight row (mxfp4: its blocks); nullptr: the column is zero
   const void* s[32];             // int8: its float scale; fp8: its float k-block scales; mxfp4: its e8m0 bytes
   const uint16_t* mx = nullptr;  // mxfp4: [256][16] bf16 bits of e2m1(c) * 2^(s - 127)
+  // Scratch of >= M * gemv_xbuf_elems(K) bf16 for the activation rows in the byte-table
+  // conversions' order (the AVX512-BF16 GEMV's fp8 and mxfp4 paths); nullptr: those paths are off.
+  uint16_t* xbuf = nullptr;
 };
+// Elements of one row of GemvQuantJob::xbuf: K rounded up to the mxfp4 path's 128-element steps.
+constexpr int64_t gemv_xbuf_elems(int64_t K) { return (K + 127) / 128 * 128; }
 using GemvQuantFn = void(const GemvQuantJob& job, const uint16_t* A, int64_t lda, int64_t M, float* C, int64_t ldc);
 
 // Each build's kernels (one list for both namespaces).

@@ -108,9 +108,12 @@ static inline void moe_mask_storeu_epi16(void* p, uint32_t k, simde__m512i a) {
 #undef _mm512_mask_storeu_epi16
 #define _mm512_mask_storeu_epi16 moe_mask_storeu_epi16
 
-// vpmovzxbd zmm, xmm (SIMDe lacks it).
+// vpmovzxbd / vpmovsxbd zmm, xmm (SIMDe lacks them).
 #ifndef _mm512_cvtepu8_epi32
 #define _mm512_cvtepu8_epi32(a) _mm512_cvtepu16_epi32(_mm256_cvtepu8_epi16(a))
+#endif
+#ifndef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32(a) _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(a))
 #endif
 
 #define MOE_NO_CONTRACT(v) ((void)0)  // no FMA in the emulated compilation to contract into

@@ -10,10 +10,23 @@
 // the block's partial sums (bk a multiple of 32), int8's row scale the final sum; mxfp4's
 // power-of-two scale is inside the conversion table. The 16 lanes are summed in a fixed order
 // at the end, so the native and the emulated builds give the same bits.
+//
+// The fast paths (measured, docs/cpu.md "Quantized experts"): per-element conversion work, not
+// the weight bytes, bounded the GEMV above. So fp8 (k blocks a multiple of 64, AVX512-VBMI) and
+// mxfp4 convert 64 code bytes at a time through byte tables -- vpermi2b for fp8's 128
+// magnitudes, vpshufb for e2m1's 16 values -- into the bf16 high and low bytes, then vpunpck*bw
+// interleaves them. That hands the weights over in the unpack's lane order, not K's: the
+// activation rows are permuted once per call to match (job.xbuf; the dot product does not care,
+// only the float summation order changes, the same in both builds). mxfp4 converts the e2m1
+// values unscaled, one 32-element block a 128-bit lane, and multiplies the four blocks' partial
+// sums by their 2^(s-127) (exact); a group of rows with a scale >= 253, where code * 2^(s-127)
+// can overflow as the reference's weights do, is redone on the table path.
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
 #include "quant_codes_avx512.h"
+
+#include <cstring>
 
 #ifndef MOE_CPU_AVX512_NS
 #error "compiled by cpu.cmake once per instruction set, with -DMOE_CPU_AVX512_NS=avx512_native|avx512_emu"
@@ -96,10 +109,293 @@ void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda,
   }
 }
 
+#if MOE_CPU_AVX512_EMULATED
+#define MOE_VBMI
+inline bool have_vbmi() { return true; }
+#else
+#define MOE_VBMI __attribute__((target("avx512vbmi")))
+inline bool have_vbmi() {
+  static const bool ok = __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+#endif
+
+// Where the activation's elements go (vpermt2w indices into a pair of 32-element vectors):
+// fp8, per 64 elements, two vectors: lane 8L+i <- element 16L+i (vpunpcklbw's order) and 16L+8+i
+// (vpunpckhbw's); mxfp4, per 128 elements (4 blocks), four vectors: lane 8L+i <- element 32L +
+// {2i, 16+2i, 2i+1, 17+2i} (low / high nibbles of bytes i and 8+i of block L), the two vector
+// pairs (blocks 0-1, 2-3) blended at lane 16.
+struct PermIdx {
+  alignas(64) uint16_t fp8[2][32];
+  alignas(64) uint16_t mx[4][32];
+  constexpr PermIdx() : fp8(), mx() {
+    constexpr int ofs[4] = {0, 16, 1, 17};
+    for (int j = 0; j < 32; ++j) {
+      const int L = j / 8, i = j % 8;
+      fp8[0][j] = static_cast<uint16_t>(16 * L + i);
+      fp8[1][j] = static_cast<uint16_t>(16 * L + 8 + i);
+      for (int v = 0; v < 4; ++v) mx[v][j] = static_cast<uint16_t>(32 * (L % 2) + 2 * i + ofs[v]);
+    }
+  }
+};
+inline constexpr PermIdx kPermIdx{};
+
+// The high and low bytes of kFp8Magnitudes (vpermi2b tables: 128 entries in two vectors each).
+struct Fp8Bytes {
+  alignas(64) uint8_t hi[128];
+  alignas(64) uint8_t lo[128];
+  constexpr Fp8Bytes() : hi(), lo() {
+    for (int m = 0; m < 128; ++m) {
+      hi[m] = static_cast<uint8_t>(kFp8Magnitudes.v[m] >> 8);
+      lo[m] = static_cast<uint8_t>(kFp8Magnitudes.v[m] & 0xFF);
+    }
+  }
+};
+inline constexpr Fp8Bytes kFp8Bytes{};
+
+// e2m1 (unscaled) as bf16 bytes, the 16 codes repeated in each 128-bit lane (vpshufb tables).
+struct E2m1Bytes {
+  alignas(64) uint8_t hi[64];
+  alignas(64) uint8_t lo[64];
+  constexpr E2m1Bytes() : hi(), lo() {
+    constexpr uint16_t v[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+    for (int b = 0; b < 64; ++b) {
+      hi[b] = static_cast<uint8_t>(v[b % 16] >> 8);
+      lo[b] = static_cast<uint8_t>(v[b % 16] & 0xFF);
+    }
+  }
+};
+inline constexpr E2m1Bytes kE2m1Bytes{};
+
+// Rows [0, M) of A (K elements each) into xbuf (rows of gemv_xbuf_elems(K)), permuted per step of
+// S = 64 (fp8) or 128 (mxfp4) elements as PermIdx says, zero past K.
+template <int S>
+void permute_rows(const uint16_t* A, int64_t lda, int M, int64_t K, uint16_t* xbuf) {
+  const int64_t ld = gemv_xbuf_elems(K);
+  const __m512i* ix = reinterpret_cast<const __m512i*>(S == 64 ? &kPermIdx.fp8[0][0] : &kPermIdx.mx[0][0]);
+  for (int r = 0; r < M; ++r) {
+    const uint16_t* a = A + r * lda;
+    uint16_t* o = xbuf + r * ld;
+    for (int64_t k0 = 0; k0 < ld; k0 += S) {
+      __m512i v[S / 32];
+      for (int q = 0; q < S / 32; ++q) {
+        const int64_t left = K - k0 - 32 * q;
+        const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (left > 0 ? left : 0)) - 1ull);
+        v[q] = left > 0 ? _mm512_maskz_loadu_epi16(m, a + k0 + 32 * q) : _mm512_setzero_si512();
+      }
+      if (S == 64) {
+        for (int h = 0; h < 2; ++h)
+          _mm512_storeu_si512(o + k0 + 32 * h, _mm512_permutex2var_epi16(v[0], _mm512_load_si512(ix + h), v[1]));
+      } else {
+        for (int h = 0; h < 4; ++h) {
+          const __m512i idx = _mm512_load_si512(ix + h);
+          const __m512i lo = _mm512_permutex2var_epi16(v[0], idx, v[1]);
+          const __m512i hi = _mm512_permutex2var_epi16(v[S / 32 - 2], idx, v[S / 32 - 1]);
+          _mm512_storeu_si512(o + k0 + 32 * h, _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
+        }
+      }
+    }
+  }
+}
+
+inline void prefetch_rows(const GemvQuantJob& job, const int* pf, int npf, int64_t byte) {
+  for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + byte), _MM_HINT_T1);
+}
+
+// int8: the table path's arithmetic, without its per-chunk format dispatch and tail masks.
+template <int M, int G>
+void group_int8(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc, const int* pf,
+                int npf) {
+  const int64_t K = job.K;
+  const uint8_t* w[G];
+  for (int g = 0; g < G; ++g) w[g] = job.w[j0 + g];
+  __m512 acc[G][M];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < M; ++i) acc[g][i] = _mm512_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 32 <= K; k0 += 32) {
+    if ((k0 & 63) == 0) prefetch_rows(job, pf, npf, k0);
+    __m512bh x[M];
+    for (int i = 0; i < M; ++i) x[i] = bits_as<__m512bh>(_mm512_loadu_si512(A + i * lda + k0));
+    for (int g = 0; g < G; ++g) {
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + k0))));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + k0 + 16))));
+      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
+      for (int i = 0; i < M; ++i) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], wv, x[i]);
+    }
+  }
+  if (k0 < K) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k0)) - 1ull);
+    for (int g = 0; g < G; ++g) {
+      const __m512bh wv = bits_as<__m512bh>(codes_to_bf16(w[g] + k0, K - k0, 1));
+      for (int i = 0; i < M; ++i)
+        acc[g][i] = _mm512_dpbf16_ps(acc[g][i], wv, bits_as<__m512bh>(_mm512_maskz_loadu_epi16(m, A + i * lda + k0)));
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float rs = *static_cast<const float*>(job.s[j0 + g]);
+    for (int i = 0; i < M; ++i) C[i * ldc + j0 + g] = sum16(acc[g][i]) * rs;
+  }
+}
+
+// 64 e4m3 codes -> two vectors of their bf16 bits, in vpunpck{l,h}bw's lane order.
+MOE_VBMI inline void fp8_step(const uint8_t* p, const __m512i (&t)[4], __m512i& w0, __m512i& w1) {
+  const __m512i c = _mm512_loadu_si512(p);
+  // vpermi2b reads index bits 0-6 (the magnitude); the sign, bit 7, goes to the high byte (0xF8: A | (B & C)).
+  const __m512i hb = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[0], c, t[1]), c,
+                                               _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  const __m512i lb = _mm512_permutex2var_epi8(t[2], c, t[3]);
+  w0 = _mm512_unpacklo_epi8(lb, hb);
+  w1 = _mm512_unpackhi_epi8(lb, hb);
+}
+
+// fp8 with bk % 64 == 0: steps of 64 elements, a k block's partial sums scaled as the table path does.
+template <int M, int G>
+MOE_VBMI void group_fp8(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int64_t ldc, const int* pf,
+                        int npf) {
+  const int64_t K = job.K, ldx = gemv_xbuf_elems(K), nsteps = (K + 63) / 64, spb = job.bk / 64;
+  const int64_t nkb = (K + job.bk - 1) / job.bk;
+  const __m512i* tb = reinterpret_cast<const __m512i*>(kFp8Bytes.hi);
+  const __m512i t[4] = {_mm512_load_si512(tb), _mm512_load_si512(tb + 1), _mm512_load_si512(tb + 2),
+                        _mm512_load_si512(tb + 3)};
+  const uint8_t* w[G];
+  const float* s[G];
+  for (int g = 0; g < G; ++g) w[g] = job.w[j0 + g], s[g] = static_cast<const float*>(job.s[j0 + g]);
+  __m512 acc[G][M], tot[G][M];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < M; ++i) acc[g][i] = tot[g][i] = _mm512_setzero_ps();
+  // The last step's codes past K read as zero (their activations are zero too: no 0 * NaN), copied
+  // here once: a library call inside the loop would make every accumulator live in memory.
+  alignas(64) uint8_t tail[G][64];
+  const int64_t kt = (nsteps - 1) * 64;
+  if (kt + 64 > K)
+    for (int g = 0; g < G; ++g) {
+      std::memset(tail[g], 0, 64);
+      std::memcpy(tail[g], w[g] + kt, static_cast<size_t>(K - kt));
+    }
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t s1 = (kb + 1) * spb < nsteps ? (kb + 1) * spb : nsteps;
+    for (int64_t st = kb * spb; st < s1; ++st) {
+      const int64_t k0 = st * 64;
+      prefetch_rows(job, pf, npf, k0);
+      __m512bh x0[M], x1[M];
+      for (int i = 0; i < M; ++i) {
+        x0[i] = bits_as<__m512bh>(_mm512_loadu_si512(X + i * ldx + k0));
+        x1[i] = bits_as<__m512bh>(_mm512_loadu_si512(X + i * ldx + k0 + 32));
+      }
+      const bool part = k0 + 64 > K;
+      for (int g = 0; g < G; ++g) {
+        __m512i w0, w1;
+        fp8_step(part ? tail[g] : w[g] + k0, t, w0, w1);
+        for (int i = 0; i < M; ++i)
+          acc[g][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[g][i], bits_as<__m512bh>(w0), x0[i]),
+                                       bits_as<__m512bh>(w1), x1[i]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 sc = _mm512_set1_ps(s[g][kb]);
+      for (int i = 0; i < M; ++i) {
+        __m512 p = _mm512_mul_ps(acc[g][i], sc);
+        MOE_NO_CONTRACT(p);  // the same rounding in both builds
+        tot[g][i] = _mm512_add_ps(tot[g][i], p);
+        acc[g][i] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < M; ++i) C[i * ldc + j0 + g] = sum16(tot[g][i]);
+}
+
+// mxfp4, 4 blocks a step: the unscaled e2m1 values (one block a 128-bit lane), their partial
+// sums times 2^(s-127) (exact: a power of two). false (nothing written): a scale >= 253, where
+// the table path must run (its weights overflow to inf exactly where the reference's do).
+template <int M, int G>
+bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int64_t ldc, const int* pf, int npf) {
+  const int64_t K = job.K, ldx = gemv_xbuf_elems(K), nb = K / 32, nsteps = (nb + 3) / 4;
+  const __m512i tlo = _mm512_load_si512(kE2m1Bytes.lo), thi = _mm512_load_si512(kE2m1Bytes.hi);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  // dwords of 128-bit lane L <- byte L of the 4 scale bytes, zero-extended (0x80: vpshufb's zero)
+  const __m512i ssel = _mm512_set_epi32(0x80808003, 0x80808003, 0x80808003, 0x80808003, 0x80808002, 0x80808002,
+                                        0x80808002, 0x80808002, 0x80808001, 0x80808001, 0x80808001, 0x80808001,
+                                        0x80808000, 0x80808000, 0x80808000, 0x80808000);
+  const uint8_t* w[G];
+  const uint8_t* s[G];
+  for (int g = 0; g < G; ++g) w[g] = job.w[j0 + g], s[g] = static_cast<const uint8_t*>(job.s[j0 + g]);
+  __m512 acc[G][M];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < M; ++i) acc[g][i] = _mm512_setzero_ps();
+  uint32_t big = 0;
+  // The last step's blocks past the row: zero codes (and zero activations), scale 2^0; copied
+  // here once (a library call inside the loop would make every accumulator live in memory).
+  alignas(64) uint8_t tail[G][64];
+  uint32_t tail_s[G];
+  const int64_t bt = (nsteps - 1) * 4;
+  if (bt + 4 > nb)
+    for (int g = 0; g < G; ++g) {
+      std::memset(tail[g], 0, 64);
+      std::memcpy(tail[g], w[g] + bt * 16, static_cast<size_t>((nb - bt) * 16));
+      tail_s[g] = 0x7F7F7F7Fu;
+      std::memcpy(&tail_s[g], s[g] + bt, static_cast<size_t>(nb - bt));
+    }
+  for (int64_t st = 0; st < nsteps; ++st) {
+    const int64_t b0 = 4 * st;
+    prefetch_rows(job, pf, npf, b0 * 16);
+    if ((st & 15) == 0)  // and the e8m0 rows, a line per 64 blocks
+      for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + b0, _MM_HINT_T1);
+    const bool part = b0 + 4 > nb;
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* src = part ? tail[g] : w[g] + b0 * 16;
+      uint32_t sv;
+      if (part) sv = tail_s[g];
+      else __builtin_memcpy(&sv, s[g] + b0, 4);  // a 4-byte load
+      big |= ((sv & 0x7F7F7F7Fu) + 0x03030303u) & sv;  // bit 7 of a byte: that byte >= 253
+      const __m512i c = _mm512_loadu_si512(src);
+      const __m512i nl = _mm512_and_si512(c, nib), nh = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+      const __m512i ll = _mm512_shuffle_epi8(tlo, nl), lh = _mm512_shuffle_epi8(thi, nl);
+      const __m512i hl = _mm512_shuffle_epi8(tlo, nh), hh = _mm512_shuffle_epi8(thi, nh);
+      const __m512bh wv[4] = {bits_as<__m512bh>(_mm512_unpacklo_epi8(ll, lh)),
+                              bits_as<__m512bh>(_mm512_unpackhi_epi8(ll, lh)),
+                              bits_as<__m512bh>(_mm512_unpacklo_epi8(hl, hh)),
+                              bits_as<__m512bh>(_mm512_unpackhi_epi8(hl, hh))};
+      const __m512 sc = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_shuffle_epi8(_mm512_set1_epi32(static_cast<int>(sv)), ssel), 23));
+      for (int i = 0; i < M; ++i) {
+        const uint16_t* xr = X + i * ldx + b0 * 32;
+        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), wv[0], bits_as<__m512bh>(_mm512_loadu_si512(xr)));
+        p = _mm512_dpbf16_ps(p, wv[1], bits_as<__m512bh>(_mm512_loadu_si512(xr + 32)));
+        p = _mm512_dpbf16_ps(p, wv[2], bits_as<__m512bh>(_mm512_loadu_si512(xr + 64)));
+        p = _mm512_dpbf16_ps(p, wv[3], bits_as<__m512bh>(_mm512_loadu_si512(xr + 96)));
+        acc[g][i] = _mm512_fmadd_ps(p, sc, acc[g][i]);  // p * 2^(s-127) is exact: one rounding either way
+      }
+    }
+  }
+  if (big & 0x80808080u) return false;
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < M; ++i) C[i * ldc + j0 + g] = sum16(acc[g][i]);
+  return true;
+}
+
+// Columns [j0, j0 + G) by the fastest path that takes them.
+template <int M, int G>
+void run_group(const GemvQuantJob& job, bool fast, int j0, const uint16_t* A, int64_t lda, float* C, int64_t ldc,
+               const int* pf, int npf) {
+  if (job.fmt == 1) return group_int8<M, G>(job, j0, A, lda, C, ldc, pf, npf);
+  if (fast && job.fmt == 2) return group_fp8<M, G>(job, j0, job.xbuf, C, ldc, pf, npf);
+  if (fast && job.fmt == 3 && group_mx<M, G>(job, j0, job.xbuf, C, ldc, pf, npf)) return;
+  gemv_group<M, G>(job, j0, A, lda, C, ldc, pf, npf);
+}
+
 // Accumulators: G x M (x 2 for fp8) of the 32 zmm registers.
 template <int M>
 void gemv_rows(const GemvQuantJob& job, const uint16_t* A, int64_t lda, float* C, int64_t ldc) {
   constexpr int G = M <= 2 ? 4 : 2;
+  const bool fast = job.xbuf && (job.fmt == 3 || (job.fmt == 2 && job.bk % 64 == 0 && have_vbmi()));
+  if (fast) {
+    if (job.fmt == 2) permute_rows<64>(A, lda, M, job.K, job.xbuf);
+    else permute_rows<128>(A, lda, M, job.K, job.xbuf);
+  }
   int j = 0;
   while (j < job.n) {
     if (!job.w[j]) {  // absent column: zero, as the GEMM's zero-filled panel gives
@@ -113,9 +409,9 @@ void gemv_rows(const GemvQuantJob& job, const uint16_t* A, int64_t lda, float* C
     int npf = 0;
     for (int c = j + run; c < job.n && npf < 2 * G; ++c)
       if (job.w[c]) pf[npf++] = c;
-    if (run == G) gemv_group<M, G>(job, j, A, lda, C, ldc, pf, npf);
+    if (run == G) run_group<M, G>(job, fast, j, A, lda, C, ldc, pf, npf);
     else
-      for (int r = 0; r < run; ++r) gemv_group<M, 1>(job, j + r, A, lda, C, ldc, pf, r + 1 == run ? npf : 0);
+      for (int r = 0; r < run; ++r) run_group<M, 1>(job, fast, j + r, A, lda, C, ldc, pf, r + 1 == run ? npf : 0);
     j += run;
   }
 }

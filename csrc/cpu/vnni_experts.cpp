@@ -208,9 +208,12 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
   const int64_t gemv_rows = w.q.avx2                                        ? std::numeric_limits<int64_t>::max()
                             : w.q.fmt != QuantFmt::kNone && gemv_takes(w.q) ? gemv_max_rows()
                                                                             : 0;
-  const auto gemv = [&](const GemvQuantJob& job, const uint16_t* a, int64_t lda, int64_t rows, float* c, int64_t ldc) {
-    if (w.q.avx2) gemv_quant_avx2(job, a, lda, rows, c, ldc);
-    else gemv_quant(job, a, lda, rows, c, ldc);
+  const auto gemv = [&](GemvQuantJob job, const uint16_t* a, int64_t lda, int64_t rows, float* c, int64_t ldc) {
+    if (w.q.avx2) return gemv_quant_avx2(job, a, lda, rows, c, ldc);
+    thread_local std::vector<uint16_t> xbuf;  // the activation rows, permuted by the kernel
+    xbuf.resize(static_cast<size_t>(rows * gemv_xbuf_elems(job.K)));
+    job.xbuf = xbuf.data();
+    gemv_quant(job, a, lda, rows, c, ldc);
   };
 
   // 2. the routed rows, padded to pairs: the pads meet zero weights, so they must be finite.
