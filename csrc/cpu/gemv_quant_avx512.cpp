@@ -219,7 +219,8 @@ void group_int8(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda,
     __m512bh x[M];
     for (int i = 0; i < M; ++i) x[i] = bits_as<__m512bh>(_mm512_loadu_si512(A + i * lda + k0));
     for (int g = 0; g < G; ++g) {
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + k0))));
+      const __m512 lo =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + k0))));
       const __m512 hi =
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + k0 + 16))));
       const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
@@ -290,8 +291,8 @@ MOE_VBMI void group_fp8(const GemvQuantJob& job, int j0, const uint16_t* X, floa
         __m512i w0, w1;
         fp8_step(part ? tail[g] : w[g] + k0, t, w0, w1);
         for (int i = 0; i < M; ++i)
-          acc[g][i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[g][i], bits_as<__m512bh>(w0), x0[i]),
-                                       bits_as<__m512bh>(w1), x1[i]);
+          acc[g][i] =
+              _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[g][i], bits_as<__m512bh>(w0), x0[i]), bits_as<__m512bh>(w1), x1[i]);
       }
     }
     for (int g = 0; g < G; ++g) {
@@ -317,9 +318,9 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
   const __m512i tlo = _mm512_load_si512(kE2m1Bytes.lo), thi = _mm512_load_si512(kE2m1Bytes.hi);
   const __m512i nib = _mm512_set1_epi8(0x0F);
   // dwords of 128-bit lane L <- byte L of the 4 scale bytes, zero-extended (0x80: vpshufb's zero)
-  const __m512i ssel = _mm512_set_epi32(0x80808003, 0x80808003, 0x80808003, 0x80808003, 0x80808002, 0x80808002,
-                                        0x80808002, 0x80808002, 0x80808001, 0x80808001, 0x80808001, 0x80808001,
-                                        0x80808000, 0x80808000, 0x80808000, 0x80808000);
+  const __m512i ssel =
+      _mm512_set_epi32(0x80808003, 0x80808003, 0x80808003, 0x80808003, 0x80808002, 0x80808002, 0x80808002, 0x80808002,
+                       0x80808001, 0x80808001, 0x80808001, 0x80808001, 0x80808000, 0x80808000, 0x80808000, 0x80808000);
   const uint8_t* w[G];
   const uint8_t* s[G];
   for (int g = 0; g < G; ++g) w[g] = job.w[j0 + g], s[g] = static_cast<const uint8_t*>(job.s[j0 + g]);
@@ -349,16 +350,15 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
       const uint8_t* src = part ? tail[g] : w[g] + b0 * 16;
       uint32_t sv;
       if (part) sv = tail_s[g];
-      else __builtin_memcpy(&sv, s[g] + b0, 4);  // a 4-byte load
+      else __builtin_memcpy(&sv, s[g] + b0, 4);        // a 4-byte load
       big |= ((sv & 0x7F7F7F7Fu) + 0x03030303u) & sv;  // bit 7 of a byte: that byte >= 253
       const __m512i c = _mm512_loadu_si512(src);
       const __m512i nl = _mm512_and_si512(c, nib), nh = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
       const __m512i ll = _mm512_shuffle_epi8(tlo, nl), lh = _mm512_shuffle_epi8(thi, nl);
       const __m512i hl = _mm512_shuffle_epi8(tlo, nh), hh = _mm512_shuffle_epi8(thi, nh);
-      const __m512bh wv[4] = {bits_as<__m512bh>(_mm512_unpacklo_epi8(ll, lh)),
-                              bits_as<__m512bh>(_mm512_unpackhi_epi8(ll, lh)),
-                              bits_as<__m512bh>(_mm512_unpacklo_epi8(hl, hh)),
-                              bits_as<__m512bh>(_mm512_unpackhi_epi8(hl, hh))};
+      const __m512bh wv[4] = {
+          bits_as<__m512bh>(_mm512_unpacklo_epi8(ll, lh)), bits_as<__m512bh>(_mm512_unpackhi_epi8(ll, lh)),
+          bits_as<__m512bh>(_mm512_unpacklo_epi8(hl, hh)), bits_as<__m512bh>(_mm512_unpackhi_epi8(hl, hh))};
       const __m512 sc = _mm512_castsi512_ps(
           _mm512_slli_epi32(_mm512_shuffle_epi8(_mm512_set1_epi32(static_cast<int>(sv)), ssel), 23));
       for (int i = 0; i < M; ++i) {
