@@ -122,19 +122,18 @@ inline bool have_vbmi() {
 
 // Where the activation's elements go (vpermt2w indices into a pair of 32-element vectors):
 // fp8, per 64 elements, two vectors: lane 8L+i <- element 16L+i (vpunpcklbw's order) and 16L+8+i
-// (vpunpckhbw's); mxfp4, per 128 elements (4 blocks), four vectors: lane 8L+i <- element 32L +
-// {2i, 16+2i, 2i+1, 17+2i} (low / high nibbles of bytes i and 8+i of block L), the two vector
-// pairs (blocks 0-1, 2-3) blended at lane 16.
+// (vpunpckhbw's); mxfp4, per 128 elements (4 blocks), four vectors: lane j of vector v <- element
+// 4j + v (nibble v of 16-bit word j of the codes), the two halves (blocks 0-1, 2-3) blended at
+// lane 16.
 struct PermIdx {
   alignas(64) uint16_t fp8[2][32];
   alignas(64) uint16_t mx[4][32];
   constexpr PermIdx() : fp8(), mx() {
-    constexpr int ofs[4] = {0, 16, 1, 17};
     for (int j = 0; j < 32; ++j) {
       const int L = j / 8, i = j % 8;
       fp8[0][j] = static_cast<uint16_t>(16 * L + i);
       fp8[1][j] = static_cast<uint16_t>(16 * L + 8 + i);
-      for (int v = 0; v < 4; ++v) mx[v][j] = static_cast<uint16_t>(32 * (L % 2) + 2 * i + ofs[v]);
+      for (int v = 0; v < 4; ++v) mx[v][j] = static_cast<uint16_t>(4 * (j % 16) + v);
     }
   }
 };
@@ -153,20 +152,17 @@ struct Fp8Bytes {
 };
 inline constexpr Fp8Bytes kFp8Bytes{};
 
-// e2m1 (unscaled) as bf16 bytes, the 16 codes repeated in each 128-bit lane (vpshufb tables).
-struct E2m1Bytes {
-  alignas(64) uint8_t hi[64];
-  alignas(64) uint8_t lo[64];
-  constexpr E2m1Bytes() : hi(), lo() {
-    constexpr uint16_t v[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+// e2m1 (unscaled) as bf16 bits, twice: a vpermw table whose index bit 4 (the next nibble's bit 0,
+// never masked off) does not matter.
+struct E2m1Words {
+  alignas(64) uint16_t v[32];
+  constexpr E2m1Words() : v() {
+    constexpr uint16_t e[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
                                 0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
-    for (int b = 0; b < 64; ++b) {
-      hi[b] = static_cast<uint8_t>(v[b % 16] >> 8);
-      lo[b] = static_cast<uint8_t>(v[b % 16] & 0xFF);
-    }
+    for (int b = 0; b < 32; ++b) v[b] = e[b % 16];
   }
 };
-inline constexpr E2m1Bytes kE2m1Bytes{};
+inline constexpr E2m1Words kE2m1Words{};
 
 // Rows [0, M) of A (K elements each) into xbuf (rows of gemv_xbuf_elems(K)), permuted per step of
 // S = 64 (fp8) or 128 (mxfp4) elements as PermIdx says, zero past K.
@@ -309,14 +305,19 @@ MOE_VBMI void group_fp8(const GemvQuantJob& job, int j0, const uint16_t* X, floa
     for (int i = 0; i < M; ++i) C[i * ldc + j0 + g] = sum16(tot[g][i]);
 }
 
+inline int load_u32(const uint8_t* p) {
+  int v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
 // mxfp4, 4 blocks a step: the unscaled e2m1 values (one block a 128-bit lane), their partial
 // sums times 2^(s-127) (exact: a power of two). false (nothing written): a scale >= 253, where
 // the table path must run (its weights overflow to inf exactly where the reference's do).
 template <int M, int G>
 bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int64_t ldc, const int* pf, int npf) {
   const int64_t K = job.K, ldx = gemv_xbuf_elems(K), nb = K / 32, nsteps = (nb + 3) / 4;
-  const __m512i tlo = _mm512_load_si512(kE2m1Bytes.lo), thi = _mm512_load_si512(kE2m1Bytes.hi);
-  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i tab = _mm512_load_si512(kE2m1Words.v);
   // dwords of 128-bit lane L <- byte L of the 4 scale bytes, zero-extended (0x80: vpshufb's zero)
   const __m512i ssel =
       _mm512_set_epi32(0x80808003, 0x80808003, 0x80808003, 0x80808003, 0x80808002, 0x80808002, 0x80808002, 0x80808002,
@@ -327,7 +328,17 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
   __m512 acc[G][M];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < M; ++i) acc[g][i] = _mm512_setzero_ps();
-  uint32_t big = 0;
+  // A scale >= 253 anywhere in the rows: the table path (before any work; 32 bytes at a time).
+  const __m256i lim = _mm256_set1_epi8(static_cast<char>(253));
+  for (int g = 0; g < G; ++g) {
+    int64_t b = 0;
+    for (; b + 32 <= nb; b += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s[g] + b));
+      if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(v, lim), v))) return false;
+    }
+    for (; b < nb; ++b)
+      if (s[g][b] >= 253) return false;
+  }
   // The last step's blocks past the row: zero codes (and zero activations), scale 2^0; copied
   // here once (a library call inside the loop would make every accumulator live in memory).
   alignas(64) uint8_t tail[G][64];
@@ -348,19 +359,15 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
     const bool part = b0 + 4 > nb;
     for (int g = 0; g < G; ++g) {
       const uint8_t* src = part ? tail[g] : w[g] + b0 * 16;
-      uint32_t sv;
-      if (part) sv = tail_s[g];
-      else __builtin_memcpy(&sv, s[g] + b0, 4);        // a 4-byte load
-      big |= ((sv & 0x7F7F7F7Fu) + 0x03030303u) & sv;  // bit 7 of a byte: that byte >= 253
+      const uint8_t* sp = part ? reinterpret_cast<const uint8_t*>(&tail_s[g]) : s[g] + b0;
       const __m512i c = _mm512_loadu_si512(src);
-      const __m512i nl = _mm512_and_si512(c, nib), nh = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
-      const __m512i ll = _mm512_shuffle_epi8(tlo, nl), lh = _mm512_shuffle_epi8(thi, nl);
-      const __m512i hl = _mm512_shuffle_epi8(tlo, nh), hh = _mm512_shuffle_epi8(thi, nh);
-      const __m512bh wv[4] = {
-          bits_as<__m512bh>(_mm512_unpacklo_epi8(ll, lh)), bits_as<__m512bh>(_mm512_unpackhi_epi8(ll, lh)),
-          bits_as<__m512bh>(_mm512_unpacklo_epi8(hl, hh)), bits_as<__m512bh>(_mm512_unpackhi_epi8(hl, hh))};
-      const __m512 sc = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_shuffle_epi8(_mm512_set1_epi32(static_cast<int>(sv)), ssel), 23));
+      // nibble v of each 16-bit word: vpermw reads index bits 0-4, so no mask
+      const __m512bh wv[4] = {bits_as<__m512bh>(_mm512_permutexvar_epi16(c, tab)),
+                              bits_as<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(c, 4), tab)),
+                              bits_as<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(c, 8), tab)),
+                              bits_as<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(c, 12), tab))};
+      const __m512 sc =
+          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(_mm512_set1_epi32(load_u32(sp)), ssel), 23));
       for (int i = 0; i < M; ++i) {
         const uint16_t* xr = X + i * ldx + b0 * 32;
         __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), wv[0], bits_as<__m512bh>(_mm512_loadu_si512(xr)));
@@ -371,7 +378,6 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
       }
     }
   }
-  if (big & 0x80808080u) return false;
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < M; ++i) C[i * ldc + j0 + g] = sum16(acc[g][i]);
   return true;
