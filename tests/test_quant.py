@@ -184,6 +184,7 @@ QUANT_CASES = [  # (T, H, I, E, k, format, block)
     (11, 64, 32, 6, 2, "int8", (0, 0)),
     (37, 256, 160, 8, 2, "fp8_e4m3", (128, 128)),   # I = 160: partial k block in GEMM2, partial n block
     (9, 96, 48, 4, 3, "fp8_e4m3", (16, 32)),        # small blocks: several k splits, odd k count
+    (7, 64, 48, 2, 2, "fp8_e4m3", (24, 32)),        # bn = 24: a panel spans two n blocks (per-column k split)
     (1, 96, 64, 4, 1, "mxfp4", (0, 0)),
     (300, 64, 96, 3, 2, "mxfp4", (0, 0)),          # > 256 rows an expert: tiles share a block
 ]

@@ -22,21 +22,24 @@ struct Kernels {
   PackPanelsVnniQFn* pack_q;
   GemvQuantFn* gemv_q;
   PackPanelsVnniMxFn* pack_mx;
+  GemmPanelsVnniKsFn* gemm_ks;
 };
 
 // nullptr when neither build exists here.
 const Kernels* kernels_here() {
   static const Kernels* k = []() -> const Kernels* {
 #ifdef MOE_OPS_HAVE_AVX512_NATIVE
-    static const Kernels native{avx512_native::gemm_panels_vnni, avx512_native::combine_row_bf16_avx512,
-                                avx512_native::pack_panels_vnni, avx512_native::pack_panels_vnni_q,
-                                avx512_native::gemv_quant,       avx512_native::pack_panels_vnni_mx};
+    static const Kernels native{avx512_native::gemm_panels_vnni,   avx512_native::combine_row_bf16_avx512,
+                                avx512_native::pack_panels_vnni,   avx512_native::pack_panels_vnni_q,
+                                avx512_native::gemv_quant,         avx512_native::pack_panels_vnni_mx,
+                                avx512_native::gemm_panels_vnni_ks};
     if (have_avx512_bf16()) return &native;
 #endif
 #ifdef MOE_OPS_HAVE_SIMDE
-    static const Kernels emu{avx512_emu::gemm_panels_vnni, avx512_emu::combine_row_bf16_avx512,
-                             avx512_emu::pack_panels_vnni, avx512_emu::pack_panels_vnni_q,
-                             avx512_emu::gemv_quant,       avx512_emu::pack_panels_vnni_mx};
+    static const Kernels emu{avx512_emu::gemm_panels_vnni,   avx512_emu::combine_row_bf16_avx512,
+                             avx512_emu::pack_panels_vnni,   avx512_emu::pack_panels_vnni_q,
+                             avx512_emu::gemv_quant,         avx512_emu::pack_panels_vnni_mx,
+                             avx512_emu::gemm_panels_vnni_ks};
     return &emu;
 #else
     return nullptr;
@@ -97,6 +100,12 @@ void gemv_quant(const GemvQuantJob& job, const uint16_t* A, int64_t lda, int64_t
 void gemm_panels_vnni(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
                       int64_t np, float* C, int64_t ldc, int64_t M, const PrefetchRanges* next) {
   if (M > 0 && np > 0) kernels().gemm_panels(A, lda, P, pstride, prow, K2, np, C, ldc, M, next);
+}
+
+void gemm_panels_vnni_ks(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow, int64_t K2,
+                         const float* const* ks, int64_t kbp, float* C, int64_t ldc, int64_t M,
+                         const PrefetchRanges* next) {
+  if (M > 0) kernels().gemm_ks(A, lda, P, pstride, prow, K2, ks, kbp, C, ldc, M, next);
 }
 
 void combine_row_bf16_avx512(const void* const* src, const float* w, int n, void* out, int64_t H,

@@ -51,6 +51,12 @@ GemvQuantFn gemv_quant;
 // the pairs in ascending order: independent of M, the blocking and the thread count.
 GemmPanelsVnniFn gemm_panels_vnni;
 
+// gemm_panels_vnni for np = 2 with per-k-block scales, one row of them per panel (ks[0], ks[1]):
+// each k block's chain starts from zero, then C = (... (0 + s0 * block0) + s1 * block1 ...), a
+// rounded multiply and a rounded add per block -- what summing separate per-block GEMMs gives.
+// For fp8's block scales (vnni_experts.cpp block_gemm) without a GEMM call per k block.
+GemmPanelsVnniKsFn gemm_panels_vnni_ks;
+
 // combine_row (combine_row.h) for bf16 sources and a bf16 output, bitwise the same result.
 CombineRowBf16Fn combine_row_bf16_avx512;
 

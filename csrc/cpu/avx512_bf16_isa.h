@@ -23,6 +23,11 @@ struct PrefetchRanges {
 };
 using GemmPanelsVnniFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
                               int64_t K2, int64_t np, float* C, int64_t ldc, int64_t M, const PrefetchRanges* next);
+// gemm_panels_vnni on one 32-column block (np = 2) whose k blocks of kbp pairs each have their own
+// scale, one per panel: C = sum over k blocks kb, in order, of ks[p][kb] * (that block's sums).
+using GemmPanelsVnniKsFn = void(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t pstride, int64_t prow,
+                                int64_t K2, const float* const* ks, int64_t kbp, float* C, int64_t ldc, int64_t M,
+                                const PrefetchRanges* next);
 using CombineRowBf16Fn = void(const void* const* src, const float* w, int n, void* out, int64_t H,
                               const void* const* next, int n_next);
 using PackPanelsVnniFn = void(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst, int64_t pstride,
@@ -51,6 +56,7 @@ using GemvQuantFn = void(const GemvQuantJob& job, const uint16_t* A, int64_t lda
 // Each build's kernels (one list for both namespaces).
 #define MOE_CPU_AVX512_KERNELS              \
   GemmPanelsVnniFn gemm_panels_vnni;        \
+  GemmPanelsVnniKsFn gemm_panels_vnni_ks;   \
   CombineRowBf16Fn combine_row_bf16_avx512; \
   PackPanelsVnniFn pack_panels_vnni;        \
   PackPanelsVnniQFn pack_panels_vnni_q;     \

@@ -121,6 +121,27 @@ void block_gemm(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, int64_t 
     const int64_t n = col_n(j);
     srow[j] = n < 0 ? nullptr : &quant_scale(q, gate_up, e, N, K, n, 0);
   }
+  // Each panel's columns in one n block (their scale rows are one): the kernel scales each k block's
+  // sums itself (gemm_panels_vnni_ks, the same bits), with no GEMM call, store and reload per k block.
+  const float* ks[2] = {nullptr, nullptr};
+  bool uniform = true;
+  for (int pn = 0; pn < 2; ++pn) {
+    const float* first = nullptr;
+    const float* last = nullptr;
+    for (int64_t j = pn * kPanel; j < (pn + 1) * kPanel; ++j)
+      if (srow[j]) {
+        if (!first) first = srow[j];
+        last = srow[j];
+      }
+    uniform = uniform && first == last;
+    ks[pn] = first;
+  }
+  if (uniform && (ks[0] || ks[1])) {
+    if (!ks[0]) ks[0] = ks[1];  // a panel without columns: zero weights, any scale
+    if (!ks[1]) ks[1] = ks[0];
+    gemm_panels_vnni_ks(a, lda, wb, 2 * kPanel, prow, K2, ks, kbp, c, ldc, rows, next);
+    return;
+  }
   for (int64_t i = 0; i < rows; ++i) std::memset(c + i * ldc, 0, kVnniBlock * sizeof(float));
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t p0 = kb * kbp, np2 = std::min(kbp, K2 - p0);
