@@ -38,12 +38,15 @@ using PackPanelsVnniMxFn = void(const uint8_t* blocks, const uint8_t* scales, co
                                 int64_t K, uint16_t* dst, int64_t pstride, int64_t prow);
 // One decode GEMV job on quantized weight rows as stored (avx512_bf16.h gemv_quant).
 struct GemvQuantJob {
-  int fmt = 0;                   // 1 int8, 2 float8_e4m3fn, 3 mxfp4
-  int64_t K = 0;                 // the dequantized row length
-  int64_t bk = 0;                // fp8: the scale's k block, a multiple of 32
-  int n = 0;                     // output columns, <= kGemvCols
-  const uint8_t* w[32];          // column j's weight row (mxfp4: its blocks); nullptr: the column is zero
-  const void* s[32];             // int8: its float scale; fp8: its float k-block scales; mxfp4: its e8m0 bytes
+  int fmt = 0;           // 1 int8, 2 float8_e4m3fn, 3 mxfp4
+  int64_t K = 0;         // the dequantized row length
+  int64_t bk = 0;        // fp8: the scale's k block, a multiple of 32
+  int n = 0;             // output columns, <= 32
+  const uint8_t* w[40];  // column j's weight row (mxfp4: its blocks); nullptr: the column is zero
+  const void* s[40];     // int8: its float scale; fp8: its float k-block scales; mxfp4: its e8m0 bytes
+  // w/s[n, n + n_next): up to 8 rows the next job reads first, only prefetched (by the last groups):
+  // a job is one 32-column tile, and its first groups would otherwise start on cold rows.
+  int n_next = 0;
   const uint16_t* mx = nullptr;  // mxfp4: [256][16] bf16 bits of e2m1(c) * 2^(s - 127)
   // Scratch of >= M * gemv_xbuf_elems(K) bf16 for the activation rows in the byte-table
   // conversions' order (the AVX512-BF16 GEMV's fp8 and mxfp4 paths); nullptr: those paths are off.

@@ -195,7 +195,7 @@ void gemv_rows(const GemvQuantJob& job, const float* xf, int64_t ldx, float* C, 
     while (run < G && j + run < job.n && job.w[j + run]) ++run;
     int pf[2 * G];
     int npf = 0;
-    for (int c = j + run; c < job.n && npf < 2 * G; ++c)
+    for (int c = j + run; c < job.n + job.n_next && npf < 2 * G; ++c)
       if (job.w[c]) pf[npf++] = c;
     if (run == G) gemv_group<M, G>(job, j, xf, ldx, C, ldc, pf, npf);
     else

@@ -413,7 +413,7 @@ void gemv_rows(const GemvQuantJob& job, const uint16_t* A, int64_t lda, float* C
     while (run < G && j + run < job.n && job.w[j + run]) ++run;
     int pf[2 * G];  // the next two groups' columns
     int npf = 0;
-    for (int c = j + run; c < job.n && npf < 2 * G; ++c)
+    for (int c = j + run; c < job.n + job.n_next && npf < 2 * G; ++c)
       if (job.w[c]) pf[npf++] = c;
     if (run == G) run_group<M, G>(job, fast, j, A, lda, C, ldc, pf, npf);
     else

@@ -204,6 +204,18 @@ GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, in
   return job;
 }
 
+// next's first rows (up to 8) as job's lookahead (GemvQuantJob::n_next): its last groups prefetch them.
+inline GemvQuantJob& with_lookahead(GemvQuantJob& job, const GemvQuantJob& next) {
+  job.n_next = 0;
+  for (int j = 0; j < next.n && job.n_next < 8; ++j)
+    if (next.w[j]) {
+      job.w[job.n + job.n_next] = next.w[j];
+      job.s[job.n + job.n_next] = next.s[j];
+      ++job.n_next;
+    }
+  return job;
+}
+
 }  // namespace
 
 void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I, const VnniWeights& w, bool swiglu,
@@ -292,11 +304,15 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const bool pf = other && rows >= pf_min_rows;
     c.resize(static_cast<size_t>(rows * 2 * kPanel));
     const uint16_t* a = A1 + t.m0 * Hp;
-    // columns 0..15: gate rows p*16 + j, 16..31: up rows I + p*16 + j - 16
-    const auto col_n = [&](int64_t j) {
-      const int64_t jj = j % kPanel;
-      return jj < cols ? (j < kPanel ? p * kPanel + jj : I + p * kPanel + jj) : -1;
+    // columns 0..15: gate rows pp*16 + j, 16..31: up rows I + pp*16 + j - 16 (panel pp)
+    const auto panel_cols = [&](int64_t pp) {
+      const int64_t pc = std::min<int64_t>(kPanel, I - pp * kPanel);
+      return [pp, pc, I](int64_t j) {
+        const int64_t jj = j % kPanel;
+        return jj < pc ? (j < kPanel ? pp * kPanel + jj : I + pp * kPanel + jj) : -1;
+      };
     };
+    const auto col_n = panel_cols(p);
     const bool by_gemv = rows <= gemv_rows;  // the quantized rows as stored, no repack
     const uint16_t* wb = w.gate_up + (t.e * P1 + p) * blk1;
     if (!w.packed && !by_gemv) {  // gate rows p*16.. and up rows I + p*16.. interleaved row by row
@@ -316,7 +332,10 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
       wb = buf.data.data();
     }
     if (by_gemv) {
-      gemv(gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n), a, Hp, rows, c.data(), 2 * kPanel);
+      GemvQuantJob job = gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n);
+      if (other && nx->m1 - nx->m0 <= gemv_rows)
+        with_lookahead(job, gemv_job(q, true, nx->e, 2 * I, H, 2 * kPanel, panel_cols(nx->n0)));
+      gemv(job, a, Hp, rows, c.data(), 2 * kPanel);
     } else if (quant) {
       block_gemm(q, true, t.e, 2 * I, H, col_n, a, Hp, wb, Hp / 2, c.data(), 2 * kPanel, rows, pf ? &next : nullptr);
     } else if (brg) {  // bitwise the panel kernel's result without AMX
@@ -345,9 +364,15 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     for (int64_t j = 0; j < nu; ++j) {
       const int64_t u = t.n0 + j;
       if (rows <= gemv_rows) {  // the quantized rows as stored (the GEMV prefetches its own)
-        const int64_t cols = std::min<int64_t>(kVnniBlock, H - u * kVnniBlock);
-        const auto col_n = [&](int64_t jc) { return jc < cols ? u * kVnniBlock + jc : -1; };
-        gemv(gemv_job(q, false, t.e, H, I, kVnniBlock, col_n), a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
+        const auto block_cols = [&](int64_t uu) {
+          const int64_t bc = std::min<int64_t>(kVnniBlock, H - uu * kVnniBlock);
+          return [uu, bc](int64_t jc) { return jc < bc ? uu * kVnniBlock + jc : -1; };
+        };
+        GemvQuantJob job = gemv_job(q, false, t.e, H, I, kVnniBlock, block_cols(u));
+        if (j + 1 < nu) with_lookahead(job, gemv_job(q, false, t.e, H, I, kVnniBlock, block_cols(u + 1)));
+        else if (nx && nx->m1 - nx->m0 <= gemv_rows && (nx->e != t.e || nx->n0 != t.n0))
+          with_lookahead(job, gemv_job(q, false, nx->e, H, I, kVnniBlock, block_cols(nx->n0)));
+        gemv(job, a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
         continue;
       }
       const bool last = j + 1 == nu, other = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
