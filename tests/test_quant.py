@@ -233,7 +233,7 @@ def test_quantized_op_matches_dequantized_reference(case, gemv_rows, monkeypatch
     lowp = moe_ops.ops.experts_forward(x, w, ids, d1.bfloat16(), d2.bfloat16(), **ref)
     hi = moe_ops.ops.experts_forward(x.double(), w.double(), ids, d1.double(), d2.double(), **ref)
     assert_close_to_reference(got, lowp, hi, name=f"fused_experts_quantized {fmt}")
-    assert _rel_rms(got, hi) <= 6e-3  # the bf16 layer's own error is ~5e-3 (x, h, y rounded)
+    assert _rel_rms(got, hi) <= 5e-3  # issue 17's bound (measured 3.3-4.7e-3: the bf16 layer's own h, y rounding)
     assert_bitwise_equal(got, op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu"), "determinism")
     if fmt == "mxfp4" and gemv_rows == "0":
         assert_bitwise_equal(got, torch.ops.moe_ops.fused_experts(x, ids, w, d1.bfloat16(), d2.bfloat16(), "swiglu"),

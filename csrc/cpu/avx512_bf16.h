@@ -40,9 +40,10 @@ PackPanelsVnniMxFn pack_panels_vnni_mx;
 
 // C[i*ldc + j] = sum_k A[i*lda + k] * w_j[k] for i < M, j < job.n: the quantized weight rows
 // job.w[j] (GemvQuantJob) dequantized exactly to bf16 in registers, scales applied (fp8's per k
-// block to the block's partial sums, int8's to the sum), one vdpbf16ps chain per (row, column,
-// k block) over the 32-element chunks in ascending order, lanes summed in a fixed order. For the
-// few-row tiles of decode (vnni_experts.cpp), where repacking the weights costs more than the GEMM.
+// block and mxfp4's per 32-element block to the block's partial sums, int8's to the sum), vdpbf16ps
+// chains in a fixed order (gemv_quant_avx512.cpp: K's order, or the byte-table paths' permuted
+// one), lanes summed in a fixed order. For the few-row tiles of decode (vnni_experts.cpp), where
+// repacking the weights costs more than the GEMM.
 GemvQuantFn gemv_quant;
 
 // C[i*ldc + 16*p + c] = sum_k A[i*lda + k] * P[p*pstride + (k/2)*prow + 2*c + k%2]  for i < M, p < np, c < 16
