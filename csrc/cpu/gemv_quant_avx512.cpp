@@ -11,16 +11,16 @@
 // power-of-two scale is inside the conversion table. The 16 lanes are summed in a fixed order
 // at the end, so the native and the emulated builds give the same bits.
 //
-// The fast paths (measured, docs/cpu.md "Quantized experts"): per-element conversion work, not
-// the weight bytes, bounded the GEMV above. So fp8 (k blocks a multiple of 64, AVX512-VBMI) and
-// mxfp4 convert 64 code bytes at a time through byte tables -- vpermi2b for fp8's 128
-// magnitudes, vpshufb for e2m1's 16 values -- into the bf16 high and low bytes, then vpunpck*bw
-// interleaves them. That hands the weights over in the unpack's lane order, not K's: the
-// activation rows are permuted once per call to match (job.xbuf; the dot product does not care,
-// only the float summation order changes, the same in both builds). mxfp4 converts the e2m1
-// values unscaled, one 32-element block a 128-bit lane, and multiplies the four blocks' partial
-// sums by their 2^(s-127) (exact); a group of rows with a scale >= 253, where code * 2^(s-127)
-// can overflow as the reference's weights do, is redone on the table path.
+// The fast paths (measured, docs/quantization.md "Speed"): per-element conversion work, not the
+// weight bytes, bounded the GEMV above. So fp8 (k blocks a multiple of 64, AVX512-VBMI) converts
+// 64 codes at a time: two vpermi2b lookups of the 7 magnitude bits give the bf16 high and low
+// bytes, vpunpck*bw interleaves them. mxfp4 takes nibble v of each 16-bit code word through one
+// vpermw of the unscaled e2m1 values (64 code bytes, 4 blocks, a step) and multiplies each
+// block's partial sums by its 2^(s-127) (exact); rows with a scale >= 253, where code *
+// 2^(s-127) can overflow as the reference's weights do, take the table path. Both hand the
+// weights over in the instructions' lane order, not K's: the activation rows are permuted once
+// per call to match (job.xbuf; the dot product does not care, only the float summation order
+// changes, the same in both builds).
 
 #include "avx512_bf16_isa.h"
 #include "avx512_intrinsics.h"
