@@ -54,6 +54,15 @@ inline __m512i weight_chunk(const GemvQuantJob& job, int j, int64_t k0, int64_t 
   return codes_to_bf16(job.w[j] + k0, left, job.fmt == 2 ? 2 : 1);
 }
 
+// Byte `byte` of the weight rows (prefetch_rows) or the mxfp4 e8m0 rows (prefetch_scale_rows) of
+// columns pf[0..npf), into L2.
+inline void prefetch_rows(const GemvQuantJob& job, const int* pf, int npf, int64_t byte) {
+  for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + byte), _MM_HINT_T1);
+}
+inline void prefetch_scale_rows(const GemvQuantJob& job, const int* pf, int npf, int64_t byte) {
+  for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + byte, _MM_HINT_T1);
+}
+
 // Columns [j0, j0 + G) (all present) against M activation rows. pf[0..npf): the weight rows the
 // next two groups read, prefetched into L2 line by line alongside this group's own reads: a row
 // is only 0.5-2 KiB, too short for the hardware prefetcher to ramp up on. Into L2, not L1: L1's
@@ -70,11 +79,8 @@ void gemv_group(const GemvQuantJob& job, int j0, const uint16_t* A, int64_t lda,
     for (int i = 0; i < M; ++i) acc[g][i] = tot[g][i] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += 32) {
     const int64_t left = K - k0;
-    if (((k0 >> shift) & 63) == 0)
-      for (int r = 0; r < npf; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + (k0 >> shift)), _MM_HINT_T1);
-    if (job.fmt == 3 && (k0 & 2047) == 0)  // and mxfp4's e8m0 rows, a line per 2048 elements
-      for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + k0 / 32, _MM_HINT_T1);
+    if (((k0 >> shift) & 63) == 0) prefetch_rows(job, pf, npf, k0 >> shift);
+    if (job.fmt == 3 && (k0 & 2047) == 0) prefetch_scale_rows(job, pf, npf, k0 / 32);  // a line per 2048 elements
     const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
     __m512bh x[M];
 #pragma GCC unroll 4
@@ -193,10 +199,6 @@ void permute_rows(const uint16_t* A, int64_t lda, int M, int64_t K, uint16_t* xb
       }
     }
   }
-}
-
-inline void prefetch_rows(const GemvQuantJob& job, const int* pf, int npf, int64_t byte) {
-  for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(job.w[pf[r]] + byte), _MM_HINT_T1);
 }
 
 // int8: the table path's arithmetic, without its per-chunk format dispatch and tail masks.
@@ -354,8 +356,7 @@ bool group_mx(const GemvQuantJob& job, int j0, const uint16_t* X, float* C, int6
   for (int64_t st = 0; st < nsteps; ++st) {
     const int64_t b0 = 4 * st;
     prefetch_rows(job, pf, npf, b0 * 16);
-    if ((st & 15) == 0)  // and the e8m0 rows, a line per 64 blocks
-      for (int r = 0; r < npf; ++r) _mm_prefetch(static_cast<const char*>(job.s[pf[r]]) + b0, _MM_HINT_T1);
+    if ((st & 15) == 0) prefetch_scale_rows(job, pf, npf, b0);  // a line per 64 blocks
     const bool part = b0 + 4 > nb;
     for (int g = 0; g < G; ++g) {
       const uint8_t* src = part ? tail[g] : w[g] + b0 * 16;

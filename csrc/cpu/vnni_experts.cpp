@@ -204,10 +204,12 @@ GemvQuantJob gemv_job(const VnniQuant& q, bool gate_up, int64_t e, int64_t N, in
   return job;
 }
 
-// next's first rows (up to 8) as job's lookahead (GemvQuantJob::n_next): its last groups prefetch them.
+// next's first rows as job's lookahead (GemvQuantJob::n_next): its last groups prefetch them. next
+// is built with only its first kLookahead columns (gemv_job(..., kLookahead, ...)).
+constexpr int kLookahead = 8;
 inline GemvQuantJob& with_lookahead(GemvQuantJob& job, const GemvQuantJob& next) {
   job.n_next = 0;
-  for (int j = 0; j < next.n && job.n_next < 8; ++j)
+  for (int j = 0; j < next.n && job.n_next < kLookahead; ++j)
     if (next.w[j]) {
       job.w[job.n + job.n_next] = next.w[j];
       job.s[job.n + job.n_next] = next.s[j];
@@ -334,7 +336,7 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     if (by_gemv) {
       GemvQuantJob job = gemv_job(q, true, t.e, 2 * I, H, 2 * kPanel, col_n);
       if (other && nx->m1 - nx->m0 <= gemv_rows)
-        with_lookahead(job, gemv_job(q, true, nx->e, 2 * I, H, 2 * kPanel, panel_cols(nx->n0)));
+        with_lookahead(job, gemv_job(q, true, nx->e, 2 * I, H, kLookahead, panel_cols(nx->n0)));
       gemv(job, a, Hp, rows, c.data(), 2 * kPanel);
     } else if (quant) {
       block_gemm(q, true, t.e, 2 * I, H, col_n, a, Hp, wb, Hp / 2, c.data(), 2 * kPanel, rows, pf ? &next : nullptr);
@@ -363,19 +365,19 @@ void vnni_experts(const at::Tensor& x, const Placement& pl, int64_t k, int64_t I
     const uint16_t* a2 = A2 + t.m0 * Iv;
     for (int64_t j = 0; j < nu; ++j) {
       const int64_t u = t.n0 + j;
+      const bool last = j + 1 == nu, other = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
       if (rows <= gemv_rows) {  // the quantized rows as stored (the GEMV prefetches its own)
         const auto block_cols = [&](int64_t uu) {
           const int64_t bc = std::min<int64_t>(kVnniBlock, H - uu * kVnniBlock);
           return [uu, bc](int64_t jc) { return jc < bc ? uu * kVnniBlock + jc : -1; };
         };
         GemvQuantJob job = gemv_job(q, false, t.e, H, I, kVnniBlock, block_cols(u));
-        if (j + 1 < nu) with_lookahead(job, gemv_job(q, false, t.e, H, I, kVnniBlock, block_cols(u + 1)));
-        else if (nx && nx->m1 - nx->m0 <= gemv_rows && (nx->e != t.e || nx->n0 != t.n0))
-          with_lookahead(job, gemv_job(q, false, nx->e, H, I, kVnniBlock, block_cols(nx->n0)));
+        if (!last) with_lookahead(job, gemv_job(q, false, t.e, H, I, kLookahead, block_cols(u + 1)));
+        else if (other && nx->m1 - nx->m0 <= gemv_rows)
+          with_lookahead(job, gemv_job(q, false, nx->e, H, I, kLookahead, block_cols(nx->n0)));
         gemv(job, a2, Iv, rows, c.data() + j * kVnniBlock, ldc);
         continue;
       }
-      const bool last = j + 1 == nu, other = !last || (nx && (nx->e != t.e || nx->n0 != t.n0));
       const PrefetchRanges next = !last   ? down_ranges(t.e, u + 1)
                                   : other ? down_ranges(nx->e, nx->n0)
                                           : PrefetchRanges{};
