@@ -241,6 +241,39 @@ def test_quantized_op_matches_dequantized_reference(case, gemv_rows, monkeypatch
 
 
 @needs_quant_op
+@pytest.mark.skipif(not hasattr(torch.ops, "moe_cpu_cache"), reason="host cache not built")
+@pytest.mark.parametrize("gemv_rows", ["0", "4"], ids=["repack", "gemv"])
+@pytest.mark.parametrize("fmt,block", [("int8", (0, 0)), ("fp8_e4m3", (128, 128)), ("mxfp4", (0, 0))])
+def test_quantized_op_writes_every_output_and_scratch_element(fmt, block, gemv_rows, monkeypatch):
+    """The quantized op's output and scratch (gathered rows, activation, expert outputs) come from
+    the host cache: NaN-fill every cached block between two calls, so an element the op (repack
+    path or decode GEMV) fails to write stays NaN and the comparison with the reference fails."""
+    from tests.compare import assert_close_to_reference
+    monkeypatch.setenv("MOE_OPS_CPU_GEMV_ROWS", gemv_rows)
+    if gemv_rows == "0" and not ON_AVX512:
+        pytest.skip("no repack path on the AVX2 kernels")
+    c = torch.ops.moe_cpu_cache
+    old_cap, old_min = c.configure(64 << 20, 0)  # every allocation through the cache
+    try:
+        c.clear()
+        x, ids, w, (q1, s1, q2, s2), kw = _quant_inputs(3, 256, 160, 4, 2, fmt, block, seed=31)
+        op = torch.ops.moe_ops.fused_experts_quantized
+        op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu")  # fills the cache
+        hits = c.stats()[3]
+        c.poison_free()
+        got = op(x, ids, w, q1, s1, q2, s2, fmt, block[0], block[1], "swiglu")
+        assert c.stats()[3] > hits, "the second call did not reuse the poisoned blocks"
+        d1, d2 = moe_ops.dequantize_experts(q1, s1, fmt, **kw), moe_ops.dequantize_experts(q2, s2, fmt, **kw)
+        ref = dict(allow_invalid_ids=True, backend="reference")
+        lowp = moe_ops.ops.experts_forward(x, w, ids, d1.bfloat16(), d2.bfloat16(), **ref)
+        hi = moe_ops.ops.experts_forward(x.double(), w.double(), ids, d1.double(), d2.double(), **ref)
+        assert_close_to_reference(got, lowp, hi, name=f"fused_experts_quantized {fmt}")
+    finally:
+        c.configure(old_cap, old_min)
+        c.clear()
+
+
+@needs_quant_op
 @pytest.mark.parametrize("T", [5, 2], ids=["repack", "gemv"])
 def test_quantized_op_special_values(T, monkeypatch):
     """mxfp4 e8m0 0/127/254/255 and fp8 NaN codes flow through like the dequantized reference: the
